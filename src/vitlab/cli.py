@@ -1,0 +1,175 @@
+"""The `vitlab` command: one subcommand per job, every failure one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+from .config import VARIANTS, TrainConfig, seed_name
+
+
+class UsageError(ValueError):
+    """A bad flag or value on the command line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# vitlab models / vitlab download
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import count_parameters, create_model
+
+    rows = [("name", "seed name", "patch", "width", "depth", "heads", "MLP", "params (10 classes, 224 px)")]
+    for name, config in VARIANTS.items():
+        with torch.device("meta"):  # counts without allocating weights
+            params = count_parameters(create_model(name, num_classes=10, img_size=224))
+        rows.append((name, seed_name(name) if seed_name(name) != name else "", str(config.patch_size), str(config.hidden_size),
+                     str(config.depth), str(config.num_heads), str(config.mlp_dim), f"{params:,}"))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .checkpoints import OFFICIAL_CHECKPOINTS, cache_dir, fetch_official
+
+    if args.list or not args.names:
+        print(f"official checkpoints (cached in {cache_dir()}):")
+        for name, entry in OFFICIAL_CHECKPOINTS.items():
+            print(f"  {name:<20} {entry.variant:<9} {entry.num_classes:>6} classes  {entry.img_size} px  {entry.description}")
+        return 0
+    for name in args.names:
+        if name not in OFFICIAL_CHECKPOINTS:
+            raise UsageError(f"unknown checkpoint {name!r}; `vitlab download --list` shows the names")
+    for name in args.names:
+        print(fetch_official(name))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# vitlab train: every TrainConfig field is a flag (seed spelling and dashed), defaults from the config.
+
+_TRAIN_HELP = {
+    "name": "name of the run (required): output/<name>/ and logs/<name>/",
+    "pretrained_dir": "initial weights: an .npz/.pt/.safetensors file, an official checkpoint name, 'none' (from scratch) "
+    "or 'auto' (checkpoint/<model_type>.npz if present, else the official ImageNet-21k file)",
+    "resume": "continue a run: a checkpoint path, or with no value the run's own output/<name>/last.pt",
+    "fp16": "fp16 mixed precision (the same as --precision fp16; CUDA only)",
+    "fp16_opt_level": "Apex opt level, mapped onto torch.amp: O0 fp32; O1 and O2 fp16 autocast with fp32 master weights",
+    "local_rank": "process's GPU under torch.distributed.launch (torchrun sets LOCAL_RANK instead)",
+}
+_CHOICES = {
+    "dataset": ["cifar10", "cifar100", "imagefolder"], "decay_type": ["cosine", "linear"], "precision": ["fp32", "bf16", "fp16"],
+    "optimizer": ["sgd", "adamw"], "augment": ["resized_crop", "pad_crop", "none"], "fp16_opt_level": ["O0", "O1", "O2"],
+    "classifier": ["token", "gap"],
+}  # fmt: skip
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    from .recipes import RECIPES
+
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (see vitlab/recipes.py)")
+    parser.add_argument("--config", help="a JSON or TOML file of settings; flags override it")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        default = getattr(defaults, f.name)
+        help_text = _TRAIN_HELP.get(f.name, f.name.replace("_", " ")) + (f" (default: {default})" if f.name != "name" else "")
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if f.name == "fp16" or f.name == "compile":
+            parser.add_argument(*flags, action="store_true", **kwargs)
+        elif f.name == "hflip":
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.name == "resume":
+            parser.add_argument(*flags, nargs="?", const="last", metavar="PATH", **kwargs)
+        elif f.name == "adam_betas":
+            parser.add_argument(*flags, type=float, nargs=2, metavar=("BETA1", "BETA2"), **kwargs)
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if f.name in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim"):
+                kind = int
+            elif f.name in ("dropout_rate", "attention_dropout_rate"):
+                kind = float
+            parser.add_argument(*flags, type=kind, choices=_CHOICES.get(f.name), **kwargs)
+
+
+def _read_config_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        text = file.read_text()
+        values = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: not valid {'TOML' if file.suffix == '.toml' else 'JSON'} ({e})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a table of settings")
+    return values
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Recipe < config file < flags, into one TrainConfig."""
+    from .recipes import RECIPES
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "recipe", "config")}
+    values = dict(RECIPES[args.recipe]) if getattr(args, "recipe", None) else {}
+    if getattr(args, "config", None):
+        values.update(_read_config_file(args.config))
+    values.update(given)
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    config = train_config_from_args(args)
+    config.validate()  # again with the real world size inside train(); this catches bad flags before any set-up
+    train(config)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: models, official checkpoints, training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("models", help="list the model variants with their shapes and parameter counts")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("download", help="fetch official checkpoints into the cache")
+    p.add_argument("names", nargs="*", help="checkpoint names (see --list)")
+    p.add_argument("--list", action="store_true", help="list the official checkpoints")
+    p.set_defaults(func=cmd_download)
+    p = sub.add_parser("train", help="fine-tune or train from scratch (the seed's train.py flags)")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoints import CheckpointError
+    from .data import DataError
+    from .train import TrainingError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, CheckpointError, DataError, TrainingError, ValueError) as e:
+        print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    except KeyboardInterrupt:
+        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The Vision Transformer (Dosovitskiy et al., 2020) and its hybrid BiT ResNetV2 stem.
+
+Written to match google-research/vision_transformer (`vit_jax/models_vit.py`,
+`models_resnet.py`) exactly, so that its released `.npz` weights give its logits: pre-norm
+blocks, LayerNorm eps 1e-6, tanh-approximated GELU, and for the hybrid weight-standardised
+convolutions, GroupNorm eps 1e-6 and TensorFlow's 'SAME' padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, get_config
+
+LAYER_NORM_EPS = 1e-6  # flax's default; torch's 1e-5 moves B/16 logits by about 2e-3
+
+
+def _lecun_normal_(weight: torch.Tensor) -> None:
+    # flax's default kernel init: truncated normal with variance 1 / fan_in.
+    fan_in = weight[0].numel()
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of a unit normal truncated at 2
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def _pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """TensorFlow 'SAME' padding: output side ceil(side / stride), the odd pixel padded after."""
+    pads = []
+    for side in (x.shape[-1], x.shape[-2]):
+        total = max((-(-side // stride) - 1) * stride + kernel - side, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value)
+
+
+class StdConv2d(nn.Conv2d):
+    """BiT's weight-standardised convolution: (w - mean) / (std + 1e-5) per output channel."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding=0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        w = (w - mean) / (std + 1e-5)
+        x = _pad_same(x, self.kernel_size[0], self.stride[0])
+        return F.conv2d(x, w, None, self.stride)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResidualUnit(nn.Module):
+    """Bottleneck unit of BiT's ResNetV2 as the ViT hybrid uses it (post-activation, GroupNorm)."""
+
+    def __init__(self, in_channels: int, features: int, stride: int):
+        super().__init__()
+        out_channels = features * 4
+        self.needs_projection = in_channels != out_channels or stride != 1
+        if self.needs_projection:
+            self.conv_proj = StdConv2d(in_channels, out_channels, 1, stride)
+            self.gn_proj = _group_norm(out_channels)
+        self.conv1 = StdConv2d(in_channels, features, 1)
+        self.gn1 = _group_norm(features)
+        self.conv2 = StdConv2d(features, features, 3, stride)
+        self.gn2 = _group_norm(features)
+        self.conv3 = StdConv2d(features, out_channels, 1)
+        self.gn3 = _group_norm(out_channels)
+        nn.init.zeros_(self.gn3.weight)  # each unit starts as the identity, as in the official init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = self.gn_proj(self.conv_proj(x)) if self.needs_projection else x
+        y = F.relu(self.gn1(self.conv1(x)))
+        y = F.relu(self.gn2(self.conv2(y)))
+        y = self.gn3(self.conv3(y))
+        return F.relu(residual + y)
+
+
+class ResNetStem(nn.Module):
+    """Root (7x7 conv stride 2, GroupNorm, ReLU, 3x3 max-pool stride 2) and the ResNet stages."""
+
+    def __init__(self, layers: tuple[int, ...], width_factor: int):
+        super().__init__()
+        width = 64 * width_factor
+        self.conv_root = StdConv2d(3, width, 7, 2)
+        self.gn_root = _group_norm(width)
+        stages, in_channels = [], width
+        for i, units in enumerate(layers):
+            features = width * 2**i
+            stage = nn.Sequential(
+                *(ResidualUnit(in_channels if u == 0 else features * 4, features, 2 if (u == 0 and i > 0) else 1) for u in range(units))
+            )
+            stages.append(stage)
+            in_channels = features * 4
+        self.stages = nn.Sequential(*stages)
+        self.out_channels = in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.gn_root(self.conv_root(x)))
+        x = F.max_pool2d(_pad_same(x, 3, 2, value=float("-inf")), 3, 2)  # 'SAME': padding never wins the max
+        return self.stages(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # query, key, value fused: one matmul
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout_rate = config.attention_dropout_rate
+        self.attn_drop = nn.Dropout(config.attention_dropout_rate)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, head_dim)
+        q, k, v = qkv.unbind(0)
+        if need_weights:
+            weights = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
+            out = self.attn_drop(weights) @ v
+        else:
+            weights = None
+            dropout_p = self.attention_dropout_rate if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, T, head_dim)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C)), weights
+
+
+class Mlp(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.mlp_dim)
+        self.act = nn.GELU(approximate="tanh")  # flax's `gelu`, which the released weights were trained with
+        self.fc2 = nn.Linear(config.mlp_dim, config.hidden_size)
+        self.drop = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.attn = Attention(config)
+        self.drop = nn.Dropout(config.dropout_rate)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(config)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, weights = self.attn(self.norm1(x), need_weights)
+        x = x + self.drop(y)
+        x = x + self.mlp(self.norm2(x))
+        return x, weights
+
+
+class VisionTransformer(nn.Module):
+    """Images (B, 3, H, W) in [-1, 1] to logits (B, num_classes).
+
+    `model(x, return_attention=True)` computes the softmax explicitly and also returns every
+    layer's attention weights, a list of (B, heads, tokens, tokens); the logits are the same.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.stem = ResNetStem(config.resnet_layers, config.resnet_width_factor) if config.is_hybrid else nn.Identity()
+        in_channels = self.stem.out_channels if config.is_hybrid else 3
+        kernel = config.patch_size // config.stem_stride
+        self.patch_embed = nn.Conv2d(in_channels, D, kernel, kernel)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if config.classifier == "token" else None
+        self.pos_embed = nn.Parameter(torch.empty(1, config.num_tokens, D))
+        self.pos_drop = nn.Dropout(config.dropout_rate)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(D, eps=LAYER_NORM_EPS)
+        if config.representation_size:
+            self.pre_logits = nn.Sequential(nn.Linear(D, config.representation_size), nn.Tanh())
+        else:
+            self.pre_logits = nn.Identity()
+        self.head = nn.Linear(config.representation_size or D, config.num_classes)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official initialisation (flax defaults of `models_vit.py`); the head starts at zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                _lecun_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            qkv = block.attn.qkv
+            for part in qkv.weight.chunk(3):  # xavier per projection, as three separate kernels
+                nn.init.xavier_uniform_(part)
+            nn.init.zeros_(qkv.bias)
+            nn.init.xavier_uniform_(block.attn.proj.weight)
+            nn.init.zeros_(block.attn.proj.bias)
+            for fc in (block.mlp.fc1, block.mlp.fc2):
+                nn.init.xavier_uniform_(fc.weight)
+                nn.init.normal_(fc.bias, std=1e-6)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if isinstance(self.pre_logits, nn.Sequential):
+            _lecun_normal_(self.pre_logits[0].weight)
+            nn.init.zeros_(self.pre_logits[0].bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def reset_head(self, num_classes: int) -> None:
+        """A new zero-initialised head (the seed's `zero_head`) for a different number of classes."""
+        self.config = self.config.replace(num_classes=num_classes)
+        self.head = nn.Linear(self.head.in_features, num_classes, device=self.head.weight.device, dtype=self.head.weight.dtype)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(self.stem(images))  # (B, D, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, tokens, D)
+        if x.shape[1] != self.pos_embed.shape[1]:
+            raise ValueError(
+                f"input of {tuple(images.shape[-2:])} px makes {x.shape[1]} tokens; this model was built for "
+                f"{self.config.img_size} px ({self.pos_embed.shape[1]} tokens)"
+            )
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward(self, images: torch.Tensor, return_attention: bool = False):
+        x = self.embed(images)
+        attention = []
+        for block in self.blocks:
+            x, weights = block(x, need_weights=return_attention)
+            attention.append(weights)
+        x = self.norm(x)
+        x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, D)
+        logits = self.head(self.pre_logits(x))
+        return (logits, attention) if return_attention else logits
+
+
+def create_model(name: str | ModelConfig = "B/16", **overrides) -> VisionTransformer:
+    """Build a variant by either spelling, any field overridden:
+    `create_model("ViT-B_16", num_classes=10, img_size=224)`, `create_model("Ti/16", patch_size=4, img_size=32)`.
+    """
+    config = name.replace(**overrides) if isinstance(name, ModelConfig) else get_config(name, **overrides)
+    return VisionTransformer(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
