@@ -162,14 +162,17 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise CheckpointError(f"{path}: a single .npy array, not an .npz checkpoint")
+        with data:
             return {key: data[key] for key in data.files}
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise CheckpointError(f"{path}: not a complete .npz file (truncated or corrupt: {e})") from None
     except ValueError as e:
-        if "pickle" in str(e):
+        if "Object arrays" in str(e):  # numpy's refusal to unpickle an array inside the archive
             raise CheckpointError(f"{path}: holds pickled objects, which vitlab refuses to load") from None
-        raise CheckpointError(f"{path}: not an .npz checkpoint ({e})") from None
+        raise CheckpointError(f"{path}: not an .npz checkpoint (neither a zip archive nor an array file)") from None
     except OSError as e:
         raise CheckpointError(f"{path}: not an .npz checkpoint ({e})") from None
 
@@ -277,11 +280,12 @@ def load_safetensors(path: str | os.PathLike) -> tuple[VisionTransformer, list[s
     if "model_config" not in metadata:
         raise CheckpointError(f"{path}: safetensors file without vitlab's model_config metadata")
     model = VisionTransformer(ModelConfig.from_dict(json.loads(metadata["model_config"])))
-    _load_state(model, state, path)
+    load_state(model, state, path)
     return model, json.loads(metadata["class_names"]) if "class_names" in metadata else None
 
 
-def _load_state(model: VisionTransformer, state: dict[str, torch.Tensor], path) -> None:
+def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], path) -> None:
+    """Load a full state dict, or raise CheckpointError naming what does not fit."""
     ours = model.state_dict()
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     if missing or unexpected:
@@ -458,7 +462,7 @@ def load_pretrained(model: VisionTransformer, path: str | os.PathLike, verbose: 
         state.update({k: torch.zeros_like(v) for k, v in ours.items() if k.startswith("head.")})
         if verbose:
             print(f"loaded {path}: head replaced by a zero-initialised head of {model.config.num_classes} classes")
-    _load_state(model, state, path)
+    load_state(model, state, path)
     return model
 
 

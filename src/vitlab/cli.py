@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune or train from scratch (the seed's train.py flags)")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
+    from .inference_cli import add_commands  # here, not at the top: that module imports UsageError from this one
+
+    add_commands(sub)  # eval, predict, attention, export
     return parser
 
 
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, CheckpointError, DataError, TrainingError, ValueError) as e:
+    except (UsageError, CheckpointError, DataError, TrainingError, ValueError, OSError) as e:
         print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:

@@ -217,15 +217,12 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.config.img_size, self.config.img_size):
+            raise ValueError(f"input of {tuple(images.shape[-2:])} px; this model was built for {self.config.img_size}x{self.config.img_size} px")
         x = self.patch_embed(self.stem(images))  # (B, D, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, tokens, D)
-        if x.shape[1] != self.pos_embed.shape[1]:
-            raise ValueError(
-                f"input of {tuple(images.shape[-2:])} px makes {x.shape[1]} tokens; this model was built for "
-                f"{self.config.img_size} px ({self.pos_embed.shape[1]} tokens)"
-            )
         return self.pos_drop(x + self.pos_embed)
 
     def forward(self, images: torch.Tensor, return_attention: bool = False):

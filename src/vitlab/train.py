@@ -130,7 +130,7 @@ class RunLog:
 
         self.path = out_dir / "metrics.jsonl"
         if start_step > 0 and self.path.exists():  # a resumed run replays what came after its checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            kept = [line for line in self.path.read_text().splitlines() if _record_step(line) <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -146,9 +146,11 @@ class RunLog:
         self.writer.close()
 
 
-def _unwrap(model: torch.nn.Module) -> VisionTransformer:
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)  # torch.compile
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
+        return math.inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
         for key in ("optimizer", "scheduler", "step", "rng"):
             if key not in state:
                 raise TrainingError(f"{resume_path}: holds no training state ({key}); only checkpoints written by `vitlab train` resume")
-        model.load_state_dict(state["model"])
+        checkpoints.load_state(model, state["model"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,274 @@
+"""The model: the variant table, forward and backward on small variants, attention maps, input and
+config errors, the golden reference of the official Flax code, and the hybrid's TF 'SAME' padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitlab import checkpoints
+from vitlab.config import SEED_NAMES, VARIANTS, ModelConfig, all_names, canonical_name, get_config
+from vitlab.model import _pad_same, count_parameters, create_model
+
+# Parameter counts at 10 classes and 224 px (the seed's table; both spellings give the same).
+EXPECTED_PARAMETERS = {
+    "ViT-B_16": 85_806_346,
+    "ViT-B_32": 87_462_922,
+    "ViT-L_16": 303_311_882,
+    "ViT-L_32": 305_520_650,
+    "ViT-H_14": 630_777_610,
+    "R50-ViT-B_16": 97_897_802,
+}
+EXPECTED_BY_SHORT_NAME = {SEED_NAMES[seed]: count for seed, count in EXPECTED_PARAMETERS.items()}
+
+
+def plain_vit_parameters(config: ModelConfig) -> int:
+    """Parameter count of a non-hybrid ViT, from the architecture alone (independent of the model code)."""
+    D, P, M, C = config.hidden_size, config.patch_size, config.mlp_dim, config.num_classes
+    patch_embed = 3 * P * P * D + D
+    tokens = config.num_tokens * D + (D if config.classifier == "token" else 0)  # position embeddings + class token
+    block = 2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * M + M) + (M * D + D)  # 2 LN, qkv, out, MLP
+    rep = config.representation_size
+    pre_logits = D * rep + rep if rep else 0
+    head = (rep or D) * C + C
+    return patch_embed + tokens + config.depth * block + 2 * D + pre_logits + head
+
+
+# ---------------------------------------------------------------------------------------------
+# The variant table
+
+
+def test_all_names_has_both_spellings_of_every_variant():
+    names = all_names()
+    assert len(names) == len(set(names))
+    assert set(names) == set(VARIANTS) | set(SEED_NAMES)
+    for seed, short in SEED_NAMES.items():
+        assert get_config(seed) == get_config(short)
+
+
+def test_expected_counts_agree_with_the_formula():
+    # The formula is checked against the published numbers before it stands in for the other variants.
+    for seed, count in EXPECTED_PARAMETERS.items():
+        config = get_config(seed, num_classes=10, img_size=224)
+        if not config.is_hybrid:
+            assert plain_vit_parameters(config) == count, seed
+
+
+@pytest.mark.parametrize("name", all_names())
+def test_parameter_count_on_meta_device(name):
+    with torch.device("meta"):
+        model = create_model(name, num_classes=10, img_size=224)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    short = canonical_name(name)
+    if short in EXPECTED_BY_SHORT_NAME:
+        expected = EXPECTED_BY_SHORT_NAME[short]
+    else:
+        expected = plain_vit_parameters(model.config)
+    assert count_parameters(model) == expected
+    assert model.config.num_classes == 10 and model.config.img_size == 224
+    assert model.head.out_features == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and backward on small variants
+
+SMALL_VARIANTS = {
+    "testing-32px": ("testing", {"img_size": 32}),
+    "Ti16-64px": ("Ti/16", {"img_size": 64}),
+    "R50+B16-depth1-64px": ("R50+B/16", {"img_size": 64, "depth": 1}),
+    "Ti16-gap": ("Ti/16", {"img_size": 32, "depth": 2, "classifier": "gap"}),
+    "Ti16-representation": ("Ti/16", {"img_size": 32, "depth": 2, "representation_size": 48}),
+    "Ti16-patch4-32px": ("Ti/16", {"img_size": 32, "patch_size": 4, "depth": 2}),
+}
+
+
+@pytest.mark.parametrize("key", list(SMALL_VARIANTS))
+def test_forward_backward_small_variants(key, randomise):
+    name, overrides = SMALL_VARIANTS[key]
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7, **overrides)
+    randomise(model, seed=1)  # a zero head (the default) would leave the body without gradient
+    model.train()
+    size = overrides["img_size"]
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+    loss = F.cross_entropy(logits, torch.tensor([1, 5]))
+    loss.backward()
+    # A width of 1 ("testing") normalises every token to its LayerNorm bias, so nothing before a
+    # LayerNorm can get a non-zero gradient there; the others must reach every parameter.
+    must_be_nonzero = model.config.hidden_size > 1
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+        if must_be_nonzero:
+            assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
+
+
+def test_token_count_follows_config():
+    cases = [
+        (get_config("Ti/16", img_size=32, patch_size=4), 8 * 8 + 1),
+        (get_config("Ti/16", img_size=64, classifier="gap"), 4 * 4),
+        (get_config("R50+B/16", img_size=64), 4 * 4 + 1),
+        (get_config("R50+B/16", img_size=72), 5 * 5 + 1),  # 72 -> 36 -> 18 -> 9 -> 5 with 'SAME' rounding up
+        (get_config("B/16", img_size=384), 24 * 24 + 1),
+    ]
+    for config, tokens in cases:
+        assert config.num_tokens == tokens, config
+    with torch.device("meta"):
+        model = create_model("R50+B/16", img_size=72, depth=1)
+    assert model.pos_embed.shape == (1, 26, 768)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention maps
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_return_attention(classifier, randomise):
+    model = create_model("Ti/16", img_size=32, patch_size=8, depth=2, num_classes=5, classifier=classifier)
+    randomise(model, seed=3)
+    model.eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        plain = model(x)
+        logits, attention = model(x, return_attention=True)
+    torch.testing.assert_close(logits, plain, rtol=0, atol=1e-5)
+    tokens = 16 + (classifier == "token")
+    assert isinstance(attention, list) and len(attention) == 2
+    for weights in attention:
+        assert weights.shape == (2, 3, tokens, tokens)
+        assert (weights >= 0).all()
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, tokens), rtol=0, atol=1e-5)
+
+    # The first layer's maps are softmax(q k^T / sqrt(head_dim)) of the normalised embeddings.
+    block = model.blocks[0]
+    with torch.no_grad():
+        h = block.norm1(model.embed(x))
+        q, k, _ = block.attn.qkv(h).view(2, tokens, 3, 3, 64).unbind(2)  # (B, T, heads, head_dim) each
+        expected = torch.einsum("bqhd,bkhd->bhqk", q, k).div(8.0).softmax(-1)
+    torch.testing.assert_close(attention[0], expected, rtol=0, atol=1e-5)
+    # The maps of the two layers are not the same thing twice.
+    assert (attention[0] - attention[1]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_unknown_variant_names_the_choices():
+    with pytest.raises(ValueError) as info:
+        create_model("ViT-Q_99")
+    message = str(info.value)
+    assert "ViT-Q_99" in message
+    for choice in ("B/16", "ViT-B_16", "R50+B/16", "Ti/16", "testing"):
+        assert choice in message
+
+
+def test_wrong_input_size_is_a_clear_error():
+    model = create_model("Ti/16", img_size=32, depth=1).eval()
+    with pytest.raises(ValueError, match=r"32 px") as info:
+        model(torch.zeros(1, 3, 48, 48))
+    assert "(48, 48)" in str(info.value)
+    with pytest.raises(ValueError, match=r"32 px"):
+        model(torch.zeros(1, 3, 16, 16))
+    model(torch.zeros(1, 3, 32, 32))  # the right size passes
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (40, 40)])
+def test_input_with_the_right_token_count_but_wrong_size_is_an_error(shape):
+    model = create_model("Ti/16", img_size=32, depth=1).eval()
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 3, *shape))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        ModelConfig(hidden_size=10, num_heads=3)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        get_config("Ti/16", num_heads=5)
+    with pytest.raises(ValueError, match="classifier"):
+        get_config("Ti/16", classifier="mean")
+    with pytest.raises(ValueError, match="smaller than one patch"):
+        get_config("B/16", img_size=8)
+    with pytest.raises(ValueError, match="depth"):
+        get_config("Ti/16", depth=0)
+    with pytest.raises(ValueError, match="multiple of the stem"):
+        get_config("R50+B/16", patch_size=8)
+    with pytest.raises(ValueError, match="unknown model config fields: colour"):
+        ModelConfig.from_dict({**get_config("Ti/16").to_dict(), "colour": "red"})
+    config = get_config("R50+B/16", img_size=96)
+    assert ModelConfig.from_dict(config.to_dict()) == config  # resnet_layers comes back a tuple
+
+
+# ---------------------------------------------------------------------------------------------
+# The golden reference of the official Flax implementation
+
+
+def test_golden_official_ti16(shared_dir):
+    ref = shared_dir / "reference" / "official-vit-ti16"
+    if not (ref / "ti16_224.npz").is_file():
+        pytest.skip(f"{ref} is not present")
+    model = create_model("Ti/16", num_classes=10, img_size=224)
+    checkpoints.load_official(model, ref / "ti16_224.npz", verbose=False)
+    model.eval()
+    x = torch.from_numpy(np.load(ref / "ti16_224_input.npy"))
+    assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32
+    with torch.no_grad():
+        logits = model(x).numpy()
+    expected = np.load(ref / "ti16_224_logits.npy")
+    assert logits.shape == expected.shape == (2, 10)
+    assert np.abs(expected).max() > 0.1  # the reference is not trivially zero
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+    # The reference tells the GELU forms apart: the exact (erf) one is out of tolerance.
+    exact = np.load(ref / "ti16_224_logits_exact_gelu.npy")
+    assert np.abs(logits - exact).max() > 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The hybrid's TF 'SAME' padding
+
+
+def test_pad_same_pads_after_on_even_sizes():
+    x = torch.arange(64, dtype=torch.float32).reshape(1, 1, 8, 8) - 100  # all negative
+    padded = _pad_same(x, 3, 2, value=float("-inf"))
+    assert padded.shape == (1, 1, 9, 9)  # (0, 1) on each axis: nothing before, one after
+    assert torch.equal(padded[..., :8, :8], x)
+    assert torch.isneginf(padded[..., 8, :]).all() and torch.isneginf(padded[..., :, 8]).all()
+    # Odd side: (1, 1). 7x7 stride 2 at 224: 5 in all, 2 before and 3 after. Stride 1, 1x1: none.
+    odd = _pad_same(torch.zeros(1, 1, 7, 7), 3, 2, value=1.0)
+    assert odd.shape == (1, 1, 9, 9) and odd[..., 0, :].eq(1).all() and odd[..., -1, :].eq(1).all()
+    assert odd[..., 1:8, 1:8].eq(0).all()
+    root = _pad_same(torch.zeros(1, 1, 224, 224), 7, 2, value=1.0)
+    assert root.shape == (1, 1, 229, 229)
+    assert root[..., :2, :].eq(1).all() and root[..., 2, 2:226].eq(0).all() and root[..., 226:, :].eq(1).all()
+    assert _pad_same(torch.zeros(1, 1, 5, 6), 1, 1).shape == (1, 1, 5, 6)
+    # Non-square: each axis by its own side (height 8 -> (0, 1), width 7 -> (1, 1)).
+    assert _pad_same(torch.zeros(1, 1, 8, 7), 3, 2).shape == (1, 1, 9, 9)
+
+    # Padding with -inf never wins the max: an all-negative input pools to its own values only,
+    # where zero padding (the default value) would put zeros on the border.
+    pooled = F.max_pool2d(padded, 3, 2)
+    assert pooled.shape == (1, 1, 4, 4) and (pooled < 0).all()
+    assert pooled[0, 0, -1, -1] == x.max()
+    assert (F.max_pool2d(_pad_same(x, 3, 2), 3, 2) == 0).any()
+
+
+def test_hybrid_stem_max_pool_is_tf_same(randomise):
+    model = create_model("R50+B/16", img_size=64, depth=1)
+    randomise(model, seed=5)
+    stem = model.stem
+    stem.stages = torch.nn.Identity()  # stem(x) is then the pooled output of the root
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    with torch.no_grad():
+        root = F.relu(stem.gn_root(stem.conv_root(x)))  # (1, 64, 32, 32)
+        pooled = stem(x)
+        # TensorFlow 'SAME' for an even side: windows start at 0, the one missing pixel padded after.
+        tf_same = F.max_pool2d(F.pad(root, (0, 1, 0, 1), value=float("-inf")), 3, 2)
+        symmetric = F.max_pool2d(root, 3, 2, padding=1)  # PyTorch ResNet's convention
+    assert root.shape == (1, 64, 32, 32) and pooled.shape == (1, 64, 16, 16)
+    assert torch.equal(pooled, tf_same)
+    assert (pooled - symmetric).abs().max() > 1e-2  # the two conventions do differ here
