@@ -128,7 +128,7 @@ def to_official_arrays(model: VisionTransformer) -> dict[str, np.ndarray]:
 
 def save_npz(model: VisionTransformer, path: str | os.PathLike) -> None:
     arrays = to_official_arrays(model)
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # Other spellings of the block layout: Linen-era files number the sub-modules from 0, and
@@ -265,7 +265,7 @@ def save_safetensors(model: VisionTransformer, path: str | os.PathLike, class_na
     if class_names is not None:
         metadata["class_names"] = json.dumps(class_names)
     data = save(state, metadata=metadata)
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[VisionTransformer, list[str] | None]:
@@ -299,11 +299,14 @@ def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], path) -
 # ---------------------------------------------------------------------------------------------
 # vitlab's training checkpoints: torch files of plain tensors and containers, written atomically.
 
-def _atomic_write(path: str | os.PathLike, write) -> None:
+def atomic_write(path: str | os.PathLike, write) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes files private; give the permissions a plain open() would
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -316,7 +319,7 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
 
 
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

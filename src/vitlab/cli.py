@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as the Python docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (UsageError, CheckpointError, DataError, TrainingError, ValueError, OSError) as e:
         print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1

@@ -1,0 +1,185 @@
+"""A trained model from any source, ready for inference: device, precision, preprocessing, top-k.
+
+Sources are a vitlab training checkpoint (`.pt`, carrying its model config and class names), a
+vitlab `.safetensors` file, an official checkpoint name (`vitlab download --list`), or an official
+`.npz` file with its variant given (the rest of its shape is read from the file). Official
+ImageNet-1k fine-tunes predict ImageNet class names; other models without names predict "class N".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+import zlib
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoints
+from .checkpoints import CheckpointError
+from .config import ModelConfig, get_config
+from .data import IMAGE_EXTENSIONS, DataError, ImageSet, load_cifar, load_image_folder, resize, to_float
+from .evaluate import autocast
+from .model import VisionTransformer
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in label order (the package's imagenet_classes.txt)."""
+    return resources.files("vitlab").joinpath("imagenet_classes.txt").read_text().splitlines()
+
+
+def official_class_names(num_classes: int) -> list[str]:
+    """ImageNet names for an official 1000-class head; "class N" for ImageNet-21k, whose names vitlab does not ship."""
+    return imagenet_class_names() if num_classes == 1000 else [f"class {i}" for i in range(num_classes)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def load_for_inference(source: str | os.PathLike, model_type: str | None = None) -> tuple[VisionTransformer, list[str]]:
+    """(model in eval mode on the CPU, its class names) from any source; `model_type` is for official `.npz` files only."""
+    if str(source) in checkpoints.OFFICIAL_CHECKPOINTS:
+        model = checkpoints.official_model(str(source))
+        names = official_class_names(model.config.num_classes)
+    else:
+        path = checkpoints.resolve_checkpoint(source)
+        if path.suffix == ".npz":
+            model = _load_official_npz(path, model_type)
+            names = official_class_names(model.config.num_classes)
+        elif model_type is not None:
+            raise CheckpointError(f"{path}: --model_type is only for official .npz files; this file carries its own model config")
+        else:
+            model, names = checkpoints.load_safetensors(path) if path.suffix == ".safetensors" else _load_training_checkpoint(path)
+            names = names if names is not None else [f"class {i}" for i in range(model.config.num_classes)]
+    if len(names) != model.config.num_classes:
+        raise CheckpointError(f"{source}: {len(names)} class names for a head of {model.config.num_classes} classes")
+    return model.eval(), names
+
+
+def _load_training_checkpoint(path: Path) -> tuple[VisionTransformer, list[str] | None]:
+    payload = checkpoints.read_checkpoint(path)
+    try:
+        config = ModelConfig.from_dict(payload["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unusable model_config ({e})") from None
+    if not isinstance(payload["model"], dict):
+        raise CheckpointError(f"{path}: its 'model' entry is not a state dict")
+    model = VisionTransformer(config)
+    checkpoints.load_state(model, payload["model"], path)
+    return model, payload.get("class_names")
+
+
+# Arrays that fix what the variant's name leaves open: head size, resolution, pre-logits, class token.
+_HEAD, _POS_EMBED, _PRE_LOGITS, _CLS = "head/bias", "Transformer/posembed_input/pos_embedding", "pre_logits/bias", "cls"
+
+
+def _load_official_npz(path: Path, model_type: str | None) -> VisionTransformer:
+    if model_type is None:
+        raise CheckpointError(f"{path}: an official .npz file needs its variant, e.g. --model_type B/16")
+    config = _official_npz_config(path, get_config(model_type))
+    return checkpoints.load_official(VisionTransformer(config), path, verbose=False)
+
+
+def _official_npz_config(path: Path, base: ModelConfig) -> ModelConfig:
+    """The variant with the file's classes (head size), img_size (position embeddings' grid times the
+    patch), pre-logits width and classifier (class token or not). Reads only those few arrays."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = {k.removeprefix("opt/target/"): k for k in data.files}  # big_vision files nest under opt/target/
+            shapes = {k: data[keys[k]].shape for k in (_HEAD, _POS_EMBED, _PRE_LOGITS) if k in keys}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint ({e})") from None
+    for key in (_HEAD, _POS_EMBED):
+        if key not in shapes:
+            raise CheckpointError(f"{path}: no {key}; not an official ViT classifier checkpoint")
+    prefix = int(_CLS in keys)
+    patches = shapes[_POS_EMBED][-2] - prefix
+    grid = math.isqrt(patches)
+    if grid * grid != patches:
+        raise CheckpointError(f"{path}: position embeddings of {patches} patches are not a square grid")
+    return base.replace(
+        num_classes=shapes[_HEAD][-1], img_size=grid * base.patch_size, classifier="token" if prefix else "gap",
+        representation_size=shapes[_PRE_LOGITS][-1] if _PRE_LOGITS in shapes else None, dropout_rate=0.0,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and precision
+
+def choose_device(name: str) -> torch.device:
+    """auto: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # Native bf16 on x86 CPUs (AVX-512 BF16 or AMX); elsewhere autocast would emulate it, slower than fp32.
+    # These probes are private to torch and may be absent from other versions: absent means no.
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe() for probe in probes if probe is not None)
+
+
+def choose_precision(requested: str, device: torch.device) -> str:
+    """auto: bf16 where the hardware runs it natively, else fp32."""
+    if requested != "auto":
+        return requested
+    return "bf16" if bf16_supported(device) else "fp32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Images in, classes out
+
+def preprocess(image: np.ndarray, img_size: int) -> torch.Tensor:
+    """uint8 (H, W, 3) -> (3, img_size, img_size) in [-1, 1]: the evaluation transform (whole image resized)."""
+    return resize(to_float(torch.from_numpy(image.copy())[None]), img_size)[0]
+
+
+def list_images(arguments: list[str]) -> tuple[list[Path], list[str]]:
+    """(image files, problems): files as given, folders searched recursively for image extensions;
+    a missing path or a folder without images is a problem, reported by name."""
+    files, problems = [], []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files += found
+            if not found:
+                problems.append(f"{path}: no images in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return files, problems
+
+
+@torch.no_grad()
+def predict(model: VisionTransformer, images: torch.Tensor, class_names: list[str], top_k: int, device: torch.device,
+            precision: str) -> list[list[tuple[str, int, float]]]:  # fmt: skip
+    """For each of a batch of preprocessed images, its top-k (class name, index, probability), most probable first."""
+    with autocast(device, precision):
+        logits = model(images.to(device))
+    top = logits.float().softmax(dim=-1).topk(min(top_k, len(class_names)), dim=-1)
+    return [[(class_names[i], i, p) for i, p in zip(idx, probs)] for idx, probs in zip(top.indices.tolist(), top.values.tolist())]
+
+
+def evaluation_split(dataset: str, data_dir: str | os.PathLike, class_names: list[str]) -> ImageSet:
+    """The images to evaluate on: CIFAR's test split, or an image folder (its val/ or test/ subfolder
+    when it has one), whose classes must be the model's."""
+    if dataset in ("cifar10", "cifar100"):
+        data = load_cifar(dataset, data_dir, train=False)
+        if data.class_names != class_names:
+            raise DataError(f"{dataset}: classes {data.class_names} differ from the checkpoint's classes {class_names}")
+        return data
+    if dataset != "imagefolder":
+        raise DataError(f"unknown dataset {dataset!r}; choose cifar10, cifar100 or imagefolder")
+    root = Path(data_dir)
+    split = next((root / d for d in ("val", "test") if (root / d).is_dir()), root)
+    return load_image_folder(split, class_names)

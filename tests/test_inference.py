@@ -1,0 +1,201 @@
+"""Loading a model from any source, and the `eval` and `predict` commands, on a tiny trained run
+(the `tiny_run` fixture) and on hand-built official-layout files; every bad input is one line on
+stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitlab import checkpoints
+from vitlab.checkpoints import CheckpointError
+from vitlab.cli import main
+from vitlab.data import read_image
+from vitlab.inference import imagenet_class_names, load_for_inference, official_class_names, preprocess
+from vitlab.model import create_model
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def save_png(path, seed: int = 0, size: int = 16):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# load_for_inference
+
+
+def test_training_checkpoint_loads_with_its_config_and_class_names(tiny_run):
+    model, names = load_for_inference(tiny_run.checkpoint)
+    payload = checkpoints.read_checkpoint(tiny_run.checkpoint)
+    assert names == tiny_run.class_names
+    assert model.config.to_dict() == payload["model_config"]
+    assert not model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, payload["model"][key])
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tiny_run, tmp_path, capsys):
+    payload = checkpoints.read_checkpoint(tiny_run.checkpoint)
+    payload["model_config"]["hidden_size"] = 32  # another shape than the weights it carries
+    bad = tmp_path / "other.pt"
+    checkpoints.save_checkpoint(payload, bad)
+    with pytest.raises(CheckpointError, match="shape"):
+        load_for_inference(bad)
+    assert main(["eval", str(bad), "--dataset", "imagefolder", "--data_dir", str(tiny_run.data_dir)]) == 1
+    assert "shape" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("command", [["eval"], ["predict"], ["attention"], ["export", "--format", "npz", "--out", "x.npz"]])
+def test_missing_checkpoint_is_one_line_for_every_command(command, tmp_path, capsys):
+    image = str(save_png(tmp_path / "a.png"))
+    argv = [command[0], str(tmp_path / "missing.pt"), *([image] if command[0] in ("predict", "attention") else []), *command[1:]]
+    assert main(argv) == 1
+    assert "missing.pt: no such file" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"classifier": "gap", "representation_size": 3, "num_classes": 5, "img_size": 48}])
+def test_official_npz_shape_is_read_from_the_file(overrides, tmp_path, randomise):
+    source = randomise(create_model("testing", **{"num_classes": 3, "img_size": 32, **overrides})).eval()
+    path = tmp_path / "official.npz"
+    checkpoints.save_npz(source, path)
+    model, names = load_for_inference(path, model_type="testing")
+    assert model.config == source.config.replace(dropout_rate=0.0)
+    assert names == [f"class {i}" for i in range(source.config.num_classes)]
+    x = torch.rand(2, 3, source.config.img_size, source.config.img_size) * 2 - 1
+    torch.testing.assert_close(model(x), source(x))
+
+
+def test_official_npz_needs_model_type_and_other_files_refuse_it(tiny_run, tmp_path, capsys):
+    path = tmp_path / "official.npz"
+    checkpoints.save_npz(create_model("testing", num_classes=3, img_size=32), path)
+    assert main(["predict", str(path), str(save_png(tmp_path / "a.png"))]) == 1
+    assert "--model_type" in one_error_line(capsys)
+    assert main(["predict", str(tiny_run.checkpoint), str(tmp_path / "a.png"), "--model_type", "B/16"]) == 1
+    assert "only for official .npz" in one_error_line(capsys)
+    assert main(["predict", str(path), str(tmp_path / "a.png"), "--model_type", "B/16"]) == 1  # a file of another variant
+    assert "B/16" in one_error_line(capsys)
+
+
+def test_official_names_predict_imagenet_classes(monkeypatch, tmp_path, capsys):
+    names = imagenet_class_names()
+    assert len(names) == 1000 and names[0] == "tench" and names[-1] == "toilet tissue"
+    assert official_class_names(21843)[7] == "class 7"
+    tiny = create_model("testing", num_classes=1000, img_size=16)  # stands in for the download
+    monkeypatch.setattr(checkpoints, "official_model", lambda name: tiny)
+    assert main(["predict", "augreg-Ti_16-224", str(save_png(tmp_path / "a.png")), "--json", "--top_k", "3"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert [p["class"] for p in result["top_k"]] == [names[p["index"]] for p in result["top_k"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# vitlab eval
+
+
+def test_eval_prints_saves_and_draws_the_metrics(tiny_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = ["eval", str(tiny_run.checkpoint), "--dataset", "imagefolder", "--data_dir", str(tiny_run.data_dir), "--out", str(out)]
+    assert main([*argv, "--precision", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    for word in ("top-1", "top-5", "loss", "confusion matrix", *tiny_run.class_names):
+        assert word in printed
+    report = json.loads((out / "best_imagefolder_eval.json").read_text())
+    for field in ("loss", "accuracy", "top5_accuracy", "per_class_accuracy", "confusion", "class_names", "count"):
+        assert field in report
+    assert report["count"] == 24 and report["class_names"] == tiny_run.class_names
+    assert np.asarray(report["confusion"]).sum(axis=1).tolist() == [8, 8, 8]
+    assert report["top5_accuracy"] == 1.0  # 3 classes: every label is among the top 5
+    with Image.open(out / "best_imagefolder_confusion.png") as png:
+        assert png.format == "PNG" and min(png.size) > 100
+
+
+def test_eval_defaults_beside_the_checkpoint_and_prefers_a_val_folder(tiny_run, tmp_path):
+    checkpoint = shutil.copy(tiny_run.checkpoint, tmp_path / "run.pt")
+    root = tmp_path / "data"
+    for name in tiny_run.class_names:
+        save_png(root / "val" / name / "0.png")
+    save_png(root / "unrelated" / "0.png")  # the root's own folders are not the classes once val/ exists
+    assert main(["eval", str(checkpoint), "--dataset", "imagefolder", "--data_dir", str(root)]) == 0
+    report = json.loads((tmp_path / "run_imagefolder_eval.json").read_text())
+    assert report["count"] == 3
+    assert (tmp_path / "run_imagefolder_confusion.png").is_file()
+
+
+def test_eval_refuses_a_folder_of_other_classes(tiny_run, tmp_path, capsys):
+    for name in ("cat", "horse"):
+        save_png(tmp_path / name / "0.png")
+    assert main(["eval", str(tiny_run.checkpoint), "--dataset", "imagefolder", "--data_dir", str(tmp_path)]) == 1
+    assert "differ" in one_error_line(capsys)
+    assert not list(tiny_run.checkpoint.parent.glob("*_eval.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# vitlab predict
+
+
+def test_predict_table_and_json_for_files_and_folders(tiny_run, capsys):
+    folder = tiny_run.data_dir / "dog"
+    assert main(["predict", str(tiny_run.checkpoint), str(tiny_run.data_dir / "cat" / "0.png"), str(folder), "--top_k", "2"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("%") == 2 * 9 and str(folder / "7.png") in table
+    assert main(["predict", str(tiny_run.checkpoint), str(tiny_run.data_dir), "--json", "--precision", "fp32"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 24  # folders are searched recursively
+    model, names = load_for_inference(tiny_run.checkpoint)
+    for result in results[:3]:
+        top = result["top_k"]
+        assert len(top) == 3  # --top_k 5 of 3 classes
+        assert [p["probability"] for p in top] == sorted((p["probability"] for p in top), reverse=True)
+        assert sum(p["probability"] for p in top) == pytest.approx(1.0, abs=1e-5)
+        with torch.no_grad():
+            probabilities = model(preprocess(read_image(result["image"]), 16)[None]).softmax(-1)[0]
+        assert top[0]["index"] == int(probabilities.argmax()) and top[0]["class"] == names[top[0]["index"]]
+        assert top[0]["probability"] == pytest.approx(float(probabilities.max()), abs=1e-6)
+
+
+def test_predict_reports_unreadable_images_and_goes_on(tiny_run, tmp_path, capsys):
+    good = save_png(tmp_path / "good.png", size=40)  # any size: the whole image is resized
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    assert main(["predict", str(tiny_run.checkpoint), str(bad), str(good), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert [r["image"] for r in json.loads(captured.out)] == [str(good)]
+    (line,) = captured.err.strip().splitlines()
+    assert str(bad) in line and "not a readable image" in line
+
+
+def test_predict_on_an_empty_folder_or_missing_path_is_one_line(tiny_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tiny_run.checkpoint), str(tmp_path / "empty")]) == 1
+    assert "no images" in one_error_line(capsys)
+    assert main(["predict", str(tiny_run.checkpoint), str(tmp_path / "nothing.png")]) == 1
+    assert "no such file" in one_error_line(capsys)
+    assert main(["predict", str(tiny_run.checkpoint), str(tmp_path), "--top_k", "0"]) == 2
+    assert "--top_k" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(tiny_run, capsys):
+    assert main(["predict", str(tiny_run.checkpoint), str(tiny_run.data_dir), "--device", "cuda"]) == 1
+    assert "CUDA is not available" in one_error_line(capsys)
+
+
+def test_the_official_golden_file_loads_with_only_its_variant_named(shared_dir):
+    reference = shared_dir / "reference" / "official-vit-ti16"
+    model, names = load_for_inference(reference / "ti16_224.npz", model_type="ViT-Ti_16")
+    assert (model.config.num_classes, model.config.img_size, model.config.classifier) == (10, 224, "token")
+    assert model.config.representation_size is None and names[9] == "class 9"
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.load(reference / "ti16_224_input.npy")))
+    np.testing.assert_allclose(logits.numpy(), np.load(reference / "ti16_224_logits.npy"), atol=1e-5)
