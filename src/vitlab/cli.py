@@ -140,8 +140,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line, not the whole usage (`--help` still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: models, official checkpoints, training.")
+    parser = _Parser(prog="vitlab", description="Vision Transformers: models, official checkpoints, training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("models", help="list the model variants with their shapes and parameter counts")
     p.set_defaults(func=cmd_models)
@@ -164,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        print(f"vitlab {args.command}: error: unrecognized arguments: {' '.join(unknown)} (see --help)", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head`: stop quietly, as the Python docs advise

@@ -161,137 +161,181 @@ def train(config: TrainConfig) -> dict:
     runtime = Runtime(config)
     try:
         config.validate(runtime.world_size)
-        return _train(config, runtime)
+        run = Run(config, runtime)
+        run.fit()
+        final = run.finish()
+        if runtime.distributed:
+            torch.distributed.barrier()  # gloo can abort at exit if one process tears down while another still talks
+        return final
     finally:
         runtime.close()
 
 
-def _train(config: TrainConfig, rt: Runtime) -> dict:
-    out_dir = Path(config.output_dir) / config.name
-    torch.manual_seed(config.seed)
-    train_data, val_data, test_data = load_datasets(config.dataset, config.data_dir, config.val_split, config.seed)
-    class_names = train_data.class_names
-    model = build_model(config, len(class_names), verbose=rt.is_main).to(rt.device)
-    optimizer = configure_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.warmup_steps, config.num_steps, config.decay_type)
-    )
-    scaler = make_scaler(config, rt.device)
-    start_step, best = 0, {"accuracy": -1.0, "step": 0}
-    if config.resume:
-        resume_path = out_dir / "last.pt" if config.resume == "last" else Path(config.resume)
-        state = checkpoints.read_checkpoint(resume_path)
-        for key in ("optimizer", "scheduler", "step", "rng"):
+class Run:
+    """One training job's state: data, model, optimizer, schedule, scaler, step and best result."""
+
+    def __init__(self, config: TrainConfig, rt: Runtime):
+        self.config, self.rt = config, rt
+        self.out_dir = Path(config.output_dir) / config.name
+        self.precision = config.effective_precision()
+        self.scaler = make_scaler(config, rt.device)  # refuses fp16 without CUDA before any slow set-up
+        torch.manual_seed(config.seed)
+        self.train_data, self.val_data, self.test_data = load_datasets(config.dataset, config.data_dir, config.val_split, config.seed)
+        self.class_names = self.train_data.class_names
+        self.model = build_model(config, len(self.class_names), verbose=rt.is_main).to(rt.device)
+        self.optimizer = configure_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, config.warmup_steps, config.num_steps, config.decay_type)
+        )
+        self.step, self.saved_step, self.best = 0, 0, {"accuracy": -1.0, "step": 0}
+        self.images_seen, self.train_seconds = 0, 0.0  # this process's run, not counting before a resume
+        if config.resume:
+            self._restore(self.out_dir / "last.pt" if config.resume == "last" else Path(config.resume))
+        if rt.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for stray in self.out_dir.glob(".*.pt.*.tmp"):  # left by a run killed while saving
+                stray.unlink()
+            print(json.dumps(config.to_dict(), indent=2))
+            (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        self.train_model = torch.compile(self.model) if config.compile else self.model
+        if rt.distributed:
+            ids = [rt.device.index] if rt.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
+        self.log = RunLog(config, self.out_dir, self.step) if rt.is_main else None
+
+    def _restore(self, path: Path) -> None:
+        state = checkpoints.read_checkpoint(path)
+        for key in ("optimizer", "scheduler", "scaler", "step", "best", "rng"):
             if key not in state:
-                raise TrainingError(f"{resume_path}: holds no training state ({key}); only checkpoints written by `vitlab train` resume")
-        checkpoints.load_state(model, state["model"], resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, best = state["step"], state["best"]
+                raise TrainingError(f"{path}: holds no training state ({key}); only checkpoints written by `vitlab train` resume")
+        checkpoints.load_state(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = self.saved_step = state["step"]
+        self.best = state["best"]
         torch.set_rng_state(state["rng"]["torch"])
-        if rt.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], rt.device)
-    if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(config.to_dict(), indent=2))
-        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        if start_step:
-            print(f"resuming from step {start_step}")
-    train_model = model
-    if config.compile:
-        train_model = torch.compile(train_model)
-    if rt.distributed:
-        ids = [rt.device.index] if rt.device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
-    precision = config.effective_precision()
-    augmentation = Augmentation(config.img_size, config.augment, config.min_scale, config.hflip)
-    batches = TrainBatches(train_data, augmentation, config.train_batch_size, config.seed, rt.device, rt.rank, rt.world_size, config.num_workers)
-    log = RunLog(config, out_dir, start_step) if rt.is_main else None
+        if self.rt.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.rt.device)
+        if self.rt.is_main:
+            print(f"resuming from step {self.step} ({path})")
 
-    def run_eval(data, step: int) -> dict:
-        shards = eval_batches(data, config.img_size, config.eval_batch_size, rt.device, rt.rank, rt.world_size, config.num_workers)
-        total = math.ceil(len(data) / rt.world_size / config.eval_batch_size)
-        return evaluate(train_model, shards, len(class_names), rt.device, precision, total, rt.is_main, rt.distributed)
+    def fit(self) -> None:
+        config, rt = self.config, self.rt
+        augmentation = Augmentation(config.img_size, config.augment, config.min_scale, config.hflip)
+        batches = TrainBatches(self.train_data, augmentation, config.train_batch_size, config.seed, rt.device, rt.rank,
+                               rt.world_size, config.num_workers)  # fmt: skip
+        bar = tqdm(total=config.num_steps, initial=self.step, desc="train", unit="step", disable=not rt.is_main, dynamic_ncols=True)
+        self.train_model.train()
+        started = time.perf_counter()
+        try:
+            for images, labels in batches(self.step, config.num_steps):
+                lr = self.scheduler.get_last_lr()[0]
+                loss = self.train_step(images, labels)
+                self.step += 1
+                self.images_seen += config.train_batch_size
+                self.train_seconds = time.perf_counter() - started
+                speed = self.images_seen / self.train_seconds
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.1f}")
+                if self.log and (self.step % config.log_every == 0 or self.step == config.num_steps):
+                    self.log.write(self.step, **{"train/loss": loss, "train/lr": lr, "train/images_per_second": speed})
+                if self.step % config.eval_every == 0 or self.step == config.num_steps:
+                    self.evaluate_and_save(bar)
+        finally:
+            bar.close()
 
-    def save(step: int, filename: str) -> None:
-        payload = {
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "model_config": model.config.to_dict(), "class_names": class_names, "train_config": config.to_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "best": best,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None},
-        }  # fmt: skip
-        checkpoints.save_checkpoint(payload, out_dir / filename)
-
-    accum = config.gradient_accumulation_steps
-    micro = config.train_batch_size // rt.world_size // accum
-    bar = tqdm(total=config.num_steps, initial=start_step, desc="train", unit="step", disable=not rt.is_main, dynamic_ncols=True)
-    train_model.train()
-    started, images_seen, saved_step = time.perf_counter(), 0, start_step
-    step = start_step
-    for step, (images, labels) in enumerate(batches(start_step, config.num_steps), start=start_step + 1):
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One update from this process's share of the batch, split into accumulation steps; returns the
+        loss of the whole batch (averaged over processes)."""
+        config, rt = self.config, self.rt
+        accum = config.gradient_accumulation_steps
+        micro = len(images) // accum
         loss_sum = torch.zeros((), device=rt.device)
         for i in range(accum):
             x, y = images[i * micro : (i + 1) * micro], labels[i * micro : (i + 1) * micro]
-            sync = i == accum - 1 or not rt.distributed
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(rt.device, precision):
-                logits = train_model(x)
+            sync = i == accum - 1 or not rt.distributed  # DDP all-reduces gradients on the last micro-batch only
+            with (contextlib.nullcontext() if sync else self.train_model.no_sync()), autocast(rt.device, self.precision):
+                logits = self.train_model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing) / accum
-            scaler.scale(loss).backward()
+            self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
-            kept = out_dir / "last.pt"
-            raise TrainingError(f"loss is {loss_value} at step {step}; stopped, the last good checkpoint {kept} (step {saved_step}) is kept")
-        scaler.unscale_(optimizer)
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update(config.loss_scale if precision == "fp16" and config.loss_scale > 0 else None)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        images_seen += config.train_batch_size
-        speed = images_seen / (time.perf_counter() - started)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{speed:.1f}")
-        if log and (step % config.log_every == 0 or step == config.num_steps):
-            log.write(step, **{"train/loss": loss_value, "train/lr": lr, "train/images_per_second": speed})
-        if step % config.eval_every == 0 or step == config.num_steps:
-            last = run_eval(val_data, step)
-            improved = last["accuracy"] > best["accuracy"]
-            if improved:
-                best = {"accuracy": last["accuracy"], "step": step}
-            if rt.is_main:
-                tag = "test" if config.val_split == 0 else "val"
-                log.write(step, **{f"{tag}/loss": last["loss"], f"{tag}/accuracy": last["accuracy"]})
-                bar.write(f"step {step}: {tag} accuracy {last['accuracy']:.4f}, loss {last['loss']:.4f} (best {best['accuracy']:.4f} at {best['step']})")
-                if improved:
-                    save(step, "best.pt")
-                save(step, "last.pt")
-            saved_step = step
-    bar.close()
-    elapsed = time.perf_counter() - started
-    final = {"best_val_accuracy": best["accuracy"], "best_step": best["step"], "steps": step,
-             "train_seconds": elapsed, "images_per_second": images_seen / elapsed if images_seen else 0.0}  # fmt: skip
-    if config.val_split == 0:
-        final["test_accuracy"] = best["accuracy"]
-    elif test_data is not None:
-        best_state = checkpoints.read_checkpoint(out_dir / "best.pt") if rt.is_main else None
         if rt.distributed:
-            holder = [best_state]
-            torch.distributed.broadcast_object_list(holder, src=0)
-            best_state = holder[0]
-        model.load_state_dict(best_state["model"])
-        test = run_eval(test_data, step)
-        final.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_top5_accuracy=test["top5_accuracy"])
-        if rt.is_main:
-            log.write(step, **{"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
-            print(f"test accuracy of the best checkpoint (step {best['step']}): {test['accuracy']:.4f}")
-    if rt.is_main:
-        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
-        log.close()
-        print(json.dumps(final))
-    return final
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= rt.world_size
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
+        loss_value = loss_sum.item()
+        # fp16's scaler skips steps with overflowing gradients by design; elsewhere a non-finite value is fatal.
+        if not math.isfinite(loss_value) or (self.precision != "fp16" and not torch.isfinite(grad_norm)):
+            what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm.item()}"
+            raise TrainingError(
+                f"{what} at step {self.step + 1}; stopped, the last good checkpoint {self.out_dir / 'last.pt'} (step {self.saved_step}) is kept"
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update(config.loss_scale if self.precision == "fp16" and config.loss_scale > 0 else None)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value
 
+    def run_eval(self, data) -> dict:
+        config, rt = self.config, self.rt
+        shards = eval_batches(data, config.img_size, config.eval_batch_size, rt.device, rt.rank, rt.world_size, config.num_workers)
+        total = math.ceil(len(data) / rt.world_size / config.eval_batch_size)
+        return evaluate(self.train_model, shards, len(self.class_names), rt.device, self.precision, total, rt.is_main, rt.distributed)
+
+    def evaluate_and_save(self, bar) -> None:
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingError(
+                f"weights became non-finite at step {self.step}; stopped, the last good checkpoint "
+                f"{self.out_dir / 'last.pt'} (step {self.saved_step}) is kept"
+            )
+        result = self.run_eval(self.val_data)
+        improved = result["accuracy"] > self.best["accuracy"]
+        if improved:
+            self.best = {"accuracy": result["accuracy"], "step": self.step}
+        if self.rt.is_main:
+            tag = "test" if self.config.val_split == 0 else "val"
+            self.log.write(self.step, **{f"{tag}/loss": result["loss"], f"{tag}/accuracy": result["accuracy"]})
+            bar.write(f"step {self.step}: {tag} accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
+                      f"(best {self.best['accuracy']:.4f} at step {self.best['step']})")  # fmt: skip
+            if improved:
+                self.save("best.pt")
+            self.save("last.pt")
+        self.saved_step = self.step
+
+    def save(self, filename: str) -> None:
+        payload = {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model_config": self.model.config.to_dict(), "class_names": self.class_names, "train_config": self.config.to_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "step": self.step, "best": self.best,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None},
+        }  # fmt: skip
+        checkpoints.save_checkpoint(payload, self.out_dir / filename)
+
+    def finish(self) -> dict:
+        """Final metrics; the test split, if held apart, evaluated once on the best checkpoint."""
+        seconds = self.train_seconds
+        final = {"best_val_accuracy": self.best["accuracy"], "best_step": self.best["step"], "steps": self.step,
+                 "train_seconds": seconds, "images_per_second": self.images_seen / seconds if seconds else 0.0}  # fmt: skip
+        if self.config.val_split == 0:
+            final["test_accuracy"] = self.best["accuracy"]
+        elif self.test_data is not None:
+            best_state = checkpoints.read_checkpoint(self.out_dir / "best.pt") if self.rt.is_main else None
+            if self.rt.distributed:
+                holder = [best_state]
+                torch.distributed.broadcast_object_list(holder, src=0)
+                best_state = holder[0]
+            self.model.load_state_dict(best_state["model"])
+            test = self.run_eval(self.test_data)
+            final.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_top5_accuracy=test["top5_accuracy"])
+            if self.rt.is_main:
+                self.log.write(self.step, **{"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
+                print(f"test accuracy of the best checkpoint (step {self.best['step']}): {test['accuracy']:.4f}")
+        if self.rt.is_main:
+            (self.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+            self.log.close()
+            print(json.dumps(final))
+        return final

@@ -1,0 +1,262 @@
+"""The training input pipeline alone: vitlab's tensor augmentation against the tutorial's PIL pipeline.
+
+Run from the repository root, in the project's environment:
+
+    python benchmarks/data.py                                   # both sizes, 5 rounds, random CIFAR-sized images
+    python benchmarks/data.py --quick                           # a few seconds per pipeline
+    python benchmarks/data.py --data_dir /path/to/cifar10-train --workers 0 2 --json results/data.json
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/data.py            # torch's CPU allocator on transparent huge pages
+
+What it measures: images/s of turning 32x32 uint8 images into training batches (batch 256) of normalised
+float images (B, 3, S, S) and labels on the device. Random images by default (--num_images of them);
+--data_dir decodes a real image folder with vitlab.data.load_image_folder and both pipelines use it.
+  224 px  vitlab    TrainBatches with Augmentation(224, "resized_crop", 0.05, hflip=True): the dataset is one
+                    uint8 tensor on the device, each batch cropped and resized with tensor operations
+          tutorial  Compose([RandomResizedCrop((224, 224), scale=(0.05, 1.0)), ToTensor(), Normalize([0.5]*3, [0.5]*3)])
+                    on PIL images, as torchvision's CIFAR10 serves them, through a DataLoader (--workers)
+  32 px   vitlab    Augmentation(32, "pad_crop"): 4 px reflection padding, random crop, flip
+          tutorial  RandomCrop(32, padding=4) (zero padding), RandomHorizontalFlip, ToTensor, Normalize
+and the 224 px crop on its own (--kernels): vitlab.data.crop_and_resize, the single F.grid_sample it
+replaced, and merely writing a fresh (256, 3, 224, 224) float tensor, the floor for any pipeline that
+returns new memory. On a CPU that floor is set by page faults: torch frees and maps such large tensors
+anew each time; THP_MEM_ALLOC_ENABLE=1 (read by torch when the process starts) backs them with huge pages.
+
+How: every pipeline is warmed up first (DataLoader workers started, prefetch filled), then --rounds rounds
+time each pipeline in turn, in an order rotated every round (time.perf_counter, CUDA synchronised), for
+as many batches as last --min_seconds; the median images/s is reported. A DataLoader with workers keeps
+prefetching while the others are timed: those batches are taken untimed before its measurement starts,
+and it is timed for at least 4x as many batches as it has in flight, so what remains in progress when
+the clock starts is a small share of the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitlab.data import Augmentation, ImageSet, TrainBatches, crop_and_resize, load_image_folder, resized_crop_boxes, to_float
+
+BATCH = 256
+MIN_SCALE = 0.05  # the tutorial's RandomResizedCrop scale=(0.05, 1.0)
+PAD = 4  # the usual 32 px CIFAR crop padding
+MEAN = STD = [0.5, 0.5, 0.5]  # the tutorial's Normalize: [0, 1] -> [-1, 1], as vitlab's to_float
+IN_FLIGHT_MULTIPLE = 4  # a worker DataLoader is timed for at least this many times the batches it has in flight
+
+
+class VitlabPipeline:
+    """vitlab.data.TrainBatches over the whole dataset held as one uint8 tensor on the device."""
+
+    def __init__(self, data: ImageSet, size: int, device: torch.device):
+        augmentation = Augmentation(size, "resized_crop", MIN_SCALE, hflip=True) if size != 32 else Augmentation(32, "pad_crop", pad=PAD)
+        self.name = f"vitlab TrainBatches, {augmentation.kind}"
+        self.batches = TrainBatches(data, augmentation, BATCH, seed=0, device=device)(0, 2**62)
+        self.in_flight = 0
+
+    def next(self):
+        return next(self.batches)
+
+
+class PILImages(torch.utils.data.Dataset):
+    """Items as torchvision's CIFAR10 serves them: a PIL image made from the uint8 array, then the transform."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+class TutorialPipeline:
+    """The tutorial's torchvision transforms on PIL images, through a DataLoader, moved to the device."""
+
+    def __init__(self, data: ImageSet, size: int, device: torch.device, workers: int):
+        from torchvision import transforms
+
+        if size == 32:
+            augment = [transforms.RandomCrop(32, padding=PAD), transforms.RandomHorizontalFlip()]
+            self.name = f"torchvision PIL RandomCrop+flip, {workers} workers"
+        else:
+            augment = [transforms.RandomResizedCrop((size, size), scale=(MIN_SCALE, 1.0))]
+            self.name = f"torchvision PIL RandomResizedCrop, {workers} workers"
+        transform = transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(mean=MEAN, std=STD)])
+        dataset = PILImages(data.images.numpy(), data.labels.numpy(), transform)
+        # Shuffled epochs back to back, drawn lazily without end: no epoch restarts inside the timings.
+        sampler = torch.utils.data.RandomSampler(dataset, num_samples=2**62)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers, drop_last=True,
+                                             pin_memory=device.type == "cuda", persistent_workers=workers > 0)  # fmt: skip
+        self.iterator, self.device = iter(loader), device
+        self.in_flight = workers * loader.prefetch_factor if workers else 0
+
+    def next(self):
+        x, y = next(self.iterator)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_for(pipeline, batches: int, device: torch.device) -> float:
+    for _ in range(pipeline.in_flight):  # made while other pipelines were timed: taken untimed
+        pipeline.next()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        pipeline.next()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def compare(pipelines: list, rounds: int, min_seconds: float, warmup: int, device: torch.device) -> list[dict]:
+    """Median images/s of each pipeline over rounds, timed in turn in an order rotated every round."""
+    counts = []
+    for p in pipelines:
+        for _ in range(warmup):
+            p.next()
+        one = seconds_for(p, 1, device)
+        counts.append(max(math.ceil(min_seconds / one), IN_FLIGHT_MULTIPLE * p.in_flight, 1))
+    rates = [[] for _ in pipelines]
+    for r in range(rounds):
+        for i in [(r + k) % len(pipelines) for k in range(len(pipelines))]:
+            rates[i].append(counts[i] * BATCH / seconds_for(pipelines[i], counts[i], device))
+    return [{"pipeline": p.name, "batches_per_measurement": n, "images_per_second": statistics.median(v), "rounds": v}
+            for p, n, v in zip(pipelines, counts, rates)]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The 224 px crop alone
+
+
+def grid_sample_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:
+    """The same crop as one F.grid_sample (bilinear, align_corners=False, border), vitlab's former formulation."""
+    B, _, H, W = images.shape
+    top, left, h, w = boxes.to(images.device, images.dtype).unbind(1)
+    steps = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size
+    xs = (left[:, None] + steps * w[:, None]) / W * 2 - 1  # (B, size), in grid_sample's [-1, 1]
+    ys = (top[:, None] + steps * h[:, None]) / H * 2 - 1
+    xs = torch.where(flip.to(images.device)[:, None], xs.flip(1), xs)
+    grid = torch.stack([xs[:, None, :].expand(B, size, size), ys[:, :, None].expand(B, size, size)], dim=-1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class Kernel:
+    def __init__(self, name: str, fn):
+        self.name, self.fn, self.in_flight = name, fn, 0
+
+    def next(self):
+        return self.fn()
+
+
+def crop_kernels(images: torch.Tensor, device: torch.device) -> tuple[list, float]:
+    g = torch.Generator().manual_seed(0)
+    x = to_float(images[:BATCH].to(device))
+    boxes = resized_crop_boxes(BATCH, x.shape[2], x.shape[3], (MIN_SCALE, 1.0), g)
+    flip = torch.rand(BATCH, generator=g) < 0.5
+    size = 224
+    difference = (crop_and_resize(x, boxes, size, flip) - grid_sample_crop(x, boxes, size, flip)).abs().max().item()
+    kernels = [
+        Kernel("vitlab.data.crop_and_resize", lambda: crop_and_resize(x, boxes, size, flip)),
+        Kernel("one F.grid_sample", lambda: grid_sample_crop(x, boxes, size, flip)),
+        Kernel("write a fresh output only", lambda: torch.empty(BATCH, 3, size, size, device=device).fill_(0.0)),
+    ]
+    return kernels, difference
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def load_images(args: argparse.Namespace) -> tuple[ImageSet, str]:
+    if args.data_dir:
+        data = load_image_folder(args.data_dir)
+        if data.images is None or tuple(data.images.shape[1:]) != (32, 32, 3):
+            raise SystemExit(f"{args.data_dir}: expected a folder of 32x32 images that fits in memory")
+        return data, f"{len(data)} images from {args.data_dir}"
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.num_images, 32, 32, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (args.num_images,), generator=g)
+    return ImageSet(labels, [str(i) for i in range(10)], images), f"{args.num_images} random 32x32 images"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", choices=[224, 32], default=[224, 32], help="output sizes (default: both)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        default=[0, 2],
+        help="DataLoader workers of the tutorial's pipeline, one pipeline each; none given: vitlab's alone (default: 0 2)",
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where batches must end up; auto: CUDA when present"
+    )
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds; the median is reported (default 5)")
+    parser.add_argument("--min_seconds", type=float, default=2.0, help="each measurement lasts at least this long (default 2)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches per pipeline first (default 3)")
+    parser.add_argument("--num_images", type=int, default=5000, help="random images to generate (default 5000)")
+    parser.add_argument(
+        "--data_dir", help="a folder of 32x32 images, <class>/<image> (e.g. a CIFAR-10 image folder) instead of random ones"
+    )
+    parser.add_argument(
+        "--kernels", action=argparse.BooleanOptionalAction, default=True, help="also time the 224 px crop alone (default: on)"
+    )
+    parser.add_argument("--quick", action="store_true", help="3 rounds of about 0.3 s per pipeline, one warm-up batch")
+    parser.add_argument("--json", type=Path, help="write every number to this JSON file")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.min_seconds, args.warmup = 3, 0.3, 1
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    torch.set_num_threads(args.threads)
+    data, source = load_images(args)
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+    print(f"{source}; batch {BATCH}; device {device}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, THP_MEM_ALLOC_ENABLE={thp}")  # fmt: skip
+    result = {"source": source, "device": str(device), "threads": args.threads, "torch": torch.__version__, "THP_MEM_ALLOC_ENABLE": thp,
+              "args": vars(args), "sizes": {}}  # fmt: skip
+    for size in args.sizes:
+        pipelines = [VitlabPipeline(data, size, device)] + [TutorialPipeline(data, size, device, w) for w in args.workers]
+        rows = compare(pipelines, args.rounds, args.min_seconds, args.warmup, device)
+        best_tutorial = max(rows[1:], key=lambda row: row["images_per_second"]) if len(rows) > 1 else None
+        print(f"\n{size} px: images/s, median of {args.rounds} rounds")
+        for row in rows:
+            print(f"  {row['pipeline']:<48}{row['images_per_second']:>10.0f}")
+        entry = {"pipelines": rows}
+        if best_tutorial:
+            entry["vitlab_vs_best_tutorial"] = rows[0]["images_per_second"] / best_tutorial["images_per_second"]
+            print(f"  vitlab / best tutorial pipeline: {entry['vitlab_vs_best_tutorial']:.1f}x")
+        result["sizes"][str(size)] = entry
+        del pipelines  # stops DataLoader workers before the next size
+    if args.kernels:
+        kernels, difference = crop_kernels(data.images, device)
+        rows = compare(kernels, args.rounds, args.min_seconds, args.warmup, device)
+        print(
+            f"\n224 px crop of a float batch alone: images/s, median of {args.rounds} rounds (max abs difference of the two crops: {difference:.1e})"
+        )
+        for row in rows:
+            print(f"  {row['pipeline']:<48}{row['images_per_second']:>10.0f}")
+        result["crop_kernels"] = {"rows": rows, "max_abs_difference": difference}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`python -m vitlab ...` and `torchrun -m vitlab ...`, the same as the `vitlab` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,374 @@
+"""The input pipeline: image folders and their errors, the batch order, the tensor augmentations,
+process slices, the streaming path and the held-out split. Everything on tiny in-memory data or
+a few dozen PNG/JPEG files made in tmp_path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitlab import data as vdata
+from vitlab.data import (
+    Augmentation,
+    DataError,
+    ImageSet,
+    TrainBatches,
+    batch_indices,
+    crop_and_resize,
+    eval_batches,
+    load_datasets,
+    load_image_folder,
+    pad_crop,
+    read_image,
+    resized_crop_boxes,
+    split_validation,
+    to_float,
+)
+
+CLASSES = ("cat", "dog", "eel")
+
+
+def make_image_folder(root, classes=CLASSES, per_class=12, size=16, seed=0, ext="png"):
+    """`root/<class>/<i>.<ext>` of random RGB images, seeded."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        folder = root / c
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.{ext}")
+    return root
+
+
+def random_imageset(n=20, size=8, classes=3, seed=0) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
+    return ImageSet(torch.arange(n) % classes, [f"c{i}" for i in range(classes)], images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+
+
+def test_class_folder_layout(tmp_path):
+    root = make_image_folder(tmp_path / "flat", per_class=5, size=16)
+    data = load_image_folder(root)
+    assert data.class_names == list(CLASSES)
+    assert data.images is not None and data.images.shape == (15, 16, 16, 3) and data.images.dtype == torch.uint8
+    assert data.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    # The decoded pixels are the files' pixels.
+    first = np.asarray(Image.open(root / "cat" / "000.png").convert("RGB"))
+    assert np.array_equal(data.images[0].numpy(), first)
+
+    train, val, test = load_datasets("imagefolder", str(root), 0.2, seed=1)
+    assert test is None and len(train) == 12 and len(val) == 3
+    assert train.class_names == val.class_names == list(CLASSES)
+
+
+@pytest.mark.parametrize("held_out", ["val", "test"])
+def test_train_and_val_layout(tmp_path, held_out):
+    make_image_folder(tmp_path / "train", per_class=6, seed=0)
+    make_image_folder(tmp_path / held_out, per_class=2, seed=1)
+    train, val, test = load_datasets("imagefolder", str(tmp_path), 0.0, seed=0)
+    assert len(train) == 18 and test is None
+    assert len(val) == 6 and val.class_names == list(CLASSES)  # val_split 0: the held-out folder validates
+    train, val, test = load_datasets("imagefolder", str(tmp_path), 1 / 6, seed=0)
+    assert (len(train), len(val), len(test)) == (15, 3, 6)
+
+
+def test_val_folder_with_other_classes_is_refused(tmp_path):
+    make_image_folder(tmp_path / "train", per_class=2)
+    make_image_folder(tmp_path / "val", classes=("cat", "dog"), per_class=2)
+    with pytest.raises(DataError, match="differ from the model.s"):
+        load_datasets("imagefolder", str(tmp_path), 0.0, seed=0)
+
+
+def test_val_split_zero_without_a_val_folder_is_refused(tmp_path):
+    make_image_folder(tmp_path, per_class=2)
+    with pytest.raises(DataError, match="no val/ or test/ folder"):
+        load_datasets("imagefolder", str(tmp_path), 0.0, seed=0)
+
+
+def test_grayscale_palette_and_rgba_images_become_rgb(tmp_path):
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "modes" / "only"
+    folder.mkdir(parents=True)
+    gray = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L")
+    palette = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P")
+    rgba = Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), mode="RGBA")
+    rgb = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    for name, image in (("a_gray", gray), ("b_palette", palette), ("c_rgba", rgba), ("d_rgb", rgb)):
+        image.save(folder / f"{name}.png")
+    rgb.save(folder / "e_rgb.jpg", quality=95)
+    for name, image in (("a_gray", gray), ("b_palette", palette), ("c_rgba", rgba)):
+        array = read_image(str(folder / f"{name}.png"))
+        assert array.shape == (16, 16, 3) and array.dtype == np.uint8
+        assert np.array_equal(array, np.asarray(image.convert("RGB")))
+    gray_rgb = read_image(str(folder / "a_gray.png"))
+    assert np.array_equal(gray_rgb[..., 0], gray_rgb[..., 1]) and np.array_equal(gray_rgb[..., 0], np.asarray(gray))
+    data = load_image_folder(tmp_path / "modes")
+    assert data.images.shape == (5, 16, 16, 3)
+
+
+def test_file_that_is_not_an_image_is_named(tmp_path):
+    root = make_image_folder(tmp_path / "bad", per_class=3)
+    bogus = root / "dog" / "zz_broken.png"
+    bogus.write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError) as info:
+        load_image_folder(root)
+    assert str(bogus) in str(info.value) and "not a readable image" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_file_that_is_not_an_image_is_named_when_streaming(tmp_path, monkeypatch):
+    monkeypatch.setattr(vdata, "IN_MEMORY_LIMIT_BYTES", 0)
+    root = make_image_folder(tmp_path / "bad", per_class=3)
+    bogus = root / "eel" / "zz_broken.jpg"
+    bogus.write_bytes(b"this is not a jpeg at all" * 20)
+    with pytest.raises(DataError) as info:
+        load_image_folder(root)
+    assert str(bogus) in str(info.value)
+
+
+def test_empty_folders_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        load_image_folder(tmp_path / "empty")
+    (tmp_path / "classes_only" / "a").mkdir(parents=True)
+    (tmp_path / "classes_only" / "b").mkdir(parents=True)
+    (tmp_path / "classes_only" / "a" / "notes.txt").write_text("not an image extension")
+    with pytest.raises(DataError, match="no images"):
+        load_image_folder(tmp_path / "classes_only")
+    with pytest.raises(DataError, match="no such folder"):
+        load_image_folder(tmp_path / "missing")
+
+
+def test_mixed_sizes_stream(tmp_path):
+    root = make_image_folder(tmp_path / "mixed", per_class=2, size=16)
+    Image.fromarray(np.zeros((20, 12, 3), dtype=np.uint8)).save(root / "cat" / "zz_other_size.png")
+    data = load_image_folder(root)
+    assert data.images is None and len(data.paths) == 7
+    batches = list(eval_batches(data, 16, 4, torch.device("cpu"), num_workers=0))
+    assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 16, 16), (3, 3, 16, 16)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch order
+
+
+def test_batch_indices_cover_each_image_once_per_epoch():
+    n, batch = 10, 4  # batches cross epoch ends
+    steps = [batch_indices(n, batch, step, seed=7) for step in range(10)]  # 40 images: 4 epochs
+    assert all(len(s) == batch for s in steps)
+    flat = torch.cat(steps)
+    for epoch in range(4):
+        assert sorted(flat[epoch * n : (epoch + 1) * n].tolist()) == list(range(n))
+    assert flat[:n].tolist() != flat[n : 2 * n].tolist()  # each epoch its own order
+    # Deterministic: the same (seed, step) gives the same batch, whatever was asked before.
+    assert torch.equal(batch_indices(n, batch, 6, seed=7), steps[6])
+    assert not torch.equal(torch.cat([batch_indices(n, batch, s, seed=8) for s in range(10)]), flat)
+
+
+def test_batch_larger_than_the_dataset():
+    index = batch_indices(3, 7, 0, seed=0)
+    assert len(index) == 7
+    assert sorted(index[:3].tolist()) == [0, 1, 2] and sorted(index[3:6].tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind", ["resized_crop", "pad_crop", "none"])
+def test_process_slices_equal_the_whole_batch(kind):
+    data = random_imageset(n=20, size=8)
+    aug = Augmentation(8, kind, min_scale=0.3, hflip=True, pad=2)
+    cpu = torch.device("cpu")
+    whole = TrainBatches(data, aug, 8, seed=3, device=cpu)
+    for step in (0, 1, 4):
+        x, y = whole.get(step)
+        assert x.shape == (8, 3, 8, 8)
+        for world in (2, 4):
+            local = 8 // world
+            for rank in range(world):
+                xr, yr = TrainBatches(data, aug, 8, seed=3, device=cpu, rank=rank, world_size=world).get(step)
+                torch.testing.assert_close(xr, x[rank * local : (rank + 1) * local], rtol=0, atol=1e-6)
+                assert torch.equal(yr, y[rank * local : (rank + 1) * local])
+    # The generator loop gives the same batches as get().
+    for step, (xs, ys) in enumerate(whole(0, 3)):
+        x, y = whole.get(step)
+        assert torch.equal(xs, x) and torch.equal(ys, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentations
+
+
+def test_crop_and_resize_full_box_is_identity_and_flip_mirrors():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 8, 8, generator=g)
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 3)
+    out = crop_and_resize(images, boxes, 8, torch.zeros(3, dtype=torch.bool))
+    torch.testing.assert_close(out, images, rtol=0, atol=1e-5)
+    flipped = crop_and_resize(images, boxes, 8, torch.tensor([True, False, True]))
+    torch.testing.assert_close(flipped[0], images[0].flip(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(flipped[1], images[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(flipped[2], images[2].flip(-1), rtol=0, atol=1e-5)
+
+
+def test_crop_and_resize_takes_the_box():
+    # A box of whole pixels at the same size: exactly those pixels.
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    boxes = torch.tensor([[2.0, 1.0, 4.0, 4.0], [0.0, 4.0, 4.0, 4.0]])
+    out = crop_and_resize(images, boxes, 4, torch.zeros(2, dtype=torch.bool))
+    torch.testing.assert_close(out[0], images[0, :, 2:6, 1:5], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out[1], images[1, :, 0:4, 4:8], rtol=0, atol=1e-4)
+
+
+def test_resized_crop_boxes_lie_inside_and_respect_the_scale():
+    H, W, scale = 20, 30, (0.1, 0.5)
+    boxes = resized_crop_boxes(2000, H, W, scale, torch.Generator().manual_seed(0))
+    top, left, h, w = boxes.unbind(1)
+    assert boxes.shape == (2000, 4)
+    assert torch.equal(boxes, boxes.round())  # whole pixels
+    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (top + h <= H).all() and (left + w <= W).all()
+    area = h * w / (H * W)
+    # Sides are rounded to whole pixels: allow that much around the range.
+    assert (area >= scale[0] * 0.8).all() and (area <= scale[1] * 1.2).all()
+    assert area.min() < 0.13 and area.max() > 0.45  # the whole range is used
+    ratio = w / h
+    assert (ratio >= 0.75 * 0.85).all() and (ratio <= 4 / 3 * 1.15).all()
+    # Deterministic per generator seed.
+    assert torch.equal(boxes, resized_crop_boxes(2000, H, W, scale, torch.Generator().manual_seed(0)))
+
+
+def test_resized_crop_boxes_fall_back_to_the_centre_crop():
+    # A 10x40 image cannot hold a full-area crop with ratio in [3/4, 4/3]: the centred 10x13 crop.
+    boxes = resized_crop_boxes(5, 10, 40, (1.0, 1.0), torch.Generator().manual_seed(0))
+    assert boxes.tolist() == [[0.0, 13.0, 10.0, 13.0]] * 5
+    boxes = resized_crop_boxes(4, 12, 12, (1.0, 1.0), torch.Generator().manual_seed(0))
+    assert (boxes == torch.tensor([0.0, 0.0, 12.0, 12.0])).all()
+
+
+def test_pad_crop_at_offset_pad_is_identity():
+    images = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    pad = 3
+    centre = torch.full((4, 2), pad)
+    assert torch.equal(pad_crop(images, pad, centre, torch.zeros(4, dtype=torch.bool)), images)
+    assert torch.equal(pad_crop(images, pad, centre, torch.ones(4, dtype=torch.bool)), images.flip(-1))
+    # Offset (0, 2*pad): shifted by pad pixels up-left / down-right into the reflected border.
+    padded = torch.nn.functional.pad(images, (pad,) * 4, mode="reflect")
+    offsets = torch.tensor([[0, 0], [2 * pad, 2 * pad], [0, 2 * pad], [1, 5]])
+    out = pad_crop(images, pad, offsets, torch.zeros(4, dtype=torch.bool))
+    for i, (r, c) in enumerate(offsets.tolist()):
+        assert torch.equal(out[i], padded[i, :, r : r + 8, c : c + 8])
+
+
+def test_to_float_normalises_to_minus_one_one():
+    x = torch.tensor([0, 255, 127], dtype=torch.uint8).reshape(1, 1, 3, 1).expand(1, 1, 3, 3).contiguous()
+    y = to_float(x)
+    assert y.shape == (1, 3, 1, 3)
+    for channel in range(3):  # (B, H=1, W=3, C=3) -> (B, C, H, W); pixel values along W
+        torch.testing.assert_close(y[0, channel, 0], torch.tensor([-1.0, 1.0, 127 / 127.5 - 1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming from disk
+
+
+def _folder_pair(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "imgs", per_class=8, size=16)
+    memory = load_image_folder(root)
+    monkeypatch.setattr(vdata, "IN_MEMORY_LIMIT_BYTES", 0)
+    streamed = load_image_folder(root)
+    assert memory.images is not None and memory.paths is None
+    assert streamed.images is None and len(streamed.paths) == 24
+    assert torch.equal(memory.labels, streamed.labels)
+    return memory, streamed
+
+
+@pytest.mark.parametrize("kind", ["resized_crop", "pad_crop", "none"])
+def test_streaming_gives_the_same_batches_shapes_and_labels(tmp_path, monkeypatch, kind):
+    memory, streamed = _folder_pair(tmp_path, monkeypatch)
+    aug = Augmentation(12, kind, min_scale=0.2, hflip=True, pad=2)
+    cpu = torch.device("cpu")
+    mem_batches = list(TrainBatches(memory, aug, 8, seed=5, device=cpu, num_workers=0)(2, 6))
+    stream_batches = list(TrainBatches(streamed, aug, 8, seed=5, device=cpu, num_workers=0)(2, 6))
+    assert len(mem_batches) == len(stream_batches) == 4
+    for (xm, ym), (xs, ys) in zip(mem_batches, stream_batches):
+        assert xs.shape == xm.shape == (8, 3, 12, 12) and xs.dtype == torch.float32
+        assert torch.equal(ys, ym)
+        assert xs.min() >= -1.0 - 1e-6 and xs.max() <= 1.0 + 1e-6
+    # A process's share of a streamed batch is the same images as in memory.
+    rank1 = next(TrainBatches(streamed, aug, 8, seed=5, device=cpu, rank=1, world_size=2, num_workers=0)(2, 3))
+    assert torch.equal(rank1[1], mem_batches[0][1][4:])
+    # Streamed batches are reproducible (seeded per image, not by the worker).
+    again = list(TrainBatches(streamed, aug, 8, seed=5, device=cpu, num_workers=0)(2, 6))
+    for (xa, _), (xb, _) in zip(again, stream_batches):
+        assert torch.equal(xa, xb)
+
+
+def test_streaming_without_resizing_equals_memory(tmp_path, monkeypatch):
+    memory, streamed = _folder_pair(tmp_path, monkeypatch)
+    cpu = torch.device("cpu")
+    # Native size, no flips: nothing random, so both paths give the same pixels. (With flips they
+    # differ: streaming draws each image's choices from its own seed, memory from the batch's.)
+    aug = Augmentation(16, "none", hflip=False)
+    for (xm, ym), (xs, ys) in zip(TrainBatches(memory, aug, 8, 1, cpu, num_workers=0)(0, 3),
+                                  TrainBatches(streamed, aug, 8, 1, cpu, num_workers=0)(0, 3)):  # fmt: skip
+        assert torch.equal(ym, ys)
+        torch.testing.assert_close(xs, xm, rtol=0, atol=1e-6)
+    mem_eval = list(eval_batches(memory, 16, 5, cpu, rank=1, world_size=2, num_workers=0))
+    stream_eval = list(eval_batches(streamed, 16, 5, cpu, rank=1, world_size=2, num_workers=0))
+    assert [len(y) for _, y in mem_eval] == [len(y) for _, y in stream_eval] == [5, 5, 2]
+    for (xm, ym), (xs, ys) in zip(mem_eval, stream_eval):
+        assert torch.equal(ym, ys)
+        torch.testing.assert_close(xs, xm, rtol=0, atol=1e-6)
+
+
+def test_eval_shards_cover_every_image_once(tmp_path):
+    data = random_imageset(n=11, size=8)
+    seen = []
+    for rank in range(3):
+        for x, y in eval_batches(data, 8, 2, torch.device("cpu"), rank=rank, world_size=3):
+            assert x.shape[1:] == (3, 8, 8)
+            seen += y.tolist()
+    assert sorted(seen) == sorted(data.labels.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out validation
+
+
+def test_split_validation_is_deterministic_disjoint_and_complete():
+    data = ImageSet(torch.arange(50), ["x"], torch.arange(50).view(50, 1, 1, 1).expand(50, 1, 1, 3).to(torch.uint8))
+    train, val = split_validation(data, 0.2, seed=4)
+    assert len(val) == 10 and len(train) == 40
+    t, v = set(train.labels.tolist()), set(val.labels.tolist())
+    assert not (t & v) and t | v == set(range(50))
+    assert torch.equal(train.images[:, 0, 0, 0].long(), train.labels)  # images move with their labels
+    train2, val2 = split_validation(data, 0.2, seed=4)
+    assert torch.equal(val.labels, val2.labels) and torch.equal(train.labels, train2.labels)
+    _, val3 = split_validation(data, 0.2, seed=5)
+    assert not torch.equal(val.labels, val3.labels)
+    assert val.labels.tolist() == sorted(val.labels.tolist())  # kept in file order
+
+
+def test_split_validation_refuses_an_empty_side():
+    data = random_imageset(n=10)
+    with pytest.raises(DataError, match="val_split"):
+        split_validation(data, 0.01, seed=0)
+    with pytest.raises(DataError, match="val_split"):
+        split_validation(data, 0.99, seed=0)
+
+
+def test_unknown_dataset_is_refused(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_datasets("mnist", str(tmp_path), 0.1, seed=0)
+
+
+def test_random_params_are_those_of_the_seeded_generator():
+    aug = Augmentation(8, "resized_crop", min_scale=0.5)
+    a = aug.random_params(6, 8, 8, vdata.step_generator(1, 3))
+    b = aug.random_params(6, 8, 8, vdata.step_generator(1, 3))
+    c = aug.random_params(6, 8, 8, vdata.step_generator(1, 4))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["boxes"], c["boxes"])

@@ -1,0 +1,656 @@
+"""`vitlab train`: the seed's flags and defaults, the schedule, gradient accumulation, bit-exact
+resume after a kill (also mid-save), the two-process gloo run, image-folder errors, refused
+inputs, the NaN guard and the run's outputs. Tiny models (Ti/16 cut down to patch 4 at 16 px,
+depth 1, width 16) on a few dozen random images made in tmp_path, CPU only."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitlab import checkpoints
+from vitlab import train as vtrain
+from vitlab.checkpoints import CheckpointError, read_checkpoint
+from vitlab.cli import build_parser, main, train_config_from_args
+from vitlab.config import ModelConfig, TrainConfig
+from vitlab.data import eval_batches, load_image_folder
+from vitlab.evaluate import evaluate
+from vitlab.model import VisionTransformer
+from vitlab.train import TrainingError, lr_factor, resolve_pretrained, train
+
+CLASSES = ["cat", "dog", "eel"]
+TINY = dict(model_type="Ti/16", patch_size=4, img_size=16, depth=1, hidden_size=16, num_heads=2, mlp_dim=32, pretrained_dir="none")
+RUN_FILES = {"config.json", "best.pt", "last.pt", "metrics.jsonl", "final_metrics.json"}
+SUBPROCESS_TIMEOUT = 300
+
+
+def make_image_folder(root: Path, per_class: int = 12, size: int = 16, seed: int = 0, ext: str = "png") -> Path:
+    """`root/<class>/<i>.<ext>`: random images whose mean colour depends on the class, so there is something to learn."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = rng.integers(0, 160, (size, size, 3)) + np.eye(3, dtype=np.int64)[label] * 90
+            Image.fromarray(image.astype(np.uint8)).save(folder / f"{i:03d}.{ext}")
+    return root
+
+
+def flags(**values) -> list[str]:
+    out = []
+    for key, value in values.items():
+        out += [f"--{key}", str(value)]
+    return out
+
+
+TINY_FLAGS = flags(**TINY)
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def tiny_config(tmp_path: Path, name: str, data_dir: Path, **changes) -> TrainConfig:
+    values = dict(TINY, name=name, dataset="imagefolder", data_dir=str(data_dir), output_dir=str(tmp_path / "output"),
+                  log_dir=str(tmp_path / "logs"), device="cpu", train_batch_size=8, num_steps=6, eval_every=3,
+                  warmup_steps=2, learning_rate=0.05, val_split=0.25, dropout_rate=0.0, num_workers=0)  # fmt: skip
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def model_state(path: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)["model"]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`vitlab ARGV` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("vitlab train: error: "), lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The seed's command line
+
+
+def parse(argv: list[str]) -> TrainConfig:
+    return train_config_from_args(build_parser().parse_args(argv))
+
+
+def test_seed_command_line_has_the_seeds_defaults():
+    config = parse(["train", "--name", "cifar10-100_500", "--dataset", "cifar10", "--model_type", "ViT-B_16", "--num_steps", "100"])
+    expected = dict(name="cifar10-100_500", dataset="cifar10", model_type="ViT-B_16", num_steps=100, img_size=224,
+                    train_batch_size=512, eval_batch_size=64, eval_every=100, learning_rate=3e-2, weight_decay=0.0,
+                    decay_type="cosine", warmup_steps=500, max_grad_norm=1.0, local_rank=-1, seed=42,
+                    gradient_accumulation_steps=1, fp16=False, fp16_opt_level="O2", loss_scale=0.0, output_dir="output")  # fmt: skip
+    for key, value in expected.items():
+        assert getattr(config, key) == value, key
+        assert type(getattr(config, key)) is type(value), key
+    config.validate()
+    assert config == TrainConfig(name="cifar10-100_500", num_steps=100)  # every other setting is the default
+
+
+def test_dashed_spellings_and_local_rank():
+    config = parse([
+        "train", "--name", "x", "--train-batch-size", "8", "--eval-batch-size", "4", "--gradient-accumulation-steps", "2",
+        "--learning-rate", "0.1", "--decay-type", "linear", "--warmup-steps", "3", "--fp16-opt-level", "O1",
+        "--loss-scale", "128", "--no-hflip",
+    ])  # fmt: skip
+    assert (config.train_batch_size, config.eval_batch_size, config.gradient_accumulation_steps) == (8, 4, 2)
+    assert (config.learning_rate, config.decay_type, config.warmup_steps) == (0.1, "linear", 3)
+    assert (config.fp16_opt_level, config.loss_scale, config.hflip) == ("O1", 128.0, False)
+    assert parse(["train", "--name", "x", "--local_rank", "0"]).local_rank == 0
+    assert parse(["train", "--name", "x", "--local-rank", "0"]).local_rank == 0
+    assert parse(["train", "--name", "x", "--local-rank=1"]).local_rank == 1  # torch.distributed.launch's spelling
+    assert parse(["train", "--name", "x", "--fp16"]).fp16 is True
+    assert parse(["train", "--name", "x", "--fp16"]).effective_precision() == "fp16"
+    assert parse(["train", "--name", "x", "--fp16", "--fp16_opt_level", "O0"]).effective_precision() == "fp32"
+
+
+def test_resume_flag_forms():
+    assert parse(["train", "--name", "x"]).resume is None
+    assert parse(["train", "--name", "x", "--resume"]).resume == "last"
+    assert parse(["train", "--name", "x", "--resume", "some/where.pt"]).resume == "some/where.pt"
+    assert parse(["train", "--name", "x", "--adam_betas", "0.8", "0.95"]).adam_betas == (0.8, 0.95)
+
+
+@pytest.mark.parametrize("kind", ["json", "toml"])
+def test_precedence_recipe_then_config_file_then_flags(tmp_path, kind):
+    path = tmp_path / f"settings.{kind}"
+    if kind == "json":
+        path.write_text(json.dumps({"num_steps": 50, "learning_rate": 0.1, "adam_betas": [0.7, 0.8], "seed": 7}))
+    else:
+        path.write_text("num_steps = 50\nlearning_rate = 0.1\nadam_betas = [0.7, 0.8]\nseed = 7\n")
+    argv = ["train", "--name", "p", "--recipe", "finetune-cifar10", "--config", str(path), "--learning_rate", "0.2"]
+    config = parse(argv)
+    assert config.warmup_steps == 100 and config.train_batch_size == 512  # the recipe's, untouched
+    assert config.num_steps == 50 and config.seed == 7  # the file over the recipe
+    assert config.adam_betas == (0.7, 0.8)
+    assert config.learning_rate == 0.2  # the flag over the file
+    assert config.name == "p"
+    # Without the file the recipe shows through; without the recipe, the defaults.
+    assert parse(["train", "--name", "p", "--recipe", "finetune-cifar10"]).num_steps == 500
+    bare = parse(["train", "--name", "p", "--config", str(path)])
+    assert bare.num_steps == 50 and bare.warmup_steps == 500
+
+
+def test_pretrained_auto_prefers_the_seeds_checkpoint_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(name="x", model_type="ViT-B_16")
+    assert resolve_pretrained(config) == "ViT-B_16"  # the official ImageNet-21k file, by name (no download here)
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "ViT-B_16.npz").write_bytes(b"")
+    assert resolve_pretrained(config) == str(Path("checkpoint") / "ViT-B_16.npz")
+    assert resolve_pretrained(TrainConfig(name="x", pretrained_dir="none")) is None
+    assert resolve_pretrained(TrainConfig(name="x", pretrained_dir="None")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The schedule
+
+
+def test_lr_factor_cosine():
+    warmup, total = 10, 110
+    f = lambda step: lr_factor(step, warmup, total, "cosine")
+    assert f(0) == 0.0
+    assert f(5) == pytest.approx(0.5)
+    assert f(1) == pytest.approx(0.1)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5)  # half-way through the decay
+    assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))  # a quarter of the way: 0.8536
+    assert f(85) == pytest.approx(0.5 * (1 + math.cos(3 * math.pi / 4)))  # three quarters: 0.1464
+    assert f(110) == pytest.approx(0.0, abs=1e-12)
+    values = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(values))  # decays monotonically
+
+
+def test_lr_factor_linear():
+    warmup, total = 10, 110
+    f = lambda step: lr_factor(step, warmup, total, "linear")
+    assert f(0) == 0.0
+    assert f(5) == pytest.approx(0.5)
+    assert f(10) == pytest.approx(1.0)
+    assert f(35) == pytest.approx(0.75)
+    assert f(60) == pytest.approx(0.5)
+    assert f(85) == pytest.approx(0.25)
+    assert f(110) == 0.0
+    assert f(130) == 0.0  # never negative
+
+
+def test_lr_factor_without_warmup():
+    assert lr_factor(0, 0, 100, "cosine") == pytest.approx(1.0)
+    assert lr_factor(0, 0, 100, "linear") == pytest.approx(1.0)
+    assert lr_factor(50, 0, 100, "cosine") == pytest.approx(0.5)
+    assert lr_factor(50, 0, 100, "linear") == pytest.approx(0.5)
+    assert lr_factor(100, 0, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Gradient accumulation
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    states = {}
+    for accum in (1, 4):
+        config = tiny_config(tmp_path, f"accum{accum}", data, gradient_accumulation_steps=accum, num_steps=5, eval_every=5)
+        train(config)
+        states[accum] = model_state(tmp_path / "output" / config.name / "last.pt")
+    torch.manual_seed(42)  # the run's own initialisation, to show the runs moved the weights
+    initial = VisionTransformer(tiny_config(tmp_path, "init", data).model_config(3)).state_dict()
+    moved = max((states[1][k] - initial[k]).abs().max().item() for k in initial)
+    assert moved > 1e-3
+    for key in states[1]:
+        torch.testing.assert_close(states[4][key], states[1][key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Resume after a kill: bit-exact, and a kill while saving leaves last.pt whole
+
+RESUME_FLAGS = TINY_FLAGS + flags(dataset="imagefolder", data_dir="data", device="cpu", train_batch_size=8, num_steps=16,
+                                  eval_every=2, log_every=1, warmup_steps=3, learning_rate=0.05, val_split=0.25,
+                                  num_workers=0)  # dropout stays at the variant's 0.1: the resumed RNG must match  # fmt: skip
+
+# Runs `vitlab train` with each step slowed down, so that the parent can kill it part-way.
+SLOW_STEPS = """
+import sys, time
+import vitlab.train as t
+real = t.lr_factor
+def slow(*args):
+    time.sleep(0.15)
+    return real(*args)
+t.lr_factor = slow
+from vitlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+# Runs `vitlab train` and kills itself (SIGKILL) half-way through writing last.pt for the second time.
+KILL_WHILE_SAVING = """
+import os, signal, sys
+real_fsync = os.fsync
+saves = 0
+def fsync(fd):
+    global saves
+    if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+        saves += 1
+        if saves == 2:
+            os.ftruncate(fd, os.fstat(fd).st_size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+    real_fsync(fd)
+os.fsync = fsync
+from vitlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def train_subprocess(cwd: Path, args: list[str], code: str | None = None, **popen) -> subprocess.Popen:
+    head = [sys.executable, "-c", code] if code else [sys.executable, "-m", "vitlab.cli"]
+    return subprocess.Popen(head + ["train", *args], cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)  # fmt: skip
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    return process.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def resume_workdir(tmp_path_factory):
+    """A folder with the data and the uninterrupted reference run `ref`."""
+    work = tmp_path_factory.mktemp("resume")
+    make_image_folder(work / "data")
+    rc, _, err = finish(train_subprocess(work, ["--name", "ref", *RESUME_FLAGS]))
+    assert rc == 0, err[-3000:]
+    return work
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+
+
+def assert_same_final_state(work: Path, name: str) -> None:
+    ref, run = read_checkpoint(work / "output" / "ref" / "last.pt"), read_checkpoint(work / "output" / name / "last.pt")
+    assert run["step"] == ref["step"] == 16
+    assert ref["model"].keys() == run["model"].keys()
+    for key in ref["model"]:
+        assert torch.equal(run["model"][key], ref["model"][key]), key
+    assert run["best"] == ref["best"]
+    assert losses(work / "output" / name) == losses(work / "output" / "ref")  # the log replays from the checkpoint
+    assert [s for s, _ in losses(work / "output" / name)] == list(range(1, 17))
+    ref_final = json.loads((work / "output" / "ref" / "final_metrics.json").read_text())
+    run_final = json.loads((work / "output" / name / "final_metrics.json").read_text())
+    for key in ("best_val_accuracy", "best_step", "steps"):
+        assert run_final[key] == ref_final[key], key
+
+
+def test_resume_after_sigkill_is_bit_exact(resume_workdir):
+    work = resume_workdir
+    last = work / "output" / "run" / "last.pt"
+    process = train_subprocess(work, ["--name", "run", *RESUME_FLAGS], code=SLOW_STEPS)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    rc, _, err = finish(process)
+    assert rc == -signal.SIGKILL, f"the run ended before it could be killed (rc {rc}):\n{err[-3000:]}"
+    killed_at = read_checkpoint(last)["step"]
+    assert 2 <= killed_at < 16
+    assert not (work / "output" / "run" / "final_metrics.json").exists()
+
+    rc, out, err = finish(train_subprocess(work, ["--name", "run", *RESUME_FLAGS, "--resume"]))
+    assert rc == 0, err[-3000:]
+    assert f"resuming from step {killed_at}" in out
+    assert_same_final_state(work, "run")
+
+
+def test_kill_while_saving_leaves_last_pt_whole(resume_workdir):
+    work = resume_workdir
+    out_dir = work / "output" / "run2"
+    rc, _, err = finish(train_subprocess(work, ["--name", "run2", *RESUME_FLAGS], code=KILL_WHILE_SAVING))
+    assert rc == -signal.SIGKILL, err[-3000:]
+    strays = sorted(out_dir.glob(".last.pt.*"))
+    assert len(strays) == 1  # the half-written temporary file ...
+    with pytest.raises(CheckpointError):
+        read_checkpoint(strays[0])
+    state = read_checkpoint(out_dir / "last.pt")  # ... while last.pt is the previous, complete one
+    assert state["step"] == 2
+    assert read_checkpoint(out_dir / "best.pt")["step"] in (2, 4)
+
+    rc, out, err = finish(train_subprocess(work, ["--name", "run2", *RESUME_FLAGS, "--resume", "output/run2/last.pt"]))
+    assert rc == 0, err[-3000:]
+    assert "resuming from step 2" in out
+    assert_same_final_state(work, "run2")
+    assert {p.name for p in out_dir.iterdir() if not p.name.startswith(".")} == RUN_FILES
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Two processes over gloo equal one process at the same total batch
+
+
+@pytest.fixture(scope="module")
+def gloo_runs(tmp_path_factory):
+    """The same run as one process (in this process) and as two gloo processes with 2 accumulation steps
+    each (`torchrun --standalone --nproc_per_node 2 -m vitlab.cli train ...`), total batch 8 in both."""
+    tmp_path = tmp_path_factory.mktemp("gloo")
+    data = make_image_folder(tmp_path / "data")
+    common = dict(num_steps=6, eval_every=3, warmup_steps=2, learning_rate=0.05, val_split=0.25, dropout_rate=0.0, log_every=1)
+    single_final = train(tiny_config(tmp_path, "single", data, **common))
+    args = TINY_FLAGS + flags(name="dist", dataset="imagefolder", data_dir=str(data), device="cpu", train_batch_size=8,
+                              gradient_accumulation_steps=2, num_workers=0, output_dir=str(tmp_path / "output"),
+                              log_dir=str(tmp_path / "logs"), **common)  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitlab.cli", "train", *args]
+    work = tmp_path / "cwd"
+    work.mkdir()
+    result = subprocess.run(command, check=False, cwd=work, env=clean_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    return SimpleNamespace(root=tmp_path, work=work, result=result, single_final=single_final)
+
+
+def test_two_process_gloo_run_exits_cleanly(gloo_runs):
+    result = gloo_runs.result
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_two_process_gloo_run_equals_one_process(gloo_runs):
+    out = gloo_runs.root / "output"
+    assert (out / "dist" / "final_metrics.json").exists(), gloo_runs.result.stderr[-4000:]
+    dist_state, single_state = model_state(out / "dist" / "last.pt"), model_state(out / "single" / "last.pt")
+    assert dist_state.keys() == single_state.keys()
+    for key in single_state:
+        torch.testing.assert_close(dist_state[key], single_state[key], rtol=1e-5, atol=1e-5, msg=key)
+    dist_final = json.loads((out / "dist" / "final_metrics.json").read_text())
+    assert dist_final["best_val_accuracy"] == pytest.approx(gloo_runs.single_final["best_val_accuracy"])
+    assert dist_final["best_step"] == gloo_runs.single_final["best_step"] and dist_final["steps"] == 6
+    # Only rank 0 writes: one set of run files, one event file, nothing in the working folder.
+    assert {p.name for p in (out / "dist").iterdir()} == RUN_FILES
+    assert len(list((gloo_runs.root / "logs" / "dist").iterdir())) == 1
+    assert list(gloo_runs.work.iterdir()) == []
+    assert [s for s, _ in losses(out / "dist")] == list(range(1, 7))  # one record per step, not one per process
+
+
+def test_two_process_gloo_run_logs_the_loss_of_the_whole_batch(gloo_runs):
+    # train/loss is the loss of the global batch, as with one process, not rank 0's share of it.
+    out = gloo_runs.root / "output"
+    dist_losses, single_losses = losses(out / "dist"), losses(out / "single")
+    assert [s for s, _ in dist_losses] == [s for s, _ in single_losses] == list(range(1, 7))
+    assert [v for _, v in dist_losses] == pytest.approx([v for _, v in single_losses], rel=1e-5, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Image folders through the training command
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return make_image_folder(tmp_path / "data")
+
+
+def base_argv(data: Path, *extra: str, name: str | None = "x") -> list[str]:
+    argv = ["train"] + (["--name", name] if name else [])
+    argv += ["--dataset", "imagefolder", "--data_dir", str(data), *TINY_FLAGS, "--device", "cpu", "--num_steps", "2",
+             "--eval_every", "2", "--train_batch_size", "8", "--val_split", "0.25", "--num_workers", "0"]  # fmt: skip
+    return argv + list(extra)
+
+
+def test_cli_names_a_file_that_is_not_an_image(data_dir, capsys):
+    bogus = data_dir / "dog" / "zz_bogus.jpg"
+    bogus.write_bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    rc, _, err = run_cli(base_argv(data_dir), capsys)
+    assert rc != 0
+    line = one_error_line(err)
+    assert str(bogus) in line and "not a readable image" in line
+
+
+def test_cli_refuses_an_empty_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_cli(base_argv(tmp_path / "empty"), capsys)
+    assert rc != 0
+    assert "no class folders" in one_error_line(err)
+
+
+def test_training_on_a_folder_of_mixed_modes_and_formats(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(data / "cat" / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P").save(data / "dog" / "palette.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), mode="RGBA").save(data / "eel" / "alpha.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / "eel" / "photo.jpeg")
+    final = train(tiny_config(tmp_path, "modes", data, num_steps=2, eval_every=2))
+    assert final["steps"] == 2
+    assert read_checkpoint(tmp_path / "output" / "modes" / "last.pt")["class_names"] == CLASSES
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Every refused input: a non-zero exit and one line on stderr naming the problem
+
+REFUSALS = {
+    "missing-name": (["--name", None], "--name is required"),
+    "bad-decay-type": (["--decay_type", "exponential"], "decay_type"),
+    "batch-not-divisible": (["--train_batch_size", "10", "--gradient_accumulation_steps", "4"], "--train_batch_size 10"),
+    "unknown-model": (["--model_type", "ViT-Q_99"], "ViT-Q_99"),
+    "missing-pretrained": (["--pretrained_dir", "nowhere/ViT-B_16.npz"], "nowhere/ViT-B_16.npz"),
+    "fp16-opt-level-O3": (["--fp16_opt_level", "O3"], "O3"),
+    "val-split-1.5": (["--val_split", "1.5"], "--val_split"),
+    "resume-missing-file": (["--resume", "gone/last.pt"], "gone/last.pt"),
+    "resume-without-last": (["--resume"], str(Path("output") / "x" / "last.pt")),
+    "missing-data-dir": (["--data_dir", "no_such_data"], "no_such_data"),
+    "not-a-number": (["--num_steps", "ten"], "--num_steps"),
+    "unknown-flag": (["--nmu_steps", "5"], "--nmu_steps"),
+    "missing-config": (["--config", "nope.json"], "nope.json"),
+    "bad-optimizer-setting-in-config": (["--config", "{unknown}"], "unknown settings"),
+    "corrupt-json-config": (["--config", "{json}"], "not valid JSON"),
+    "corrupt-toml-config": (["--config", "{toml}"], "not valid TOML"),
+    "config-not-a-table": (["--config", "{list}"], "expected a table"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refused_input_gives_one_clear_line(case, data_dir, capsys):
+    extra, expected = REFUSALS[case]
+    files = {"{json}": ("bad.json", '{"num_steps": 5,'), "{toml}": ("bad.toml", "num_steps = = 5\n"),
+             "{list}": ("list.json", "[1, 2]"), "{unknown}": ("unknown.json", '{"nmu_steps": 5}')}  # fmt: skip
+    extra = list(extra)
+    for i, value in enumerate(extra):
+        if value in files:
+            filename, text = files[value]
+            (data_dir.parent / filename).write_text(text)
+            extra[i] = filename
+    if case == "missing-name":
+        argv = base_argv(data_dir, name=None)
+    else:
+        argv = base_argv(data_dir, *extra)
+    rc, _, err = run_cli(argv, capsys)
+    assert rc not in (0, None)
+    line = one_error_line(err)
+    assert expected in line
+    if case.startswith("corrupt") or case in ("missing-config", "config-not-a-table"):
+        assert extra[1] in line  # the file is named
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_fp16_on_a_cpu_only_machine_is_refused(data_dir, capsys):
+    for extra in (["--fp16"], ["--fp16", "--device", "auto"], ["--precision", "fp16"]):
+        rc, _, err = run_cli(base_argv(data_dir, *extra), capsys)
+        assert rc not in (0, None)
+        line = one_error_line(err)
+        assert "fp16" in line and "CUDA" in line
+    with pytest.raises(TrainingError, match="CUDA"):
+        train(TrainConfig(**{**vars(parse(base_argv(data_dir))), "fp16": True}))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. A non-finite loss stops the run; the last good checkpoint is kept
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_dir, capsys, monkeypatch):
+    real_cross_entropy = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def cross_entropy(*args, **kwargs):  # the training loss only; evaluation has its own
+        calls["n"] += 1
+        loss = real_cross_entropy(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    saved = {}
+    real_save = checkpoints.save_checkpoint
+
+    def save_checkpoint(payload, path):
+        real_save(payload, path)
+        if Path(path).name == "last.pt":
+            saved[payload["step"]] = (hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+                                      {k: v.clone() for k, v in payload["model"].items()})  # fmt: skip
+
+    monkeypatch.setattr(vtrain, "F", SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_checkpoint)
+    rc, _, err = run_cli(base_argv(data_dir, "--num_steps", "10", "--eval_every", "4"), capsys)
+    assert rc not in (0, None)
+    last = Path("output") / "x" / "last.pt"
+    message = f"vitlab train: error: loss is nan at step 6; stopped, the last good checkpoint {last} (step 4) is kept"
+    assert message in err
+    assert list(saved) == [4]
+    digest, model = saved[4]
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
+    state = read_checkpoint(last)
+    assert state["step"] == 4
+    assert all(torch.equal(state["model"][k], model[k]) for k in model)
+    assert not (Path("output") / "x" / "final_metrics.json").exists()
+    # The message stands on its own line, the last one: not glued to the progress bar, nor followed by it.
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert message in lines, "the error shares its line with the progress bar"
+    assert lines[-1] == message, f"stderr goes on after the error: {lines[-1]!r}"
+
+
+def test_diverging_run_keeps_a_finite_checkpoint(tmp_path):
+    """A learning rate far too large, no clipping: the run must stop, and the checkpoint it calls
+    'the last good checkpoint' must hold finite weights."""
+    data = make_image_folder(tmp_path / "data")
+    config = tiny_config(tmp_path, "diverge", data, learning_rate=1e3, max_grad_norm=0.0, warmup_steps=0, num_steps=30,
+                         eval_every=1)  # fmt: skip
+    with pytest.raises(TrainingError, match="(loss|gradient norm) is (nan|inf|-inf) at step"):
+        train(config)
+    state = read_checkpoint(tmp_path / "output" / "diverge" / "last.pt")
+    bad = [k for k, v in state["model"].items() if not torch.isfinite(v).all()]
+    assert not bad, f"last.pt (step {state['step']}) holds non-finite weights: {bad}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. The run's outputs
+
+
+def read_events(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_outputs_of_a_run_with_held_out_validation_and_a_val_folder(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root / "train", per_class=12, seed=0)
+    make_image_folder(root / "val", per_class=4, seed=1)
+    config = tiny_config(tmp_path, "outs", root, num_steps=6, eval_every=3, log_every=2, learning_rate=0.1)
+    final = train(config)
+    run_dir = tmp_path / "output" / "outs"
+    assert {p.name for p in run_dir.iterdir()} == RUN_FILES  # no temporary files left behind
+
+    assert TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == config
+    saved_final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert saved_final == pytest.approx(final)
+    assert final["steps"] == 6 and final["best_step"] in (3, 6)
+
+    last, best = read_checkpoint(run_dir / "last.pt"), read_checkpoint(run_dir / "best.pt")
+    for state in (last, best):
+        assert state["class_names"] == CLASSES
+        assert state["model_config"] == config.model_config(3).to_dict()
+        assert state["train_config"] == config.to_dict()
+    assert last["step"] == 6 and best["step"] == final["best_step"]
+    assert best["best"] == {"accuracy": final["best_val_accuracy"], "step": final["best_step"]}
+
+    # test_accuracy is that of the best checkpoint, on the val folder.
+    model = VisionTransformer(ModelConfig.from_dict(best["model_config"]))
+    model.load_state_dict(best["model"])
+    test_set = load_image_folder(root / "val", CLASSES)
+    cpu = torch.device("cpu")
+    expected = evaluate(model, eval_batches(test_set, 16, 64, cpu, num_workers=0), 3, cpu, progress=False)
+    assert final["test_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    assert final["test_loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert expected["count"] == 12
+
+    records = read_metrics(run_dir)
+    by_step = {}
+    for r in records:
+        by_step.setdefault(r["step"], {}).update(r)
+    assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in records if "val/accuracy" in r] == [3, 6]
+    assert [r["step"] for r in records if "test/accuracy" in r] == [6]
+    assert by_step[6]["test/accuracy"] == pytest.approx(final["test_accuracy"])
+    assert max(r["val/accuracy"] for r in records if "val/accuracy" in r) == pytest.approx(final["best_val_accuracy"])
+    for step in (2, 4, 6):  # the learning rate of each step's update
+        assert by_step[step]["train/lr"] == pytest.approx(0.1 * lr_factor(step - 1, 2, 6, "cosine"))
+
+    events = read_events(tmp_path / "logs" / "outs")
+    for tag in ("train/loss", "train/lr", "val/accuracy", "val/loss", "test/accuracy"):
+        assert tag in events, tag
+    assert [s for s, _ in events["train/loss"]] == [2, 4, 6]
+    assert [v for _, v in events["train/loss"]] == pytest.approx([by_step[s]["train/loss"] for s in (2, 4, 6)], rel=1e-6)
+    assert [s for s, _ in events["val/accuracy"]] == [3, 6]
+    assert [v for _, v in events["train/lr"]] == pytest.approx([by_step[s]["train/lr"] for s in (2, 4, 6)], rel=1e-6)
+
+
+def test_val_split_zero_validates_on_the_val_folder_as_test(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root / "train", per_class=8, seed=0)
+    make_image_folder(root / "val", per_class=4, seed=1)
+    final = train(tiny_config(tmp_path, "seedlike", root, val_split=0.0, num_steps=4, eval_every=2, log_every=1))
+    run_dir = tmp_path / "output" / "seedlike"
+    assert {p.name for p in run_dir.iterdir()} == RUN_FILES
+    records = read_metrics(run_dir)
+    assert not any(k.startswith("val/") for r in records for k in r)
+    accuracies = [(r["step"], r["test/accuracy"]) for r in records if "test/accuracy" in r]
+    assert [s for s, _ in accuracies] == [2, 4]
+    assert final["test_accuracy"] == final["best_val_accuracy"] == max(a for _, a in accuracies)
+    events = read_events(tmp_path / "logs" / "seedlike")
+    assert "test/accuracy" in events and "val/accuracy" not in events
+    assert [s for s, _ in events["test/accuracy"]] == [2, 4]
+    # The evaluation covered the whole val folder: its accuracy is a multiple of 1/12.
+    assert all(abs(a * 12 - round(a * 12)) < 1e-9 for _, a in accuracies)
