@@ -372,3 +372,15 @@ def test_random_params_are_those_of_the_seeded_generator():
     c = aug.random_params(6, 8, 8, vdata.step_generator(1, 4))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["boxes"], c["boxes"])
+
+
+@pytest.mark.parametrize("kind, size", [("resized_crop", 224), ("pad_crop", 32), ("none", 32)])
+def test_bf16_augmentation_matches_fp32_to_bf16_precision(kind, size):
+    # bf16 training takes its batches in bf16; they must be the fp32 batches, rounded, not shifted crops.
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    fp32 = Augmentation(size, kind)
+    params = fp32.random_params(6, 32, 32, torch.Generator().manual_seed(5))
+    reference = fp32.apply(images, params)
+    half = Augmentation(size, kind, dtype=torch.bfloat16).apply(images, params)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - reference).abs().max() < 1e-2

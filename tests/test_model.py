@@ -128,14 +128,15 @@ def test_token_count_follows_config():
 
 
 @pytest.mark.parametrize("classifier", ["token", "gap"])
-def test_return_attention(classifier, randomise):
-    model = create_model("Ti/16", img_size=32, patch_size=8, depth=2, num_classes=5, classifier=classifier)
+@pytest.mark.parametrize("impl", ["sdpa", "math", "auto"])
+def test_return_attention(classifier, impl, randomise):
+    model = create_model("Ti/16", img_size=32, patch_size=8, depth=2, num_classes=5, classifier=classifier, attention_impl=impl)
     randomise(model, seed=3)
     model.eval()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
     with torch.no_grad():
-        plain = model(x)
-        logits, attention = model(x, return_attention=True)
+        plain = model(x)  # through the fused kernel with impl "sdpa"
+        logits, attention = model(x, return_attention=True)  # always the explicit softmax
     torch.testing.assert_close(logits, plain, rtol=0, atol=1e-5)
     tokens = 16 + (classifier == "token")
     assert isinstance(attention, list) and len(attention) == 2

@@ -27,10 +27,14 @@ class ModelConfig:
     resnet_width_factor: int = 1
     num_classes: int = 1000
     img_size: int = 224
+    attention_impl: str = "auto"  # "sdpa" (fused kernels), "math" (explicit softmax), "auto": math on CPUs, where
+    # it measured faster (benchmarks/models.py), sdpa elsewhere; the logits are the same
 
     def __post_init__(self) -> None:
         if self.classifier not in ("token", "gap"):
             raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+        if self.attention_impl not in ("auto", "sdpa", "math"):
+            raise ValueError(f"attention_impl must be 'auto', 'sdpa' or 'math', got {self.attention_impl!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         for what in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "num_classes", "img_size"):

@@ -184,9 +184,9 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
 # ---------------------------------------------------------------------------------------------
 # Augmentation of uint8 batches with tensor operations
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
+def to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) normalised with mean and std 0.5, as the seed."""
-    return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
 
 
 def resized_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
@@ -226,8 +226,9 @@ def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: 
     matmuls out = Ry @ image @ Rx^T with per-sample interpolation matrices Ry (size, H) and Rx (size, W):
     on a CPU faster than one grid_sample, which works out the four taps of every output pixel on its own."""
     B, C, H, W = images.shape
-    top, left, h, w = boxes.to(images.device, images.dtype).unbind(1)
-    steps = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size  # output pixel centres in [0, 1]
+    # Sampling positions in fp32 even for bf16 images: bf16 cannot tell pixel 31.5 from 31.6.
+    top, left, h, w = boxes.to(images.device, torch.float32).unbind(1)
+    steps = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size  # output pixel centres in [0, 1]
 
     def weights(start: torch.Tensor, length: torch.Tensor, in_size: int, mirror: torch.Tensor | None = None) -> torch.Tensor:
         # (B, size, in_size): each output pixel's centre mapped into the box, in input pixels, clamped to the border
@@ -235,8 +236,8 @@ def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: 
         centres = (start[:, None] + steps * length[:, None] - 0.5).clamp(0, in_size - 1)  # (B, size)
         if mirror is not None:
             centres = torch.where(mirror.to(images.device)[:, None], centres.flip(1), centres)
-        distance = (centres[..., None] - torch.arange(in_size, device=images.device, dtype=images.dtype)).abs_()
-        return distance.neg_().add_(1).clamp_(min=0)
+        distance = (centres[..., None] - torch.arange(in_size, device=images.device, dtype=torch.float32)).abs_()
+        return distance.neg_().add_(1).clamp_(min=0).to(images.dtype)
 
     rows, cols = weights(top, h, H), weights(left, w, W, flip)
     x = torch.matmul(rows[:, None], images)  # (B, C, size, W): rows interpolated
@@ -261,6 +262,7 @@ class Augmentation:
     min_scale: float = 0.05  # RandomResizedCrop's smallest area fraction (the seed's 0.05)
     hflip: bool = True  # the official fine-tuning flips; the seed did not
     pad: int = 4
+    dtype: torch.dtype = torch.float32  # bf16 when training in bf16: the model would round to it anyway, and it halves the work
 
     def random_params(self, batch: int, height: int, width: int, generator: torch.Generator) -> dict:
         """Every random choice for a batch, drawn on the CPU so that any slice of it is reproducible."""
@@ -273,7 +275,7 @@ class Augmentation:
 
     def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
         """uint8 (B, H, W, 3) on any device -> normalised float (B, 3, img_size, img_size)."""
-        x = to_float(images)
+        x = to_float(images, self.dtype)
         if self.kind == "resized_crop":
             return crop_and_resize(x, params["boxes"], self.img_size, params["flip"])
         if self.kind == "pad_crop":
@@ -369,7 +371,7 @@ class TrainBatches:
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
         )  # fmt: skip
         for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield x.to(self.device, self.augmentation.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def eval_batches(data: ImageSet, img_size: int, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1,

@@ -114,19 +114,20 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout_rate = config.attention_dropout_rate
         self.attn_drop = nn.Dropout(config.attention_dropout_rate)
+        self.impl = config.attention_impl
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, head_dim)
         q, k, v = qkv.unbind(0)
-        if need_weights:
+        if need_weights or self.impl == "math" or (self.impl == "auto" and x.device.type == "cpu"):
             weights = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
             out = self.attn_drop(weights) @ v
         else:
             weights = None
             dropout_p = self.attention_dropout_rate if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, T, head_dim)
-        return self.proj(out.transpose(1, 2).reshape(B, T, C)), weights
+        return self.proj(out.transpose(1, 2).reshape(B, T, C)), weights if need_weights else None
 
 
 class Mlp(nn.Module):

@@ -222,7 +222,8 @@ class Run:
 
     def fit(self) -> None:
         config, rt = self.config, self.rt
-        augmentation = Augmentation(config.img_size, config.augment, config.min_scale, config.hflip)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        augmentation = Augmentation(config.img_size, config.augment, config.min_scale, config.hflip, dtype=dtype)
         batches = TrainBatches(self.train_data, augmentation, config.train_batch_size, config.seed, rt.device, rt.rank,
                                rt.world_size, config.num_workers)  # fmt: skip
         bar = tqdm(total=config.num_steps, initial=self.step, desc="train", unit="step", disable=not rt.is_main, dynamic_ncols=True)
