@@ -56,9 +56,11 @@ IN_FLIGHT_MULTIPLE = 4  # a worker DataLoader is timed for at least this many ti
 class VitlabPipeline:
     """vitlab.data.TrainBatches over the whole dataset held as one uint8 tensor on the device."""
 
-    def __init__(self, data: ImageSet, size: int, device: torch.device):
-        augmentation = Augmentation(size, "resized_crop", MIN_SCALE, hflip=True) if size != 32 else Augmentation(32, "pad_crop", pad=PAD)
-        self.name = f"vitlab TrainBatches, {augmentation.kind}"
+    def __init__(self, data: ImageSet, size: int, device: torch.device, dtype: torch.dtype):
+        # fp32 batches for fp32 training; `vitlab train --precision bf16` takes its batches in bf16.
+        kind = "resized_crop" if size != 32 else "pad_crop"
+        augmentation = Augmentation(size, kind, MIN_SCALE, hflip=True, pad=PAD, dtype=dtype)
+        self.name = f"vitlab TrainBatches, {kind}, {str(dtype).removeprefix('torch.')}"
         self.batches = TrainBatches(data, augmentation, BATCH, seed=0, device=device)(0, 2**62)
         self.in_flight = 0
 
@@ -231,16 +233,19 @@ def main() -> None:
     result = {"source": source, "device": str(device), "threads": args.threads, "torch": torch.__version__, "THP_MEM_ALLOC_ENABLE": thp,
               "args": vars(args), "sizes": {}}  # fmt: skip
     for size in args.sizes:
-        pipelines = [VitlabPipeline(data, size, device)] + [TutorialPipeline(data, size, device, w) for w in args.workers]
+        ours = [VitlabPipeline(data, size, device, dtype) for dtype in (torch.float32, torch.bfloat16)]
+        pipelines = ours + [TutorialPipeline(data, size, device, w) for w in args.workers]
         rows = compare(pipelines, args.rounds, args.min_seconds, args.warmup, device)
-        best_tutorial = max(rows[1:], key=lambda row: row["images_per_second"]) if len(rows) > 1 else None
+        tutorial_rows = rows[len(ours) :]
+        best_tutorial = max(tutorial_rows, key=lambda row: row["images_per_second"]) if tutorial_rows else None
         print(f"\n{size} px: images/s, median of {args.rounds} rounds")
         for row in rows:
             print(f"  {row['pipeline']:<48}{row['images_per_second']:>10.0f}")
         entry = {"pipelines": rows}
         if best_tutorial:
-            entry["vitlab_vs_best_tutorial"] = rows[0]["images_per_second"] / best_tutorial["images_per_second"]
-            print(f"  vitlab / best tutorial pipeline: {entry['vitlab_vs_best_tutorial']:.1f}x")
+            ratios = {row["pipeline"]: row["images_per_second"] / best_tutorial["images_per_second"] for row in rows[: len(ours)]}
+            entry["vitlab_vs_best_tutorial"] = ratios
+            print("  vitlab / best tutorial pipeline: " + ", ".join(f"{r:.1f}x ({name.rsplit(', ', 1)[1]})" for name, r in ratios.items()))
         result["sizes"][str(size)] = entry
         del pipelines  # stops DataLoader workers before the next size
     if args.kernels:

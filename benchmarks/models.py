@@ -109,7 +109,7 @@ def build(impl: str, s: Shape):
 
         model = create_model(s.vitlab_variant, img_size=s.img_size, patch_size=s.patch_size, hidden_size=s.width, depth=s.depth,
                              num_heads=s.heads, mlp_dim=s.mlp_dim, num_classes=NUM_CLASSES, dropout_rate=0.0)  # fmt: skip
-        return model, model, "F.scaled_dot_product_attention"
+        return model, model, f"attention_impl={model.config.attention_impl} (explicit softmax on CPUs, SDPA on GPUs)"
     if impl == "timm":
         from timm.models.vision_transformer import VisionTransformer
 

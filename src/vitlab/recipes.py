@@ -15,7 +15,9 @@ RECIPES: dict[str, dict] = {
     # ViT from scratch on CIFAR-10 on a laptop CPU: patch 4 at 32 px (64 tokens), width 192,
     # depth 6, AdamW, bf16, crop and flip, label smoothing. 5,000 training images held out.
     # Run: `vitlab train --recipe scratch-cifar10-cpu --name scratch --dataset imagefolder --data_dir DIR`
-    # (or --dataset cifar10). Measured: see the README's "Training from scratch on a CPU".
+    # (or --dataset cifar10). Measured on a 2-core AMD EPYC CPU (no GPU), 45,000 CIFAR-10 training
+    # images, 5,000 held out, 1,773 steps (`benchmarks/cifar10_cpu.py DIR --budget_minutes 25`):
+    # 61.5% validation accuracy after 26.8 minutes of training at 282 images/s.
     "scratch-cifar10-cpu": dict(
         dataset="cifar10", model_type="Ti/16", pretrained_dir="none", img_size=32, patch_size=4, depth=6,
         mlp_dim=384, dropout_rate=0.0, classifier="gap", train_batch_size=256, optimizer="adamw", learning_rate=2e-3,
