@@ -8,6 +8,7 @@ kernels in (in, out) order, attention kernels split per head). Nothing here unpi
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -395,14 +396,13 @@ def cache_dir() -> Path:
 
 
 def download(url: str, destination: str | os.PathLike, progress: bool = True, timeout: float = 60.0) -> Path:
-    """Fetch `url` to `destination` through a `.part` file renamed only once every byte has arrived."""
+    """Fetch `url` to `destination` through a temporary file renamed only once every byte has arrived."""
     from tqdm.auto import tqdm
 
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    part = destination.with_name(destination.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
+
+    def fetch(f) -> None:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             received = 0
             with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name, disable=not progress) as bar:
@@ -412,9 +412,10 @@ def download(url: str, destination: str | os.PathLike, progress: bool = True, ti
                     bar.update(len(chunk))
         if total is not None and received != total:
             raise OSError(f"connection closed after {received} of {total} bytes")
-        os.replace(part, destination)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        part.unlink(missing_ok=True)
+
+    try:
+        atomic_write(destination, fetch)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", None) or e
         raise CheckpointError(f"could not download {url} ({reason}); download it by hand to {destination}") from None
     return destination

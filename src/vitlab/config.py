@@ -74,14 +74,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
-        values = dict(values)
-        if "resnet_layers" in values:
-            values["resnet_layers"] = tuple(values["resnet_layers"])
-        return cls(**values)
+        return _from_dict(cls, values, "model config fields", ("resnet_layers",))
 
 
 def _vit(name: str, patch: int, width: int, depth: int, heads: int, mlp: int, **extra) -> ModelConfig:
@@ -242,11 +235,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown settings: {', '.join(unknown)}")
-        values = dict(values)
-        if "adam_betas" in values:
-            values["adam_betas"] = tuple(values["adam_betas"])
-        return cls(**values)
+        return _from_dict(cls, values, "settings", ("adam_betas",))
+
+
+def _from_dict(cls, values: dict, what: str, tuple_fields: tuple[str, ...]):
+    """A config from a plain dict (JSON, TOML, a checkpoint): unknown keys refused, lists back to tuples."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what}: {', '.join(unknown)}")
+    return cls(**{k: tuple(v) if k in tuple_fields else v for k, v in values.items()})

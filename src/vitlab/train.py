@@ -78,6 +78,15 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (downloads into shared folders), then the others, reading what it fetched."""
+        if self.distributed and not self.is_main:
+            torch.distributed.barrier()
+        yield
+        if self.distributed and self.is_main:
+            torch.distributed.barrier()
+
     def close(self) -> None:
         if self.distributed:
             torch.distributed.destroy_process_group()
@@ -180,9 +189,10 @@ class Run:
         self.precision = config.effective_precision()
         self.scaler = make_scaler(config, rt.device)  # refuses fp16 without CUDA before any slow set-up
         torch.manual_seed(config.seed)
-        self.train_data, self.val_data, self.test_data = load_datasets(config.dataset, config.data_dir, config.val_split, config.seed)
-        self.class_names = self.train_data.class_names
-        self.model = build_model(config, len(self.class_names), verbose=rt.is_main).to(rt.device)
+        with rt.main_first():
+            self.train_data, self.val_data, self.test_data = load_datasets(config.dataset, config.data_dir, config.val_split, config.seed)
+            self.class_names = self.train_data.class_names
+            self.model = build_model(config, len(self.class_names), verbose=rt.is_main).to(rt.device)
         self.optimizer = configure_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, config.warmup_steps, config.num_steps, config.decay_type)
