@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import os
 import pickle
+import re
 import socket
 import threading
 from pathlib import Path
@@ -625,3 +626,30 @@ def test_fetch_official_downloads_once(server, tmp_path, monkeypatch):
     second = checkpoints.fetch_official("ViT-B_16", progress=False)
     assert second == first and httpd.requests == ["/files/" + entry.path]  # served from the cache
     assert os.listdir(tmp_path / "vitlab-cache") == [entry.filename]
+
+
+def test_big_vision_layout_loads_like_the_original(tmp_path, randomise):
+    # big_vision files (as timm's loader reads them): "opt/target/" prefix, blocks stacked on a leading
+    # axis, sub-modules numbered from 0, position embeddings at the top level.
+    source = create_model("Ti/16", img_size=32, depth=2, num_classes=4)
+    randomise(source, seed=11)
+    arrays = checkpoints.to_official_arrays(source)
+    renamed = {"opt/target/pos_embedding": arrays.pop("Transformer/posembed_input/pos_embedding")}
+    blocks = {}
+    for key, value in arrays.items():
+        match = re.match(r"Transformer/encoderblock_(\d+)/(.*)", key)
+        if match is None:
+            renamed["opt/target/" + key] = value
+            continue
+        name = match.group(2)
+        for old, new in (("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0"), ("LayerNorm_2", "LayerNorm_1"),
+                         ("MlpBlock_3", "MlpBlock_0")):  # fmt: skip
+            name = name.replace(old, new)
+        blocks.setdefault(name, {})[int(match.group(1))] = value
+    for name, per_block in blocks.items():
+        renamed["opt/target/Transformer/encoderblock/" + name] = np.stack([per_block[i] for i in sorted(per_block)])
+    path = tmp_path / "big_vision.npz"
+    np.savez(path, **renamed)
+    loaded = load_official(create_model(source.config), path, verbose=False)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

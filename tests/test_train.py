@@ -476,6 +476,8 @@ REFUSALS = {
     "corrupt-json-config": (["--config", "{json}"], "not valid JSON"),
     "corrupt-toml-config": (["--config", "{toml}"], "not valid TOML"),
     "config-not-a-table": (["--config", "{list}"], "expected a table"),
+    "wrong-type-in-config": (["--config", "{string}"], "label_smoothing must be float"),
+    "log-every-0": (["--log_every", "0"], "--log_every must be positive"),
 }
 
 
@@ -483,7 +485,8 @@ REFUSALS = {
 def test_refused_input_gives_one_clear_line(case, data_dir, capsys):
     extra, expected = REFUSALS[case]
     files = {"{json}": ("bad.json", '{"num_steps": 5,'), "{toml}": ("bad.toml", "num_steps = = 5\n"),
-             "{list}": ("list.json", "[1, 2]"), "{unknown}": ("unknown.json", '{"nmu_steps": 5}')}  # fmt: skip
+             "{list}": ("list.json", "[1, 2]"), "{unknown}": ("unknown.json", '{"nmu_steps": 5}'),
+             "{string}": ("string.json", '{"label_smoothing": "high"}')}  # fmt: skip
     extra = list(extra)
     for i, value in enumerate(extra):
         if value in files:
@@ -654,3 +657,19 @@ def test_val_split_zero_validates_on_the_val_folder_as_test(tmp_path):
     assert [s for s, _ in events["test/accuracy"]] == [2, 4]
     # The evaluation covered the whole val folder: its accuracy is a multiple of 1/12.
     assert all(abs(a * 12 - round(a * 12)) < 1e-9 for _, a in accuracies)
+
+
+def test_resume_from_another_run_that_never_improves_still_tests(tmp_path):
+    # The new run's folder has no best.pt of its own: it tests its final weights instead of failing.
+    layout = tmp_path / "data"
+    make_image_folder(layout / "train")
+    make_image_folder(layout / "val", per_class=4, seed=1)
+    train(tiny_config(tmp_path, "first", layout, val_split=0.25))
+    first = tmp_path / "output" / "first" / "last.pt"
+    state = read_checkpoint(first)
+    state["best"] = {"accuracy": 2.0, "step": state["step"]}  # a best no later evaluation can beat
+    torch.save(state, first)
+    final = train(tiny_config(tmp_path, "second", layout, val_split=0.25, num_steps=9, resume=str(first)))
+    assert not (tmp_path / "output" / "second" / "best.pt").exists()
+    assert 0.0 <= final["test_accuracy"] <= 1.0
+    assert (tmp_path / "output" / "second" / "final_metrics.json").exists()

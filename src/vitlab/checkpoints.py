@@ -132,28 +132,36 @@ def save_npz(model: VisionTransformer, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-# Other spellings of the block layout: Linen-era files number the sub-modules from 0, and
-# big_vision files keep everything under "opt/target/" with the blocks stacked on one axis.
-_BLOCK_ALIASES = (("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0"), ("LayerNorm_2", "LayerNorm_1"),
-                  ("MlpBlock_3", "MlpBlock_1"))  # fmt: skip
+# big_vision's layout (as timm's loader reads it): everything under "opt/target/", the blocks stacked
+# on one leading axis under "Transformer/encoderblock/", sub-modules numbered from 0 (attention 0,
+# second LayerNorm 1, MLP 0), and the position embeddings at the top level.
+_BIG_VISION_NAMES = (("/MultiHeadDotProductAttention_0/", "/MultiHeadDotProductAttention_1/"), ("/LayerNorm_1/", "/LayerNorm_2/"),
+                     ("/MlpBlock_0/", "/MlpBlock_3/"))  # fmt: skip
 
 
 def _normalise_keys(arrays: dict[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
-    if any(k.startswith("opt/target/") for k in arrays):
-        arrays = {k.removeprefix("opt/target/"): v for k, v in arrays.items() if k.startswith("opt/target/")}
+    """Keys of any supported layout in the original vision_transformer layout."""
+    if not any(k.startswith("opt/target/") for k in arrays):
+        return arrays
     out = {}
     for key, value in arrays.items():
+        if not key.startswith("opt/target/"):
+            continue  # optimizer state
+        key = key.removeprefix("opt/target/")
+        if key == "pos_embedding":
+            out["Transformer/posembed_input/pos_embedding"] = value
+            continue
         stacked = re.match(r"Transformer/encoderblock/(.*)", key)
-        if stacked:  # (depth, ...) -> one key per block
-            if value.shape[0] != depth:
-                raise CheckpointError(f"stacked block parameter {key} has {value.shape[0]} layers, the model has {depth}")
-            for i in range(depth):
-                out[f"Transformer/encoderblock_{i}/{stacked.group(1)}"] = value[i]
-        else:
+        if not stacked:
             out[key] = value
-    if any("MultiHeadDotProductAttention_0" in k for k in out):
-        for new, old in _BLOCK_ALIASES:
-            out = {k.replace(f"/{old}/", f"/{new}/"): v for k, v in out.items()}
+            continue
+        if value.shape[0] != depth:
+            raise CheckpointError(f"stacked block parameter {key} has {value.shape[0]} layers, the model has {depth}")
+        name = "/" + stacked.group(1)
+        for old, new in _BIG_VISION_NAMES:
+            name = name.replace(old, new)
+        for i in range(depth):  # (depth, ...) -> one key per block
+            out[f"Transformer/encoderblock_{i}{name}"] = value[i]
     return out
 
 

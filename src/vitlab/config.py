@@ -211,6 +211,7 @@ class TrainConfig:
             (self.num_steps > 0, "--num_steps must be positive"),
             (self.warmup_steps >= 0, "--warmup_steps must be 0 or more"),
             (self.eval_every > 0, "--eval_every must be positive"),
+            (self.log_every > 0, "--log_every must be positive"),
             (self.learning_rate > 0, "--learning_rate must be positive"),
             (self.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be positive"),
             (self.eval_batch_size > 0, "--eval_batch_size must be positive"),
@@ -238,9 +239,20 @@ class TrainConfig:
         return _from_dict(cls, values, "settings", ("adam_betas",))
 
 
+_SCALAR_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
 def _from_dict(cls, values: dict, what: str, tuple_fields: tuple[str, ...]):
-    """A config from a plain dict (JSON, TOML, a checkpoint): unknown keys refused, lists back to tuples."""
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    """A config from a plain dict (JSON, TOML, a checkpoint): unknown keys and values of the wrong type
+    refused, lists back to tuples."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"unknown {what}: {', '.join(unknown)}")
+    for name, value in values.items():
+        kind, _, optional = fields[name].partition(" | ")
+        if kind in _SCALAR_TYPES and not (value is None and optional == "None"):
+            wrong_bool = isinstance(value, bool) and kind != "bool"
+            if wrong_bool or not isinstance(value, _SCALAR_TYPES[kind]):
+                raise ValueError(f"{name} must be {kind}{' or null' if optional else ''}, got {value!r}")
     return cls(**{k: tuple(v) if k in tuple_fields else v for k, v in values.items()})

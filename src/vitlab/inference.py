@@ -89,6 +89,8 @@ def _official_npz_config(path: Path, base: ModelConfig) -> ModelConfig:
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = {k.removeprefix("opt/target/"): k for k in data.files}  # big_vision files nest under opt/target/
+            if "pos_embedding" in keys:  # and keep the position embeddings at the top level
+                keys[_POS_EMBED] = keys["pos_embedding"]
             shapes = {k: data[keys[k]].shape for k in (_HEAD, _POS_EMBED, _PRE_LOGITS) if k in keys}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise CheckpointError(f"{path}: not a readable .npz checkpoint ({e})") from None

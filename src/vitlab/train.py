@@ -64,11 +64,11 @@ class Runtime:
             self.device = torch.device(f"cuda:{max(local_rank, 0)}" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(config.device)
-            if self.device.type == "cuda" and self.distributed and self.device.index is None:
-                self.device = torch.device(f"cuda:{max(local_rank, 0)}")
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise TrainingError(f"--device {config.device}: CUDA is not available on this machine")
+            if self.device.index is None:  # plain "cuda": this process's GPU
+                self.device = torch.device("cuda", max(local_rank, 0) if self.distributed else torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         if self.distributed:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -334,12 +334,18 @@ class Run:
         if self.config.val_split == 0:
             final["test_accuracy"] = self.best["accuracy"]
         elif self.test_data is not None:
-            best_state = checkpoints.read_checkpoint(self.out_dir / "best.pt") if self.rt.is_main else None
+            # A run resumed from another run's checkpoint that never beat that run's best has no best.pt
+            # of its own: its test is of the weights it ends with.
+            best_path = self.out_dir / "best.pt"
+            best_state = checkpoints.read_checkpoint(best_path)["model"] if self.rt.is_main and best_path.is_file() else None
             if self.rt.distributed:
                 holder = [best_state]
                 torch.distributed.broadcast_object_list(holder, src=0)
                 best_state = holder[0]
-            self.model.load_state_dict(best_state["model"])
+            if best_state is not None:
+                self.model.load_state_dict(best_state)
+            elif self.rt.is_main:
+                print(f"no {best_path}: testing the final weights")
             test = self.run_eval(self.test_data)
             final.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_top5_accuracy=test["top5_accuracy"])
             if self.rt.is_main:
