@@ -139,7 +139,7 @@ _BIG_VISION_NAMES = (("/MultiHeadDotProductAttention_0/", "/MultiHeadDotProductA
                      ("/MlpBlock_0/", "/MlpBlock_3/"))  # fmt: skip
 
 
-def _normalise_keys(arrays: dict[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
+def normalise_keys(arrays: dict[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
     """Keys of any supported layout in the original vision_transformer layout."""
     if not any(k.startswith("opt/target/") for k in arrays):
         return arrays
@@ -199,13 +199,13 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_pre
     return torch.cat([prefix, grid], dim=1)
 
 
-def load_official(model: VisionTransformer, source: str | os.PathLike | dict, verbose: bool = True) -> VisionTransformer:
+def load_official(model: VisionTransformer, source: str | os.PathLike | dict, verbose: bool = True, name: str | None = None) -> VisionTransformer:
     """Load an official `.npz` (path, or arrays already read) into `model`, as the official fine-tuning does:
     a head for another number of classes stays zero-initialised, a pre-logits layer the model lacks is
     dropped, and position embeddings are resampled to the model's grid. Anything else that does not fit
     raises CheckpointError."""
-    name = str(source) if not isinstance(source, dict) else "checkpoint"
-    arrays = _normalise_keys(read_npz(source) if not isinstance(source, dict) else dict(source), model.config.depth)
+    name = name or (str(source) if not isinstance(source, dict) else "checkpoint")  # for messages
+    arrays = normalise_keys(read_npz(source) if not isinstance(source, dict) else dict(source), model.config.depth)
     config, state = model.config, model.state_dict()
     new_state, used, notes = {}, set(), []
 

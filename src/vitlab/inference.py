@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
-import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -72,39 +70,29 @@ def _load_training_checkpoint(path: Path) -> tuple[VisionTransformer, list[str] 
     return model, payload.get("class_names")
 
 
-# Arrays that fix what the variant's name leaves open: head size, resolution, pre-logits, class token.
-_HEAD, _POS_EMBED, _PRE_LOGITS, _CLS = "head/bias", "Transformer/posembed_input/pos_embedding", "pre_logits/bias", "cls"
-
-
 def _load_official_npz(path: Path, model_type: str | None) -> VisionTransformer:
     if model_type is None:
         raise CheckpointError(f"{path}: an official .npz file needs its variant, e.g. --model_type B/16")
-    config = _official_npz_config(path, get_config(model_type))
-    return checkpoints.load_official(VisionTransformer(config), path, verbose=False)
+    base = get_config(model_type)
+    arrays = checkpoints.normalise_keys(checkpoints.read_npz(path), base.depth)  # read once, for the shape and the weights
+    return checkpoints.load_official(VisionTransformer(_official_config(path, arrays, base)), arrays, verbose=False, name=str(path))
 
 
-def _official_npz_config(path: Path, base: ModelConfig) -> ModelConfig:
+def _official_config(path: Path, arrays: dict, base: ModelConfig) -> ModelConfig:
     """The variant with the file's classes (head size), img_size (position embeddings' grid times the
-    patch), pre-logits width and classifier (class token or not). Reads only those few arrays."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = {k.removeprefix("opt/target/"): k for k in data.files}  # big_vision files nest under opt/target/
-            if "pos_embedding" in keys:  # and keep the position embeddings at the top level
-                keys[_POS_EMBED] = keys["pos_embedding"]
-            shapes = {k: data[keys[k]].shape for k in (_HEAD, _POS_EMBED, _PRE_LOGITS) if k in keys}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise CheckpointError(f"{path}: not a readable .npz checkpoint ({e})") from None
-    for key in (_HEAD, _POS_EMBED):
-        if key not in shapes:
-            raise CheckpointError(f"{path}: no {key}; not an official ViT classifier checkpoint")
-    prefix = int(_CLS in keys)
-    patches = shapes[_POS_EMBED][-2] - prefix
+    patch), pre-logits width and classifier (class token or not)."""
+    head, pos_embed = arrays.get("head/bias"), arrays.get("Transformer/posembed_input/pos_embedding")
+    if head is None or pos_embed is None:
+        raise CheckpointError(f"{path}: no head or position embeddings; not an official ViT classifier checkpoint")
+    prefix = int("cls" in arrays)
+    patches = pos_embed.shape[-2] - prefix
     grid = math.isqrt(patches)
     if grid * grid != patches:
         raise CheckpointError(f"{path}: position embeddings of {patches} patches are not a square grid")
+    pre_logits = arrays.get("pre_logits/bias")
     return base.replace(
-        num_classes=shapes[_HEAD][-1], img_size=grid * base.patch_size, classifier="token" if prefix else "gap",
-        representation_size=shapes[_PRE_LOGITS][-1] if _PRE_LOGITS in shapes else None, dropout_rate=0.0,
+        num_classes=head.shape[-1], img_size=grid * base.patch_size, classifier="token" if prefix else "gap",
+        representation_size=pre_logits.shape[-1] if pre_logits is not None else None, dropout_rate=0.0,
     )  # fmt: skip
 
 
