@@ -5,7 +5,7 @@ Run from the repository root, in the project's environment:
     python benchmarks/data.py                                   # both sizes, 5 rounds, random CIFAR-sized images
     python benchmarks/data.py --quick                           # a few seconds per pipeline
     python benchmarks/data.py --data_dir /path/to/cifar10-train --workers 0 2 --json results/data.json
-    THP_MEM_ALLOC_ENABLE=1 python benchmarks/data.py            # torch's CPU allocator on transparent huge pages
+    THP_MEM_ALLOC_ENABLE=0 python benchmarks/data.py            # torch's CPU allocator on 4 KiB pages, as torch's default
 
 What it measures: images/s of turning 32x32 uint8 images into training batches (batch 256) of normalised
 float images (B, 3, S, S) and labels on the device. Random images by default (--num_images of them);
@@ -19,7 +19,8 @@ float images (B, 3, S, S) and labels on the device. Random images by default (--
 and the 224 px crop on its own (--kernels): vitlab.data.crop_and_resize, the single F.grid_sample it
 replaced, and merely writing a fresh (256, 3, 224, 224) float tensor, the floor for any pipeline that
 returns new memory. On a CPU that floor is set by page faults: torch frees and maps such large tensors
-anew each time; THP_MEM_ALLOC_ENABLE=1 (read by torch when the process starts) backs them with huge pages.
+anew each time. vitlab, imported first, turns torch's transparent huge pages on (THP_MEM_ALLOC_ENABLE=1, unless
+set otherwise) as the `vitlab` command does; both pipelines run in that one process.
 
 How: every pipeline is warmed up first (DataLoader workers started, prefetch filled), then --rounds rounds
 time each pipeline in turn, in an order rotated every round (time.perf_counter, CUDA synchronised), for
@@ -40,6 +41,7 @@ import statistics
 import time
 from pathlib import Path
 
+import vitlab  # noqa: F401, I001  before torch: vitlab turns torch's huge-page allocator on, as for `vitlab train`
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,8 @@ depth 12, 3 heads, MLP 768, patch 4 at 32 px, batch 256: training from scratch).
   train fp32 / train bf16   train(), forward, cross-entropy, backward, SGD (momentum 0.9) update, zero_grad
 bf16 is torch.autocast (vitlab.evaluate.autocast) over fp32 weights, as `vitlab train --precision bf16`.
 Each library keeps its own details (GELU flavour, LayerNorm eps, attention kernel); the shapes and the
-parameter counts (printed) are the same.
+parameter counts (printed) are the same. vitlab's GELU is the tanh form at B/16 (the official weights'), and
+at Ti/4-32 the exact one of its from-scratch recipe (as every peer's there).
 
 How. Every implementation is built and warmed up first (excluded from timing), then --rounds rounds; each
 round times every cell of every implementation for the same number of iterations, in an order rotated
@@ -27,6 +28,9 @@ scores and weighted sum, output projection, MLP, head; norms, softmax and GELU l
 counts 3x the forward. Peak memory of a training step runs each implementation in a fresh subprocess:
 on CUDA torch.cuda.max_memory_allocated, on a CPU the peak resident set (VmHWM, reset after the model is
 built), each minus the memory after the model, optimizer and batch were created; the output says which.
+Every implementation runs in a process where vitlab was imported before torch, so torch's CPU allocator
+uses transparent huge pages for all of them alike (THP_MEM_ALLOC_ENABLE=1 unless set otherwise), as it
+does under the `vitlab` command.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import vitlab  # noqa: F401, I001  before torch: vitlab turns torch's huge-page allocator on, for every implementation alike
 import torch
 import torch.nn.functional as F
 
@@ -70,6 +75,7 @@ class Shape:
     mlp_dim: int
     batch: int
     about: str
+    gelu: str  # vitlab's GELU form: "tanh" to load the official weights (fine-tuning), "exact" from scratch (the recipe's)
 
     @property
     def patches(self) -> int:
@@ -77,8 +83,8 @@ class Shape:
 
 
 SHAPES = {
-    "B/16": Shape("B/16", 224, 16, 768, 12, 12, 3072, 16, "ViT-B/16, the tutorial's fine-tuning shape"),
-    "Ti/4-32": Shape("Ti/16", 32, 4, 192, 12, 3, 768, 256, "ViT-Ti at patch 4, training from scratch"),
+    "B/16": Shape("B/16", 224, 16, 768, 12, 12, 3072, 16, "ViT-B/16, the tutorial's fine-tuning shape", "tanh"),
+    "Ti/4-32": Shape("Ti/16", 32, 4, 192, 12, 3, 768, 256, "ViT-Ti at patch 4, training from scratch", "exact"),
 }
 SMOKE_CHANGES = {"depth": 1, "batch": 2}  # --smoke: the same code on tiny models, for a check of the plumbing
 
@@ -108,7 +114,7 @@ def build(impl: str, s: Shape):
         from vitlab import create_model
 
         model = create_model(s.vitlab_variant, img_size=s.img_size, patch_size=s.patch_size, hidden_size=s.width, depth=s.depth,
-                             num_heads=s.heads, mlp_dim=s.mlp_dim, num_classes=NUM_CLASSES, dropout_rate=0.0)  # fmt: skip
+                             num_heads=s.heads, mlp_dim=s.mlp_dim, num_classes=NUM_CLASSES, dropout_rate=0.0, gelu=s.gelu)  # fmt: skip
         return model, model, f"attention_impl={model.config.attention_impl} (explicit softmax on CPUs, SDPA on GPUs)"
     if impl == "timm":
         from timm.models.vision_transformer import VisionTransformer
@@ -264,7 +270,7 @@ def measure_memory(impl: str, shape: Shape, precision: str, args: argparse.Names
 
 
 def environment(device: torch.device, threads: int) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type, "threads": threads,
+    info = {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "torch": torch.__version__, "python": platform.python_version(), "device": device.type, "threads": threads,
             "cpu": platform.processor() or platform.machine()}  # fmt: skip
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():

@@ -384,3 +384,19 @@ def test_bf16_augmentation_matches_fp32_to_bf16_precision(kind, size):
     half = Augmentation(size, kind, dtype=torch.bfloat16).apply(images, params)
     assert half.dtype == torch.bfloat16
     assert (half.float() - reference).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_importing_vitlab_turns_on_huge_pages_unless_the_user_chose(preset, expected):
+    # Large batches and activations on 4 KiB pages are faulted in page by page (half the 224 px pipeline's
+    # speed here); vitlab asks torch for huge pages before torch starts, and keeps a value the user set.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = "import os, vitlab, torch; torch.ones(1 << 20); print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == expected

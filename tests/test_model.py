@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vitlab import checkpoints
 from vitlab.config import SEED_NAMES, VARIANTS, ModelConfig, all_names, canonical_name, get_config
-from vitlab.model import _pad_same, count_parameters, create_model
+from vitlab.model import _pad_same, count_parameters, create_model, sincos_2d
 
 # Parameter counts at 10 classes and 224 px (the seed's table; both spellings give the same).
 EXPECTED_PARAMETERS = {
@@ -123,6 +123,54 @@ def test_token_count_follows_config():
     assert model.pos_embed.shape == (1, 26, 768)
 
 
+def test_gelu_form_follows_config():
+    probe = torch.linspace(-4, 4, 101)
+    for form, expected in (("tanh", F.gelu(probe, approximate="tanh")), ("exact", F.gelu(probe))):
+        model = create_model("Ti/16", img_size=32, patch_size=8, depth=1, gelu=form)
+        torch.testing.assert_close(model.blocks[0].mlp.act(probe), expected, rtol=0, atol=0)
+    assert get_config("B/16").gelu == "tanh"  # the official weights' form is the default
+    old = {k: v for k, v in get_config("Ti/16").to_dict().items() if k != "gelu"}  # a config saved before the field
+    assert ModelConfig.from_dict(old).gelu == "tanh"
+
+
+def test_sincos_2d_table():
+    # big_vision's posemb_sincos_2d, written out for a 3x3 grid and width 8: positions in row-major order,
+    # [sin(x w), cos(x w), sin(y w), cos(y w)] with frequencies w = 1 / 10000 ** (i / (width/4 - 1)).
+    omega = 1.0 / 10_000.0 ** np.array([0.0, 1.0])
+    rows = []
+    for y in range(3):
+        for x in range(3):
+            rows.append(np.concatenate([np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)]))
+    np.testing.assert_allclose(sincos_2d(3, 8).numpy(), np.array(rows), atol=1e-7)
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_sincos2d_position_init(classifier):
+    model = create_model("Ti/16", img_size=32, patch_size=8, depth=1, classifier=classifier, pos_embed_init="sincos2d")
+    table = sincos_2d(4, 192)
+    if classifier == "token":
+        assert model.pos_embed[0, 0].abs().sum() == 0  # the class token has no position
+    torch.testing.assert_close(model.pos_embed[0, -16:].detach(), table)
+    assert model.pos_embed.requires_grad  # an initialisation: still learned
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_bf16_autocast_keeps_a_bf16_residual_stream(classifier, randomise):
+    # The stream between blocks stays bf16 under bf16 autocast (no casts around every matmul), fp32 otherwise,
+    # and the bf16 logits stay those of fp32 to bf16's precision.
+    model = randomise(create_model("Ti/16", img_size=32, patch_size=4, depth=3, num_classes=10, classifier=classifier), seed=4).eval()
+    dtypes = []
+    model.blocks[1].register_forward_hook(lambda module, inputs, output: dtypes.append(inputs[0].dtype))
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    exact = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model(x)
+    assert dtypes == [torch.float32, torch.bfloat16]
+    torch.testing.assert_close(half.float(), exact, rtol=0, atol=0.02 * exact.abs().max().item())  # measured: 0.008
+    half.float().sum().backward()
+    assert model.pos_embed.grad.dtype == torch.float32 and torch.isfinite(model.pos_embed.grad).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention maps
 
@@ -199,6 +247,12 @@ def test_config_validation():
         get_config("Ti/16", depth=0)
     with pytest.raises(ValueError, match="multiple of the stem"):
         get_config("R50+B/16", patch_size=8)
+    with pytest.raises(ValueError, match="gelu must be 'tanh' or 'exact'"):
+        get_config("Ti/16", gelu="erf")
+    with pytest.raises(ValueError, match="pos_embed_init must be"):
+        get_config("Ti/16", pos_embed_init="random")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        get_config("Ti/16", hidden_size=198, num_heads=3, pos_embed_init="sincos2d")
     with pytest.raises(ValueError, match="unknown model config fields: colour"):
         ModelConfig.from_dict({**get_config("Ti/16").to_dict(), "colour": "red"})
     config = get_config("R50+B/16", img_size=96)

@@ -147,6 +147,14 @@ def test_resume_flag_forms():
     assert parse(["train", "--name", "x", "--adam_betas", "0.8", "0.95"]).adam_betas == (0.8, 0.95)
 
 
+def test_model_override_flags_reach_the_model_config():
+    config = parse(["train", "--name", "x", "--model_type", "Ti/16", "--img_size", "32", "--patch-size", "4", "--gelu", "exact",
+                    "--pos-embed-init", "sincos2d", "--classifier", "gap"])  # fmt: skip
+    model_config = config.model_config(num_classes=10)
+    assert (model_config.patch_size, model_config.gelu, model_config.pos_embed_init) == (4, "exact", "sincos2d")
+    assert TrainConfig().model_config(10).gelu == "tanh"  # the official weights' form unless asked
+
+
 @pytest.mark.parametrize("kind", ["json", "toml"])
 def test_precedence_recipe_then_config_file_then_flags(tmp_path, kind):
     path = tmp_path / f"settings.{kind}"

@@ -68,7 +68,8 @@ _TRAIN_HELP = {
 _CHOICES = {
     "dataset": ["cifar10", "cifar100", "imagefolder"], "decay_type": ["cosine", "linear"], "precision": ["fp32", "bf16", "fp16"],
     "optimizer": ["sgd", "adamw"], "augment": ["resized_crop", "pad_crop", "none"], "fp16_opt_level": ["O0", "O1", "O2"],
-    "classifier": ["token", "gap"],
+    "classifier": ["token", "gap"], "gelu": ["tanh", "exact"],
+    "pos_embed_init": ["normal", "sincos2d"],
 }  # fmt: skip
 
 

@@ -29,12 +29,22 @@ class ModelConfig:
     img_size: int = 224
     attention_impl: str = "auto"  # "sdpa" (fused kernels), "math" (explicit softmax), "auto": math on CPUs, where
     # it measured faster (benchmarks/models.py), sdpa elsewhere; the logits are the same
+    gelu: str = "tanh"  # "tanh": flax's approximation, which the released weights were trained with; "exact": the erf
+    # form, for models trained from scratch (3x cheaper than torch's tanh form on CPUs)
+    pos_embed_init: str = "normal"  # "normal": N(0, 0.02), the official init; "sincos2d": the fixed 2-D sine-cosine
+    # table of Beyer et al. (2022, "Better plain ViT baselines"), still learned: position is known from step one
 
     def __post_init__(self) -> None:
         if self.classifier not in ("token", "gap"):
             raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
         if self.attention_impl not in ("auto", "sdpa", "math"):
             raise ValueError(f"attention_impl must be 'auto', 'sdpa' or 'math', got {self.attention_impl!r}")
+        if self.gelu not in ("tanh", "exact"):
+            raise ValueError(f"gelu must be 'tanh' or 'exact', got {self.gelu!r}")
+        if self.pos_embed_init not in ("normal", "sincos2d"):
+            raise ValueError(f"pos_embed_init must be 'normal' or 'sincos2d', got {self.pos_embed_init!r}")
+        if self.pos_embed_init == "sincos2d" and self.hidden_size % 4:
+            raise ValueError(f"pos_embed_init 'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         for what in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "num_classes", "img_size"):
@@ -186,8 +196,11 @@ class TrainConfig:
     dropout_rate: float | None = None
     attention_dropout_rate: float | None = None
     classifier: str | None = None
+    gelu: str | None = None
+    pos_embed_init: str | None = None
 
-    MODEL_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "dropout_rate", "attention_dropout_rate", "classifier")
+    MODEL_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "dropout_rate", "attention_dropout_rate", "classifier",
+                       "gelu", "pos_embed_init")  # fmt: skip
 
     def model_config(self, num_classes: int) -> ModelConfig:
         overrides = {k: getattr(self, k) for k in self.MODEL_OVERRIDES if getattr(self, k) is not None}

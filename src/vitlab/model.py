@@ -26,6 +26,15 @@ def _lecun_normal_(weight: torch.Tensor) -> None:
     nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
+def sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> torch.Tensor:
+    """(grid*grid, width) position table of big_vision's `posemb_sincos_2d`: sin and cos of x, then of y,
+    each at width/4 frequencies from 1 down to 1/temperature."""
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(width // 4, dtype=torch.float64) / max(1, width // 4 - 1))
+    x, y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega  # (grid*grid, width/4)
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
+
+
 def _pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
     """TensorFlow 'SAME' padding: output side ceil(side / stride), the odd pixel padded after."""
     pads = []
@@ -134,7 +143,7 @@ class Mlp(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.mlp_dim)
-        self.act = nn.GELU(approximate="tanh")  # flax's `gelu`, which the released weights were trained with
+        self.act = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")  # tanh: flax's, as the released weights
         self.fc2 = nn.Linear(config.mlp_dim, config.hidden_size)
         self.drop = nn.Dropout(config.dropout_rate)
 
@@ -203,7 +212,11 @@ class VisionTransformer(nn.Module):
             for fc in (block.mlp.fc1, block.mlp.fc2):
                 nn.init.xavier_uniform_(fc.weight)
                 nn.init.normal_(fc.bias, std=1e-6)
-        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.config.pos_embed_init == "sincos2d":
+            self.pos_embed.zero_()  # the class token's position stays zero
+            self.pos_embed[0, self.config.num_tokens - self.config.grid_size**2 :] = sincos_2d(self.config.grid_size, self.config.hidden_size)
+        else:
+            nn.init.normal_(self.pos_embed, std=0.02)
         if isinstance(self.pre_logits, nn.Sequential):
             _lecun_normal_(self.pre_logits[0].weight)
             nn.init.zeros_(self.pre_logits[0].bias)
@@ -222,9 +235,12 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"input of {tuple(images.shape[-2:])} px; this model was built for {self.config.img_size}x{self.config.img_size} px")
         x = self.patch_embed(self.stem(images))  # (B, D, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, D)
+        # Under bf16 autocast the patch embedding is bf16, and so stays the residual stream: an fp32 stream would
+        # be cast to bf16 before every matmul and back after, forward and backward. fp16's narrow range keeps fp32.
+        dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else self.pos_embed.dtype
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, tokens, D)
-        return self.pos_drop(x + self.pos_embed)
+            x = torch.cat([self.cls_token.to(dtype).expand(x.shape[0], -1, -1), x.to(dtype)], dim=1)  # (B, tokens, D)
+        return self.pos_drop(x.to(dtype) + self.pos_embed.to(dtype))
 
     def forward(self, images: torch.Tensor, return_attention: bool = False):
         x = self.embed(images)

@@ -19,8 +19,9 @@ RECIPES: dict[str, dict] = {
     # images, 5,000 held out, 1,773 steps (`benchmarks/cifar10_cpu.py DIR --budget_minutes 25`):
     # 61.5% validation accuracy after 26.8 minutes of training at 282 images/s.
     "scratch-cifar10-cpu": dict(
-        dataset="cifar10", model_type="Ti/16", pretrained_dir="none", img_size=32, patch_size=4, depth=6,
-        mlp_dim=384, dropout_rate=0.0, classifier="gap", train_batch_size=256, optimizer="adamw", learning_rate=2e-3,
+        dataset="cifar10", model_type="Ti/16", pretrained_dir="none", img_size=32, patch_size=4, depth=6, num_heads=6,
+        mlp_dim=384, dropout_rate=0.0, classifier="gap", gelu="exact", pos_embed_init="sincos2d", train_batch_size=256,
+        optimizer="adamw", learning_rate=2e-3,
         weight_decay=0.05, adam_betas=(0.9, 0.99), num_steps=1800, warmup_steps=100, decay_type="cosine",
         label_smoothing=0.1, augment="pad_crop", hflip=True, precision="bf16", val_split=0.1, eval_every=300,
         eval_batch_size=500, max_grad_norm=1.0,
