@@ -315,6 +315,21 @@ def test_training_checkpoint_round_trip(tmp_path, randomise):
         assert torch.equal(read["model"][key], value)
 
 
+@pytest.mark.parametrize("change", [{"gelu": "exact"}, {"num_heads": 6}])
+def test_weights_of_another_function_are_refused(change, tmp_path, randomise):
+    # Heads and GELU form change what the weights compute, not their shapes: loading must not pass silently.
+    source = randomise(create_model("Ti/16", num_classes=10, img_size=32, depth=1, **change), seed=42)
+    pt, st = tmp_path / "run.pt", tmp_path / "run.safetensors"
+    checkpoints.save_checkpoint({"model": source.state_dict(), "model_config": source.config.to_dict()}, pt)
+    checkpoints.save_safetensors(source, st)
+    (field, value), = change.items()
+    for path in (pt, st):
+        with pytest.raises(CheckpointError, match=f"trained with --{field} {value}"):
+            checkpoints.load_pretrained(create_model("Ti/16", num_classes=10, img_size=32, depth=1), path, verbose=False)
+        same = checkpoints.load_pretrained(create_model("Ti/16", num_classes=10, img_size=32, depth=1, **change), path, verbose=False)
+        torch.testing.assert_close(same.state_dict(), source.state_dict())
+
+
 # ---------------------------------------------------------------------------------------------
 # Head handling
 

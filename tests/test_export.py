@@ -12,7 +12,7 @@ import torch
 from vitlab import checkpoints
 from vitlab.cli import main
 from vitlab.inference import load_for_inference
-from vitlab.model import VisionTransformer
+from vitlab.model import VisionTransformer, create_model
 
 
 def images(batch: int) -> torch.Tensor:
@@ -96,3 +96,13 @@ def test_npz_export_is_the_official_layout(tiny_run, trained, tmp_path, capsys):
     reloaded = checkpoints.load_official(VisionTransformer(model.config), path, verbose=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images(2)), model(images(2)))
+
+
+def test_npz_export_of_an_exact_gelu_model_is_refused(tmp_path, capsys):
+    # The layout carries weights only, read back as the tanh GELU: an exact-GELU model would reload as another function.
+    model = create_model("Ti/16", patch_size=4, img_size=16, depth=1, hidden_size=16, num_heads=2, mlp_dim=32, num_classes=3, gelu="exact")
+    source = tmp_path / "exact.safetensors"
+    checkpoints.save_safetensors(model, source, ["a", "b", "c"])
+    out = tmp_path / "model.npz"
+    assert main(["export", str(source), "--format", "npz", "--out", str(out)]) != 0
+    assert "exact" in capsys.readouterr().err and not out.exists()

@@ -443,6 +443,14 @@ def test_cli_names_a_file_that_is_not_an_image(data_dir, capsys):
     assert str(bogus) in line and "not a readable image" in line
 
 
+def test_resume_with_another_head_count_is_refused(data_dir, capsys):
+    # A run resumed with other heads would load its weights cleanly (same shapes) and train another function.
+    assert run_cli(base_argv(data_dir, "--num_heads", "1"), capsys)[0] == 0
+    rc, _, err = run_cli(base_argv(data_dir, "--num_heads", "2", "--num_steps", "4", "--resume"), capsys)
+    assert rc != 0
+    assert "trained with --num_heads 1" in one_error_line(err)
+
+
 def test_cli_refuses_an_empty_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()

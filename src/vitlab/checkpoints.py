@@ -293,6 +293,20 @@ def load_safetensors(path: str | os.PathLike) -> tuple[VisionTransformer, list[s
     return model, json.loads(metadata["class_names"]) if "class_names" in metadata else None
 
 
+# Settings that change what the weights compute without changing any weight's shape: a checkpoint loaded
+# into a model that differs in one of them would load cleanly and compute something else.
+SHAPELESS_FIELDS = ("num_heads", "gelu")
+
+
+def check_same_function(source: ModelConfig, model: ModelConfig, path) -> None:
+    """Raise CheckpointError if `model` would compute another function with `source`'s weights."""
+    differ = [f for f in SHAPELESS_FIELDS if getattr(source, f) != getattr(model, f)]
+    if differ:
+        theirs = ", ".join(f"--{f} {getattr(source, f)}" for f in differ)
+        ours = ", ".join(f"{f} {getattr(model, f)}" for f in differ)
+        raise CheckpointError(f"{path}: its model was trained with {theirs}, this one has {ours}; pass {theirs}")
+
+
 def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], path) -> None:
     """Load a full state dict, or raise CheckpointError naming what does not fit."""
     ours = model.state_dict()
@@ -465,9 +479,11 @@ def load_pretrained(model: VisionTransformer, path: str | os.PathLike, verbose: 
         return load_official(model, path, verbose)
     if path.suffix == ".safetensors":
         source, _ = load_safetensors(path)
-        state = source.state_dict()
+        state, source_config = source.state_dict(), source.config
     else:
-        state = read_checkpoint(path)["model"]
+        payload = read_checkpoint(path)
+        state, source_config = payload["model"], ModelConfig.from_dict(payload["model_config"])
+    check_same_function(source_config, model.config, path)
     ours = model.state_dict()
     if state.get("head.weight") is not None and state["head.weight"].shape != ours["head.weight"].shape:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}

@@ -43,6 +43,9 @@ def export(model: VisionTransformer, class_names: list[str], fmt: str, path: str
         checkpoints.save_safetensors(model, path, class_names)
         return "safetensors: weights with the model config and class names in the metadata"
     if fmt == "npz":
+        if model.config.gelu != "tanh":
+            raise ExportError("the official .npz layout implies the tanh GELU, and this model uses the exact one; "
+                              "export safetensors, ONNX or TorchScript instead")  # fmt: skip
         checkpoints.save_npz(model, path)
         return "official .npz layout: weights only; the class names and the variant are not stored (load with --model_type)"
     raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

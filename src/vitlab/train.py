@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .config import TrainConfig, canonical_name, seed_name
+from .config import ModelConfig, TrainConfig, canonical_name, seed_name
 from .data import Augmentation, TrainBatches, eval_batches, load_datasets
 from .evaluate import autocast, evaluate
 from .model import VisionTransformer
@@ -218,6 +218,7 @@ class Run:
         for key in ("optimizer", "scheduler", "scaler", "step", "best", "rng"):
             if key not in state:
                 raise TrainingError(f"{path}: holds no training state ({key}); only checkpoints written by `vitlab train` resume")
+        checkpoints.check_same_function(ModelConfig.from_dict(state["model_config"]), self.model.config, path)
         checkpoints.load_state(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
