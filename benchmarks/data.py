@@ -22,12 +22,12 @@ returns new memory. On a CPU that floor is set by page faults: torch frees and m
 anew each time. vitlab, imported first, turns torch's transparent huge pages on (THP_MEM_ALLOC_ENABLE=1, unless
 set otherwise) as the `vitlab` command does; both pipelines run in that one process.
 
-How: every pipeline is warmed up first (DataLoader workers started, prefetch filled), then --rounds rounds
-time each pipeline in turn, in an order rotated every round (time.perf_counter, CUDA synchronised), for
-as many batches as last --min_seconds; the median images/s is reported. A DataLoader with workers keeps
-prefetching while the others are timed: those batches are taken untimed before its measurement starts,
-and it is timed for at least 4x as many batches as it has in flight, so what remains in progress when
-the clock starts is a small share of the measurement.
+How: every pipeline is warmed up first, then --rounds rounds time each pipeline in turn, in an order
+rotated every round (time.perf_counter, CUDA synchronised), for as many batches as last --min_seconds;
+the median images/s is reported. A DataLoader with workers gets fresh workers for each measurement: they
+are started and their prefetch filled and taken untimed before the clock starts, it is timed for at least
+4x as many batches as it has in flight, and they are stopped when it ends, so no worker keeps decoding
+while another pipeline is timed.
 """
 
 from __future__ import annotations
@@ -55,7 +55,23 @@ MEAN = STD = [0.5, 0.5, 0.5]  # the tutorial's Normalize: [0, 1] -> [-1, 1], as 
 IN_FLIGHT_MULTIPLE = 4  # a worker DataLoader is timed for at least this many times the batches it has in flight
 
 
-class VitlabPipeline:
+class Pipeline:
+    """Something that makes batches: `next()` one; `start()` before and `stop()` after each measurement."""
+
+    name: str
+    in_flight = 0  # batches it makes ahead of being asked
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def next(self):
+        raise NotImplementedError
+
+
+class VitlabPipeline(Pipeline):
     """vitlab.data.TrainBatches over the whole dataset held as one uint8 tensor on the device."""
 
     def __init__(self, data: ImageSet, size: int, device: torch.device, dtype: torch.dtype):
@@ -64,7 +80,6 @@ class VitlabPipeline:
         augmentation = Augmentation(size, kind, MIN_SCALE, hflip=True, pad=PAD, dtype=dtype)
         self.name = f"vitlab TrainBatches, {kind}, {str(dtype).removeprefix('torch.')}"
         self.batches = TrainBatches(data, augmentation, BATCH, seed=0, device=device)(0, 2**62)
-        self.in_flight = 0
 
     def next(self):
         return next(self.batches)
@@ -85,7 +100,7 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
 
 
-class TutorialPipeline:
+class TutorialPipeline(Pipeline):
     """The tutorial's torchvision transforms on PIL images, through a DataLoader, moved to the device."""
 
     def __init__(self, data: ImageSet, size: int, device: torch.device, workers: int):
@@ -101,10 +116,20 @@ class TutorialPipeline:
         dataset = PILImages(data.images.numpy(), data.labels.numpy(), transform)
         # Shuffled epochs back to back, drawn lazily without end: no epoch restarts inside the timings.
         sampler = torch.utils.data.RandomSampler(dataset, num_samples=2**62)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers, drop_last=True,
-                                             pin_memory=device.type == "cuda", persistent_workers=workers > 0)  # fmt: skip
-        self.iterator, self.device = iter(loader), device
-        self.in_flight = workers * loader.prefetch_factor if workers else 0
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers,
+                                                  drop_last=True, pin_memory=device.type == "cuda")  # fmt: skip
+        self.device, self.iterator = device, None
+        self.in_flight = workers * self.loader.prefetch_factor if workers else 0
+
+    def start(self) -> None:
+        """Fresh workers with their prefetch filled and taken: from here on they work only while timed."""
+        self.iterator = iter(self.loader)
+        for _ in range(self.in_flight):
+            self.next()
+
+    def stop(self) -> None:
+        """Workers shut down: they must not decode ahead while another pipeline is timed."""
+        self.iterator = None
 
     def next(self):
         x, y = next(self.iterator)
@@ -117,22 +142,22 @@ def synchronize(device: torch.device) -> None:
 
 
 def seconds_for(pipeline, batches: int, device: torch.device) -> float:
-    for _ in range(pipeline.in_flight):  # made while other pipelines were timed: taken untimed
-        pipeline.next()
+    pipeline.start()
     synchronize(device)
     start = time.perf_counter()
     for _ in range(batches):
         pipeline.next()
     synchronize(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    pipeline.stop()
+    return seconds
 
 
 def compare(pipelines: list, rounds: int, min_seconds: float, warmup: int, device: torch.device) -> list[dict]:
     """Median images/s of each pipeline over rounds, timed in turn in an order rotated every round."""
     counts = []
     for p in pipelines:
-        for _ in range(warmup):
-            p.next()
+        seconds_for(p, warmup, device)
         one = seconds_for(p, 1, device)
         counts.append(max(math.ceil(min_seconds / one), IN_FLIGHT_MULTIPLE * p.in_flight, 1))
     rates = [[] for _ in pipelines]
@@ -159,9 +184,9 @@ def grid_sample_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class Kernel:
+class Kernel(Pipeline):
     def __init__(self, name: str, fn):
-        self.name, self.fn, self.in_flight = name, fn, 0
+        self.name, self.fn = name, fn
 
     def next(self):
         return self.fn()
@@ -249,7 +274,6 @@ def main() -> None:
             entry["vitlab_vs_best_tutorial"] = ratios
             print("  vitlab / best tutorial pipeline: " + ", ".join(f"{r:.1f}x ({name.rsplit(', ', 1)[1]})" for name, r in ratios.items()))
         result["sizes"][str(size)] = entry
-        del pipelines  # stops DataLoader workers before the next size
     if args.kernels:
         kernels, difference = crop_kernels(data.images, device)
         rows = compare(kernels, args.rounds, args.min_seconds, args.warmup, device)
