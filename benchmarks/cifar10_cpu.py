@@ -15,9 +15,10 @@ The budget. `vitlab train` runs a given number of steps and fits its learning-ra
 decay) to that number, so the budget becomes a number of steps before the run starts: a probe trains the
 recipe for --probe_steps steps on random images of DATA_DIR's size (a throwaway folder; the speed does not
 depend on the pictures) and times the second half of them; then num_steps = what fits the budget at that
-speed, after the six evaluations of the 5,000 held-out images, each costed at a third of a training image
-per image (a forward pass without the backward). The recipe's warmup keeps its share of the run (100 of
-1,800 steps). Loading the dataset and the probe are outside the budget; the wall time reported includes them.
+speed, after the six evaluations of the 5,000 held-out images, each evaluated image costed at a third of a
+trained one (a forward pass without the backward), divided by the share of patches training keeps (evaluation
+sees all of them; --patch_drop_rate 0.5: two thirds). The recipe's warmup keeps its share of the run (200 of
+3,600 steps). Loading the dataset and the probe are outside the budget; the wall time reported includes them.
 Elapsed training time at each evaluation comes from metrics.jsonl: step x batch / train/images_per_second
 (that speed counts every second since the first step, the evaluations before it included).
 """
@@ -40,7 +41,7 @@ import numpy as np
 RECIPE = "scratch-cifar10-cpu"
 VAL_SPLIT = 0.1  # 5,000 of CIFAR-10's 50,000 training images
 EVALUATIONS = 6  # evaluations in a budgeted run, the last at the end: points on the accuracy curve
-EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one: forward only, no backward
+EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one: forward only, no backward...
 PROBE_CLASSES, PROBE_IMAGES_PER_CLASS = 10, 64  # the probe's throwaway folder of random images
 
 
@@ -104,8 +105,15 @@ def probe_speed(data_dir: Path, steps: int, extra: list[str]) -> tuple[float, in
     return half * batch / (last - first), batch
 
 
-def steps_for_budget(budget_seconds: float, speed: float, batch: int, val_images: int) -> int:
-    eval_seconds = EVALUATIONS * val_images * EVAL_COST / speed
+def kept_patches(extra: list[str]) -> float:
+    """...of the full model: training with patch dropout keeps only this share of the tokens, evaluation all."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--patch_drop_rate", "--patch-drop-rate", type=float, default=recipe_value("patch_drop_rate"))
+    return 1 - parser.parse_known_args(extra)[0].patch_drop_rate
+
+
+def steps_for_budget(budget_seconds: float, speed: float, batch: int, val_images: int, kept: float) -> int:
+    eval_seconds = EVALUATIONS * val_images * EVAL_COST / kept / speed
     steps = math.floor((budget_seconds - eval_seconds) * speed / batch)
     if steps < 1:
         raise SystemExit(
@@ -120,7 +128,7 @@ def main() -> None:
     parser.add_argument("data_dir", type=Path, help="a CIFAR-10 image folder, <class>/<image>")
     parser.add_argument("--budget_minutes", type=float, default=30.0, help="training time to fill, excluding data loading (default 30)")
     parser.add_argument("--num_steps", type=int, help="train this many steps instead of filling a budget (no probe)")
-    parser.add_argument("--probe_steps", type=int, default=20, help="training steps of the probe; the second half is timed (default 20)")
+    parser.add_argument("--probe_steps", type=int, default=40, help="training steps of the probe; the second half is timed (default 40)")
     parser.add_argument("--name", help="the run's name (default: cifar10-cpu-<steps>)")
     parser.add_argument("--output_dir", type=Path, default=Path("output"), help="vitlab train's --output_dir (default output)")
     parser.add_argument("--log_dir", type=Path, default=Path("logs"), help="vitlab train's --log_dir (default logs)")
@@ -136,7 +144,7 @@ def main() -> None:
         steps = args.num_steps
     else:
         speed, batch = probe_speed(args.data_dir, args.probe_steps, extra)
-        steps = steps_for_budget(args.budget_minutes * 60, speed, batch, val_images)
+        steps = steps_for_budget(args.budget_minutes * 60, speed, batch, val_images, kept_patches(extra))
         print(f"probe: {speed:.0f} training images/s -> {steps} steps of {batch} fill {args.budget_minutes:g} minutes "
               f"with {EVALUATIONS} evaluations of {val_images} images")  # fmt: skip
     log_every = 10 if steps >= 10 * EVALUATIONS else 1  # evaluations fall on logged steps, which carry the speed

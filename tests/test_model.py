@@ -155,6 +155,30 @@ def test_sincos2d_position_init(classifier):
 
 
 @pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_patch_dropout_keeps_a_random_share_of_patches_in_training_only(classifier):
+    torch.manual_seed(0)
+    model = create_model("Ti/16", img_size=32, patch_size=4, depth=1, classifier=classifier, patch_drop_rate=0.75, num_classes=3,
+                         dropout_rate=0.0)
+    images = torch.randn(4, 3, 32, 32)
+    full = model.eval().embed(images)  # every token, positions added
+    prefix = 1 if classifier == "token" else 0
+    assert full.shape[1] == prefix + 64
+    kept = model.train().embed(images)
+    assert kept.shape == (4, prefix + 16, 192)
+    if prefix:
+        torch.testing.assert_close(kept[:, 0], full[:, 0])  # the class token always comes first
+    for b in range(4):
+        # each kept token is one of the image's own patches, each patch at most once, and the choice differs per image
+        match = (kept[b, prefix:, None] - full[b, None, prefix:]).abs().amax(-1) == 0  # (16, 64)
+        assert match.sum(1).eq(1).all() and match.sum(0).le(1).all()
+    assert not torch.equal(kept[0, prefix:], kept[1, prefix:])
+    assert model(images).shape == (4, 3)  # trains on the kept tokens
+    plain = create_model(model.config.replace(patch_drop_rate=0.0))
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.eval()(images), plain.eval()(images), rtol=0, atol=0)  # evaluation sees every patch
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
 def test_bf16_autocast_keeps_a_bf16_residual_stream(classifier, randomise):
     # The stream between blocks stays bf16 under bf16 autocast (no casts around every matmul), fp32 otherwise,
     # and the bf16 logits stay those of fp32 to bf16's precision.
@@ -251,6 +275,8 @@ def test_config_validation():
         get_config("Ti/16", gelu="erf")
     with pytest.raises(ValueError, match="pos_embed_init must be"):
         get_config("Ti/16", pos_embed_init="random")
+    with pytest.raises(ValueError, match=r"patch_drop_rate must be in \[0, 1\)"):
+        get_config("Ti/16", patch_drop_rate=1.0)
     with pytest.raises(ValueError, match="divisible by 4"):
         get_config("Ti/16", hidden_size=198, num_heads=3, pos_embed_init="sincos2d")
     with pytest.raises(ValueError, match="unknown model config fields: colour"):

@@ -149,9 +149,10 @@ def test_resume_flag_forms():
 
 def test_model_override_flags_reach_the_model_config():
     config = parse(["train", "--name", "x", "--model_type", "Ti/16", "--img_size", "32", "--patch-size", "4", "--gelu", "exact",
-                    "--pos-embed-init", "sincos2d", "--classifier", "gap"])  # fmt: skip
+                    "--pos-embed-init", "sincos2d", "--classifier", "gap", "--patch-drop-rate", "0.5"])  # fmt: skip
     model_config = config.model_config(num_classes=10)
     assert (model_config.patch_size, model_config.gelu, model_config.pos_embed_init) == (4, "exact", "sincos2d")
+    assert model_config.patch_drop_rate == 0.5
     assert TrainConfig().model_config(10).gelu == "tanh"  # the official weights' form unless asked
 
 

@@ -96,7 +96,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             kind = {int: int, float: float}.get(type(default), str)
             if f.name in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim"):
                 kind = int
-            elif f.name in ("dropout_rate", "attention_dropout_rate"):
+            elif f.name in ("dropout_rate", "attention_dropout_rate", "patch_drop_rate"):
                 kind = float
             parser.add_argument(*flags, type=kind, choices=_CHOICES.get(f.name), **kwargs)
 

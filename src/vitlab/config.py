@@ -33,6 +33,8 @@ class ModelConfig:
     # form, for models trained from scratch (3x cheaper than torch's tanh form on CPUs)
     pos_embed_init: str = "normal"  # "normal": N(0, 0.02), the official init; "sincos2d": the fixed 2-D sine-cosine
     # table of Beyer et al. (2022, "Better plain ViT baselines"), still learned: position is known from step one
+    patch_drop_rate: float = 0.0  # share of each image's patch tokens dropped at random in training (PatchDropout,
+    # Liu et al. 2022; timm's patch_drop_rate): cheaper steps, more images per second; evaluation sees every patch
 
     def __post_init__(self) -> None:
         if self.classifier not in ("token", "gap"):
@@ -45,6 +47,8 @@ class ModelConfig:
             raise ValueError(f"pos_embed_init must be 'normal' or 'sincos2d', got {self.pos_embed_init!r}")
         if self.pos_embed_init == "sincos2d" and self.hidden_size % 4:
             raise ValueError(f"pos_embed_init 'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
+        if not 0 <= self.patch_drop_rate < 1:
+            raise ValueError(f"patch_drop_rate must be in [0, 1), got {self.patch_drop_rate}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         for what in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "num_classes", "img_size"):
@@ -198,9 +202,10 @@ class TrainConfig:
     classifier: str | None = None
     gelu: str | None = None
     pos_embed_init: str | None = None
+    patch_drop_rate: float | None = None
 
     MODEL_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "dropout_rate", "attention_dropout_rate", "classifier",
-                       "gelu", "pos_embed_init")  # fmt: skip
+                       "gelu", "pos_embed_init", "patch_drop_rate")  # fmt: skip
 
     def model_config(self, num_classes: int) -> ModelConfig:
         overrides = {k: getattr(self, k) for k in self.MODEL_OVERRIDES if getattr(self, k) is not None}

@@ -240,7 +240,21 @@ class VisionTransformer(nn.Module):
         dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else self.pos_embed.dtype
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.to(dtype).expand(x.shape[0], -1, -1), x.to(dtype)], dim=1)  # (B, tokens, D)
-        return self.pos_drop(x.to(dtype) + self.pos_embed.to(dtype))
+        x = x.to(dtype) + self.pos_embed.to(dtype)
+        if self.training and self.config.patch_drop_rate > 0:
+            x = self.drop_patches(x)
+        return self.pos_drop(x)
+
+    def drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """A random share of each image's patch tokens, positions already added; the class token is always kept.
+        PatchDropout (Liu et al., 2022): a training step costs about that share of a full one."""
+        prefix = 0 if self.cls_token is None else 1
+        B, N, D = x.shape[0], x.shape[1] - prefix, x.shape[2]
+        keep = max(1, round(N * (1 - self.config.patch_drop_rate)))
+        index = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :keep] + prefix  # (B, keep)
+        if prefix:
+            index = torch.cat([index.new_zeros(B, 1), index], dim=1)
+        return x.gather(1, index[..., None].expand(-1, -1, D))
 
     def forward(self, images: torch.Tensor, return_attention: bool = False):
         x = self.embed(images)
