@@ -41,7 +41,7 @@ import numpy as np
 RECIPE = "scratch-cifar10-cpu"
 VAL_SPLIT = 0.1  # 5,000 of CIFAR-10's 50,000 training images
 EVALUATIONS = 6  # evaluations in a budgeted run, the last at the end: points on the accuracy curve
-EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one: forward only, no backward...
+EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one (forward only), at the same token count
 PROBE_CLASSES, PROBE_IMAGES_PER_CLASS = 10, 64  # the probe's throwaway folder of random images
 
 
@@ -106,7 +106,7 @@ def probe_speed(data_dir: Path, steps: int, extra: list[str]) -> tuple[float, in
 
 
 def kept_patches(extra: list[str]) -> float:
-    """...of the full model: training with patch dropout keeps only this share of the tokens, evaluation all."""
+    """The share of patches training keeps (--patch_drop_rate among the flags, else the recipe's); evaluation keeps all."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--patch_drop_rate", "--patch-drop-rate", type=float, default=recipe_value("patch_drop_rate"))
     return 1 - parser.parse_known_args(extra)[0].patch_drop_rate

@@ -10,7 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from .config import VARIANTS, TrainConfig, seed_name
+from .config import VARIANTS, ModelConfig, TrainConfig, seed_name
 
 
 class UsageError(ValueError):
@@ -78,7 +78,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (see vitlab/recipes.py)")
     parser.add_argument("--config", help="a JSON or TOML file of settings; flags override it")
-    defaults = TrainConfig()
+    defaults, model_defaults = TrainConfig(), ModelConfig()
     for f in dataclasses.fields(TrainConfig):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         default = getattr(defaults, f.name)
@@ -93,11 +93,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "adam_betas":
             parser.add_argument(*flags, type=float, nargs=2, metavar=("BETA1", "BETA2"), **kwargs)
         else:
-            kind = {int: int, float: float}.get(type(default), str)
-            if f.name in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim"):
-                kind = int
-            elif f.name in ("dropout_rate", "attention_dropout_rate", "patch_drop_rate"):
-                kind = float
+            # A model override defaults to None: its type is that of the ModelConfig field it overrides.
+            typed = getattr(model_defaults, f.name) if f.name in TrainConfig.MODEL_OVERRIDES else default
+            kind = {int: int, float: float}.get(type(typed), str)
             parser.add_argument(*flags, type=kind, choices=_CHOICES.get(f.name), **kwargs)
 
 

@@ -237,10 +237,10 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, D)
         # Under bf16 autocast the patch embedding is bf16, and so stays the residual stream: an fp32 stream would
         # be cast to bf16 before every matmul and back after, forward and backward. fp16's narrow range keeps fp32.
-        dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else self.pos_embed.dtype
+        x = x.to(torch.bfloat16 if x.dtype == torch.bfloat16 else self.pos_embed.dtype)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.to(dtype).expand(x.shape[0], -1, -1), x.to(dtype)], dim=1)  # (B, tokens, D)
-        x = x.to(dtype) + self.pos_embed.to(dtype)
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)  # (B, tokens, D)
+        x = x + self.pos_embed.to(x.dtype)
         if self.training and self.config.patch_drop_rate > 0:
             x = self.drop_patches(x)
         return self.pos_drop(x)
