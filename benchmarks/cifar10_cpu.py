@@ -18,7 +18,7 @@ depend on the pictures) and times the second half of them; then num_steps = what
 speed, after the six evaluations of the 5,000 held-out images, each evaluated image costed at a third of a
 trained one (a forward pass without the backward), divided by the share of patches training keeps (evaluation
 sees all of them; --patch_drop_rate 0.5: two thirds). The recipe's warmup keeps its share of the run (200 of
-3,600 steps). Loading the dataset and the probe are outside the budget; the wall time reported includes them.
+3,200 steps). Loading the dataset and the probe are outside the budget; the wall time reported includes them.
 Elapsed training time at each evaluation comes from metrics.jsonl: step x batch / train/images_per_second
 (that speed counts every second since the first step, the evaluations before it included).
 """

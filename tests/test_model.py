@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vitlab import checkpoints
 from vitlab.config import SEED_NAMES, VARIANTS, ModelConfig, all_names, canonical_name, get_config
-from vitlab.model import _pad_same, count_parameters, create_model, sincos_2d
+from vitlab.model import _factor, _pad_same, count_parameters, create_model, sincos_2d
 
 # Parameter counts at 10 classes and 224 px (the seed's table; both spellings give the same).
 EXPECTED_PARAMETERS = {
@@ -154,6 +154,45 @@ def test_sincos2d_position_init(classifier):
     assert model.pos_embed.requires_grad  # an initialisation: still learned
 
 
+def test_factor_is_the_best_low_rank_split():
+    torch.manual_seed(0)
+    product = torch.randn(12, 12)
+    left, right = _factor(product, 12)
+    torch.testing.assert_close(left.T @ right, product, atol=1e-5, rtol=1e-5)
+    left, right = _factor(product, 4)
+    assert left.shape == right.shape == (4, 12)
+    U, S, Vh = torch.linalg.svd(product)
+    torch.testing.assert_close(left.T @ right, U[:, :4] @ torch.diag(S[:4]) @ Vh[:4], atol=1e-5, rtol=1e-5)
+
+
+def _attention_products(model, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head 0's query-key product W_q^T W_k and the value-projection product, as they act on a token (D, D)."""
+    attn = model.blocks[block].attn
+    w_q, w_k, w_v = attn.qkv.weight.detach().chunk(3)
+    head = slice(0, attn.head_dim)
+    return w_q[head].T @ w_k[head], w_v.T @ attn.proj.weight.detach().T
+
+
+def test_mimetic_attention_init():
+    torch.manual_seed(0)
+    D = 192
+    config = dict(img_size=32, patch_size=4, depth=2, num_heads=6, classifier="gap", pos_embed_init="sincos2d")
+    model = create_model("Ti/16", attention_init="mimetic", **config)
+    qk, vo = _attention_products(model)
+    off = ~torch.eye(D, dtype=torch.bool)
+    # value-projection: full rank, 0.4 Z - 0.4 I with Z ~ N(0, 1/D)
+    assert abs(vo.diagonal().mean() + 0.4) < 0.02 and abs(vo[off].std() - 0.4 / D**0.5) < 0.003
+    # query-key: a head's rank-32 share of 0.7 Z + 0.7 I, a positive diagonal
+    assert torch.linalg.matrix_rank(qk) == D // 6 and qk.diagonal().mean() > 0.1
+    qk_xavier, vo_xavier = _attention_products(create_model("Ti/16", **config))
+    assert abs(qk_xavier.diagonal().mean()) < 0.02 and abs(vo_xavier.diagonal().mean()) < 0.02
+    # every block gets its own draw, and tokens attend mostly to themselves and their neighbours at the start
+    assert not torch.equal(_attention_products(model, 1)[1], vo)
+    model.eval()
+    _, attention = model(torch.randn(2, 3, 32, 32), return_attention=True)
+    assert attention[0].diagonal(dim1=-2, dim2=-1).mean() > 0.3  # uniform attention would give 1/64
+
+
 @pytest.mark.parametrize("classifier", ["token", "gap"])
 def test_patch_dropout_keeps_a_random_share_of_patches_in_training_only(classifier):
     torch.manual_seed(0)
@@ -275,6 +314,8 @@ def test_config_validation():
         get_config("Ti/16", gelu="erf")
     with pytest.raises(ValueError, match="pos_embed_init must be"):
         get_config("Ti/16", pos_embed_init="random")
+    with pytest.raises(ValueError, match="attention_init must be 'xavier' or 'mimetic'"):
+        get_config("Ti/16", attention_init="identity")
     with pytest.raises(ValueError, match=r"patch_drop_rate must be in \[0, 1\)"):
         get_config("Ti/16", patch_drop_rate=1.0)
     with pytest.raises(ValueError, match="divisible by 4"):

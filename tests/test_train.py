@@ -149,10 +149,10 @@ def test_resume_flag_forms():
 
 def test_model_override_flags_reach_the_model_config():
     config = parse(["train", "--name", "x", "--model_type", "Ti/16", "--img_size", "32", "--patch-size", "4", "--gelu", "exact",
-                    "--pos-embed-init", "sincos2d", "--classifier", "gap", "--patch-drop-rate", "0.5"])  # fmt: skip
+                    "--pos-embed-init", "sincos2d", "--classifier", "gap", "--patch-drop-rate", "0.5", "--attention-init", "mimetic"])  # fmt: skip
     model_config = config.model_config(num_classes=10)
     assert (model_config.patch_size, model_config.gelu, model_config.pos_embed_init) == (4, "exact", "sincos2d")
-    assert model_config.patch_drop_rate == 0.5
+    assert (model_config.patch_drop_rate, model_config.attention_init) == (0.5, "mimetic")
     assert TrainConfig().model_config(10).gelu == "tanh"  # the official weights' form unless asked
 
 
@@ -225,6 +225,76 @@ def test_lr_factor_without_warmup():
     assert lr_factor(50, 0, 100, "cosine") == pytest.approx(0.5)
     assert lr_factor(50, 0, 100, "linear") == pytest.approx(0.5)
     assert lr_factor(100, 0, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
+
+
+def tiny_model() -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(TrainConfig(name="x", **TINY, dropout_rate=0.0).model_config(3))
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = tiny_model()
+    optimizer = vtrain.configure_optimizer(model, TrainConfig(name="x", optimizer="muon", weight_decay=0.05))
+    muon, adamw = optimizer.parts["muon"], optimizer.parts["adamw"]
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert in_muon == {id(p) for name, p in model.named_parameters() if name.startswith("blocks.") and p.ndim == 2}
+    decayed, undecayed = ({id(p) for p in g["params"]} for g in adamw.param_groups)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0] and muon.param_groups[0]["weight_decay"] == 0.05
+    assert {id(model.head.weight), id(model.patch_embed.weight)} <= decayed and id(model.pos_embed) in undecayed
+    everything = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(everything) == sorted(id(p) for p in model.parameters())  # each parameter once
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)  # one schedule moves both
+    assert {g["lr"] for part in (muon, adamw) for g in part.param_groups} == {0.5 * TrainConfig().learning_rate}
+
+
+def test_adamw_decays_matrices_but_not_positions_class_token_norms_or_biases():
+    model = tiny_model()
+    decayed, undecayed = vtrain.configure_optimizer(model, TrainConfig(name="x", optimizer="adamw", weight_decay=0.05)).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.05 and undecayed["weight_decay"] == 0.0
+    assert {names[id(p)] for p in undecayed["params"]} == {n for n, p in model.named_parameters() if p.ndim < 2} | {"cls_token", "pos_embed"}
+    assert all(names[id(p)].endswith("weight") for p in decayed["params"])
+
+
+def _one_step(model: VisionTransformer, optimizer: torch.optim.Optimizer, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+
+
+def test_muon_updates_are_orthogonalised():
+    model = tiny_model()
+    optimizer = vtrain.configure_optimizer(model, TrainConfig(name="x", optimizer="muon", learning_rate=1.0, weight_decay=0.0))
+    generator = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator) * torch.logspace(-2, 0, p.shape[-1])  # singular values 0.01 to 1
+    weight = model.blocks[0].mlp.fc1.weight  # (32, 16)
+    before = weight.detach().clone()
+    optimizer.step()
+    # Newton-Schulz puts every singular value of the update near 1 (0.5 to 1.5 by design), times match_rms_adamw's 0.2 sqrt(32)
+    singular = torch.linalg.svdvals(before - weight.detach()) / (0.2 * math.sqrt(32))
+    assert singular.min() > 0.3 and singular.max() < 1.7
+
+
+def test_combined_optimizer_state_round_trip(tmp_path):
+    config = TrainConfig(name="x", optimizer="muon", learning_rate=1e-2, weight_decay=0.05)
+    model = tiny_model()
+    optimizer = vtrain.configure_optimizer(model, config)
+    for seed in range(3):
+        _one_step(model, optimizer, seed)
+    copy = tiny_model()
+    copy.load_state_dict(model.state_dict())
+    restored = vtrain.configure_optimizer(copy, config)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    restored.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    for m, o in ((model, optimizer), (copy, restored)):
+        _one_step(m, o, seed=3)
+    for (name, a), b in zip(model.state_dict().items(), copy.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="optimizer state for"):
+        restored.load_state_dict(vtrain.configure_optimizer(tiny_model(), TrainConfig(name="x", optimizer="adamw")).state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +520,27 @@ def test_resume_with_another_head_count_is_refused(data_dir, capsys):
     rc, _, err = run_cli(base_argv(data_dir, "--num_heads", "2", "--num_steps", "4", "--resume"), capsys)
     assert rc != 0
     assert "trained with --num_heads 1" in one_error_line(err)
+
+
+def test_from_scratch_recipe_trains(tmp_path, monkeypatch, capsys):
+    # The CPU recipe whole (Muon, mimetic init, patch dropout, bf16, pad-crop) for two steps on 32 px images.
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "data", size=32)
+    rc, _, err = run_cli(["train", "--recipe", "scratch-cifar10-cpu", "--name", "scratch", "--dataset", "imagefolder",
+                          "--data_dir", "data", "--device", "cpu", "--num_steps", "2", "--warmup_steps", "1", "--eval_every", "2",
+                          "--train_batch_size", "8", "--eval_batch_size", "9", "--val_split", "0.25"], capsys)  # fmt: skip
+    assert rc == 0, err
+    config = json.loads((tmp_path / "output" / "scratch" / "config.json").read_text())
+    assert (config["optimizer"], config["attention_init"], config["precision"]) == ("muon", "mimetic", "bf16")
+    state = read_checkpoint(tmp_path / "output" / "scratch" / "last.pt")
+    assert set(state["optimizer"]) == {"muon", "adamw"} and state["step"] == 2
+
+
+def test_resume_with_another_optimizer_is_refused(data_dir, capsys):
+    assert run_cli(base_argv(data_dir, "--optimizer", "muon"), capsys)[0] == 0
+    rc, _, err = run_cli(base_argv(data_dir, "--optimizer", "adamw", "--num_steps", "4", "--resume"), capsys)
+    assert rc != 0
+    assert "used --optimizer muon, this one adamw" in one_error_line(err)
 
 
 def test_cli_refuses_an_empty_folder(tmp_path, monkeypatch, capsys):

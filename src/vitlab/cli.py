@@ -67,9 +67,9 @@ _TRAIN_HELP = {
 }
 _CHOICES = {
     "dataset": ["cifar10", "cifar100", "imagefolder"], "decay_type": ["cosine", "linear"], "precision": ["fp32", "bf16", "fp16"],
-    "optimizer": ["sgd", "adamw"], "augment": ["resized_crop", "pad_crop", "none"], "fp16_opt_level": ["O0", "O1", "O2"],
+    "optimizer": ["sgd", "adamw", "muon"], "augment": ["resized_crop", "pad_crop", "none"], "fp16_opt_level": ["O0", "O1", "O2"],
     "classifier": ["token", "gap"], "gelu": ["tanh", "exact"],
-    "pos_embed_init": ["normal", "sincos2d"],
+    "pos_embed_init": ["normal", "sincos2d"], "attention_init": ["xavier", "mimetic"],
 }  # fmt: skip
 
 

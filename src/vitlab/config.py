@@ -33,6 +33,8 @@ class ModelConfig:
     # form, for models trained from scratch (3x cheaper than torch's tanh form on CPUs)
     pos_embed_init: str = "normal"  # "normal": N(0, 0.02), the official init; "sincos2d": the fixed 2-D sine-cosine
     # table of Beyer et al. (2022, "Better plain ViT baselines"), still learned: position is known from step one
+    attention_init: str = "xavier"  # "xavier": the official init; "mimetic": query-key products near +I and value-projection
+    # products near -I in every block (Trockman & Kolter, 2023), what trained ViTs look like: faster training from scratch
     patch_drop_rate: float = 0.0  # share of each image's patch tokens dropped at random in training (PatchDropout,
     # Liu et al. 2022; timm's patch_drop_rate): cheaper steps, more images per second; evaluation sees every patch
 
@@ -47,6 +49,8 @@ class ModelConfig:
             raise ValueError(f"pos_embed_init must be 'normal' or 'sincos2d', got {self.pos_embed_init!r}")
         if self.pos_embed_init == "sincos2d" and self.hidden_size % 4:
             raise ValueError(f"pos_embed_init 'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
+        if self.attention_init not in ("xavier", "mimetic"):
+            raise ValueError(f"attention_init must be 'xavier' or 'mimetic', got {self.attention_init!r}")
         if not 0 <= self.patch_drop_rate < 1:
             raise ValueError(f"patch_drop_rate must be in [0, 1), got {self.patch_drop_rate}")
         if self.hidden_size % self.num_heads:
@@ -181,7 +185,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 needs CUDA)
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     num_workers: int = 2  # DataLoader workers for image folders that stream from disk
-    optimizer: str = "sgd"  # sgd (momentum 0.9, the seed's) or adamw
+    optimizer: str = "sgd"  # sgd (momentum 0.9, the seed's), adamw, or muon (Muon with torch's momentum 0.95 for the
+    # encoder blocks' matrices, AdamW for the rest, one learning rate and weight decay)
     momentum: float = 0.9
     adam_betas: tuple[float, float] = (0.9, 0.999)
     label_smoothing: float = 0.0
@@ -202,10 +207,11 @@ class TrainConfig:
     classifier: str | None = None
     gelu: str | None = None
     pos_embed_init: str | None = None
+    attention_init: str | None = None
     patch_drop_rate: float | None = None
 
     MODEL_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "dropout_rate", "attention_dropout_rate", "classifier",
-                       "gelu", "pos_embed_init", "patch_drop_rate")  # fmt: skip
+                       "gelu", "pos_embed_init", "attention_init", "patch_drop_rate")  # fmt: skip
 
     def model_config(self, num_classes: int) -> ModelConfig:
         overrides = {k: getattr(self, k) for k in self.MODEL_OVERRIDES if getattr(self, k) is not None}
@@ -224,7 +230,7 @@ class TrainConfig:
             (self.decay_type in ("cosine", "linear"), f"--decay_type {self.decay_type!r}: choose cosine or linear"),
             (self.precision in ("fp32", "bf16", "fp16"), f"--precision {self.precision!r}: choose fp32, bf16 or fp16"),
             (self.fp16_opt_level in ("O0", "O1", "O2"), f"--fp16_opt_level {self.fp16_opt_level!r}: O0, O1 or O2 (O3, pure fp16, is not supported)"),
-            (self.optimizer in ("sgd", "adamw"), f"--optimizer {self.optimizer!r}: choose sgd or adamw"),
+            (self.optimizer in ("sgd", "adamw", "muon"), f"--optimizer {self.optimizer!r}: choose sgd, adamw or muon"),
             (self.augment in ("resized_crop", "pad_crop", "none"), f"--augment {self.augment!r}: choose resized_crop, pad_crop or none"),
             (self.num_steps > 0, "--num_steps must be positive"),
             (self.warmup_steps >= 0, "--warmup_steps must be 0 or more"),

@@ -26,6 +26,32 @@ def _lecun_normal_(weight: torch.Tensor) -> None:
     nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
+def _factor(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right), each (rank, D), with left.T @ right the best rank-`rank` approximation of `product` (D, D)."""
+    U, S, Vh = torch.linalg.svd(product)
+    root = S[:rank].sqrt()[:, None]
+    return root * U[:, :rank].T, root * Vh[:rank]
+
+
+@torch.no_grad()
+def mimetic_init_(attention: "Attention", qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)) -> None:
+    """Mimetic initialisation (Trockman & Kolter, 2023, "Mimetic Initialization of Self-Attention Layers"): each
+    head's query-key product W_q^T W_k = a Z + b I and the value-projection product W_v^T W_o = a Z - b I, with
+    Z ~ N(0, 1/D) and (a, b) = `qk`, `vo` (the paper's 0.7, 0.7 and 0.4, 0.4). Attention then starts out favouring
+    tokens like the query, which with 2-D position embeddings means nearby patches: the local mixing a
+    convolution has by design and a ViT otherwise spends many epochs learning."""
+    D, heads = attention.proj.weight.shape[0], attention.num_heads
+    eye = torch.eye(D)
+    w_q, w_k, w_v = attention.qkv.weight.chunk(3)  # each (D, D): x @ w.T; rows of one head are contiguous
+    for h in range(heads):
+        rows = slice(h * attention.head_dim, (h + 1) * attention.head_dim)
+        left, right = _factor(qk[0] * torch.randn(D, D) / math.sqrt(D) + qk[1] * eye, attention.head_dim)
+        w_q[rows], w_k[rows] = left, right
+    left, right = _factor(vo[0] * torch.randn(D, D) / math.sqrt(D) - vo[1] * eye, D)
+    w_v.copy_(left)
+    attention.proj.weight.copy_(right.T)  # proj computes y @ proj.weight.T, so W_v^T proj.weight^T = left^T right
+
+
 def sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> torch.Tensor:
     """(grid*grid, width) position table of big_vision's `posemb_sincos_2d`: sin and cos of x, then of y,
     each at width/4 frequencies from 1 down to 1/temperature."""
@@ -209,6 +235,8 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(qkv.bias)
             nn.init.xavier_uniform_(block.attn.proj.weight)
             nn.init.zeros_(block.attn.proj.bias)
+            if self.config.attention_init == "mimetic":
+                mimetic_init_(block.attn)
             for fc in (block.mlp.fc1, block.mlp.fc2):
                 nn.init.xavier_uniform_(fc.weight)
                 nn.init.normal_(fc.bias, std=1e-6)

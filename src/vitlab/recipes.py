@@ -13,18 +13,17 @@ RECIPES: dict[str, dict] = {
         learning_rate=3e-2, num_steps=500, warmup_steps=100, decay_type="cosine", eval_every=100,
     ),
     # ViT from scratch on CIFAR-10 on a laptop CPU: patch 4 at 32 px (64 tokens, average pooling), width 192,
-    # depth 6, 6 heads, MLP 384, exact GELU, sine-cosine position init, half the patches dropped in training;
-    # AdamW, bf16, crop and flip, label smoothing. Run: `vitlab train --recipe scratch-cifar10-cpu --name scratch
-    # --dataset imagefolder --data_dir DIR` (or --dataset cifar10). Measured on a 2-core AMD EPYC CPU (no GPU),
-    # 45,000 CIFAR-10 training images, 5,000 held out, 3,400 steps (`benchmarks/cifar10_cpu.py DIR --num_steps 3400`):
-    # 66.1% validation accuracy after 24.1 minutes of training at 603 images/s (without patch dropout, 1,740
-    # steps in 26.3 minutes: 63.7%).
+    # depth 6, 6 heads, MLP 384, exact GELU, sine-cosine position init, mimetic attention init, half the patches
+    # dropped in training; Muon for the blocks' matrices and AdamW for the rest, bf16, crop and flip, label smoothing.
+    # Run: `vitlab train --recipe scratch-cifar10-cpu --name scratch --dataset imagefolder --data_dir DIR` (or
+    # --dataset cifar10). Measured on a 2-core AMD EPYC CPU (no GPU), 45,000 CIFAR-10 training images, 5,000 held
+    # out: see the README's "Training from scratch on a CPU" (`benchmarks/cifar10_cpu.py DIR --num_steps 3200`).
     "scratch-cifar10-cpu": dict(
         dataset="cifar10", model_type="Ti/16", pretrained_dir="none", img_size=32, patch_size=4, depth=6, num_heads=6,
         mlp_dim=384, dropout_rate=0.0, classifier="gap", gelu="exact", pos_embed_init="sincos2d", patch_drop_rate=0.5,
-        train_batch_size=256, optimizer="adamw", learning_rate=2e-3,
-        weight_decay=0.05, adam_betas=(0.9, 0.99), num_steps=3600, warmup_steps=200, decay_type="cosine",
-        label_smoothing=0.1, augment="pad_crop", hflip=True, precision="bf16", val_split=0.1, eval_every=600,
+        attention_init="mimetic", train_batch_size=256, optimizer="muon", learning_rate=2e-3,
+        weight_decay=0.05, adam_betas=(0.9, 0.99), num_steps=3200, warmup_steps=200, decay_type="cosine",
+        label_smoothing=0.1, augment="pad_crop", hflip=True, precision="bf16", val_split=0.1, eval_every=640,
         eval_batch_size=500, max_grad_norm=1.0,
     ),
 }  # fmt: skip

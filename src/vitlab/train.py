@@ -37,15 +37,56 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay_type: str) -
     return max(0.0, (total_steps - step) / max(1.0, total_steps - warmup_steps))
 
 
-def configure_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def configure_optimizer(model: VisionTransformer, config: TrainConfig) -> torch.optim.Optimizer:
     """SGD as the seed (weight decay on every parameter); AdamW decays only matrices, not norms,
-    biases, class token and position embeddings."""
+    biases, class token and position embeddings; Muon takes the encoder blocks' matrices and AdamW the rest."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
-    decay = [p for p in model.parameters() if p.ndim >= 2 and p.requires_grad]
-    no_decay = [p for p in model.parameters() if p.ndim < 2 and p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    hidden = {id(p) for p in model.blocks.parameters() if p.ndim == 2} if config.optimizer == "muon" else set()
+    undecayed = {id(p) for p in trained if p.ndim < 2} | {id(p) for p in (model.pos_embed, model.cls_token) if p is not None}
+    decay = [p for p in trained if id(p) not in undecayed | hidden]
+    no_decay = [p for p in trained if id(p) in undecayed]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.adam_betas)
+    adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.adam_betas)
+    if config.optimizer == "adamw":
+        return adamw
+    # Muon is for hidden layers' matrices: the patch embedding, head and vectors stay with AdamW, as its authors
+    # advise. "match_rms_adamw" scales its orthogonal updates to AdamW's size, so both share one lr and decay.
+    muon = torch.optim.Muon([p for p in trained if id(p) in hidden], lr=config.learning_rate, weight_decay=config.weight_decay,
+                            adjust_lr_fn="match_rms_adamw")  # fmt: skip
+    return Combined(muon=muon, adamw=adamw)
+
+
+class Combined(torch.optim.Optimizer):
+    """Several optimizers, each over its own parameters, stepped as one: one learning-rate schedule moves
+    every group (they are the same group dicts), one gradient scaler, one state dict keyed by name."""
+
+    def __init__(self, **parts: torch.optim.Optimizer):
+        self.parts = parts
+        super().__init__([g for part in parts.values() for g in part.param_groups], {})
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:  # evaluated once, not once per part
+            with torch.enable_grad():
+                loss = closure()
+        for part in self.parts.values():
+            part.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts.values():
+            part.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if set(state_dict) != set(self.parts):
+            raise ValueError(f"optimizer state for {sorted(state_dict)}, this run has {sorted(self.parts)}")
+        for name, part in self.parts.items():
+            part.load_state_dict(state_dict[name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +260,9 @@ class Run:
             if key not in state:
                 raise TrainingError(f"{path}: holds no training state ({key}); only checkpoints written by `vitlab train` resume")
         checkpoints.check_same_function(ModelConfig.from_dict(state["model_config"]), self.model.config, path)
+        theirs = state.get("train_config", {}).get("optimizer", self.config.optimizer)
+        if theirs != self.config.optimizer:  # another optimizer's state does not load, or loads into the wrong slots
+            raise TrainingError(f"{path}: its run used --optimizer {theirs}, this one {self.config.optimizer}; pass --optimizer {theirs}")
         checkpoints.load_state(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
