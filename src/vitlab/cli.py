@@ -10,7 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from .config import VARIANTS, ModelConfig, TrainConfig, seed_name
+from .config import CHOICES, VARIANTS, ModelConfig, TrainConfig, seed_name
 
 
 class UsageError(ValueError):
@@ -65,12 +65,6 @@ _TRAIN_HELP = {
     "fp16_opt_level": "Apex opt level, mapped onto torch.amp: O0 fp32; O1 and O2 fp16 autocast with fp32 master weights",
     "local_rank": "process's GPU under torch.distributed.launch (torchrun sets LOCAL_RANK instead)",
 }
-_CHOICES = {
-    "dataset": ["cifar10", "cifar100", "imagefolder"], "decay_type": ["cosine", "linear"], "precision": ["fp32", "bf16", "fp16"],
-    "optimizer": ["sgd", "adamw", "muon"], "augment": ["resized_crop", "pad_crop", "none"], "fp16_opt_level": ["O0", "O1", "O2"],
-    "classifier": ["token", "gap"], "gelu": ["tanh", "exact"],
-    "pos_embed_init": ["normal", "sincos2d"], "attention_init": ["xavier", "mimetic"],
-}  # fmt: skip
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +90,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             # A model override defaults to None: its type is that of the ModelConfig field it overrides.
             typed = getattr(model_defaults, f.name) if f.name in TrainConfig.MODEL_OVERRIDES else default
             kind = {int: int, float: float}.get(type(typed), str)
-            parser.add_argument(*flags, type=kind, choices=_CHOICES.get(f.name), **kwargs)
+            parser.add_argument(*flags, type=kind, choices=CHOICES.get(f.name), **kwargs)
 
 
 def _read_config_file(path: str) -> dict:

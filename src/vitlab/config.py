@@ -11,6 +11,21 @@ import dataclasses
 from dataclasses import dataclass
 
 
+# Every setting that takes one of a few names, and the names: the configs check them, the CLI offers them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "classifier": ("token", "gap"), "attention_impl": ("auto", "sdpa", "math"), "gelu": ("tanh", "exact"),
+    "pos_embed_init": ("normal", "sincos2d"), "attention_init": ("xavier", "mimetic"),
+    "dataset": ("cifar10", "cifar100", "imagefolder"), "decay_type": ("cosine", "linear"), "precision": ("fp32", "bf16", "fp16"),
+    "fp16_opt_level": ("O0", "O1", "O2"), "optimizer": ("sgd", "adamw", "muon"), "augment": ("resized_crop", "pad_crop", "none"),
+}  # fmt: skip
+
+
+def _listed(names: tuple[str, ...], quote: bool) -> str:
+    """'a', 'b' or 'c' (quoted) / a, b or c."""
+    shown = [repr(n) if quote else n for n in names]
+    return f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "B/16"
@@ -39,18 +54,11 @@ class ModelConfig:
     # Liu et al. 2022; timm's patch_drop_rate): cheaper steps, more images per second; evaluation sees every patch
 
     def __post_init__(self) -> None:
-        if self.classifier not in ("token", "gap"):
-            raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
-        if self.attention_impl not in ("auto", "sdpa", "math"):
-            raise ValueError(f"attention_impl must be 'auto', 'sdpa' or 'math', got {self.attention_impl!r}")
-        if self.gelu not in ("tanh", "exact"):
-            raise ValueError(f"gelu must be 'tanh' or 'exact', got {self.gelu!r}")
-        if self.pos_embed_init not in ("normal", "sincos2d"):
-            raise ValueError(f"pos_embed_init must be 'normal' or 'sincos2d', got {self.pos_embed_init!r}")
+        for name in (n for n in CHOICES if n in self.__dataclass_fields__):
+            if getattr(self, name) not in CHOICES[name]:
+                raise ValueError(f"{name} must be {_listed(CHOICES[name], quote=True)}, got {getattr(self, name)!r}")
         if self.pos_embed_init == "sincos2d" and self.hidden_size % 4:
             raise ValueError(f"pos_embed_init 'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
-        if self.attention_init not in ("xavier", "mimetic"):
-            raise ValueError(f"attention_init must be 'xavier' or 'mimetic', got {self.attention_init!r}")
         if not 0 <= self.patch_drop_rate < 1:
             raise ValueError(f"patch_drop_rate must be in [0, 1), got {self.patch_drop_rate}")
         if self.hidden_size % self.num_heads:
@@ -224,14 +232,12 @@ class TrainConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Refuse settings that cannot run, each with one clear sentence."""
-        checks = [
-            (bool(self.name), "--name is required"),
-            (self.dataset in ("cifar10", "cifar100", "imagefolder"), f"--dataset {self.dataset!r}: choose cifar10, cifar100 or imagefolder"),
-            (self.decay_type in ("cosine", "linear"), f"--decay_type {self.decay_type!r}: choose cosine or linear"),
-            (self.precision in ("fp32", "bf16", "fp16"), f"--precision {self.precision!r}: choose fp32, bf16 or fp16"),
-            (self.fp16_opt_level in ("O0", "O1", "O2"), f"--fp16_opt_level {self.fp16_opt_level!r}: O0, O1 or O2 (O3, pure fp16, is not supported)"),
-            (self.optimizer in ("sgd", "adamw", "muon"), f"--optimizer {self.optimizer!r}: choose sgd, adamw or muon"),
-            (self.augment in ("resized_crop", "pad_crop", "none"), f"--augment {self.augment!r}: choose resized_crop, pad_crop or none"),
+        checks = [(bool(self.name), "--name is required")]
+        for name in ("dataset", "decay_type", "precision", "fp16_opt_level", "optimizer", "augment"):
+            value, allowed = getattr(self, name), _listed(CHOICES[name], quote=False)
+            hint = f"{allowed} (O3, pure fp16, is not supported)" if name == "fp16_opt_level" else f"choose {allowed}"
+            checks.append((value in CHOICES[name], f"--{name} {value!r}: {hint}"))
+        checks += [
             (self.num_steps > 0, "--num_steps must be positive"),
             (self.warmup_steps >= 0, "--warmup_steps must be 0 or more"),
             (self.eval_every > 0, "--eval_every must be positive"),

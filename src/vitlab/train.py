@@ -45,7 +45,7 @@ def configure_optimizer(model: VisionTransformer, config: TrainConfig) -> torch.
     trained = [p for p in model.parameters() if p.requires_grad]
     hidden = {id(p) for p in model.blocks.parameters() if p.ndim == 2} if config.optimizer == "muon" else set()
     undecayed = {id(p) for p in trained if p.ndim < 2} | {id(p) for p in (model.pos_embed, model.cls_token) if p is not None}
-    decay = [p for p in trained if id(p) not in undecayed | hidden]
+    decay = [p for p in trained if id(p) not in undecayed and id(p) not in hidden]
     no_decay = [p for p in trained if id(p) in undecayed]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.adam_betas)
