@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from vitlab import checkpoints
 from vitlab.config import SEED_NAMES, VARIANTS, ModelConfig, all_names, canonical_name, get_config
-from vitlab.model import _factor, _pad_same, count_parameters, create_model, sincos_2d
+from vitlab import model as model_module
+from vitlab.model import Linear, _factor, _pad_same, count_parameters, create_model, sincos_2d
 
 # Parameter counts at 10 classes and 224 px (the seed's table; both spellings give the same).
 EXPECTED_PARAMETERS = {
@@ -123,14 +124,65 @@ def test_token_count_follows_config():
     assert model.pos_embed.shape == (1, 26, 768)
 
 
+def _as_gelu(fc1: Linear, probe: torch.Tensor) -> torch.Tensor:
+    """fc1 (Linear with its GELU) turned into the bare activation: input feature 0 copied to every output."""
+    with torch.no_grad():
+        fc1.weight.zero_()
+        fc1.weight[:, 0] = 1
+        fc1.bias.zero_()
+    return fc1(F.pad(probe[:, None], (0, fc1.in_features - 1)))[:, 0]
+
+
 def test_gelu_form_follows_config():
     probe = torch.linspace(-4, 4, 101)
     for form, expected in (("tanh", F.gelu(probe, approximate="tanh")), ("exact", F.gelu(probe))):
-        model = create_model("Ti/16", img_size=32, patch_size=8, depth=1, gelu=form)
-        torch.testing.assert_close(model.blocks[0].mlp.act(probe), expected, rtol=0, atol=0)
+        fc1 = create_model("Ti/16", img_size=32, patch_size=8, depth=1, gelu=form).blocks[0].mlp.fc1
+        with torch.no_grad():  # inference: GELU fused into the matmul on x86 CPUs
+            torch.testing.assert_close(_as_gelu(fc1, probe), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(_as_gelu(fc1, probe.requires_grad_()), expected, rtol=0, atol=1e-6)  # training
+    assert (F.gelu(probe, approximate="tanh") - F.gelu(probe)).abs().max() > 1e-4  # so the tolerance tells them apart
     assert get_config("B/16").gelu == "tanh"  # the official weights' form is the default
     old = {k: v for k, v in get_config("Ti/16").to_dict().items() if k != "gelu"}  # a config saved before the field
     assert ModelConfig.from_dict(old).gelu == "tanh"
+
+
+@pytest.mark.parametrize("gelu", [None, "tanh", "none"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_linear_equals_nn_linear_forward_and_backward(gelu, precision):
+    # vitlab's Linear (oneDNN, bias and GELU fused, on x86 CPUs) against F.linear and F.gelu under the same autocast.
+    torch.manual_seed(0)
+    layer = Linear(48, 80, gelu=gelu)
+    x = torch.randn(3, 9, 48, requires_grad=True)
+    grad_out = torch.randn(3, 9, 80)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        got = layer(x)
+        expected = F.linear(x, layer.weight, layer.bias)
+        expected = expected if gelu is None else F.gelu(expected, approximate=gelu)
+        with torch.no_grad():
+            inferred = layer(x)
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert got.dtype == inferred.dtype == expected.dtype == want
+    tolerance = {"rtol": 1.6e-2, "atol": 1e-2} if precision == "bf16" else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(got, expected, **tolerance)
+    torch.testing.assert_close(inferred, expected, **tolerance)
+    grads = torch.autograd.grad(got, (x, layer.weight, layer.bias), grad_out)
+    expected_grads = torch.autograd.grad(expected, (x, layer.weight, layer.bias), grad_out)
+    for g, e in zip(grads, expected_grads):
+        assert g.dtype == e.dtype == torch.float32  # fp32 gradients for the fp32 parameters, as autocast gives
+        torch.testing.assert_close(g, e, **tolerance)
+
+
+@pytest.mark.skipif(not model_module._ONEDNN_LINEAR, reason="oneDNN linear is used on x86 CPUs only")
+def test_linear_runs_through_onednn_on_x86_and_f_linear_elsewhere():
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    assert type(layer(x).grad_fn).__name__ == "_OneDnnLinearBackward"
+    # What oneDNN is not asked to do goes to F.linear: float64, and tracing (exporters see a plain linear).
+    assert type(layer.double()(x.double()).grad_fn).__name__ == "AddmmBackward0"
+    traced = torch.jit.trace(layer.float(), (x.detach(),))
+    assert "mkldnn" not in str(traced.graph) and "linear" in str(traced.graph)
+    with pytest.raises(RuntimeError):  # no autocast: mixed dtypes are an error, as in nn.Linear
+        layer(x.bfloat16())
 
 
 def test_sincos_2d_table():

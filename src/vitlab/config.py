@@ -42,8 +42,8 @@ class ModelConfig:
     resnet_width_factor: int = 1
     num_classes: int = 1000
     img_size: int = 224
-    attention_impl: str = "auto"  # "sdpa" (fused kernels), "math" (explicit softmax), "auto": math on CPUs, where
-    # it measured faster (benchmarks/models.py), sdpa elsewhere; the logits are the same
+    attention_impl: str = "auto"  # "sdpa" (fused kernels), "math" (explicit softmax), "auto": math on CPUs in bf16,
+    # where it measured faster (benchmarks/models.py), sdpa elsewhere; the logits are the same
     gelu: str = "tanh"  # "tanh": flax's approximation, which the released weights were trained with; "exact": the erf
     # form, for models trained from scratch (3x cheaper than torch's tanh form on CPUs)
     pos_embed_init: str = "normal"  # "normal": N(0, 0.02), the official init; "sincos2d": the fixed 2-D sine-cosine
