@@ -143,13 +143,15 @@ class ResNetStem(nn.Module):
 
 # oneDNN's matmul with the bias, and for fc1 the GELU, applied to each output tile while it is still in cache:
 # torch's CPU nn.Linear first writes the broadcast bias over the whole output and then accumulates the product
-# into it, and GELU is another pass. x86 only, where it was measured (benchmarks/models.py): with the bias fused
-# the MLP's first matmul ran 19% faster in fp32 and 6% in bf16 at ViT-B/16's shape, and with the GELU fused too
-# the bf16 MLP input projection of the patch-4 model took half the time.
+# into it, GELU is another pass, and its fp32 matmul is MKL's, which oneDNN outran on our AMD CPU. x86 only, where it
+# was measured: with the bias fused the MLP's first matmul ran 19% faster in fp32 and 6% in bf16 at ViT-B/16's
+# shape; with the GELU fused too, the patch-4 model's took a fifth less time in bf16 (exact GELU) and half (tanh
+# GELU). Whole models: README, Performance.
 _ONEDNN_LINEAR = (
     platform.machine().lower() in ("x86_64", "amd64")
     and torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    and hasattr(torch, "get_autocast_dtype")  # torch >= 2.4
 )
 
 
