@@ -21,11 +21,12 @@ How. Every implementation is built and warmed up first (excluded from timing), t
 round times every cell of every implementation for the same number of iterations, in an order rotated
 from round to round so that drift on the machine hits all of them alike (time.perf_counter, CUDA
 synchronised). The result is the median images/s over rounds, and vitlab's ratio to the fastest peer.
-Each round also times a square matrix product in fp32 and bf16 (the faster of torch.mm and, on CPUs,
+Each round also times a square matrix product in fp32 and bf16 (the faster of torch.mm and, on x86 CPUs,
 oneDNN's matmul), the machine's practical ceiling; every result is shown as a percentage of the FLOP-bound
-limit that ceiling implies: images/s x FLOPs per image / ceiling. FLOPs per image count each multiply-add as 2 of a ViT forward (patch embedding, qkv, attention
-scores and weighted sum, output projection, MLP, head; norms, softmax and GELU left out); a training step
-counts 3x the forward. Peak memory of a training step runs each implementation in a fresh subprocess:
+limit that ceiling implies: images/s x FLOPs per image / ceiling. FLOPs per image count each multiply-add
+as 2 of a ViT forward (patch embedding, qkv, attention scores and weighted sum, output projection, MLP,
+head; norms, softmax and GELU left out); a training step counts 3x the forward. Peak memory of a training
+step runs each implementation in a fresh subprocess:
 on CUDA torch.cuda.max_memory_allocated, on a CPU the peak resident set (VmHWM, reset after the model is
 built), each minus the memory after the model, optimizer and batch were created; the output says which.
 Every implementation runs in a process where vitlab was imported before torch, so torch's CPU allocator
@@ -55,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.evaluate import autocast
+from vitlab.model import ONEDNN_LINEAR, onednn_linear
 
 NUM_CLASSES = 10
 TRAIN_FLOPS_FACTOR = 3  # a training step: the forward, and a backward of about twice its work (input and weight gradients)
@@ -192,9 +194,9 @@ def synchronize(device: torch.device) -> None:
 
 class Ceiling:
     """The faster of two libraries' square matrix product: torch.mm (MKL for fp32 on x86 CPUs, oneDNN for bf16,
-    cuBLAS on GPUs) and, on CPUs, oneDNN's matmul, which vitlab's linear layers use there and which ran fp32
-    about a fifth faster than MKL on this AMD machine. A ceiling below what a model's own matmuls reach would
-    flatter every share."""
+    cuBLAS on GPUs) and, where vitlab's linear layers use it (x86 CPUs), oneDNN's matmul, which ran fp32 about a
+    fifth faster than MKL on this AMD machine. A ceiling below what a model's own matmuls reach would flatter
+    every share."""
 
     def __init__(self, size: int, device: torch.device, min_seconds: float):
         g = torch.Generator().manual_seed(0)
@@ -202,8 +204,8 @@ class Ceiling:
         self.operands = {p: [torch.randn(size, size, generator=g).to(device, dtype) for _ in range(2)]
                          for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
         self.products = {"torch.mm": torch.mm}
-        if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-            self.products["oneDNN"] = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # a @ b.T
+        if device.type == "cpu" and ONEDNN_LINEAR:
+            self.products["oneDNN"] = lambda a, b: onednn_linear(a, b, None)  # a @ b.T: as many FLOPs
         self.repeats = {(p, lib): max(1, math.ceil(min_seconds / self._seconds(p, lib, 1)))  # the first call warms up
                         for p in self.operands for lib in self.products}  # fmt: skip
 

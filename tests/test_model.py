@@ -172,7 +172,7 @@ def test_linear_equals_nn_linear_forward_and_backward(gelu, precision):
         torch.testing.assert_close(g, e, **tolerance)
 
 
-@pytest.mark.skipif(not model_module._ONEDNN_LINEAR, reason="oneDNN linear is used on x86 CPUs only")
+@pytest.mark.skipif(not model_module.ONEDNN_LINEAR, reason="oneDNN linear is used on x86 CPUs only")
 def test_linear_runs_through_onednn_on_x86_and_f_linear_elsewhere():
     layer = Linear(16, 8)
     x = torch.randn(4, 16, requires_grad=True)

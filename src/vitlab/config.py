@@ -260,6 +260,11 @@ class TrainConfig:
                 f"accumulation steps x {world_size} processes"
             )
         canonical_name(self.model_type)
+        if self.optimizer == "muon":
+            import torch  # only here: the configs are otherwise plain data
+
+            if not hasattr(torch.optim, "Muon"):
+                raise ValueError(f"--optimizer muon needs torch 2.9 or newer (torch.optim.Muon); this is torch {torch.__version__}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

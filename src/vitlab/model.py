@@ -147,12 +147,17 @@ class ResNetStem(nn.Module):
 # was measured: with the bias fused the MLP's first matmul ran 19% faster in fp32 and 6% in bf16 at ViT-B/16's
 # shape; with the GELU fused too, the patch-4 model's took a fifth less time in bf16 (exact GELU) and half (tanh
 # GELU). Whole models: README, Performance.
-_ONEDNN_LINEAR = (
+ONEDNN_LINEAR = (
     platform.machine().lower() in ("x86_64", "amd64")
     and torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     and hasattr(torch, "get_autocast_dtype")  # torch >= 2.4
 )
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, then GELU (F.gelu's `approximate`: "none" or "tanh") if asked, in one oneDNN matmul."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none" if gelu is None else "gelu", [], gelu or "")
 
 
 class _OneDnnLinear(torch.autograd.Function):
@@ -161,7 +166,7 @@ class _OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -186,18 +191,16 @@ class Linear(nn.Linear):
         dtype = self._onednn_dtype(x)
         if dtype is None:
             y = F.linear(x, self.weight, self.bias)
-            return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
-        x, weight, bias = x.to(dtype), self.weight.to(dtype), self.bias.to(dtype)  # autocast's casts, by hand
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        else:
+            x, weight, bias = x.to(dtype), self.weight.to(dtype), self.bias.to(dtype)  # autocast's casts, by hand
+            if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+                return onednn_linear(x, weight, bias, self.gelu)  # inference: the GELU fused too
             y = _OneDnnLinear.apply(x, weight, bias)  # the backward needs the GELU's input: not fused
-            return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
-        if self.gelu is None:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], self.gelu)
+        return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
 
     def _onednn_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype to compute in by oneDNN (autocast's, else the input's), or None for F.linear."""
-        if not _ONEDNN_LINEAR or x.device.type != "cpu" or x.dim() not in (2, 3) or self.bias is None:
+        if not ONEDNN_LINEAR or x.device.type != "cpu" or x.dim() not in (2, 3) or self.bias is None:
             return None
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return None

@@ -51,8 +51,6 @@ def configure_optimizer(model: VisionTransformer, config: TrainConfig) -> torch.
     adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.adam_betas)
     if config.optimizer == "adamw":
         return adamw
-    if not hasattr(torch.optim, "Muon"):
-        raise TrainingError(f"--optimizer muon needs torch 2.9 or newer (torch.optim.Muon); this is torch {torch.__version__}")
     # Muon is for hidden layers' matrices: the patch embedding, head and vectors stay with AdamW, as its authors
     # advise. "match_rms_adamw" scales its orthogonal updates to AdamW's size, so both share one lr and decay.
     muon = torch.optim.Muon([p for p in trained if id(p) in hidden], lr=config.learning_rate, weight_decay=config.weight_decay,
