@@ -20,7 +20,8 @@ and the 224 px crop on its own (--kernels): vitlab.data.crop_and_resize, the sin
 replaced, and merely writing a fresh (256, 3, 224, 224) float tensor, the floor for any pipeline that
 returns new memory. On a CPU that floor is set by page faults: torch frees and maps such large tensors
 anew each time. vitlab, imported first, turns torch's transparent huge pages on (THP_MEM_ALLOC_ENABLE=1, unless
-set otherwise) as the `vitlab` command does; both pipelines run in that one process.
+set otherwise) and, unless --no-keep_freed_memory, has malloc keep freed memory for reuse (vitlab.keep_freed_memory),
+as the `vitlab` command does; every pipeline runs in that one process.
 
 How: every pipeline is warmed up first, then --rounds rounds time each pipeline in turn, in an order
 rotated every round (time.perf_counter, CUDA synchronised), for as many batches as last --min_seconds;
@@ -41,7 +42,7 @@ import statistics
 import time
 from pathlib import Path
 
-import vitlab  # noqa: F401, I001  before torch: vitlab turns torch's huge-page allocator on, as for `vitlab train`
+import vitlab  # noqa: I001  before torch: vitlab turns torch's huge-page allocator on, as for `vitlab train`
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -247,8 +248,15 @@ def main() -> None:
         "--kernels", action=argparse.BooleanOptionalAction, default=True, help="also time the 224 px crop alone (default: on)"
     )
     parser.add_argument("--quick", action="store_true", help="3 rounds of about 0.3 s per pipeline, one warm-up batch")
+    parser.add_argument(
+        "--keep_freed_memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="malloc keeps freed memory for reuse, as under the `vitlab` command (vitlab.keep_freed_memory) (default: on)",
+    )
     parser.add_argument("--json", type=Path, help="write every number to this JSON file")
     args = parser.parse_args()
+    kept = args.keep_freed_memory and vitlab.keep_freed_memory()
     if args.quick:
         args.rounds, args.min_seconds, args.warmup = 3, 0.3, 1
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -256,9 +264,9 @@ def main() -> None:
     data, source = load_images(args)
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
     print(f"{source}; batch {BATCH}; device {device}, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, THP_MEM_ALLOC_ENABLE={thp}")  # fmt: skip
+          f"torch {torch.__version__}, THP_MEM_ALLOC_ENABLE={thp}, freed memory kept for reuse: {kept}")  # fmt: skip
     result = {"source": source, "device": str(device), "threads": args.threads, "torch": torch.__version__, "THP_MEM_ALLOC_ENABLE": thp,
-              "args": vars(args), "sizes": {}}  # fmt: skip
+              "freed_memory_kept": kept, "args": vars(args), "sizes": {}}  # fmt: skip
     for size in args.sizes:
         ours = [VitlabPipeline(data, size, device, dtype) for dtype in (torch.float32, torch.bfloat16)]
         pipelines = ours + [TutorialPipeline(data, size, device, w) for w in args.workers]

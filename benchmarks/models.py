@@ -30,8 +30,9 @@ step runs each implementation in a fresh subprocess:
 on CUDA torch.cuda.max_memory_allocated, on a CPU the peak resident set (VmHWM, reset after the model is
 built), each minus the memory after the model, optimizer and batch were created; the output says which.
 Every implementation runs in a process where vitlab was imported before torch, so torch's CPU allocator
-uses transparent huge pages for all of them alike (THP_MEM_ALLOC_ENABLE=1 unless set otherwise), as it
-does under the `vitlab` command.
+uses transparent huge pages for all of them alike (THP_MEM_ALLOC_ENABLE=1 unless set otherwise), and, unless
+--no-keep_freed_memory, where malloc keeps freed memory for reuse (vitlab.keep_freed_memory), as under the
+`vitlab` command: for every implementation alike, the memory subprocesses included.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import vitlab  # noqa: F401, I001  before torch: vitlab turns torch's huge-page allocator on, for every implementation alike
+import vitlab  # noqa: I001  before torch: vitlab turns torch's huge-page allocator on, for every implementation alike
 import torch
 import torch.nn.functional as F
 
@@ -272,7 +273,8 @@ def memory_worker(request: dict) -> dict:
 
 def measure_memory(impl: str, shape: Shape, precision: str, args: argparse.Namespace) -> dict:
     request = {"impl": impl, "shape": asdict(shape), "precision": precision, "device": args.device, "threads": args.threads}
-    done = subprocess.run([sys.executable, __file__, "--memory_worker", json.dumps(request)], capture_output=True, text=True, check=False)
+    keep = "--keep_freed_memory" if args.keep_freed_memory else "--no-keep_freed_memory"
+    done = subprocess.run([sys.executable, __file__, keep, "--memory_worker", json.dumps(request)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -282,8 +284,8 @@ def measure_memory(impl: str, shape: Shape, precision: str, args: argparse.Names
 # The run
 
 
-def environment(device: torch.device, threads: int) -> dict:
-    info = {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "torch": torch.__version__, "python": platform.python_version(), "device": device.type, "threads": threads,
+def environment(device: torch.device, threads: int, freed_memory_kept: bool) -> dict:
+    info = {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "freed_memory_kept": freed_memory_kept, "torch": torch.__version__, "python": platform.python_version(), "device": device.type, "threads": threads,
             "cpu": platform.processor() or platform.machine()}  # fmt: skip
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -303,7 +305,7 @@ def run(args: argparse.Namespace) -> dict:
     skipped = [i for i in IMPLEMENTATIONS if i not in impls]
     shapes = {name: replace(SHAPES[name], **SMOKE_CHANGES) if args.smoke else SHAPES[name] for name in args.configs}
     print(
-        f"device {device}, {args.threads} threads, torch {torch.__version__}"
+        f"device {device}, {args.threads} threads, torch {torch.__version__}, freed memory kept for reuse: {args.freed_memory_kept}"
         + (f"; not installed: {', '.join(skipped)}" if skipped else "")
     )
     if args.smoke:
@@ -341,7 +343,7 @@ def run(args: argparse.Namespace) -> dict:
         best = max(by_library, key=lambda lib: by_library[lib]["gflops_median"])
         ceilings[p] = {"matmul_size": args.matmul_size, "gflops_median": by_library[best]["gflops_median"], "library": best, "by_library": by_library}
     peak = {p: c["gflops_median"] for p, c in ceilings.items()}
-    result = {"environment": environment(device, args.threads), "args": vars(args), "smoke": args.smoke, "ceiling": ceilings, "configs": {}}
+    result = {"environment": environment(device, args.threads, args.freed_memory_kept), "args": vars(args), "smoke": args.smoke, "ceiling": ceilings, "configs": {}}
     for name, shape in shapes.items():
         flops = forward_flops(shape)
         entry = {"shape": asdict(shape), "forward_gflop_per_image": flops / 1e9, "results": {}, "vitlab_vs_best_peer": {}, "memory": {}}
@@ -381,7 +383,7 @@ def print_report(result: dict) -> None:
     if result["smoke"]:
         print("SMOKE RUN: tiny shapes, plumbing only; the numbers mean nothing")
     env = result["environment"]
-    print(f"{env.get('gpu', env['cpu'])}, {env['threads']} threads, torch {env['torch']}")
+    print(f"{env.get('gpu', env['cpu'])}, {env['threads']} threads, torch {env['torch']}, freed memory kept for reuse: {env['freed_memory_kept']}")
     def describe(c: dict) -> str:
         others = ", ".join(f"{lib} {v['gflops_median']:.0f}" for lib, v in c["by_library"].items() if lib != c["library"])
         return f"{c['gflops_median']:.0f} GFLOP/s ({c['library']}" + (f"; {others})" if others else ")")
@@ -435,8 +437,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Ti/4-32 only, 2 rounds of one iteration, one warm-up, no memory")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 round: checks that everything runs, measures nothing")
     parser.add_argument("--json", type=Path, help="write every number to this JSON file")
+    parser.add_argument(
+        "--keep_freed_memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="malloc keeps freed memory for reuse, as under the `vitlab` command (vitlab.keep_freed_memory), for every "
+        "implementation alike (default: on)",
+    )
     parser.add_argument("--memory_worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.freed_memory_kept = args.keep_freed_memory and vitlab.keep_freed_memory()
     if args.memory_worker:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
         return

@@ -4,6 +4,10 @@ a few dozen PNG/JPEG files made in tmp_path."""
 
 from __future__ import annotations
 
+import os
+import platform
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -390,9 +394,7 @@ def test_bf16_augmentation_matches_fp32_to_bf16_precision(kind, size):
 def test_importing_vitlab_turns_on_huge_pages_unless_the_user_chose(preset, expected):
     # Large batches and activations on 4 KiB pages are faulted in page by page (half the 224 px pipeline's
     # speed here); vitlab asks torch for huge pages before torch starts, and keeps a value the user set.
-    import os
     import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     if preset is not None:
@@ -400,3 +402,29 @@ def test_importing_vitlab_turns_on_huge_pages_unless_the_user_chose(preset, expe
     code = "import os, vitlab, torch; torch.ones(1 << 20); print(os.environ['THP_MEM_ALLOC_ENABLE'])"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == expected
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.parametrize("keep, env, expect_kept", [(False, {}, False), (True, {}, True), (True, {"MALLOC_TRIM_THRESHOLD_": "131072"}, False)])
+def test_keep_freed_memory_reuses_freed_blocks_unless_the_user_set_malloc(keep, env, expect_kept):
+    # A 64 MiB tensor made and freed ten times. By default glibc maps each anew and unmaps it when freed, so every
+    # one is faulted in again (at least 32 faults on huge pages, 16,384 on 4 KiB ones); kept, once the heap has
+    # grown to fit the aligned block (a few rounds here), the rest reuse its memory and fault nothing: the last four.
+    import subprocess
+
+    code = (
+        "import resource, sys, vitlab, torch\n"
+        "kept = vitlab.keep_freed_memory() if sys.argv[1] == 'keep' else False\n"
+        "faults = []\n"
+        "for _ in range(10):\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    torch.ones(64 << 20, dtype=torch.uint8)\n"
+        "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "print(kept, sum(faults[-4:]), *faults)\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = {**clean, "THP_MEM_ALLOC_ENABLE": "1", **env}
+    done = subprocess.run([sys.executable, "-c", code, "keep" if keep else "default"], env=env, capture_output=True, text=True, check=True)
+    kept, faults, *each = done.stdout.split()
+    assert kept == str(expect_kept)
+    assert int(faults) < 16 if expect_kept else int(faults) >= 4 * 32, each

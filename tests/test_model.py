@@ -153,7 +153,7 @@ def test_linear_equals_nn_linear_forward_and_backward(gelu, precision):
     torch.manual_seed(0)
     layer = Linear(48, 80, gelu=gelu)
     x = torch.randn(3, 9, 48, requires_grad=True)
-    grad_out = torch.randn(3, 9, 80)
+    grad_out = torch.randn(80, 9, 3).permute(2, 1, 0)  # (3, 9, 80), not contiguous, as autograd may pass it
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         got = layer(x)
         expected = F.linear(x, layer.weight, layer.bias)

@@ -123,6 +123,16 @@ def test_seed_command_line_has_the_seeds_defaults():
     assert config == TrainConfig(name="cifar10-100_500", num_steps=100)  # every other setting is the default
 
 
+def test_the_vitlab_command_keeps_freed_memory_for_reuse(monkeypatch, capsys):
+    # Every command runs with malloc keeping freed memory (a training step reuses the last one's pages).
+    import vitlab
+
+    calls = []
+    monkeypatch.setattr(vitlab, "keep_freed_memory", lambda: calls.append(True) or True)
+    assert main(["models"]) == 0
+    assert calls == [True]
+
+
 def test_dashed_spellings_and_local_rank():
     config = parse([
         "train", "--name", "x", "--train-batch-size", "8", "--eval-batch-size", "4", "--gradient-accumulation-steps", "2",

@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import keep_freed_memory
     from .checkpoints import CheckpointError
     from .data import DataError
     from .train import TrainingError
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"vitlab {args.command}: error: unrecognized arguments: {' '.join(unknown)} (see --help)", file=sys.stderr)
         return 2
+    keep_freed_memory()  # a training step reuses the last one's memory instead of mapping it anew
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head`: stop quietly, as the Python docs advise
