@@ -22,7 +22,7 @@ def keep_freed_memory() -> bool:
     torch's CPU tensors come from malloc, which serves large blocks with a fresh mmap and unmaps them when freed:
     every training step then maps its activations anew and the kernel zeroes each page on first touch. With
     mmap off (large blocks from the heap) and up to 2 GiB of free heap kept, a step reuses the last step's memory:
-    the patch-4 ViT's fp32 training step went from 138,000 page faults and 6.0 s to 3,600 and 4.0 s (README,
+    the patch-4 ViT's fp32 training step went from 138,000 page faults and 6.0 s to 900 and 4.1 s (README,
     Performance). The cost: the process holds its peak memory until it exits, fine for a run of the `vitlab`
     command, which calls this; a library import does not. Returns whether it took effect: Linux with glibc only,
     and not where the user has set malloc's settings (MALLOC_*_ variables, GLIBC_TUNABLES glibc.malloc.*)."""
