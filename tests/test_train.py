@@ -123,7 +123,7 @@ def test_seed_command_line_has_the_seeds_defaults():
     assert config == TrainConfig(name="cifar10-100_500", num_steps=100)  # every other setting is the default
 
 
-def test_the_vitlab_command_keeps_freed_memory_for_reuse(monkeypatch, capsys):
+def test_the_vitlab_command_keeps_freed_memory_for_reuse(monkeypatch):
     # Every command runs with malloc keeping freed memory (a training step reuses the last one's pages).
     import vitlab
 
