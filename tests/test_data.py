@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from vitlab import data as vdata
@@ -224,6 +225,30 @@ def test_crop_and_resize_takes_the_box():
     out = crop_and_resize(images, boxes, 4, torch.zeros(2, dtype=torch.bool))
     torch.testing.assert_close(out[0], images[0, :, 2:6, 1:5], rtol=0, atol=1e-4)
     torch.testing.assert_close(out[1], images[1, :, 0:4, 4:8], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 32, 32, 224), (5, 2, 20, 45, 17), (4, 1, 1, 9, 5), (3, 2, 9, 1, 6), (2, 3, 90, 60, 32)])
+def test_crop_and_resize_samples_as_grid_sample(shape):
+    # The reference: one grid_sample over an affine grid that maps the output onto the box, mirrored
+    # where flipped. Covers up- and downsampling, non-square images and one-pixel-high or -wide ones.
+    B, C, H, W, size = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    images = torch.randn(B, C, H, W, generator=g)
+    boxes = resized_crop_boxes(B, H, W, (0.05, 1.0), g)
+    flip = torch.arange(B) % 2 == 0
+    top, left, h, w = boxes.unbind(1)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
+    theta[:, 0, 2] = (2 * left + w) / W - 1
+    theta[:, 1, 1] = h / H
+    theta[:, 1, 2] = (2 * top + h) / H - 1
+    grid = F.affine_grid(theta, [B, C, size, size], align_corners=False)
+    expected = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    torch.testing.assert_close(crop_and_resize(images, boxes, size, flip), expected, rtol=0, atol=1e-4)  # positions in fp32
+    # bf16 images give bf16 output, within bf16's rounding of inputs, weights and the intermediate.
+    out = crop_and_resize(images.bfloat16(), boxes, size, flip)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.05)
 
 
 def test_resized_crop_boxes_lie_inside_and_respect_the_scale():

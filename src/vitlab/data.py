@@ -222,26 +222,34 @@ def resized_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, 
 def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:
     """Bilinear crop-and-resize of float (B, C, H, W) to (B, C, size, size); boxes (B, 4) = (top, left, h, w); `flip` mirrors.
 
-    grid_sample's sampling (bilinear, align_corners=False, border padding) done separably, as two batched
-    matmuls out = Ry @ image @ Rx^T with per-sample interpolation matrices Ry (size, H) and Rx (size, W):
-    on a CPU faster than one grid_sample, which works out the four taps of every output pixel on its own."""
+    grid_sample's sampling (bilinear, align_corners=False, border padding) done separably. The columns: one batched
+    matmul with per-sample interpolation matrices (B, W, size), on the small input. The rows: each output row is
+    the weighted sum of its two nearest input rows, an embedding_bag over the rows, which writes the large output
+    once instead of spending H multiply-adds on each of its pixels as a second matmul would (2.7x faster in fp32
+    on a CPU, 224 px from 32 px) or working out four taps per pixel as one grid_sample does."""
     B, C, H, W = images.shape
     # Sampling positions in fp32 even for bf16 images: bf16 cannot tell pixel 31.5 from 31.6.
     top, left, h, w = boxes.to(images.device, torch.float32).unbind(1)
     steps = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size  # output pixel centres in [0, 1]
 
-    def weights(start: torch.Tensor, length: torch.Tensor, in_size: int, mirror: torch.Tensor | None = None) -> torch.Tensor:
-        # (B, size, in_size): each output pixel's centre mapped into the box, in input pixels, clamped to the border
-        # pixels; its weights are 1 - distance to the two nearest input pixels (the tent), 0 elsewhere.
-        centres = (start[:, None] + steps * length[:, None] - 0.5).clamp(0, in_size - 1)  # (B, size)
-        if mirror is not None:
-            centres = torch.where(mirror.to(images.device)[:, None], centres.flip(1), centres)
-        distance = (centres[..., None] - torch.arange(in_size, device=images.device, dtype=torch.float32)).abs_()
-        return distance.neg_().add_(1).clamp_(min=0).to(images.dtype)
+    def centres(start: torch.Tensor, length: torch.Tensor, in_size: int) -> torch.Tensor:
+        # (B, size): each output pixel's centre mapped into the box, in input pixels, clamped to the border pixels
+        return (start[:, None] + steps * length[:, None] - 0.5).clamp(0, in_size - 1)
 
-    rows, cols = weights(top, h, H), weights(left, w, W, flip)
-    x = torch.matmul(rows[:, None], images)  # (B, C, size, W): rows interpolated
-    return torch.bmm(x.reshape(B, C * size, W), cols.transpose(1, 2)).view(B, C, size, size)
+    x = centres(left, w, W)
+    x = torch.where(flip.to(images.device)[:, None], x.flip(1), x)
+    # (B, W, size): an input column's weight in an output column is 1 - their distance (the tent), 0 beyond 1.
+    cols = (x[:, None, :] - torch.arange(W, device=images.device, dtype=torch.float32)[:, None]).abs_().neg_().add_(1)
+    resized = torch.bmm(images.reshape(B, C * H, W), cols.clamp_(min=0).to(images.dtype))  # (B, C*H, size)
+
+    y = centres(top, h, H)
+    above = y.floor().clamp_(max=max(H - 2, 0))  # the lower of the two rows, so that the upper one exists
+    below = (above + 1).clamp_(max=H - 1)
+    first_row = torch.arange(B * C, device=images.device).view(B, C, 1) * H  # of each image channel in `resized`
+    index = torch.stack([first_row + above.long()[:, None], first_row + below.long()[:, None]], dim=-1)  # (B, C, size, 2)
+    weight = torch.stack([above + 1 - y, y - above], dim=-1).to(images.dtype)[:, None].expand(B, C, size, 2)
+    out = F.embedding_bag(index.view(-1, 2), resized.view(B * C * H, size), per_sample_weights=weight.reshape(-1, 2), mode="sum")
+    return out.view(B, C, size, size)
 
 
 def pad_crop(images: torch.Tensor, padding: int, offsets: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
