@@ -384,6 +384,12 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _figure(images_per_second: float) -> str:
+    """At least three significant figures: B/16 trains at under 2 images/s, where one decimal hides the ratios."""
+    decimals = 2 if images_per_second < 10 else 1 if images_per_second < 100 else 0
+    return f"{images_per_second:.{decimals}f}"
+
+
 def print_report(result: dict) -> None:
     ceiling = result["ceiling"]
     print()
@@ -409,7 +415,7 @@ def print_report(result: dict) -> None:
         )
         print(f"{'':<18}{'params':>12}" + "".join(f"{c:>20}" for c in CELLS))
         for impl, r in entry["results"].items():
-            cells = "".join(f"{r['cells'][c]['images_per_second']:>12.1f} ({r['cells'][c]['percent_of_flop_limit']:>3.0f}%)" for c in CELLS)
+            cells = "".join(f"{_figure(r['cells'][c]['images_per_second']):>12} ({r['cells'][c]['percent_of_flop_limit']:>3.0f}%)" for c in CELLS)
             print(f"{impl:<18}{r['parameters']:>12,}{cells}   {r['attention']}")
         if entry["vitlab_vs_best_peer"]:
             vs = entry["vitlab_vs_best_peer"]
