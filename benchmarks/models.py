@@ -374,8 +374,7 @@ def run(args: argparse.Namespace) -> dict:
                 )
                 entry["vitlab_vs_best_peer"][cell] = {"ratio": ratio, "best_peer": best}
         result["configs"][name] = entry
-    for key in list(runners):
-        del runners[key]  # free the models before the memory subprocesses run
+    runners.clear()  # free the models before the memory subprocesses run
     if args.memory:
         for name, shape in shapes.items():
             for impl in timed_on(shape, impls):
