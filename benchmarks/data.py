@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitlab import fastpaths
 from vitlab.data import Augmentation, ImageSet, TrainBatches, crop_and_resize, load_image_folder, resized_crop_boxes, to_float
 
 BATCH = 256
@@ -272,6 +273,8 @@ def main() -> None:
         default=True,
         help="malloc keeps freed memory for reuse, as under the `vitlab` command (vitlab.keep_freed_memory) (default: on)",
     )
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], help="vitlab's batch precisions (default: fp32, and bf16 "
+                        "where the hardware runs it natively)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write every number to this JSON file")
     args = parser.parse_args()
     kept = args.keep_freed_memory and vitlab.keep_freed_memory()
@@ -281,12 +284,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data, source = load_images(args)
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
-    print(f"{source}; batch {BATCH}; device {device}, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, THP_MEM_ALLOC_ENABLE={thp}, freed memory kept for reuse: {kept}")  # fmt: skip
+    native = fastpaths.native_bf16(device)
+    print(f"{source}; batch {BATCH}; device {device}, {args.threads} threads, {platform.processor() or platform.machine()} "
+          f"({fastpaths.instruction_set()}, native bf16: {'yes' if native else 'no'}), torch {torch.__version__}, "
+          f"THP_MEM_ALLOC_ENABLE={thp}, freed memory kept for reuse: {kept}")  # fmt: skip
+    if args.dtypes is None:
+        args.dtypes = ["fp32", "bf16"] if native else ["fp32"]
+        if not native:
+            print("bf16 batches left out: this device only emulates bf16; --dtypes fp32 bf16 to time them anyway")
     result = {"source": source, "device": str(device), "threads": args.threads, "torch": torch.__version__, "THP_MEM_ALLOC_ENABLE": thp,
-              "freed_memory_kept": kept, "args": vars(args), "sizes": {}}  # fmt: skip
+              "freed_memory_kept": kept, "instruction_set": fastpaths.instruction_set(), "args": vars(args), "sizes": {}}  # fmt: skip
     for size in args.sizes:
-        ours = [VitlabPipeline(data, size, device, dtype) for dtype in (torch.float32, torch.bfloat16)]
+        ours = [VitlabPipeline(data, size, device, {"fp32": torch.float32, "bf16": torch.bfloat16}[d]) for d in args.dtypes]
         pipelines = ours + [TutorialPipeline(data, size, device, w) for w in args.workers]
         rows = compare(pipelines, args.rounds, args.min_seconds, args.warmup, device)
         tutorial_rows = rows[len(ours) :]

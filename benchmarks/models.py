@@ -12,7 +12,8 @@ dropout off: "B/16" (ViT-B/16 at 224 px, batch 16: the tutorial's fine-tuning) a
 depth 12, 3 heads, MLP 768, patch 4 at 32 px, batch 256: training from scratch). Four cells each:
   infer fp32 / infer bf16   eval(), torch.inference_mode, one forward pass of the batch
   train fp32 / train bf16   train(), forward, cross-entropy, backward, SGD (momentum 0.9) update, zero_grad
-bf16 is torch.autocast (vitlab.evaluate.autocast) over fp32 weights, as `vitlab train --precision bf16`.
+bf16 is torch.autocast (vitlab.runtime.autocast) over fp32 weights, as `vitlab train --precision bf16`; it is
+left out by default where the hardware only emulates it (an AVX2 CPU: minutes per cell), `--dtypes` to choose.
 Each library keeps its own details (LayerNorm eps, attention kernel); the shapes and the parameter counts
 (printed) are the same, and so is the GELU: the exact (erf) form, every peer's and the tutorial's. Where Google
 released weights of the shape (B/16), a second vitlab row, "vitlab-tanh", times vitlab with the tanh GELU those
@@ -57,8 +58,9 @@ import vitlab  # noqa: I001  before torch: vitlab turns torch's huge-page alloca
 import torch
 import torch.nn.functional as F
 
-from vitlab.evaluate import autocast
-from vitlab.model import ONEDNN_LINEAR, onednn_linear
+from vitlab import fastpaths
+from vitlab.fastpaths import onednn_linear, onednn_linear_works
+from vitlab.runtime import autocast
 
 NUM_CLASSES = 10
 TRAIN_FLOPS_FACTOR = 3  # a training step: the forward, and a backward of about twice its work (input and weight gradients)
@@ -66,7 +68,12 @@ LEARNING_RATE = 1e-3  # any small value: the weights move, the work per step doe
 MOMENTUM = 0.9
 PEERS = ("timm", "torchvision", "transformers")
 IMPLEMENTATIONS = ("vitlab", "vitlab-tanh", *PEERS)  # vitlab-tanh: vitlab with the tanh GELU, for shapes with official weights
-CELLS = ("infer fp32", "infer bf16", "train fp32", "train bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cells_of(dtypes: list[str]) -> list[str]:
+    """The timed cells: inference and a training step in each precision."""
+    return [f"{mode} {d}" for mode in ("infer", "train") for d in dtypes]
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ def build(impl: str, s: Shape):
         gelu = "tanh" if impl == "vitlab-tanh" else "exact"
         model = create_model(s.vitlab_variant, img_size=s.img_size, patch_size=s.patch_size, hidden_size=s.width, depth=s.depth,
                              num_heads=s.heads, mlp_dim=s.mlp_dim, num_classes=NUM_CLASSES, dropout_rate=0.0, gelu=gelu)  # fmt: skip
-        return model, model, f"{gelu} GELU, attention_impl={model.config.attention_impl} (CPU: explicit softmax in bf16, SDPA in fp32; GPU: SDPA)"
+        return model, model, f"{gelu} GELU, attention_impl={model.config.attention_impl} (the fast paths line says which kernel)"
     if impl == "timm":
         from timm.models.vision_transformer import VisionTransformer
 
@@ -207,20 +214,20 @@ class Ceiling:
     fifth faster than MKL on this AMD machine. A ceiling below what a model's own matmuls reach would flatter
     every share."""
 
-    def __init__(self, size: int, device: torch.device, min_seconds: float):
+    def __init__(self, size: int, device: torch.device, min_seconds: float, dtypes: list[str]):
         g = torch.Generator().manual_seed(0)
         self.size, self.device = size, device
-        self.operands = {p: [torch.randn(size, size, generator=g).to(device, dtype) for _ in range(2)]
-                         for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
-        self.products = {"torch.mm": torch.mm}
-        if device.type == "cpu" and ONEDNN_LINEAR:
-            self.products["oneDNN"] = lambda a, b: onednn_linear(a, b, None)  # a @ b.T: as many FLOPs
+        self.operands = {p: [torch.randn(size, size, generator=g).to(device, DTYPES[p]) for _ in range(2)] for p in dtypes}
+        self.products = {p: {"torch.mm": torch.mm} for p in dtypes}
+        for p in dtypes:  # oneDNN wherever it runs correctly, whether or not vitlab's policy uses it on this CPU
+            if device.type == "cpu" and onednn_linear_works(DTYPES[p]):
+                self.products[p]["oneDNN"] = lambda a, b: onednn_linear(a, b, None)  # a @ b.T: as many FLOPs
         self.repeats = {(p, lib): max(1, math.ceil(min_seconds / self._seconds(p, lib, 1)))  # the first call warms up
-                        for p in self.operands for lib in self.products}  # fmt: skip
+                        for p in self.operands for lib in self.products[p]}  # fmt: skip
 
     def _seconds(self, precision: str, library: str, repeats: int) -> float:
         a, b = self.operands[precision]
-        product = self.products[library]
+        product = self.products[precision][library]
         synchronize(self.device)
         start = time.perf_counter()
         for _ in range(repeats):
@@ -231,7 +238,7 @@ class Ceiling:
     def gflops(self, precision: str) -> dict[str, float]:
         """GFLOP/s of each library's product."""
         return {lib: 2 * self.size**3 * self.repeats[precision, lib] / self._seconds(precision, lib, self.repeats[precision, lib]) / 1e9
-                for lib in self.products}  # fmt: skip
+                for lib in self.products[precision]}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +301,8 @@ def measure_memory(impl: str, shape: Shape, precision: str, args: argparse.Names
 
 def environment(device: torch.device, threads: int, freed_memory_kept: bool) -> dict:
     info = {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "freed_memory_kept": freed_memory_kept, "torch": torch.__version__, "python": platform.python_version(), "device": device.type, "threads": threads,
-            "cpu": platform.processor() or platform.machine()}  # fmt: skip
+            "cpu": platform.processor() or platform.machine(), "instruction_set": fastpaths.instruction_set(),
+            "native_bf16": fastpaths.native_bf16(device), "fast_paths": fastpaths.describe(device)}  # fmt: skip
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
@@ -316,29 +324,33 @@ def run(args: argparse.Namespace) -> dict:
         f"device {device}, {args.threads} threads, torch {torch.__version__}, freed memory kept for reuse: {args.freed_memory_kept}"
         + (f"; not installed: {', '.join(skipped)}" if skipped else "")
     )
+    print(fastpaths.describe(device))
+    if args.skipped_bf16:
+        print(f"bf16 left out: {device.type} has no native bf16 here ({fastpaths.instruction_set()}), where a cell takes minutes; --dtypes fp32 bf16 to time it anyway")
+    timed = cells_of(args.dtypes)
     if args.smoke:
         print("SMOKE RUN: tiny shapes, plumbing only; the numbers mean nothing")
 
-    ceiling = Ceiling(args.matmul_size, device, args.min_seconds)
+    ceiling = Ceiling(args.matmul_size, device, args.min_seconds, args.dtypes)
     runners, iterations = {}, {}
     for name, shape in shapes.items():
         for impl in timed_on(shape, impls):
             runner = runners[name, impl] = Runner(impl, shape, device)
-            for cell in CELLS:
+            for cell in timed:
                 runner.seconds(cell, args.warmup)
-        for cell in CELLS:  # as many iterations for every implementation, enough for the fastest to last min_seconds
+        for cell in timed:  # as many iterations for every implementation, enough for the fastest to last min_seconds
             fastest = min(runners[name, impl].seconds(cell, 1) for impl in timed_on(shape, impls)) if args.min_seconds > 0 else math.inf
             iterations[name, cell] = max(1, math.ceil(args.min_seconds / fastest))
-        print(f"built and warmed up {name}: {', '.join(f'{c} x{iterations[name, c]}' for c in CELLS)} per measurement")
+        print(f"built and warmed up {name}: {', '.join(f'{c} x{iterations[name, c]}' for c in timed)} per measurement")
 
-    ceiling_rounds = {p: [] for p in ("fp32", "bf16")}
-    rates = {(name, impl, cell): [] for name, shape in shapes.items() for impl in timed_on(shape, impls) for cell in CELLS}
+    ceiling_rounds = {p: [] for p in args.dtypes}
+    rates = {(name, impl, cell): [] for name, shape in shapes.items() for impl in timed_on(shape, impls) for cell in timed}
     for r in range(args.rounds):
         for precision, gflops in ceiling_rounds.items():
             gflops.append(ceiling.gflops(precision))
         order = impls[r % len(impls) :] + impls[: r % len(impls)]  # rotated each round
         for name, shape in shapes.items():
-            for cell in CELLS:
+            for cell in timed:
                 for impl in timed_on(shape, order):
                     n = iterations[name, cell]
                     rates[name, impl, cell].append(n * shape.batch / runners[name, impl].seconds(cell, n))
@@ -347,7 +359,7 @@ def run(args: argparse.Namespace) -> dict:
     ceilings = {}
     for p, rounds in ceiling_rounds.items():
         by_library = {lib: {"gflops_median": statistics.median(r[lib] for r in rounds), "gflops_rounds": [r[lib] for r in rounds]}
-                      for lib in ceiling.products}  # fmt: skip
+                      for lib in ceiling.products[p]}  # fmt: skip
         best = max(by_library, key=lambda lib: by_library[lib]["gflops_median"])
         ceilings[p] = {"matmul_size": args.matmul_size, "gflops_median": by_library[best]["gflops_median"], "library": best, "by_library": by_library}
     peak = {p: c["gflops_median"] for p, c in ceilings.items()}
@@ -357,7 +369,7 @@ def run(args: argparse.Namespace) -> dict:
         entry = {"shape": asdict(shape), "forward_gflop_per_image": flops / 1e9, "results": {}, "vitlab_vs_best_peer": {}, "memory": {}}
         for impl in timed_on(shape, impls):
             cells = {}
-            for cell in CELLS:
+            for cell in timed:
                 mode, precision = cell.split()
                 median = statistics.median(rates[name, impl, cell])
                 cell_flops = flops * (TRAIN_FLOPS_FACTOR if mode == "train" else 1)
@@ -366,7 +378,7 @@ def run(args: argparse.Namespace) -> dict:
             entry["results"][impl] = {"parameters": runners[name, impl].params, "attention": runners[name, impl].attention, "cells": cells}
         peers = [i for i in impls if i in PEERS]
         if "vitlab" in impls and peers:
-            for cell in CELLS:
+            for cell in timed:
                 best = max(peers, key=lambda i: entry["results"][i]["cells"][cell]["images_per_second"])
                 ratio = (
                     entry["results"]["vitlab"]["cells"][cell]["images_per_second"]
@@ -378,7 +390,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.memory:
         for name, shape in shapes.items():
             for impl in timed_on(shape, impls):
-                result["configs"][name]["memory"][impl] = {p: measure_memory(impl, shape, p, args) for p in ("fp32", "bf16")}
+                result["configs"][name]["memory"][impl] = {p: measure_memory(impl, shape, p, args) for p in args.dtypes}
                 print(f"memory of {name} {impl} measured")
     return result
 
@@ -400,10 +412,13 @@ def print_report(result: dict) -> None:
         others = ", ".join(f"{lib} {v['gflops_median']:.0f}" for lib, v in c["by_library"].items() if lib != c["library"])
         return f"{c['gflops_median']:.0f} GFLOP/s ({c['library']}" + (f"; {others})" if others else ")")
 
-    rounds = len(ceiling["fp32"]["by_library"][ceiling["fp32"]["library"]]["gflops_rounds"])
-    size = ceiling["fp32"]["matmul_size"]
-    print(f"ceiling ({size}x{size} matmul, the faster library, median of {rounds} rounds): fp32 {describe(ceiling['fp32'])}, "
-          f"bf16 {describe(ceiling['bf16'])}")
+    first = next(iter(ceiling.values()))
+    rounds = len(first["by_library"][first["library"]]["gflops_rounds"])
+    timed = cells_of(list(ceiling))
+    print(f"ceiling ({first['matmul_size']}x{first['matmul_size']} matmul, the faster library, median of {rounds} rounds) on "
+          f"{env['instruction_set']} (native bf16: {'yes' if env['native_bf16'] else 'no'}): "
+          + ", ".join(f"{p} {describe(c)}" for p, c in ceiling.items()))
+    print(env["fast_paths"])
     print("images/s, median over rounds (percentage of the FLOP-bound limit the ceiling implies)")
     for name, entry in result["configs"].items():
         s = entry["shape"]
@@ -412,13 +427,13 @@ def print_report(result: dict) -> None:
             f"heads {s['heads']}, MLP {s['mlp_dim']}, batch {s['batch']}; {entry['forward_gflop_per_image']:.3f} GFLOP per image "
             f"forward, x{TRAIN_FLOPS_FACTOR} per training image"
         )
-        print(f"{'':<18}{'params':>12}" + "".join(f"{c:>20}" for c in CELLS))
+        print(f"{'':<18}{'params':>12}" + "".join(f"{c:>20}" for c in timed))
         for impl, r in entry["results"].items():
-            cells = "".join(f"{_figure(r['cells'][c]['images_per_second']):>12} ({r['cells'][c]['percent_of_flop_limit']:>3.0f}%)" for c in CELLS)
-            print(f"{impl:<18}{r['parameters']:>12,}{cells}   {r['attention']}")
+            row = "".join(f"{_figure(r['cells'][c]['images_per_second']):>12} ({r['cells'][c]['percent_of_flop_limit']:>3.0f}%)" for c in timed)
+            print(f"{impl:<18}{r['parameters']:>12,}{row}   {r['attention']}")
         if entry["vitlab_vs_best_peer"]:
             vs = entry["vitlab_vs_best_peer"]
-            print(f"{'vitlab/best peer':<18}{'':>12}" + "".join(f"{vs[c]['ratio']:>7.2f}x {vs[c]['best_peer']:>12}" for c in CELLS))
+            print(f"{'vitlab/best peer':<18}{'':>12}" + "".join(f"{vs[c]['ratio']:>7.2f}x {vs[c]['best_peer']:>12}" for c in timed))
         if entry["memory"]:
             methods = {m.get("method") for per in entry["memory"].values() for m in per.values() if "method" in m}
             print(f"peak memory of a training step, MiB ({'; '.join(sorted(methods))})")
@@ -456,6 +471,8 @@ def main() -> None:
         help="malloc keeps freed memory for reuse, as under the `vitlab` command (vitlab.keep_freed_memory), for every "
         "implementation alike (default: on)",
     )
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="precisions to time (default: fp32, and bf16 where the "
+                        "hardware runs it natively)")  # fmt: skip
     parser.add_argument("--memory_worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.freed_memory_kept = args.keep_freed_memory and vitlab.keep_freed_memory()
@@ -464,6 +481,9 @@ def main() -> None:
         return
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.skipped_bf16 = args.dtypes is None and not fastpaths.native_bf16(torch.device(args.device))
+    if args.dtypes is None:
+        args.dtypes = ["fp32"] if args.skipped_bf16 else ["fp32", "bf16"]
     if args.quick:
         args.configs, args.rounds, args.warmup, args.min_seconds = ["Ti/4-32"], 2, 1, 0.0
     if args.smoke:

@@ -185,9 +185,20 @@ def test_predict_on_an_empty_folder_or_missing_path_is_one_line(tiny_run, tmp_pa
     assert "--top_k" in one_error_line(capsys)
 
 
+def test_predict_in_bf16_where_it_is_emulated_warns_in_one_line_and_runs(tiny_run, capsys, monkeypatch):
+    from vitlab import runtime
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)  # as on an AVX2 CPU
+    capsys.readouterr()
+    assert main(["predict", str(tiny_run.checkpoint), str(tiny_run.data_dir / "cat" / "0.png"), "--precision", "bf16", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("vitlab: warning: bf16 is emulated on this CPU") and err.count("\n") == 1
+    assert "0.png" in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_line(tiny_run, capsys):
-    assert main(["predict", str(tiny_run.checkpoint), str(tiny_run.data_dir), "--device", "cuda"]) == 1
+    assert main(["predict", str(tiny_run.checkpoint), str(tiny_run.data_dir), "--device", "cuda"]) == 2  # a setting this machine cannot use
     assert "CUDA is not available" in one_error_line(capsys)
 
 

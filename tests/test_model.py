@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from vitlab import checkpoints
 from vitlab.config import SEED_NAMES, VARIANTS, ModelConfig, all_names, canonical_name, get_config
-from vitlab import model as model_module
-from vitlab.model import Linear, _factor, _pad_same, count_parameters, create_model, sincos_2d
+from vitlab.model import _factor, _pad_same, count_parameters, create_model, sincos_2d
 
 # Parameter counts at 10 classes and 224 px (the seed's table; both spellings give the same).
 EXPECTED_PARAMETERS = {
@@ -144,45 +143,6 @@ def test_gelu_form_follows_config():
     assert get_config("B/16").gelu == "tanh"  # the official weights' form is the default
     old = {k: v for k, v in get_config("Ti/16").to_dict().items() if k != "gelu"}  # a config saved before the field
     assert ModelConfig.from_dict(old).gelu == "tanh"
-
-
-@pytest.mark.parametrize("gelu", [None, "tanh", "none"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_linear_equals_nn_linear_forward_and_backward(gelu, precision):
-    # vitlab's Linear (oneDNN, bias and GELU fused, on x86 CPUs) against F.linear and F.gelu under the same autocast.
-    torch.manual_seed(0)
-    layer = Linear(48, 80, gelu=gelu)
-    x = torch.randn(3, 9, 48, requires_grad=True)
-    grad_out = torch.randn(80, 9, 3).permute(2, 1, 0)  # (3, 9, 80), not contiguous, as autograd may pass it
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        got = layer(x)
-        expected = F.linear(x, layer.weight, layer.bias)
-        expected = expected if gelu is None else F.gelu(expected, approximate=gelu)
-        with torch.no_grad():
-            inferred = layer(x)
-    want = torch.bfloat16 if precision == "bf16" else torch.float32
-    assert got.dtype == inferred.dtype == expected.dtype == want
-    tolerance = {"rtol": 1.6e-2, "atol": 1e-2} if precision == "bf16" else {"rtol": 1e-5, "atol": 1e-6}
-    torch.testing.assert_close(got, expected, **tolerance)
-    torch.testing.assert_close(inferred, expected, **tolerance)
-    grads = torch.autograd.grad(got, (x, layer.weight, layer.bias), grad_out)
-    expected_grads = torch.autograd.grad(expected, (x, layer.weight, layer.bias), grad_out)
-    for g, e in zip(grads, expected_grads):
-        assert g.dtype == e.dtype == torch.float32  # fp32 gradients for the fp32 parameters, as autocast gives
-        torch.testing.assert_close(g, e, **tolerance)
-
-
-@pytest.mark.skipif(not model_module.ONEDNN_LINEAR, reason="oneDNN linear is used on x86 CPUs only")
-def test_linear_runs_through_onednn_on_x86_and_f_linear_elsewhere():
-    layer = Linear(16, 8)
-    x = torch.randn(4, 16, requires_grad=True)
-    assert type(layer(x).grad_fn).__name__ == "_OneDnnLinearBackward"
-    # What oneDNN is not asked to do goes to F.linear: float64, and tracing (exporters see a plain linear).
-    assert type(layer.double()(x.double()).grad_fn).__name__ == "AddmmBackward0"
-    traced = torch.jit.trace(layer.float(), (x.detach(),))
-    assert "mkldnn" not in str(traced.graph) and "linear" in str(traced.graph)
-    with pytest.raises(RuntimeError):  # no autocast: mixed dtypes are an error, as in nn.Linear
-        layer(x.bfloat16())
 
 
 def test_sincos_2d_table():

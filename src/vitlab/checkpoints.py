@@ -25,11 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig, canonical_name
+from .errors import CheckpointError
 from .model import VisionTransformer, create_model
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
 # ---------------------------------------------------------------------------------------------

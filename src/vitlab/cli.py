@@ -8,13 +8,12 @@ import json
 import os
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 
 from .config import CHOICES, VARIANTS, ModelConfig, TrainConfig, seed_name
-
-
-class UsageError(ValueError):
-    """A bad flag or value on the command line."""
+from .errors import ConfigError as UsageError
+from .errors import VitlabError, VitlabWarning, torch_error_message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +110,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Recipe < config file < flags, into one TrainConfig."""
     from .recipes import RECIPES
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "recipe", "config")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "recipe", "config", "debug")}
     values = dict(RECIPES[args.recipe]) if getattr(args, "recipe", None) else {}
     if getattr(args, "config", None):
         values.update(_read_config_file(args.config))
@@ -142,6 +141,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vitlab", description="Vision Transformers: models, official checkpoints, training.")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors, and the fast paths in use "
+                        "(also VITLAB_DEBUG=1)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("models", help="list the model variants with their shapes and parameter counts")
     p.set_defaults(func=cmd_models)
@@ -155,32 +156,53 @@ def build_parser() -> argparse.ArgumentParser:
     from .inference_cli import add_commands  # here, not at the top: that module imports UsageError from this one
 
     add_commands(sub)  # eval, predict, attention, export
+    for command in sub.choices.values():  # --debug before or after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+    """vitlab's own warnings as one line on stderr; other libraries' keep Python's format."""
+    if issubclass(category, VitlabWarning):
+        print(f"vitlab: warning: {message}", file=file or sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
     from . import keep_freed_memory
-    from .checkpoints import CheckpointError
-    from .data import DataError
-    from .train import TrainingError
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         print(f"vitlab {args.command}: error: unrecognized arguments: {' '.join(unknown)} (see --help)", file=sys.stderr)
         return 2
+    debug = args.debug or os.environ.get("VITLAB_DEBUG", "") not in ("", "0")
+    warnings.showwarning = _one_line_warnings
     keep_freed_memory()  # a training step reuses the last one's memory instead of mapping it anew
+    if debug:
+        from .fastpaths import describe
+
+        print(describe(), file=sys.stderr)
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head`: stop quietly, as the Python docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (UsageError, CheckpointError, DataError, TrainingError, ValueError, OSError) as e:
-        print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        message = str(e) if isinstance(e, (VitlabError, OSError)) else torch_error_message(e)
+        if debug or message is None:  # a bug in vitlab, or the user asked for the traceback
+            raise
+        print(f"vitlab {args.command}: error: {message}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    finally:
+        warnings.showwarning = _show_warning
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .errors import ConfigError
+
 
 # Every setting that takes one of a few names, and the names: the configs check them, the CLI offers them.
 CHOICES: dict[str, tuple[str, ...]] = {
     "classifier": ("token", "gap"), "attention_impl": ("auto", "sdpa", "math"), "gelu": ("tanh", "exact"),
     "pos_embed_init": ("normal", "sincos2d"), "attention_init": ("xavier", "mimetic"),
-    "dataset": ("cifar10", "cifar100", "imagefolder"), "decay_type": ("cosine", "linear"), "precision": ("fp32", "bf16", "fp16"),
+    "dataset": ("cifar10", "cifar100", "imagefolder"), "decay_type": ("cosine", "linear"), "precision": ("auto", "fp32", "bf16", "fp16"),
     "fp16_opt_level": ("O0", "O1", "O2"), "optimizer": ("sgd", "adamw", "muon"), "augment": ("resized_crop", "pad_crop", "none"),
 }  # fmt: skip
 
@@ -56,20 +58,20 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in (n for n in CHOICES if n in self.__dataclass_fields__):
             if getattr(self, name) not in CHOICES[name]:
-                raise ValueError(f"{name} must be {_listed(CHOICES[name], quote=True)}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be {_listed(CHOICES[name], quote=True)}, got {getattr(self, name)!r}")
         if self.pos_embed_init == "sincos2d" and self.hidden_size % 4:
-            raise ValueError(f"pos_embed_init 'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
+            raise ConfigError(f"pos_embed_init 'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
         if not 0 <= self.patch_drop_rate < 1:
-            raise ValueError(f"patch_drop_rate must be in [0, 1), got {self.patch_drop_rate}")
+            raise ConfigError(f"patch_drop_rate must be in [0, 1), got {self.patch_drop_rate}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         for what in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "num_classes", "img_size"):
             if getattr(self, what) < 1:
-                raise ValueError(f"{what} must be at least 1, got {getattr(self, what)}")
+                raise ConfigError(f"{what} must be at least 1, got {getattr(self, what)}")
         if self.patch_size % self.stem_stride:
-            raise ValueError(f"hybrid patch_size {self.patch_size} must be a multiple of the stem's stride {self.stem_stride}")
+            raise ConfigError(f"hybrid patch_size {self.patch_size} must be a multiple of the stem's stride {self.stem_stride}")
         if self.grid_size < 1:
-            raise ValueError(f"img_size {self.img_size} is smaller than one patch of {self.patch_size} pixels")
+            raise ConfigError(f"img_size {self.img_size} is smaller than one patch of {self.patch_size} pixels")
 
     @property
     def is_hybrid(self) -> bool:
@@ -140,7 +142,7 @@ def canonical_name(name: str) -> str:
         return name
     if name in SEED_NAMES:
         return SEED_NAMES[name]
-    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(all_names())}")
+    raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(all_names())}")
 
 
 def seed_name(short: str) -> str:
@@ -190,7 +192,7 @@ class TrainConfig:
     data_dir: str = "data"  # CIFAR download folder, or the image folder's root
     log_dir: str = "logs"
     val_split: float = 0.02  # fraction of train held out for validation; 0 evaluates on the test split as the seed
-    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 needs CUDA)
+    precision: str = "fp32"  # fp32 (the seed's), bf16 or fp16 autocast (fp16 needs CUDA), or auto: bf16 where native
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     num_workers: int = 2  # DataLoader workers for image folders that stream from disk
     optimizer: str = "sgd"  # sgd (momentum 0.9, the seed's), adamw, or muon (Muon with torch's momentum 0.95 for the
@@ -252,19 +254,14 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
         parts = self.gradient_accumulation_steps * world_size
         if self.train_batch_size <= 0 or self.train_batch_size % parts:
-            raise ValueError(
+            raise ConfigError(
                 f"--train_batch_size {self.train_batch_size} does not divide into {self.gradient_accumulation_steps} "
                 f"accumulation steps x {world_size} processes"
             )
         canonical_name(self.model_type)
-        if self.optimizer == "muon":
-            import torch  # only here: the configs are otherwise plain data
-
-            if not hasattr(torch.optim, "Muon"):
-                raise ValueError(f"--optimizer muon needs torch 2.9 or newer (torch.optim.Muon); this is torch {torch.__version__}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -283,11 +280,11 @@ def _from_dict(cls, values: dict, what: str, tuple_fields: tuple[str, ...]):
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {what}: {', '.join(unknown)}")
+        raise ConfigError(f"unknown {what}: {', '.join(unknown)}")
     for name, value in values.items():
         kind, _, optional = fields[name].partition(" | ")
         if kind in _SCALAR_TYPES and not (value is None and optional == "None"):
             wrong_bool = isinstance(value, bool) and kind != "bool"
             if wrong_bool or not isinstance(value, _SCALAR_TYPES[kind]):
-                raise ValueError(f"{name} must be {kind}{' or null' if optional else ''}, got {value!r}")
+                raise ConfigError(f"{name} must be {kind}{' or null' if optional else ''}, got {value!r}")
     return cls(**{k: tuple(v) if k in tuple_fields else v for k, v in values.items()})

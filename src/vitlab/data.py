@@ -20,12 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 IN_MEMORY_LIMIT_BYTES = 4 << 30  # a decoded dataset above this streams from disk instead
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used; the message names the file or folder and the problem."""
 
 
 @dataclass

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context for a precision: bf16 on CPU or CUDA, fp16 on CUDA, nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from .runtime import autocast
 
 
 @torch.no_grad()

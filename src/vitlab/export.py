@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoints
 from .checkpoints import atomic_write
+from .errors import VitlabError
 from .model import VisionTransformer
 
 FORMATS = ("onnx", "torchscript", "safetensors", "npz")
@@ -25,7 +26,7 @@ ONNX_TOLERANCE = 1e-4  # largest |onnxruntime - PyTorch| logit difference accept
 ONNX_CHECK_BATCH_SIZES = (1, 3)  # neither is the traced batch of 2, so the dynamic batch axis is exercised
 
 
-class ExportError(ValueError):
+class ExportError(VitlabError):
     """An export that cannot be done or did not reproduce the model; nothing was written."""
 
 

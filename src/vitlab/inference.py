@@ -20,7 +20,7 @@ from . import checkpoints
 from .checkpoints import CheckpointError
 from .config import ModelConfig, get_config
 from .data import IMAGE_EXTENSIONS, DataError, ImageSet, load_cifar, load_image_folder, resize, to_float
-from .evaluate import autocast
+from .runtime import autocast
 from .model import VisionTransformer
 
 
@@ -94,34 +94,6 @@ def _official_config(path: Path, arrays: dict, base: ModelConfig) -> ModelConfig
         num_classes=head.shape[-1], img_size=grid * base.patch_size, classifier="token" if prefix else "gap",
         representation_size=pre_logits.shape[-1] if pre_logits is not None else None, dropout_rate=0.0,
     )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Device and precision
-
-def choose_device(name: str) -> torch.device:
-    """auto: the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # Native bf16 on x86 CPUs (AVX-512 BF16 or AMX); elsewhere autocast would emulate it, slower than fp32.
-    # These probes are private to torch and may be absent from other versions: absent means no.
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(probe() for probe in probes if probe is not None)
-
-
-def choose_precision(requested: str, device: torch.device) -> str:
-    """auto: bf16 where the hardware runs it natively, else fp32."""
-    if requested != "auto":
-        return requested
-    return "bf16" if bf16_supported(device) else "fp32"
 
 
 # ---------------------------------------------------------------------------------------------

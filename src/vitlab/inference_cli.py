@@ -22,9 +22,10 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the GPU when there is one (default: auto)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 where the hardware runs it natively, else fp32 (default: auto)")  # fmt: skip
+    from .runtime import DEVICES_HELP, PRECISIONS, PRECISIONS_HELP
+
+    p.add_argument("--device", default="auto", help=f"{DEVICES_HELP} (default: auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"{PRECISIONS_HELP} (default: auto)")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -64,9 +65,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _usage_error(message: str) -> Exception:
-    from .cli import UsageError  # imported here: cli imports this module
+    from .errors import ConfigError
 
-    return UsageError(message)
+    return ConfigError(message)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -74,13 +75,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import eval_batches
     from .eval_report import draw_confusion, format_report
     from .evaluate import evaluate
-    from .inference import choose_device, choose_precision, evaluation_split, load_for_inference
+    from .runtime import resolve_device, resolve_precision
+    from .inference import evaluation_split, load_for_inference
 
     if args.batch_size < 1:
         raise _usage_error("--batch_size must be positive")
     model, class_names = load_for_inference(args.checkpoint, args.model_type)
-    device = choose_device(args.device)
-    precision = choose_precision(args.precision, device)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     data = evaluation_split(args.dataset, args.data_dir, class_names)
     print(f"evaluating {args.checkpoint} on {args.dataset} {args.data_dir} ({len(data)} images), {device.type}, {precision}")
     batches = eval_batches(data, model.config.img_size, args.batch_size, device, num_workers=args.num_workers)
@@ -102,13 +104,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from .data import DataError, read_image
-    from .inference import choose_device, choose_precision, list_images, load_for_inference, predict, preprocess
+    from .runtime import resolve_device, resolve_precision
+    from .inference import list_images, load_for_inference, predict, preprocess
 
     if args.top_k < 1 or args.batch_size < 1:
         raise _usage_error("--top_k and --batch_size must be positive")
     model, class_names = load_for_inference(args.checkpoint, args.model_type)
-    device = choose_device(args.device)
-    precision = choose_precision(args.precision, device)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     model.to(device)
     files, problems = list_images(args.images)
     for problem in problems:
@@ -142,15 +145,16 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
     from .attention import attention_map, draw_attention
     from .data import read_image
-    from .evaluate import autocast
-    from .inference import choose_device, choose_precision, load_for_inference, preprocess
+    from .runtime import autocast
+    from .runtime import resolve_device, resolve_precision
+    from .inference import load_for_inference, preprocess
 
     model, class_names = load_for_inference(args.checkpoint, args.model_type)
     depth = model.config.depth
     if args.layer is not None and not 1 <= args.layer <= depth:
         raise _usage_error(f"--layer {args.layer}: the model's layers are numbered 1 to {depth}")
-    device = choose_device(args.device)
-    precision = choose_precision(args.precision, device)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     image = read_image(args.image)
     images = preprocess(image, model.config.img_size)[None].to(device)
     with torch.no_grad(), autocast(device, precision):

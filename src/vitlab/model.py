@@ -9,13 +9,13 @@ convolutions, GroupNorm eps 1e-6 and TensorFlow's 'SAME' padding.
 from __future__ import annotations
 
 import math
-import platform
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, get_config
+from .fastpaths import Linear, explicit_attention, use_explicit_attention
 
 LAYER_NORM_EPS = 1e-6  # flax's default; torch's 1e-5 moves B/16 logits by about 2e-3
 
@@ -141,84 +141,6 @@ class ResNetStem(nn.Module):
         return self.stages(x)
 
 
-# oneDNN's matmul with the bias, and for fc1 the GELU, applied to each output tile while it is still in cache:
-# torch's CPU nn.Linear first writes the broadcast bias over the whole output and then accumulates the product
-# into it, GELU is another pass, and its fp32 matmul is MKL's, which oneDNN outran on our AMD CPU. x86 only, where it
-# was measured: with the bias fused the MLP's first matmul ran 19% faster in fp32 and 6% in bf16 at ViT-B/16's
-# shape; with the GELU fused too, the patch-4 model's took a fifth less time in bf16 (exact GELU) and half (tanh
-# GELU). Whole models: README, Performance.
-ONEDNN_LINEAR = (
-    platform.machine().lower() in ("x86_64", "amd64")
-    and torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    and hasattr(torch, "get_autocast_dtype")  # torch >= 2.4
-)
-
-
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None) -> torch.Tensor:
-    """x @ weight.T + bias, then GELU (F.gelu's `approximate`: "none" or "tanh") if asked, in one oneDNN matmul."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none" if gelu is None else "gelu", [], gelu or "")
-
-
-class _OneDnnLinear(torch.autograd.Function):
-    """y = x @ weight.T + bias by oneDNN, bias fused; the backward is nn.Linear's (two matmuls and a sum), its
-    fp32 input gradient by oneDNN too: 12-45% faster than torch's at the qkv and fc1 shapes of ViT-B/16 and the
-    patch-4 model, level at the others; in bf16 torch's was as fast or faster."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1])
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = onednn_linear(grad, weight.t().contiguous(), None) if grad.dtype == torch.float32 else grad @ weight
-            grad_x = grad_x.view(x.shape)
-        grad_w = grad.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
-
-
-class Linear(nn.Linear):
-    """nn.Linear, optionally followed by a GELU, computed on x86 CPUs by oneDNN with the bias and the GELU fused
-    (see above); the same parameters, state dict and results to float rounding. Anywhere else (CUDA, other
-    CPUs, dtypes other than fp32 and bf16, tracing and torch.compile, which fuse on their own) it is F.linear."""
-
-    def __init__(self, in_features: int, out_features: int, gelu: str | None = None):
-        super().__init__(in_features, out_features)
-        self.gelu = gelu  # None, or F.gelu's `approximate`: "none" (exact) or "tanh"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._onednn_dtype(x)
-        if dtype is None:
-            y = F.linear(x, self.weight, self.bias)
-        else:
-            x, weight, bias = x.to(dtype), self.weight.to(dtype), self.bias.to(dtype)  # autocast's casts, by hand
-            if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-                return onednn_linear(x, weight, bias, self.gelu)  # inference: the GELU fused too
-            y = _OneDnnLinear.apply(x, weight, bias)  # the backward needs the GELU's input: not fused
-        return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
-
-    def _onednn_dtype(self, x: torch.Tensor) -> torch.dtype | None:
-        """The dtype to compute in by oneDNN (autocast's, else the input's), or None for F.linear."""
-        if not ONEDNN_LINEAR or x.device.type != "cpu" or x.dim() not in (2, 3) or self.bias is None:
-            return None
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return None
-        floats = (torch.float32, torch.bfloat16)
-        if torch.is_autocast_enabled("cpu"):
-            dtype = torch.get_autocast_dtype("cpu")
-            return dtype if dtype in floats and x.dtype in floats and self.weight.dtype in floats else None
-        return x.dtype if x.dtype in floats and x.dtype == self.weight.dtype else None
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (f", gelu={self.gelu}" if self.gelu else "")
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -234,11 +156,8 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, head_dim)
         q, k, v = qkv.unbind(0)
-        # On CPUs (benchmarks/models.py) the explicit softmax was the faster in bf16 and SDPA's flash kernel in fp32.
-        explicit_on_cpu = x.device.type == "cpu" and q.dtype != torch.float32
-        if need_weights or self.impl == "math" or (self.impl == "auto" and explicit_on_cpu):
-            weights = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
-            out = self.attn_drop(weights) @ v
+        if need_weights or use_explicit_attention(q, self.impl):
+            out, weights = explicit_attention(q, k, v, self.attn_drop)
         else:
             weights = None
             dropout_p = self.attention_dropout_rate if self.training else 0.0

@@ -14,7 +14,7 @@ RECIPES: dict[str, dict] = {
     ),
     # ViT from scratch on CIFAR-10 on a laptop CPU: patch 4 at 32 px (64 tokens, average pooling), width 192,
     # depth 6, 6 heads, MLP 384, exact GELU, sine-cosine position init, mimetic attention init, half the patches
-    # dropped in training; Muon for the blocks' matrices and AdamW for the rest, bf16, crop and flip, label smoothing.
+    # dropped in training; Muon for the blocks' matrices and AdamW for the rest, bf16 where native, crop and flip, label smoothing.
     # Run: `vitlab train --recipe scratch-cifar10-cpu --name scratch --dataset imagefolder --data_dir DIR` (or
     # --dataset cifar10). Measured on a 2-core AMD EPYC CPU (no GPU), 45,000 CIFAR-10 training images, 5,000 held
     # out: see the README's "Training from scratch on a CPU" (`benchmarks/cifar10_cpu.py DIR --num_steps 3200`).
@@ -23,7 +23,7 @@ RECIPES: dict[str, dict] = {
         mlp_dim=384, dropout_rate=0.0, classifier="gap", gelu="exact", pos_embed_init="sincos2d", patch_drop_rate=0.5,
         attention_init="mimetic", train_batch_size=256, optimizer="muon", learning_rate=2e-3,
         weight_decay=0.05, adam_betas=(0.9, 0.99), num_steps=3200, warmup_steps=200, decay_type="cosine",
-        label_smoothing=0.1, augment="pad_crop", hflip=True, precision="bf16", val_split=0.1, eval_every=640,
+        label_smoothing=0.1, augment="pad_crop", hflip=True, precision="auto", val_split=0.1, eval_every=640,
         eval_batch_size=500, max_grad_norm=1.0,
     ),
 }  # fmt: skip

@@ -18,12 +18,11 @@ from tqdm.auto import tqdm
 from . import checkpoints
 from .config import ModelConfig, TrainConfig, canonical_name, seed_name
 from .data import Augmentation, TrainBatches, eval_batches, load_datasets
-from .evaluate import autocast, evaluate
+from .errors import TrainingError
+from .evaluate import evaluate
+from .fastpaths import describe
 from .model import VisionTransformer
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message says why and what was kept."""
+from .runtime import Processes, autocast, resolve_precision
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, decay_type: str) -> float:
@@ -92,47 +91,6 @@ class Combined(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------
 # Set-up
 
-class Runtime:
-    """Device and process group of this process (torchrun, torch.distributed.launch, or neither)."""
-
-    def __init__(self, config: TrainConfig):
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        local_rank = int(os.environ.get("LOCAL_RANK", config.local_rank))
-        self.distributed = world_size > 1
-        self.rank = int(os.environ.get("RANK", "0")) if self.distributed else 0
-        self.world_size = world_size
-        if config.device == "auto":
-            self.device = torch.device(f"cuda:{max(local_rank, 0)}" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(config.device)
-        if self.device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise TrainingError(f"--device {config.device}: CUDA is not available on this machine")
-            if self.device.index is None:  # plain "cuda": this process's GPU
-                self.device = torch.device("cuda", max(local_rank, 0) if self.distributed else torch.cuda.current_device())
-            torch.cuda.set_device(self.device)
-        if self.distributed:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend, device_id=self.device if backend == "nccl" else None)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @contextlib.contextmanager
-    def main_first(self):
-        """Rank 0 runs the block first (downloads into shared folders), then the others, reading what it fetched."""
-        if self.distributed and not self.is_main:
-            torch.distributed.barrier()
-        yield
-        if self.distributed and self.is_main:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.distributed:
-            torch.distributed.destroy_process_group()
-
-
 def resolve_pretrained(config: TrainConfig) -> str | None:
     """What --pretrained_dir names: a file path, an official checkpoint name, or None for from scratch."""
     source = config.pretrained_dir
@@ -160,10 +118,7 @@ def build_model(config: TrainConfig, num_classes: int, verbose: bool) -> VisionT
     return model
 
 
-def make_scaler(config: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
-    precision = config.effective_precision()
-    if precision == "fp16" and device.type != "cuda":
-        raise TrainingError("fp16 training needs a CUDA device; on a CPU use --precision bf16")
+def make_scaler(config: TrainConfig, precision: str, device: torch.device) -> torch.amp.GradScaler:
     if precision == "fp16" and config.loss_scale > 0:
         return torch.amp.GradScaler(device.type, init_scale=config.loss_scale)  # kept static by update(new_scale)
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -208,7 +163,7 @@ def _record_step(line: str) -> float:
 
 def train(config: TrainConfig) -> dict:
     """Run a whole training job; returns the final metrics (also saved as output/<name>/final_metrics.json)."""
-    runtime = Runtime(config)
+    runtime = Processes(config.device, config.local_rank)
     try:
         config.validate(runtime.world_size)
         run = Run(config, runtime)
@@ -224,11 +179,11 @@ def train(config: TrainConfig) -> dict:
 class Run:
     """One training job's state: data, model, optimizer, schedule, scaler, step and best result."""
 
-    def __init__(self, config: TrainConfig, rt: Runtime):
+    def __init__(self, config: TrainConfig, rt: Processes):
         self.config, self.rt = config, rt
         self.out_dir = Path(config.output_dir) / config.name
-        self.precision = config.effective_precision()
-        self.scaler = make_scaler(config, rt.device)  # refuses fp16 without CUDA before any slow set-up
+        self.precision = resolve_precision(config.effective_precision(), rt.device)  # refuses fp16 without CUDA now
+        self.scaler = make_scaler(config, self.precision, rt.device)
         torch.manual_seed(config.seed)
         with rt.main_first():
             self.train_data, self.val_data, self.test_data = load_datasets(config.dataset, config.data_dir, config.val_split, config.seed)
@@ -247,6 +202,7 @@ class Run:
             for stray in self.out_dir.glob(".*.pt.*.tmp"):  # left by a run killed while saving
                 stray.unlink()
             print(json.dumps(config.to_dict(), indent=2))
+            print(f"device {rt.device}, precision {self.precision}; {describe(rt.device)}")
             (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         self.train_model = torch.compile(self.model) if config.compile else self.model
         if rt.distributed:

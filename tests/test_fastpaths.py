@@ -1,0 +1,233 @@
+"""The fast paths: each equals the plain computation, turns itself off when its self-check fails (raises or
+disagrees), follows the per-CPU policy (an AVX2 CPU imitated by environment variables), and the memory settings."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitlab import fastpaths
+from vitlab.fastpaths import Linear
+from vitlab.model import create_model
+
+AVX2_IMITATION = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts():
+    """Every test sees the self-checks run anew, and leaves none of its verdicts behind."""
+    for path in (fastpaths.ONEDNN_LINEAR, fastpaths.SDPA):
+        path.verdicts.clear(), path.reasons.clear()
+    yield
+    for path in (fastpaths.ONEDNN_LINEAR, fastpaths.SDPA):
+        path.verdicts.clear(), path.reasons.clear()
+
+
+def force_policy_on(monkeypatch):
+    """The fast paths wanted whatever this CPU's policy says, so that their checks and fallbacks run on any machine."""
+    monkeypatch.setattr(fastpaths, "wanted", lambda path: True)
+
+
+@pytest.mark.parametrize("gelu", [None, "tanh", "none"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("policy", ["this CPU's", "all on"])
+def test_linear_equals_nn_linear_forward_and_backward(gelu, precision, policy, monkeypatch):
+    # vitlab's Linear (oneDNN, bias and GELU fused, where on) against F.linear and F.gelu under the same autocast.
+    if policy == "all on":
+        force_policy_on(monkeypatch)
+    torch.manual_seed(0)
+    layer = Linear(48, 80, gelu=gelu)
+    x = torch.randn(3, 9, 48, requires_grad=True)
+    grad_out = torch.randn(80, 9, 3).permute(2, 1, 0)  # (3, 9, 80), not contiguous, as autograd may pass it
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        got = layer(x)
+        expected = F.linear(x, layer.weight, layer.bias)
+        expected = expected if gelu is None else F.gelu(expected, approximate=gelu)
+        with torch.no_grad():
+            inferred = layer(x)
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert got.dtype == inferred.dtype == expected.dtype == want
+    tolerance = {"rtol": 1.6e-2, "atol": 1e-2} if precision == "bf16" else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(got, expected, **tolerance)
+    torch.testing.assert_close(inferred, expected, **tolerance)
+    grads = torch.autograd.grad(got, (x, layer.weight, layer.bias), grad_out)
+    expected_grads = torch.autograd.grad(expected, (x, layer.weight, layer.bias), grad_out)
+    for g, e in zip(grads, expected_grads):
+        assert g.dtype == e.dtype == torch.float32  # fp32 gradients for the fp32 parameters, as autocast gives
+        torch.testing.assert_close(g, e, **tolerance)
+
+
+def test_linear_runs_through_onednn_where_it_is_on_and_f_linear_elsewhere():
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    on = fastpaths.onednn_linear_usable(torch.float32)
+    assert type(layer(x).grad_fn).__name__ == ("_OneDnnLinearBackward" if on else "AddmmBackward0")
+    # What oneDNN is not asked to do goes to F.linear: float64, and tracing (exporters see a plain linear).
+    assert type(layer.double()(x.double()).grad_fn).__name__ == "AddmmBackward0"
+    traced = torch.jit.trace(layer.float(), (x.detach(),))
+    assert "mkldnn" not in str(traced.graph) and "linear" in str(traced.graph)
+    with pytest.raises(RuntimeError):  # no autocast: mixed dtypes are an error, as in nn.Linear
+        layer(x.bfloat16())
+
+
+def small_model(**overrides):
+    torch.manual_seed(0)
+    model = create_model("Ti/16", img_size=16, patch_size=4, depth=2, hidden_size=32, num_heads=2, mlp_dim=64, num_classes=5,
+                         dropout_rate=0.0, **overrides)  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def logits_and_gradients(model, precision: str):
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(images)
+    logits.float().square().sum().backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_same_as_plain(model, precision, monkeypatch):
+    got, got_grads = logits_and_gradients(model, precision)
+    with monkeypatch.context() as m:
+        m.setenv("VITLAB_FASTPATHS", "off")
+        m.setattr(fastpaths, "wanted", lambda path: False)
+        plain, plain_grads = logits_and_gradients(model, precision)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    for name in plain_grads:
+        torch.testing.assert_close(got_grads[name], plain_grads[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_linear_path_that_raises_is_off_and_the_model_computes_as_plain_torch(precision, monkeypatch):
+    force_policy_on(monkeypatch)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("could not create a primitive descriptor for the inner product forward propagation primitive")
+
+    monkeypatch.setattr(fastpaths, "onednn_linear", broken)
+    model = small_model(attention_impl="sdpa")
+    assert_same_as_plain(model, precision, monkeypatch)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert fastpaths.ONEDNN_LINEAR.verdicts[(dtype, None)] is False
+    assert "could not create a primitive descriptor" in fastpaths.ONEDNN_LINEAR.reasons[(dtype, None)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_linear_path_that_answers_wrongly_is_off(precision, monkeypatch):
+    force_policy_on(monkeypatch)
+
+    def wrong(x, weight, bias, gelu=None):  # a tenth too large: beyond float tolerance in fp32 and bf16 alike
+        y = F.linear(x, weight, bias)
+        return (y if gelu is None else F.gelu(y, approximate=gelu)) * 1.1
+
+    monkeypatch.setattr(fastpaths, "onednn_linear", wrong)
+    model = small_model(attention_impl="sdpa")
+    assert_same_as_plain(model, precision, monkeypatch)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert "differs from the plain computation" in fastpaths.ONEDNN_LINEAR.reasons[(dtype, None)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_attention_that_raises_is_off_and_the_explicit_softmax_runs(precision, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this dtype")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", broken)
+    model = small_model(attention_impl="sdpa")
+    got, got_grads = logits_and_gradients(model, precision)
+    explicit = small_model(attention_impl="math")
+    want, want_grads = logits_and_gradients(explicit, precision)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_checks_draw_nothing_from_the_global_generator(monkeypatch):
+    # A resumed run must see the dropout masks of the uninterrupted one, whichever call ran the checks first.
+    force_policy_on(monkeypatch)
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    fastpaths.describe("cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_describe_names_the_instruction_set_and_each_path():
+    line = fastpaths.describe("cpu")
+    assert line.startswith("fast paths: ") and "\n" not in line
+    assert f"CPU {fastpaths.cpu_name()} ({fastpaths.instruction_set()})" in line
+    for part in ("native bf16", "attention fp32", "attention bf16", "huge pages"):
+        assert part in line
+
+
+def test_vitlab_fastpaths_off_turns_every_path_off(monkeypatch):
+    monkeypatch.setenv("VITLAB_FASTPATHS", "off")
+    assert not fastpaths.wanted("onednn_linear") and not fastpaths.wanted("explicit_softmax_bf16")
+    layer = Linear(16, 8)
+    assert type(layer(torch.randn(4, 16, requires_grad=True)).grad_fn).__name__ == "AddmmBackward0"
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="an x86 CPU's instruction sets")
+def test_an_imitated_avx2_cpu_has_no_native_bf16_and_no_onednn_layers_yet_runs_bf16():
+    # What an AVX2 machine reports: bf16 is emulated there, so `auto` precision picks fp32, and the policy turns the
+    # oneDNN layers off; an explicit bf16 run still works (oneDNN refuses bf16 primitives at AVX2: the check catches it).
+    code = (
+        "import torch, vitlab\n"
+        "from vitlab import fastpaths\n"
+        "m = vitlab.create_model('Ti/16', img_size=16, patch_size=4, depth=1, num_classes=3)\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    y = m(torch.rand(2, 3, 16, 16))\n"
+        "print(fastpaths.instruction_set(), fastpaths.native_bf16(torch.device('cpu')), fastpaths.wanted('onednn_linear'), y.dtype)\n"
+    )
+    env = {**os.environ, **AVX2_IMITATION}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["AVX2", "False", "False", "torch.bfloat16"]
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_importing_vitlab_turns_on_huge_pages_unless_the_user_chose(preset, expected):
+    # Large batches and activations on 4 KiB pages are faulted in page by page (half the 224 px pipeline's
+    # speed here); vitlab asks torch for huge pages before torch starts, and keeps a value the user set.
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = "import os, vitlab, torch; torch.ones(1 << 20); print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == expected
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.parametrize("keep, env, expect_kept", [(False, {}, False), (True, {}, True), (True, {"MALLOC_TRIM_THRESHOLD_": "131072"}, False)])
+def test_keep_freed_memory_reuses_freed_blocks_unless_the_user_set_malloc(keep, env, expect_kept):
+    # A 64 MiB tensor made and freed ten times. By default glibc maps each anew and unmaps it when freed, so every
+    # one is faulted in again (at least 32 faults on huge pages, 16,384 on 4 KiB ones); kept, once the heap has
+    # grown to fit the aligned block (a few rounds here), the rest reuse its memory and fault nothing: the last four.
+    import subprocess
+
+    code = (
+        "import resource, sys, vitlab, torch\n"
+        "kept = vitlab.keep_freed_memory() if sys.argv[1] == 'keep' else False\n"
+        "faults = []\n"
+        "for _ in range(10):\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    torch.ones(64 << 20, dtype=torch.uint8)\n"
+        "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "print(kept, *faults)\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = {**clean, "THP_MEM_ALLOC_ENABLE": "1", **env}
+    done = subprocess.run([sys.executable, "-c", code, "keep" if keep else "default"], env=env, capture_output=True, text=True, check=True)
+    kept, *faults = done.stdout.split()
+    assert kept == str(expect_kept)
+    last = sum(int(f) for f in faults[-4:])
+    assert last < 16 if expect_kept else last >= 4 * 32, faults
