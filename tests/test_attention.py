@@ -10,7 +10,6 @@ from PIL import Image
 
 from vitlab import attention
 from vitlab.attention import attention_map, draw_attention, patch_relevance, rollout
-from vitlab.checkpoints import save_checkpoint
 from vitlab.cli import main
 from vitlab.model import create_model
 
@@ -92,7 +91,7 @@ def test_draw_attention_writes_a_png(tmp_path):
 def test_attention_command_on_the_built_model_finds_its_patch(tmp_path, monkeypatch):
     model = looking_at(9, "token")
     checkpoint = tmp_path / "looking.pt"
-    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict(), "class_names": ["a", "b", "c"]}, checkpoint)
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(), "class_names": ["a", "b", "c"]}, checkpoint)
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "image.png")
     drawn = {}
     monkeypatch.setattr(attention, "draw_attention", lambda image, grid_map, *rest: drawn.update(image=image, grid_map=grid_map))

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from vitlab import checkpoints
+from vitlab import checkpoints, official
 from vitlab.cli import main
-from vitlab.inference import load_for_inference
+from vitlab.checkpoints import load_model
 from vitlab.model import VisionTransformer, create_model
 
 
@@ -21,7 +21,7 @@ def images(batch: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained(tiny_run):
-    model, names = load_for_inference(tiny_run.checkpoint)
+    model, names = load_model(tiny_run.checkpoint)
     return model, names
 
 
@@ -80,7 +80,7 @@ def test_torchscript_export_runs_without_vitlab_code(tiny_run, trained, tmp_path
 def test_safetensors_export_reloads_with_config_and_names(tiny_run, trained, tmp_path):
     path = tmp_path / "model.safetensors"
     assert main(["export", str(tiny_run.checkpoint), "--format", "safetensors", "--out", str(path)]) == 0
-    reloaded, names = load_for_inference(path)
+    reloaded, names = load_model(path)
     model, expected_names = trained
     assert names == expected_names and reloaded.config == model.config
     with torch.no_grad():
@@ -92,8 +92,8 @@ def test_npz_export_is_the_official_layout(tiny_run, trained, tmp_path, capsys):
     assert main(["export", str(tiny_run.checkpoint), "--format", "npz", "--out", str(path)]) == 0
     assert "class names" in capsys.readouterr().out  # says what the layout cannot hold
     model, _ = trained
-    assert "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel" in checkpoints.read_npz(path)
-    reloaded = checkpoints.load_official(VisionTransformer(model.config), path, verbose=False).eval()
+    assert "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel" in official.read_npz(path)
+    reloaded = official.load_official(VisionTransformer(model.config), path, verbose=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images(2)), model(images(2)))
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitlab import checkpoints
+from vitlab import official
 from vitlab.config import SEED_NAMES, VARIANTS, ModelConfig, all_names, canonical_name, get_config
+from vitlab.fastpaths import Linear
 from vitlab.model import _factor, _pad_same, count_parameters, create_model, sincos_2d
 
 # Parameter counts at 10 classes and 224 px (the seed's table; both spellings give the same).
@@ -347,7 +348,7 @@ def test_golden_official_ti16(shared_dir):
     if not (ref / "ti16_224.npz").is_file():
         pytest.skip(f"{ref} is not present")
     model = create_model("Ti/16", num_classes=10, img_size=224)
-    checkpoints.load_official(model, ref / "ti16_224.npz", verbose=False)
+    official.load_official(model, ref / "ti16_224.npz", verbose=False)
     model.eval()
     x = torch.from_numpy(np.load(ref / "ti16_224_input.npy"))
     assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32

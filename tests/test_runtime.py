@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from vitlab import cli, runtime
+from vitlab import commands, runtime
 from vitlab.cli import main
 from vitlab.errors import ConfigError, VitlabError, VitlabWarning, torch_error_message
 from vitlab.runtime import resolve_device, resolve_precision
@@ -84,7 +84,7 @@ def failing_models(error: BaseException):
 
 
 def run_models(monkeypatch, capsys, error, *argv):
-    monkeypatch.setattr(cli, "cmd_models", failing_models(error))
+    monkeypatch.setattr(commands, "cmd_models", failing_models(error))
     capsys.readouterr()
     return main([*argv, "models"] if argv and argv[0] == "--debug" else ["models", *argv])
 
@@ -111,7 +111,7 @@ def test_debug_shows_the_traceback_and_the_fast_paths(how, monkeypatch, capsys):
     argv = {"flag before": ("--debug",), "flag after": ("--debug",), "environment": ()}[how]
     if how == "environment":
         monkeypatch.setenv("VITLAB_DEBUG", "1")
-    monkeypatch.setattr(cli, "cmd_models", failing_models(VitlabError("output/x: no such run")))
+    monkeypatch.setattr(commands, "cmd_models", failing_models(VitlabError("output/x: no such run")))
     capsys.readouterr()
     with pytest.raises(VitlabError):
         main([*argv, "models"] if how == "flag before" else ["models", *argv])
@@ -123,7 +123,7 @@ def test_vitlab_warnings_are_one_line(monkeypatch, capsys):
         warnings.warn("bf16 is emulated on this CPU (AVX2)", VitlabWarning, stacklevel=2)
         return 0
 
-    monkeypatch.setattr(cli, "cmd_models", warn)
+    monkeypatch.setattr(commands, "cmd_models", warn)
     capsys.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("always")

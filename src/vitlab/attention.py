@@ -1,7 +1,7 @@
 """Where the model looks: attention rollout (Abnar & Zuidema, 2020) and one layer's raw attention,
 as a map over the patch grid, drawn beside and over the image.
 
-Rollout follows the seed tutorial's notebook: average the heads, add the identity for the residual
+Rollout follows the notebook of jeonsworld/ViT-pytorch (the seed): average the heads, add the identity for the residual
 path, renormalise the rows, and multiply the layers through, first layer rightmost. A model with a
 class token is explained by the class token's row; a `gap` model, which has none and classifies the
 mean of its tokens, by the mean of all tokens' rows.
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import atomic_write
+from .files import atomic_write
 
 
 def head_average(weights: torch.Tensor) -> torch.Tensor:

@@ -1,262 +1,126 @@
-"""Weights in and out: Google's official `.npz` layout, safetensors, vitlab's own training
-checkpoints, and the registry and downloader of the official files.
+"""Every checkpoint a command can be given, and vitlab's own files.
 
-The `.npz` key layout is that of google-research/vision_transformer (keys joined with "/",
-kernels in (in, out) order, attention kernels split per head). Nothing here unpickles:
-`.npz` files are read with `allow_pickle=False`, torch files with `weights_only=True`.
+- `load_model(source)`: a ready model and its class names from any source: a run's `.pt`, a vitlab
+  `.safetensors` file, an official checkpoint name, or an official `.npz` file with its variant.
+- `load_pretrained(model, source)`: a model initialised from any source for fine-tuning (a head for another
+  number of classes starts at zero, as the official fine-tuning does).
+- `save_training_checkpoint` / `restore_training_checkpoint`: a run's weights with everything a resumed run
+  needs, written atomically.
+Torch files are read with `weights_only=True`: nothing in them is executed. The official layout is in
+`official.py`.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import re
-import tempfile
-import urllib.error
-import urllib.request
-import zipfile
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .config import ModelConfig, canonical_name
+from . import official
+from .config import ModelConfig
 from .errors import CheckpointError
-from .model import VisionTransformer, create_model
-
+from .files import atomic_write
+from .model import VisionTransformer
 
 # ---------------------------------------------------------------------------------------------
-# The official layout: our parameter name -> npz key, and how the array is laid out there.
+# Loading into a model
 
-def _block_keys(i: int, D: int, heads: int) -> list[tuple[str, str, str]]:
-    b, a = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-    keys = [
-        (b + "norm1.weight", a + "LayerNorm_0/scale", "vector"),
-        (b + "norm1.bias", a + "LayerNorm_0/bias", "vector"),
-        (b + "norm2.weight", a + "LayerNorm_2/scale", "vector"),
-        (b + "norm2.bias", a + "LayerNorm_2/bias", "vector"),
-        (b + "attn.proj.weight", a + "MultiHeadDotProductAttention_1/out/kernel", "attn_out"),
-        (b + "attn.proj.bias", a + "MultiHeadDotProductAttention_1/out/bias", "vector"),
-        (b + "mlp.fc1.weight", a + "MlpBlock_3/Dense_0/kernel", "dense"),
-        (b + "mlp.fc1.bias", a + "MlpBlock_3/Dense_0/bias", "vector"),
-        (b + "mlp.fc2.weight", a + "MlpBlock_3/Dense_1/kernel", "dense"),
-        (b + "mlp.fc2.bias", a + "MlpBlock_3/Dense_1/bias", "vector"),
-    ]
-    return keys
+# Settings that change what the weights compute without changing any weight's shape: a checkpoint loaded
+# into a model that differs in one of them would load cleanly and compute something else.
+SHAPELESS_FIELDS = ("num_heads", "gelu")
 
 
-def _stem_keys(config: ModelConfig) -> list[tuple[str, str, str]]:
-    keys = [("stem.conv_root.weight", "conv_root/kernel", "conv"), ("stem.gn_root.weight", "gn_root/scale", "vector"),
-            ("stem.gn_root.bias", "gn_root/bias", "vector")]  # fmt: skip
-    in_channels, width = 64 * config.resnet_width_factor, 64 * config.resnet_width_factor
-    for s, units in enumerate(config.resnet_layers):
-        features = width * 2**s
-        for u in range(units):
-            ours, theirs = f"stem.stages.{s}.{u}.", f"block{s + 1}/unit{u + 1}/"
-            names = ["1", "2", "3"]
-            if u == 0 and (in_channels != features * 4 or s > 0):
-                names.append("_proj")
-            for n in names:
-                keys.append((ours + f"conv{n}.weight", theirs + f"conv{n}/kernel", "conv"))
-                keys.append((ours + f"gn{n}.weight", theirs + f"gn{n}/scale", "vector"))
-                keys.append((ours + f"gn{n}.bias", theirs + f"gn{n}/bias", "vector"))
-            in_channels = features * 4
-    return keys
+def check_same_function(source: ModelConfig, model: ModelConfig, path) -> None:
+    """Raise CheckpointError if `model` would compute another function with `source`'s weights."""
+    differ = [f for f in SHAPELESS_FIELDS if getattr(source, f) != getattr(model, f)]
+    if differ:
+        theirs = ", ".join(f"--{f} {getattr(source, f)}" for f in differ)
+        ours = ", ".join(f"{f} {getattr(model, f)}" for f in differ)
+        raise CheckpointError(f"{path}: its model was trained with {theirs}, this one has {ours}; pass {theirs}")
 
 
-def official_key_map(config: ModelConfig) -> list[tuple[str, str, str]]:
-    """(our name, official key, layout) for every parameter, except the fused query/key/value."""
-    keys = _stem_keys(config) if config.is_hybrid else []
-    keys += [("patch_embed.weight", "embedding/kernel", "conv"), ("patch_embed.bias", "embedding/bias", "vector"),
-             ("pos_embed", "Transformer/posembed_input/pos_embedding", "same")]  # fmt: skip
-    if config.classifier == "token":
-        keys.append(("cls_token", "cls", "same"))
-    for i in range(config.depth):
-        keys += _block_keys(i, config.hidden_size, config.num_heads)
-    keys += [("norm.weight", "Transformer/encoder_norm/scale", "vector"), ("norm.bias", "Transformer/encoder_norm/bias", "vector")]
-    if config.representation_size:
-        keys += [("pre_logits.0.weight", "pre_logits/kernel", "dense"), ("pre_logits.0.bias", "pre_logits/bias", "vector")]
-    keys += [("head.weight", "head/kernel", "dense"), ("head.bias", "head/bias", "vector")]
-    return keys
+def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], path) -> None:
+    """Load a full state dict, or raise CheckpointError naming what does not fit."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: its weights are not a state dict of tensors")
+    ours = model.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing keys {missing[:3]} / unexpected keys {unexpected[:3]} for {model.config.name}")
+    for key, value in state.items():
+        if value.shape != ours[key].shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model needs {tuple(ours[key].shape)}")
+    model.load_state_dict(state)
 
 
-_QKV = ("query", "key", "value")
-
-
-def _to_official(array: np.ndarray, layout: str, heads: int) -> np.ndarray:
-    if layout == "conv":  # torch (out, in, h, w) -> flax (h, w, in, out)
-        return array.transpose(2, 3, 1, 0)
-    if layout == "dense":  # torch (out, in) -> flax (in, out)
-        return array.T
-    if layout == "attn_out":  # torch (D, D_in) -> flax (heads, head_dim, D)
-        return array.T.reshape(heads, -1, array.shape[0])
-    return array
-
-
-def _from_official(array: np.ndarray, layout: str, target_shape: torch.Size) -> np.ndarray:
-    if layout == "conv":
-        array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array
-    elif layout == "dense":
-        array = array.T
-    elif layout == "attn_out":
-        array = array.reshape(-1, array.shape[-1]).T
-    elif layout == "vector":
-        array = array.reshape(-1) if array.size == target_shape.numel() else array  # old GroupNorm params are (1, 1, 1, C)
-    return array
-
-
-def to_official_arrays(model: VisionTransformer) -> dict[str, np.ndarray]:
-    """Every parameter under its official key, in the official layout (float32)."""
-    config = model.config
-    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-    arrays = {theirs: _to_official(state[ours], layout, config.num_heads) for ours, theirs, layout in official_key_map(config)}
-    D, H = config.hidden_size, config.num_heads
-    for i in range(config.depth):
-        weight, bias = state[f"blocks.{i}.attn.qkv.weight"], state[f"blocks.{i}.attn.qkv.bias"]
-        for j, name in enumerate(_QKV):
-            prefix = f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{name}/"
-            arrays[prefix + "kernel"] = weight[j * D : (j + 1) * D].T.reshape(D, H, D // H)  # (D, heads, head_dim)
-            arrays[prefix + "bias"] = bias[j * D : (j + 1) * D].reshape(H, D // H)
-    return arrays
-
-
-def save_npz(model: VisionTransformer, path: str | os.PathLike) -> None:
-    arrays = to_official_arrays(model)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
-# big_vision's layout (as timm's loader reads it): everything under "opt/target/", the blocks stacked
-# on one leading axis under "Transformer/encoderblock/", sub-modules numbered from 0 (attention 0,
-# second LayerNorm 1, MLP 0), and the position embeddings at the top level.
-_BIG_VISION_NAMES = (("/MultiHeadDotProductAttention_0/", "/MultiHeadDotProductAttention_1/"), ("/LayerNorm_1/", "/LayerNorm_2/"),
-                     ("/MlpBlock_0/", "/MlpBlock_3/"))  # fmt: skip
-
-
-def normalise_keys(arrays: dict[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
-    """Keys of any supported layout in the original vision_transformer layout."""
-    if not any(k.startswith("opt/target/") for k in arrays):
-        return arrays
-    out = {}
-    for key, value in arrays.items():
-        if not key.startswith("opt/target/"):
-            continue  # optimizer state
-        key = key.removeprefix("opt/target/")
-        if key == "pos_embedding":
-            out["Transformer/posembed_input/pos_embedding"] = value
-            continue
-        stacked = re.match(r"Transformer/encoderblock/(.*)", key)
-        if not stacked:
-            out[key] = value
-            continue
-        if value.shape[0] != depth:
-            raise CheckpointError(f"stacked block parameter {key} has {value.shape[0]} layers, the model has {depth}")
-        name = "/" + stacked.group(1)
-        for old, new in _BIG_VISION_NAMES:
-            name = name.replace(old, new)
-        for i in range(depth):  # (depth, ...) -> one key per block
-            out[f"Transformer/encoderblock_{i}{name}"] = value[i]
-    return out
-
-
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All arrays of an `.npz` file, read without pickle; one clear error for any damage."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+def _model_config(values, path) -> ModelConfig:
     try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise CheckpointError(f"{path}: a single .npy array, not an .npz checkpoint")
-        with data:
-            return {key: data[key] for key in data.files}
-    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-        raise CheckpointError(f"{path}: not a complete .npz file (truncated or corrupt: {e})") from None
-    except ValueError as e:
-        if "Object arrays" in str(e):  # numpy's refusal to unpickle an array inside the archive
-            raise CheckpointError(f"{path}: holds pickled objects, which vitlab refuses to load") from None
-        raise CheckpointError(f"{path}: not an .npz checkpoint (neither a zip archive nor an array file)") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: not an .npz checkpoint ({e})") from None
+        return ModelConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unusable model_config ({e})") from None
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
-    """The official resampling of `vit_jax/checkpoint.py`: class token kept apart, the grid zoomed
-    with `scipy.ndimage.zoom(order=1)`, which is bilinear interpolation with align_corners=True."""
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[0, num_prefix_tokens:]
-    old = int(round(grid.shape[0] ** 0.5))
-    if old * old != grid.shape[0]:
-        raise CheckpointError(f"position embeddings of {grid.shape[0]} patches are not a square grid")
-    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).double()  # (1, D, old, old)
-    grid = F.interpolate(grid, size=new_grid, mode="bilinear", align_corners=True)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """A local file as given, or an official checkpoint's name fetched into the cache."""
+    if str(source) in official.OFFICIAL_CHECKPOINTS:
+        return official.fetch_official(str(source))
+    path = Path(source)
+    if not path.exists():
+        known = ", ".join(n for n, e in official.OFFICIAL_CHECKPOINTS.items() if e.description == "ImageNet-21k")
+        raise CheckpointError(f"{source}: no such file, nor an official checkpoint name (e.g. {known}; `vitlab download --list`)")
+    return path
 
 
-def load_official(model: VisionTransformer, source: str | os.PathLike | dict, verbose: bool = True, name: str | None = None) -> VisionTransformer:
-    """Load an official `.npz` (path, or arrays already read) into `model`, as the official fine-tuning does:
-    a head for another number of classes stays zero-initialised, a pre-logits layer the model lacks is
-    dropped, and position embeddings are resampled to the model's grid. Anything else that does not fit
-    raises CheckpointError."""
-    name = name or (str(source) if not isinstance(source, dict) else "checkpoint")  # for messages
-    arrays = normalise_keys(read_npz(source) if not isinstance(source, dict) else dict(source), model.config.depth)
-    config, state = model.config, model.state_dict()
-    new_state, used, notes = {}, set(), []
+def load_model(source: str | os.PathLike, model_type: str | None = None) -> tuple[VisionTransformer, list[str]]:
+    """(model in eval mode on the CPU, its class names) from any source; `model_type` is for official `.npz` files,
+    whose variant the file does not say. Models without class names predict "class N"."""
+    if str(source) in official.OFFICIAL_CHECKPOINTS:
+        model = official.official_model(str(source))
+        names = official.class_names(model.config.num_classes)
+    else:
+        path = resolve_checkpoint(source)
+        if path.suffix == ".npz":
+            model = official.npz_model(path, model_type)
+            names = official.class_names(model.config.num_classes)
+        elif model_type is not None:
+            raise CheckpointError(f"{path}: --model_type is only for official .npz files; this file carries its own model config")
+        else:
+            model, names = load_safetensors(path) if path.suffix == ".safetensors" else _load_vitlab_pt(path)
+            names = names if names is not None else [f"class {i}" for i in range(model.config.num_classes)]
+    if len(names) != model.config.num_classes:
+        raise CheckpointError(f"{source}: {len(names)} class names for a head of {model.config.num_classes} classes")
+    return model.eval(), names
 
-    def take(key: str) -> np.ndarray:
-        if key not in arrays:
-            raise CheckpointError(f"{name}: missing key {key!r}; is it a checkpoint of {config.name}?")
-        used.add(key)
-        return arrays[key]
 
-    head_classes = arrays["head/kernel"].shape[-1] if "head/kernel" in arrays else None
-    keep_head = head_classes == config.num_classes
-    for ours, theirs, layout in official_key_map(config):
-        if ours.startswith("head.") and not keep_head:
-            used.add(theirs)
-            continue
-        value = torch.from_numpy(np.ascontiguousarray(_from_official(take(theirs), layout, state[ours].shape)))
-        if ours == "pos_embed" and value.shape != state[ours].shape and value.ndim == 3 and value.shape[-1] == state[ours].shape[-1]:
-            prefix = 1 if config.classifier == "token" else 0
-            notes.append(f"position embeddings resized from {value.shape[1] - prefix} to {config.grid_size**2} patches")
-            value = resize_pos_embed(value, (config.grid_size, config.grid_size), prefix)
-        if value.shape != state[ours].shape:
-            raise CheckpointError(
-                f"{name}: {theirs} has shape {tuple(value.shape)}, {config.name} needs {tuple(state[ours].shape)}; "
-                "is it a checkpoint of another variant?"
-            )
-        new_state[ours] = value
-    D = config.hidden_size
-    for i in range(config.depth):
-        prefix = f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/"
-        kernels = []
-        for n in _QKV:
-            kernel = take(prefix + n + "/kernel")
-            if kernel.size != D * D:
-                raise CheckpointError(f"{name}: {prefix}{n}/kernel has shape {kernel.shape}, {config.name} needs ({D}, {config.num_heads}, {D // config.num_heads})")
-            kernels.append(kernel.reshape(D, D).T)
-        new_state[f"blocks.{i}.attn.qkv.weight"] = torch.from_numpy(np.concatenate(kernels, axis=0))
-        new_state[f"blocks.{i}.attn.qkv.bias"] = torch.from_numpy(np.concatenate([take(prefix + n + "/bias").reshape(-1) for n in _QKV]))
-    if not config.representation_size and "pre_logits/kernel" in arrays:
-        used.update(("pre_logits/kernel", "pre_logits/bias"))
-        notes.append("pre-logits layer dropped (the model has none)")
-    unexpected = sorted(set(arrays) - used)
-    if unexpected:
-        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
-        raise CheckpointError(f"{name}: unexpected keys {', '.join(unexpected[:3])}{more}; is it a checkpoint of {config.name}?")
-    if head_classes is not None and not keep_head:
-        notes.append(f"head of {head_classes} classes replaced by a zero-initialised head of {config.num_classes}")
-    with torch.no_grad():
-        for key, value in new_state.items():
-            state[key].copy_(value)
-        if not keep_head:
-            model.head.weight.zero_()
-            model.head.bias.zero_()
-    if verbose and notes:
-        print(f"loaded {name}: " + "; ".join(notes))
+def _load_vitlab_pt(path: Path) -> tuple[VisionTransformer, list[str] | None]:
+    payload = read_checkpoint(path)
+    model = VisionTransformer(_model_config(payload["model_config"], path))
+    load_state(model, payload["model"], path)
+    return model, payload.get("class_names")
+
+
+def load_pretrained(model: VisionTransformer, source: str | os.PathLike, verbose: bool = True) -> VisionTransformer:
+    """Initialise `model` from any checkpoint (a name or a file) to fine-tune it: a head for another number of classes
+    is zero-initialised; an official `.npz` is loaded as the official fine-tuning does (`official.load_official`)."""
+    path = resolve_checkpoint(source)
+    if path.suffix == ".npz":
+        return official.load_official(model, path, verbose)
+    if path.suffix == ".safetensors":
+        loaded, _ = load_safetensors(path)
+        state, source_config = loaded.state_dict(), loaded.config
+    else:
+        payload = read_checkpoint(path)
+        state, source_config = payload["model"], _model_config(payload["model_config"], path)
+    check_same_function(source_config, model.config, path)
+    ours = model.state_dict()
+    if state.get("head.weight") is not None and state["head.weight"].shape != ours["head.weight"].shape:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        state.update({k: torch.zeros_like(v) for k, v in ours.items() if k.startswith("head.")})
+        if verbose:
+            print(f"loaded {path}: head replaced by a zero-initialised head of {model.config.num_classes} classes")
+    load_state(model, state, path)
     return model
 
 
@@ -285,64 +149,16 @@ def load_safetensors(path: str | os.PathLike) -> tuple[VisionTransformer, list[s
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if "model_config" not in metadata:
         raise CheckpointError(f"{path}: safetensors file without vitlab's model_config metadata")
-    model = VisionTransformer(ModelConfig.from_dict(json.loads(metadata["model_config"])))
+    model = VisionTransformer(_model_config(json.loads(metadata["model_config"]), path))
     load_state(model, state, path)
     return model, json.loads(metadata["class_names"]) if "class_names" in metadata else None
 
 
-# Settings that change what the weights compute without changing any weight's shape: a checkpoint loaded
-# into a model that differs in one of them would load cleanly and compute something else.
-SHAPELESS_FIELDS = ("num_heads", "gelu")
-
-
-def check_same_function(source: ModelConfig, model: ModelConfig, path) -> None:
-    """Raise CheckpointError if `model` would compute another function with `source`'s weights."""
-    differ = [f for f in SHAPELESS_FIELDS if getattr(source, f) != getattr(model, f)]
-    if differ:
-        theirs = ", ".join(f"--{f} {getattr(source, f)}" for f in differ)
-        ours = ", ".join(f"{f} {getattr(model, f)}" for f in differ)
-        raise CheckpointError(f"{path}: its model was trained with {theirs}, this one has {ours}; pass {theirs}")
-
-
-def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], path) -> None:
-    """Load a full state dict, or raise CheckpointError naming what does not fit."""
-    ours = model.state_dict()
-    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: missing keys {missing[:3]} / unexpected keys {unexpected[:3]} for {model.config.name}")
-    for key, value in state.items():
-        if value.shape != ours[key].shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model needs {tuple(ours[key].shape)}")
-    model.load_state_dict(state)
-
-
 # ---------------------------------------------------------------------------------------------
-# vitlab's training checkpoints: torch files of plain tensors and containers, written atomically.
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes files private; give the permissions a plain open() would
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda f: torch.save(payload, f))
-
+# A run's checkpoints: torch files of plain tensors and containers, written atomically.
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The contents of a vitlab `.pt` file, read without unpickling anything but tensors and containers."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -355,147 +171,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
-# ---------------------------------------------------------------------------------------------
-# The official checkpoints by name, fetched once into a cache.
-
-_BASE_URL = "https://storage.googleapis.com/vit_models/"
-
-
-@dataclass(frozen=True)
-class OfficialCheckpoint:
-    name: str
-    path: str  # under the base URL
-    variant: str
-    num_classes: int
-    img_size: int
-    representation_size: int | None = None
-    description: str = ""
-
-    @property
-    def url(self) -> str:
-        return os.environ.get("VITLAB_CHECKPOINT_BASE_URL", _BASE_URL).rstrip("/") + "/" + self.path
-
-    @property
-    def filename(self) -> str:
-        return self.path.replace("/", "__")
+def save_training_checkpoint(path: str | os.PathLike, model: VisionTransformer, class_names: list[str], train_config: dict,
+                             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: dict) -> None:  # fmt: skip
+    """The run's weights, configs and class names (enough for every command), and what `--resume` restores."""
+    payload = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "model_config": model.config.to_dict(),
+        "class_names": class_names, "train_config": train_config, "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(), **progress,
+    }  # fmt: skip
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def _registry() -> dict[str, OfficialCheckpoint]:
-    entries = []
-    # The paper's ImageNet-21k files (with a pre-logits layer) and their ImageNet-1k fine-tunes.
-    for seed, short, width in (("ViT-B_16", "B/16", 768), ("ViT-B_32", "B/32", 768), ("ViT-L_16", "L/16", 1024),
-                               ("ViT-L_32", "L/32", 1024), ("ViT-H_14", "H/14", 1280), ("R50+ViT-B_16", "R50+B/16", 768)):  # fmt: skip
-        name = seed.replace("+", "-")
-        entries.append(OfficialCheckpoint(name, f"imagenet21k/{seed}.npz", short, 21843, 224, width, "ImageNet-21k"))
-        if short != "H/14":
-            entries.append(OfficialCheckpoint(f"{name}-384", f"imagenet21k+imagenet2012/{seed}.npz", short, 1000, 384, None,
-                                              "ImageNet-21k, fine-tuned on ImageNet-1k at 384 px"))  # fmt: skip
-    for seed, short in (("ViT-B_16", "B/16"), ("ViT-L_16", "L/16")):
-        entries.append(OfficialCheckpoint(f"{seed}-224", f"imagenet21k+imagenet2012/{seed}-224.npz", short, 1000, 224, None,
-                                          "ImageNet-21k, fine-tuned on ImageNet-1k at 224 px"))  # fmt: skip
-    # The recommended AugReg files of Steiner et al. (2021), as listed in vision_transformer's README.
-    augreg = {"Ti/16": ("Ti_16", "none-wd_0.03-do_0.0-sd_0.0", "0.03"), "S/16": ("S_16", "light1-wd_0.03-do_0.0-sd_0.0", "0.03"),
-              "S/32": ("S_32", "light1-wd_0.03-do_0.0-sd_0.0", "0.03"), "B/32": ("B_32", "medium1-wd_0.03-do_0.0-sd_0.0", "0.03"),
-              "B/16": ("B_16", "medium1-wd_0.1-do_0.0-sd_0.0", "0.01"), "B/8": ("B_8", "medium1-wd_0.1-do_0.0-sd_0.0", "0.01"),
-              "L/16": ("L_16", "medium1-wd_0.1-do_0.1-sd_0.1", "0.01")}  # fmt: skip
-    for short, (stem, recipe, ft_lr) in augreg.items():
-        base = f"augreg/{stem}-i21k-300ep-lr_0.001-aug_{recipe}"
-        entries.append(OfficialCheckpoint(f"augreg-{stem}", base + ".npz", short, 21843, 224, None, "AugReg, ImageNet-21k"))
-        if short != "L/16":
-            entries.append(OfficialCheckpoint(f"augreg-{stem}-224", f"{base}--imagenet2012-steps_20k-lr_{ft_lr}-res_224.npz", short, 1000, 224, None,
-                                              "AugReg, ImageNet-21k, fine-tuned on ImageNet-1k at 224 px"))  # fmt: skip
-    return {e.name: e for e in entries}
-
-
-OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = _registry()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("VITLAB_CACHE", Path.home() / ".cache" / "vitlab"))
-
-
-def download(url: str, destination: str | os.PathLike, progress: bool = True, timeout: float = 60.0) -> Path:
-    """Fetch `url` to `destination` through a temporary file renamed only once every byte has arrived."""
-    from tqdm.auto import tqdm
-
-    destination = Path(destination)
-
-    def fetch(f) -> None:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            received = 0
-            with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name, disable=not progress) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-        if total is not None and received != total:
-            raise OSError(f"connection closed after {received} of {total} bytes")
-
+def restore_training_checkpoint(payload: dict, path: str | os.PathLike, model: VisionTransformer, optimizer: torch.optim.Optimizer,
+                                scaler: torch.amp.GradScaler) -> dict:  # fmt: skip
+    """Load a run's checkpoint (`read_checkpoint(path)`) into the model, optimizer and scaler of the run that continues
+    it; returns the payload, whose `step`, `best` and `train_config` say where that run was."""
+    for key in ("optimizer", "scaler", "step", "best", "train_config"):
+        if key not in payload:
+            raise CheckpointError(f"{path}: holds no training state ({key}); only checkpoints written by `vitlab train` resume")
+    check_same_function(_model_config(payload["model_config"], path), model.config, path)
+    load_state(model, payload["model"], path)
     try:
-        atomic_write(destination, fetch)
-    except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise CheckpointError(f"could not download {url} ({reason}); download it by hand to {destination}") from None
-    return destination
-
-
-def fetch_official(name: str, progress: bool = True) -> Path:
-    """Path of the named official checkpoint in the cache, downloading it on first use."""
-    entry = OFFICIAL_CHECKPOINTS[name]
-    path = cache_dir() / entry.filename
-    if not path.is_file():
-        download(entry.url, path, progress=progress)
-    return path
-
-
-def resolve_checkpoint(source: str | os.PathLike) -> Path:
-    """A local file as given, or an official checkpoint's name fetched into the cache."""
-    if str(source) in OFFICIAL_CHECKPOINTS:
-        return fetch_official(str(source))
-    path = Path(source)
-    if not path.exists():
-        known = ", ".join(n for n, e in OFFICIAL_CHECKPOINTS.items() if e.description == "ImageNet-21k")
-        raise CheckpointError(f"{source}: no such file, nor an official checkpoint name (e.g. {known}; `vitlab download --list`)")
-    return path
-
-
-def default_checkpoint(variant: str) -> str | None:
-    """The official checkpoint a variant fine-tunes from by default: the paper's ImageNet-21k file, else AugReg's."""
-    for entry in OFFICIAL_CHECKPOINTS.values():
-        if entry.variant == variant and entry.num_classes == 21843:
-            return entry.name
-    return None
-
-
-def load_pretrained(model: VisionTransformer, path: str | os.PathLike, verbose: bool = True) -> VisionTransformer:
-    """Initialise `model` from an official `.npz`, a vitlab training checkpoint (`.pt`) or a vitlab
-    safetensors file; a head for another number of classes is zero-initialised."""
-    path = Path(path)
-    if path.suffix == ".npz":
-        return load_official(model, path, verbose)
-    if path.suffix == ".safetensors":
-        source, _ = load_safetensors(path)
-        state, source_config = source.state_dict(), source.config
-    else:
-        payload = read_checkpoint(path)
-        state, source_config = payload["model"], ModelConfig.from_dict(payload["model_config"])
-    check_same_function(source_config, model.config, path)
-    ours = model.state_dict()
-    if state.get("head.weight") is not None and state["head.weight"].shape != ours["head.weight"].shape:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        state.update({k: torch.zeros_like(v) for k, v in ours.items() if k.startswith("head.")})
-        if verbose:
-            print(f"loaded {path}: head replaced by a zero-initialised head of {model.config.num_classes} classes")
-    load_state(model, state, path)
-    return model
-
-
-def official_model(name: str, progress: bool = True) -> VisionTransformer:
-    """The named official checkpoint as a ready model, its own head included (e.g. ImageNet-1k)."""
-    entry = OFFICIAL_CHECKPOINTS[name]
-    model = create_model(
-        canonical_name(entry.variant), num_classes=entry.num_classes, img_size=entry.img_size,
-        representation_size=entry.representation_size, dropout_rate=0.0,
-    )  # fmt: skip
-    return load_official(model, fetch_official(name, progress), verbose=False)
+        optimizer.load_state_dict(payload["optimizer"])
+        scaler.load_state_dict(payload["scaler"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this run ({e})") from None
+    return payload

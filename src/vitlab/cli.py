@@ -1,4 +1,10 @@
-"""The `vitlab` command: one subcommand per job, every failure one line on stderr and a non-zero exit."""
+"""The `vitlab` command: its parser, and the one rule for failures.
+
+A bad input is one line on stderr and a non-zero exit: 2 for a bad flag or setting (argparse's own refusals
+included), 1 for anything else the user can fix (a missing or corrupt file, a dataset, a run that cannot go on,
+torch out of memory), 130 when interrupted. A bug in vitlab keeps its traceback, and `--debug` (or VITLAB_DEBUG=1)
+shows every traceback and the fast paths in use. The commands themselves are in `commands.py`.
+"""
 
 from __future__ import annotations
 
@@ -11,126 +17,129 @@ import tomllib
 import warnings
 from pathlib import Path
 
-from .config import CHOICES, VARIANTS, ModelConfig, TrainConfig, seed_name
-from .errors import ConfigError as UsageError
-from .errors import VitlabError, VitlabWarning, torch_error_message
+from . import commands, export
+from .config import DATASETS, MODEL_OVERRIDES, TrainConfig
+from .errors import ConfigError, VitlabError, VitlabWarning, torch_error_message
+from .runtime import DEVICES_HELP, PRECISIONS, PRECISIONS_HELP
+
+SOURCE_HELP = "a run's checkpoint (.pt), a vitlab .safetensors file, an official checkpoint name, or an official .npz file"
 
 
 # ---------------------------------------------------------------------------------------------
-# vitlab models / vitlab download
+# vitlab train: every TrainConfig field and every overridable ModelConfig field is a flag, in the seed's spelling
+# and dashed, with the field's help and choices; defaults stay unset here, so that recipe < config file < flags.
 
-def cmd_models(args: argparse.Namespace) -> int:
-    import torch
-
-    from .model import count_parameters, create_model
-
-    rows = [("name", "seed name", "patch", "width", "depth", "heads", "MLP", "params (10 classes, 224 px)")]
-    for name, config in VARIANTS.items():
-        with torch.device("meta"):  # counts without allocating weights
-            params = count_parameters(create_model(name, num_classes=10, img_size=224))
-        rows.append((name, seed_name(name) if seed_name(name) != name else "", str(config.patch_size), str(config.hidden_size),
-                     str(config.depth), str(config.num_heads), str(config.mlp_dim), f"{params:,}"))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-    return 0
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    from .checkpoints import OFFICIAL_CHECKPOINTS, cache_dir, fetch_official
-
-    if args.list or not args.names:
-        print(f"official checkpoints (cached in {cache_dir()}):")
-        for name, entry in OFFICIAL_CHECKPOINTS.items():
-            print(f"  {name:<20} {entry.variant:<9} {entry.num_classes:>6} classes  {entry.img_size} px  {entry.description}")
-        return 0
-    for name in args.names:
-        if name not in OFFICIAL_CHECKPOINTS:
-            raise UsageError(f"unknown checkpoint {name!r}; `vitlab download --list` shows the names")
-    for name in args.names:
-        print(fetch_official(name))
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# vitlab train: every TrainConfig field is a flag (seed spelling and dashed), defaults from the config.
-
-_TRAIN_HELP = {
-    "name": "name of the run (required): output/<name>/ and logs/<name>/",
-    "pretrained_dir": "initial weights: an .npz/.pt/.safetensors file, an official checkpoint name, 'none' (from scratch) "
-    "or 'auto' (checkpoint/<model_type>.npz if present, else the official ImageNet-21k file)",
-    "resume": "continue a run: a checkpoint path, or with no value the run's own output/<name>/last.pt",
-    "fp16": "fp16 mixed precision (the same as --precision fp16; CUDA only)",
-    "fp16_opt_level": "Apex opt level, mapped onto torch.amp: O0 fp32; O1 and O2 fp16 autocast with fp32 master weights",
-    "local_rank": "process's GPU under torch.distributed.launch (torchrun sets LOCAL_RANK instead)",
-}
+def _field_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, dest: str, default) -> None:
+    flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+    meta = f.metadata
+    shown = "" if f.name == "name" else f" (default: {'the variant' if dest.startswith('model.') else default})"
+    kwargs = dict(dest=dest, default=argparse.SUPPRESS, help=meta["help"] + shown)
+    kind = f.type.partition(" | ")[0]
+    if kind == "bool":
+        parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+    elif "nargs" in meta:
+        item = float if "float" in kind else str
+        parser.add_argument(*flags, type=item, nargs=meta["nargs"], const=meta.get("const"), metavar=meta.get("metavar"), **kwargs)
+    else:
+        parser.add_argument(*flags, type={"int": int, "float": float}.get(kind, str), choices=meta.get("choices"),
+                            metavar=None if meta.get("choices") else f.name.upper(), **kwargs)  # fmt: skip
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     from .recipes import RECIPES
 
-    parser.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (see vitlab/recipes.py)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (src/vitlab/recipes.py)")
     parser.add_argument("--config", help="a JSON or TOML file of settings; flags override it")
-    defaults, model_defaults = TrainConfig(), ModelConfig()
+    defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        default = getattr(defaults, f.name)
-        help_text = _TRAIN_HELP.get(f.name, f.name.replace("_", " ")) + (f" (default: {default})" if f.name != "name" else "")
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-        if f.name == "fp16" or f.name == "compile":
-            parser.add_argument(*flags, action="store_true", **kwargs)
-        elif f.name == "hflip":
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
-        elif f.name == "resume":
-            parser.add_argument(*flags, nargs="?", const="last", metavar="PATH", **kwargs)
-        elif f.name == "adam_betas":
-            parser.add_argument(*flags, type=float, nargs=2, metavar=("BETA1", "BETA2"), **kwargs)
-        else:
-            # A model override defaults to None: its type is that of the ModelConfig field it overrides.
-            typed = getattr(model_defaults, f.name) if f.name in TrainConfig.MODEL_OVERRIDES else default
-            kind = {int: int, float: float}.get(type(typed), str)
-            parser.add_argument(*flags, type=kind, choices=CHOICES.get(f.name), **kwargs)
+        if f.name != "model":
+            _field_flag(parser, f, f.name, getattr(defaults, f.name))
+    for f in MODEL_OVERRIDES.values():
+        _field_flag(parser, f, f"model.{f.name}", None)
 
 
 def _read_config_file(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"--config {path}: no such file")
+        raise ConfigError(f"--config {path}: no such file")
     try:
         text = file.read_text()
         values = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"--config {path}: not valid {'TOML' if file.suffix == '.toml' else 'JSON'} ({e})") from None
+        raise ConfigError(f"--config {path}: not valid {'TOML' if file.suffix == '.toml' else 'JSON'} ({e})") from None
     if not isinstance(values, dict):
-        raise UsageError(f"--config {path}: expected a table of settings")
+        raise ConfigError(f"--config {path}: expected a table of settings")
     return values
+
+
+def _flat(values: dict) -> dict:
+    """Settings with the model overrides at the top level, as flags give them (`patch_size`, not `model.patch_size`)."""
+    values = dict(values)
+    return {**values, **(values.pop("model", None) or {})}
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Recipe < config file < flags, into one TrainConfig."""
     from .recipes import RECIPES
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "recipe", "config", "debug")}
-    values = dict(RECIPES[args.recipe]) if getattr(args, "recipe", None) else {}
+    flags = {k.removeprefix("model."): v for k, v in vars(args).items() if k not in ("command", "func", "recipe", "config", "debug")}
+    values = _flat(RECIPES[args.recipe]) if getattr(args, "recipe", None) else {}
     if getattr(args, "config", None):
-        values.update(_read_config_file(args.config))
-    values.update(given)
+        values.update(_flat(_read_config_file(args.config)))
     try:
-        return TrainConfig.from_dict(values)
+        return TrainConfig.from_dict({**values, **flags})
     except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from None
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
-
-    config = train_config_from_args(args)
-    config.validate()  # again with the real world size inside train(); this catches bad flags before any set-up
-    train(config)
-    return 0
+        raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
+# The other commands' flags
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help=SOURCE_HELP)
+    p.add_argument("--model_type", "--model-type", help="the variant of an official .npz file, e.g. B/16 (`vitlab models`)")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=f"{DEVICES_HELP} (default: auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"{PRECISIONS_HELP} (default: auto)")
+
+
+def _add_inference_commands(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix on a test set")
+    _add_source(p)
+    p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="(default: cifar10, its test split)")
+    p.add_argument("--data_dir", "--data-dir", default="data", help="CIFAR download folder, or the image folder's root "
+                   "(<root>/<class>/<image>; its val/ or test/ subfolder when present) (default: data)")  # fmt: skip
+    p.add_argument("--out", help="folder for the JSON and PNG (default: beside the checkpoint file, else ./eval)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=64, help="(default: 64)")
+    p.add_argument("--num_workers", "--num-workers", type=int, default=2, help="decoding workers for folders streamed from disk (default: 2)")
+    _add_runtime(p)
+    p.set_defaults(func=commands.cmd_eval)
+
+    p = sub.add_parser("predict", help="the most probable classes of images")
+    _add_source(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders searched recursively")
+    p.add_argument("--top_k", "--top-k", type=int, default=5, help="classes shown per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=32, help="(default: 32)")
+    _add_runtime(p)
+    p.set_defaults(func=commands.cmd_predict)
+
+    p = sub.add_parser("attention", help="attention rollout over an image, drawn as a PNG")
+    _add_source(p)
+    p.add_argument("image", help="an image file")
+    p.add_argument("--out", help="the PNG to write (default: <image stem>_attention.png beside the image)")
+    p.add_argument("--layer", type=int, help="show layer N's own attention (1 = first), heads averaged, instead of the rollout")
+    _add_runtime(p)
+    p.set_defaults(func=commands.cmd_attention)
+
+    p = sub.add_parser("export", help="write the model as ONNX, TorchScript, safetensors or official .npz")
+    _add_source(p)
+    p.add_argument("--format", required=True, choices=export.FORMATS)
+    p.add_argument("--out", required=True, help="the file to write")
+    p.set_defaults(func=commands.cmd_export)
+
 
 class _Parser(argparse.ArgumentParser):
     """Bad flags get one line, not the whole usage (`--help` still shows it)."""
@@ -145,20 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(also VITLAB_DEBUG=1)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("models", help="list the model variants with their shapes and parameter counts")
-    p.set_defaults(func=cmd_models)
+    p.set_defaults(func=commands.cmd_models)
     p = sub.add_parser("download", help="fetch official checkpoints into the cache")
     p.add_argument("names", nargs="*", help="checkpoint names (see --list)")
     p.add_argument("--list", action="store_true", help="list the official checkpoints")
-    p.set_defaults(func=cmd_download)
+    p.set_defaults(func=commands.cmd_download)
     p = sub.add_parser("train", help="fine-tune or train from scratch (the seed's train.py flags)")
     _add_train_flags(p)
-    p.set_defaults(func=cmd_train)
-    from .inference_cli import add_commands  # here, not at the top: that module imports UsageError from this one
-
-    add_commands(sub)  # eval, predict, attention, export
+    p.set_defaults(func=lambda args: commands.cmd_train(train_config_from_args(args)))
+    _add_inference_commands(sub)
     for command in sub.choices.values():  # --debug before or after the command
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------
+
+_show_warning = warnings.showwarning
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
@@ -169,9 +181,6 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
         _show_warning(message, category, filename, lineno, file, line)
 
 
-_show_warning = warnings.showwarning
-
-
 def main(argv: list[str] | None = None) -> int:
     from . import keep_freed_memory
 
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"vitlab {args.command}: error: unrecognized arguments: {' '.join(unknown)} (see --help)", file=sys.stderr)
         return 2
-    debug = args.debug or os.environ.get("VITLAB_DEBUG", "") not in ("", "0")
+    debug = getattr(args, "debug", False) or os.environ.get("VITLAB_DEBUG", "") not in ("", "0")
     warnings.showwarning = _one_line_warnings
     keep_freed_memory()  # a training step reuses the last one's memory instead of mapping it anew
     if debug:

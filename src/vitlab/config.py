@@ -1,73 +1,91 @@
-"""Model shapes: the variant table and the dataclass every model is built from.
+"""Every setting, declared once: the model's shape (`ModelConfig`, with the variant table) and a training run
+(`TrainConfig`). Each field carries its default, its help and, where it takes one of a few names, its choices;
+the command line, config files, validation and the model overrides of `vitlab train` are derived from them.
 
-The table is Table 1 of Dosovitskiy et al. (2020) plus the small sizes of Steiner et al.
-(2021, "How to train your ViT"), in the layout of google-research/vision_transformer's
-`configs/models.py`. Each variant has a short name (`B/16`) and the seed's spelling (`ViT-B_16`).
+The variant table is Table 1 of Dosovitskiy et al. (2020) plus the small sizes of Steiner et al. (2021, "How to
+train your ViT"), in the layout of google-research/vision_transformer's `configs/models.py`. Each variant has a
+short name (`B/16`) and the spelling of jeonsworld/ViT-pytorch (`ViT-B_16`), the PyTorch port of the paper
+that vitlab's `train` command stays compatible with ("the seed" in comments).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ConfigError
 
 
-# Every setting that takes one of a few names, and the names: the configs check them, the CLI offers them.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "classifier": ("token", "gap"), "attention_impl": ("auto", "sdpa", "math"), "gelu": ("tanh", "exact"),
-    "pos_embed_init": ("normal", "sincos2d"), "attention_init": ("xavier", "mimetic"),
-    "dataset": ("cifar10", "cifar100", "imagefolder"), "decay_type": ("cosine", "linear"), "precision": ("auto", "fp32", "bf16", "fp16"),
-    "fp16_opt_level": ("O0", "O1", "O2"), "optimizer": ("sgd", "adamw", "muon"), "augment": ("resized_crop", "pad_crop", "none"),
-}  # fmt: skip
+DATASETS = ("cifar10", "cifar100", "imagefolder")
 
 
-def _listed(names: tuple[str, ...], quote: bool) -> str:
-    """'a', 'b' or 'c' (quoted) / a, b or c."""
-    shown = [repr(n) if quote else n for n in names]
+def setting(default: Any, help: str, choices: tuple[str, ...] | None = None, **extra: Any) -> Any:
+    """A config field: its default, the help `--help` shows, the names it may take, and anything else the command
+    line or a resume needs to know of it (`override`: a model setting `vitlab train` can override; `resume`:
+    "same" if a resumed run must keep it, "warn" if changing it on resume deserves a word)."""
+    metadata = {"help": help, "choices": choices, **extra}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _listed(names: tuple[str, ...]) -> str:
+    """'a', 'b' or 'c'."""
+    shown = [repr(n) for n in names]
     return f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+def _check_choices(config) -> None:
+    for f in dataclasses.fields(config):
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{f.name} must be {_listed(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "B/16"
-    patch_size: int = 16  # pixels per patch side; for the hybrid, the stem's stride times the embedding kernel
-    hidden_size: int = 768  # token width
-    depth: int = 12  # encoder blocks
-    num_heads: int = 12
-    mlp_dim: int = 3072
-    dropout_rate: float = 0.1  # after the embeddings, attention output and MLP layers (the seed's 0.1)
-    attention_dropout_rate: float = 0.0  # on the attention probabilities
-    classifier: str = "token"  # "token": class token; "gap": mean of the patch tokens, no class token
-    representation_size: int | None = None  # width of the tanh pre-logits layer; None: no such layer
-    resnet_layers: tuple[int, ...] = ()  # hybrid only: units per BiT ResNetV2 stage, e.g. (3, 4, 9)
-    resnet_width_factor: int = 1
-    num_classes: int = 1000
-    img_size: int = 224
-    attention_impl: str = "auto"  # "sdpa" (fused kernels), "math" (explicit softmax), "auto": math on CPUs in bf16,
-    # where it measured faster (benchmarks/models.py), sdpa elsewhere; the logits are the same
-    gelu: str = "tanh"  # "tanh": flax's approximation, which the released weights were trained with; "exact": the erf
-    # form, for models trained from scratch (3x cheaper than torch's tanh form on CPUs)
-    pos_embed_init: str = "normal"  # "normal": N(0, 0.02), the official init; "sincos2d": the fixed 2-D sine-cosine
-    # table of Beyer et al. (2022, "Better plain ViT baselines"), still learned: position is known from step one
-    attention_init: str = "xavier"  # "xavier": the official init; "mimetic": query-key products near +I and value-projection
-    # products near -I in every block (Trockman & Kolter, 2023), what trained ViTs look like: faster training from scratch
-    patch_drop_rate: float = 0.0  # share of each image's patch tokens dropped at random in training (PatchDropout,
-    # Liu et al. 2022; timm's patch_drop_rate): cheaper steps, more images per second; evaluation sees every patch
+    """A Vision Transformer's shape and the choices that change what it computes; the model is built from it alone."""
+
+    name: str = setting("B/16", "the variant this config started from")
+    patch_size: int = setting(16, "pixels per patch side (for the hybrid: the stem's stride times the embedding kernel)", override=True)
+    hidden_size: int = setting(768, "token width", override=True)
+    depth: int = setting(12, "encoder blocks", override=True)
+    num_heads: int = setting(12, "attention heads per block", override=True)
+    mlp_dim: int = setting(3072, "hidden width of each block's MLP", override=True)
+    dropout_rate: float = setting(0.1, "dropout after the embeddings, attention output and MLP layers (the seed's 0.1)", override=True)
+    attention_dropout_rate: float = setting(0.0, "dropout on the attention probabilities", override=True)
+    classifier: str = setting("token", "token: classify the class token; gap: the mean of the patch tokens, no class token",
+                              ("token", "gap"), override=True)  # fmt: skip
+    representation_size: int | None = setting(None, "width of a tanh pre-logits layer before the head; none: no such layer")
+    resnet_layers: tuple[int, ...] = setting((), "hybrid only: units per BiT ResNetV2 stage of the stem, e.g. (3, 4, 9)")
+    resnet_width_factor: int = setting(1, "hybrid only: the stem's width multiplier")
+    num_classes: int = setting(1000, "classes of the head")
+    img_size: int = setting(224, "image side in pixels")
+    attention_impl: str = setting("auto", "sdpa: fused kernels; math: explicit softmax; auto: whichever measured faster here "
+                                  "(vitlab.fastpaths); the logits are the same", ("auto", "sdpa", "math"))  # fmt: skip
+    gelu: str = setting("tanh", "tanh: flax's approximation, which Google's released weights were trained with; exact: the erf "
+                        "form, for models trained from scratch (3x cheaper than torch's tanh form on CPUs)", ("tanh", "exact"),
+                        override=True)  # fmt: skip
+    pos_embed_init: str = setting("normal", "normal: N(0, 0.02), the official init; sincos2d: the 2-D sine-cosine table of Beyer "
+                                  "et al. (2022), still learned", ("normal", "sincos2d"), override=True)  # fmt: skip
+    attention_init: str = setting("xavier", "xavier: the official init; mimetic: query-key products near +I and value-projection "
+                                  "products near -I (Trockman & Kolter, 2023), faster from scratch", ("xavier", "mimetic"),
+                                  override=True)  # fmt: skip
+    patch_drop_rate: float = setting(0.0, "share of each image's patch tokens dropped at random in training (PatchDropout, Liu et "
+                                     "al. 2022); evaluation sees every patch", override=True)  # fmt: skip
 
     def __post_init__(self) -> None:
-        for name in (n for n in CHOICES if n in self.__dataclass_fields__):
-            if getattr(self, name) not in CHOICES[name]:
-                raise ConfigError(f"{name} must be {_listed(CHOICES[name], quote=True)}, got {getattr(self, name)!r}")
+        _check_choices(self)
+        for what in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "num_classes", "img_size"):
+            if getattr(self, what) < 1:
+                raise ConfigError(f"{what} must be at least 1, got {getattr(self, what)}")
         if self.pos_embed_init == "sincos2d" and self.hidden_size % 4:
             raise ConfigError(f"pos_embed_init 'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
         if not 0 <= self.patch_drop_rate < 1:
             raise ConfigError(f"patch_drop_rate must be in [0, 1), got {self.patch_drop_rate}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        for what in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "num_classes", "img_size"):
-            if getattr(self, what) < 1:
-                raise ConfigError(f"{what} must be at least 1, got {getattr(self, what)}")
         if self.patch_size % self.stem_stride:
             raise ConfigError(f"hybrid patch_size {self.patch_size} must be a multiple of the stem's stride {self.stem_stride}")
         if self.grid_size < 1:
@@ -94,15 +112,19 @@ class ModelConfig:
     def num_tokens(self) -> int:
         return self.grid_size**2 + (self.classifier == "token")
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        return _from_dict(cls, values, "model config fields", ("resnet_layers",))
+    def from_dict(cls, values: dict) -> ModelConfig:
+        return cls(**_typed(cls, values, "model config fields"))
+
+
+# The model settings `vitlab train` overrides by flag or config file (declared with override=True above).
+MODEL_OVERRIDES: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(ModelConfig) if f.metadata.get("override")}
 
 
 def _vit(name: str, patch: int, width: int, depth: int, heads: int, mlp: int, **extra) -> ModelConfig:
@@ -127,7 +149,7 @@ VARIANTS: dict[str, ModelConfig] = {
     )
 }
 
-# The seed's spellings (jeonsworld/ViT-pytorch), and the same form for the small sizes.
+# The seed's spellings, and the same form for the small sizes.
 SEED_NAMES: dict[str, str] = {
     "ViT-B_16": "B/16", "ViT-B_32": "B/32", "ViT-L_16": "L/16", "ViT-L_32": "L/32",
     "ViT-H_14": "H/14", "R50-ViT-B_16": "R50+B/16", "ViT-Ti_16": "Ti/16", "ViT-S_16": "S/16",
@@ -137,7 +159,7 @@ _SHORT_TO_SEED = {short: seed for seed, short in SEED_NAMES.items()}
 
 
 def canonical_name(name: str) -> str:
-    """Short name for either spelling; raises ValueError listing the choices."""
+    """Short name for either spelling; raises ConfigError listing the choices."""
     if name in VARIANTS:
         return name
     if name in SEED_NAMES:
@@ -158,74 +180,62 @@ def get_config(name: str, **overrides) -> ModelConfig:
     return VARIANTS[canonical_name(name)].replace(**overrides)
 
 
-
-
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Defaults are the seed's (jeonsworld/ViT-pytorch `train.py`);
-    fields after `loss_scale` are vitlab's. Built from recipe < config file < command-line flags,
-    printed at the start of a run and saved as `output/<name>/config.json`."""
+    """Every setting of a training run. Defaults are the seed's (its `train.py`) up to `loss_scale`; the rest are vitlab's.
+    Built from recipe < config file < command-line flags, printed at the start and saved as `output/<name>/config.json`."""
 
-    name: str = ""  # the run's name: output/<name>/, logs/<name>/
-    dataset: str = "cifar10"  # cifar10, cifar100 or imagefolder
-    model_type: str = "ViT-B_16"  # a variant by either spelling (`vitlab models`)
-    pretrained_dir: str = "auto"  # .npz/.pt file, official checkpoint name, "none" (from scratch), or "auto":
-    # checkpoint/<model_type>.npz if it exists (the seed's layout), else the official ImageNet-21k file
-    output_dir: str = "output"
-    img_size: int = 224
-    train_batch_size: int = 512  # total over accumulation steps and processes
-    eval_batch_size: int = 64  # per process
-    eval_every: int = 100  # steps between evaluations on the validation split (and at the end)
-    learning_rate: float = 3e-2
-    weight_decay: float = 0.0
-    num_steps: int = 10000
-    decay_type: str = "cosine"  # cosine or linear, after linear warmup from 0
-    warmup_steps: int = 500
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    local_rank: int = -1  # set by torch.distributed.launch; torchrun sets LOCAL_RANK instead
-    seed: int = 42
-    gradient_accumulation_steps: int = 1
-    fp16: bool = False  # the seed's switch; the same as precision "fp16"
-    fp16_opt_level: str = "O2"  # Apex levels, mapped onto torch.amp: O0 fp32; O1 and O2 fp16 autocast with fp32 master weights
-    loss_scale: float = 0.0  # fp16 only: 0 dynamic loss scaling, > 0 a static scale
+    name: str = setting("", "the run's name (required): output/<name>/ and logs/<name>/")
+    dataset: str = setting("cifar10", "the dataset: CIFAR, downloaded into --data_dir, or an image folder <class>/<image>",
+                           DATASETS, resume="same")  # fmt: skip
+    model_type: str = setting("ViT-B_16", "a variant by either spelling (`vitlab models`)", resume="same")
+    pretrained_dir: str = setting("auto", "initial weights: a checkpoint file, an official checkpoint name, 'none' (from "
+                                  "scratch) or 'auto' (checkpoint/<model_type>.npz if present, else the official ImageNet-21k file)")  # fmt: skip
+    output_dir: str = setting("output", "where output/<name>/ goes")
+    img_size: int = setting(224, "image side in pixels", resume="same")
+    train_batch_size: int = setting(512, "images per update, over accumulation steps and processes", resume="same")
+    eval_batch_size: int = setting(64, "images per evaluation batch and process")
+    eval_every: int = setting(100, "steps between evaluations on the validation split (and at the end)")
+    learning_rate: float = setting(3e-2, "peak learning rate", resume="same")
+    weight_decay: float = setting(0.0, "weight decay", resume="same")
+    num_steps: int = setting(10000, "optimizer steps; the schedule decays to 0 at the last", resume="warn")
+    decay_type: str = setting("cosine", "decay after the linear warmup", ("cosine", "linear"), resume="same")
+    warmup_steps: int = setting(500, "steps of linear warmup from 0", resume="same")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm; 0 disables clipping", resume="same")
+    local_rank: int = setting(-1, "this process's GPU under torch.distributed.launch (torchrun sets LOCAL_RANK instead)")
+    seed: int = setting(42, "seed of the initialisation, data order, augmentation, dropout and validation split", resume="same")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per update (same update, less memory)")
+    fp16: bool = setting(False, "fp16 mixed precision (the same as --precision fp16; CUDA only)", resume="same")
+    fp16_opt_level: str = setting("O2", "Apex opt level, mapped onto torch.amp: O0 fp32; O1 and O2 fp16 autocast with fp32 master "
+                                  "weights (O3, pure fp16, is not supported)", ("O0", "O1", "O2"), resume="same")  # fmt: skip
+    loss_scale: float = setting(0.0, "fp16 only: 0 dynamic loss scaling, > 0 a static scale")
     # vitlab's own settings
-    data_dir: str = "data"  # CIFAR download folder, or the image folder's root
-    log_dir: str = "logs"
-    val_split: float = 0.02  # fraction of train held out for validation; 0 evaluates on the test split as the seed
-    precision: str = "fp32"  # fp32 (the seed's), bf16 or fp16 autocast (fp16 needs CUDA), or auto: bf16 where native
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
-    num_workers: int = 2  # DataLoader workers for image folders that stream from disk
-    optimizer: str = "sgd"  # sgd (momentum 0.9, the seed's), adamw, or muon (Muon with torch's momentum 0.95 for the
-    # encoder blocks' matrices, AdamW for the rest, one learning rate and weight decay)
-    momentum: float = 0.9
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    label_smoothing: float = 0.0
-    augment: str = "resized_crop"  # resized_crop (the seed's), pad_crop (4 px, for 32 px training) or none
-    min_scale: float = 0.05  # RandomResizedCrop's smallest area fraction (the seed's 0.05)
-    hflip: bool = True  # random horizontal flips (the official fine-tuning's; the seed had none)
-    resume: str | None = None  # a checkpoint path, or "last" for output/<name>/last.pt
-    compile: bool = False  # torch.compile the model
-    log_every: int = 10  # steps between train/loss records
-    # Model overrides, None: the variant's own value (for training from scratch, e.g. patch 4 at 32 px)
-    patch_size: int | None = None
-    hidden_size: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_dim: int | None = None
-    dropout_rate: float | None = None
-    attention_dropout_rate: float | None = None
-    classifier: str | None = None
-    gelu: str | None = None
-    pos_embed_init: str | None = None
-    attention_init: str | None = None
-    patch_drop_rate: float | None = None
-
-    MODEL_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "dropout_rate", "attention_dropout_rate", "classifier",
-                       "gelu", "pos_embed_init", "attention_init", "patch_drop_rate")  # fmt: skip
+    data_dir: str = setting("data", "CIFAR download folder, or the image folder's root")
+    log_dir: str = setting("logs", "TensorBoard logs go to <log_dir>/<name>")
+    val_split: float = setting(0.02, "fraction of train held out for validation; 0 evaluates on the test split as the seed did",
+                               resume="same")  # fmt: skip
+    precision: str = setting("fp32", "fp32 (the seed's), bf16 or fp16 autocast (fp16 needs CUDA), or auto: bf16 where the hardware "
+                             "runs it natively, else fp32", ("auto", "fp32", "bf16", "fp16"), resume="same")  # fmt: skip
+    device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
+    num_workers: int = setting(2, "DataLoader workers for image folders that stream from disk")
+    optimizer: str = setting("sgd", "sgd (momentum 0.9, the seed's), adamw, or muon (torch's Muon for the encoder blocks' matrices, "
+                             "AdamW for the rest, one learning rate and weight decay)", ("sgd", "adamw", "muon"), resume="same")  # fmt: skip
+    momentum: float = setting(0.9, "SGD momentum", resume="same")
+    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's betas", resume="same", nargs=2, metavar=("BETA1", "BETA2"))
+    label_smoothing: float = setting(0.0, "label smoothing of the training loss, in [0, 1)", resume="same")
+    augment: str = setting("resized_crop", "resized_crop (the seed's RandomResizedCrop), pad_crop (4 px, for 32 px training) or none",
+                           ("resized_crop", "pad_crop", "none"), resume="same")  # fmt: skip
+    min_scale: float = setting(0.05, "RandomResizedCrop's smallest area fraction (the seed's 0.05)", resume="same")
+    hflip: bool = setting(True, "random horizontal flips (the official fine-tuning's; --no-hflip for the seed's none)", resume="same")
+    resume: str | None = setting(None, "continue a run: a checkpoint path, or with no value the run's own output/<name>/last.pt",
+                                 nargs="?", const="last", metavar="PATH")  # fmt: skip
+    compile: bool = setting(False, "torch.compile the model")
+    log_every: int = setting(10, "steps between train/loss records")
+    model: dict[str, Any] = setting({}, "overrides of the variant's model settings, e.g. {\"patch_size\": 4}; each is also a flag",
+                                    resume="same")  # fmt: skip
 
     def model_config(self, num_classes: int) -> ModelConfig:
-        overrides = {k: getattr(self, k) for k in self.MODEL_OVERRIDES if getattr(self, k) is not None}
-        return get_config(self.model_type, num_classes=num_classes, img_size=self.img_size, **overrides)
+        return get_config(self.model_type, num_classes=num_classes, img_size=self.img_size, **self.model)
 
     def effective_precision(self) -> str:
         if self.fp16 and self.fp16_opt_level != "O0":
@@ -234,12 +244,13 @@ class TrainConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Refuse settings that cannot run, each with one clear sentence."""
-        checks = [(bool(self.name), "--name is required")]
-        for name in ("dataset", "decay_type", "precision", "fp16_opt_level", "optimizer", "augment"):
-            value, allowed = getattr(self, name), _listed(CHOICES[name], quote=False)
-            hint = f"{allowed} (O3, pure fp16, is not supported)" if name == "fp16_opt_level" else f"choose {allowed}"
-            checks.append((value in CHOICES[name], f"--{name} {value!r}: {hint}"))
-        checks += [
+        if not self.name:
+            raise ConfigError("--name is required")
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"--{f.name} {value!r}: choose {', '.join(choices)}")
+        checks = [
             (self.num_steps > 0, "--num_steps must be positive"),
             (self.warmup_steps >= 0, "--warmup_steps must be 0 or more"),
             (self.eval_every > 0, "--eval_every must be positive"),
@@ -261,30 +272,42 @@ class TrainConfig:
                 f"--train_batch_size {self.train_batch_size} does not divide into {self.gradient_accumulation_steps} "
                 f"accumulation steps x {world_size} processes"
             )
-        canonical_name(self.model_type)
+        self.model_config(num_classes=2)  # the model's own checks, before any data is loaded
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        return _from_dict(cls, values, "settings", ("adam_betas",))
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """A config from plain values (flags, JSON, TOML, a checkpoint): model settings flat (`patch_size`) or under
+        `model`, None meaning the variant's own value."""
+        values = dict(values)
+        model = dict(values.pop("model", None) or {})
+        for name in [k for k in values if k in MODEL_OVERRIDES]:
+            model[name] = values.pop(name)
+        model = {k: v for k, v in model.items() if v is not None}
+        unknown = sorted(set(model) - set(MODEL_OVERRIDES))
+        if unknown:
+            raise ConfigError(f"unknown model settings: {', '.join(unknown)} (overridable: {', '.join(MODEL_OVERRIDES)})")
+        _typed(ModelConfig, model, "model settings")
+        return cls(**_typed(cls, values, "settings"), model=model)
 
 
 _SCALAR_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
-def _from_dict(cls, values: dict, what: str, tuple_fields: tuple[str, ...]):
-    """A config from a plain dict (JSON, TOML, a checkpoint): unknown keys and values of the wrong type
-    refused, lists back to tuples."""
+def _typed(cls, values: dict, what: str) -> dict:
+    """`values` checked against `cls`'s fields: unknown keys and values of the wrong type refused, lists made tuples."""
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown {what}: {', '.join(unknown)}")
+    typed = {}
     for name, value in values.items():
         kind, _, optional = fields[name].partition(" | ")
         if kind in _SCALAR_TYPES and not (value is None and optional == "None"):
             wrong_bool = isinstance(value, bool) and kind != "bool"
             if wrong_bool or not isinstance(value, _SCALAR_TYPES[kind]):
                 raise ConfigError(f"{name} must be {kind}{' or null' if optional else ''}, got {value!r}")
-    return cls(**{k: tuple(v) if k in tuple_fields else v for k, v in values.items()})
+        typed[name] = tuple(value) if kind.startswith("tuple") and isinstance(value, list) else value
+    return typed

@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 import torch
 
-from . import checkpoints
-from .checkpoints import atomic_write
+from . import checkpoints, official
+from .files import atomic_write
 from .errors import VitlabError
 from .model import VisionTransformer
 
@@ -47,7 +47,7 @@ def export(model: VisionTransformer, class_names: list[str], fmt: str, path: str
         if model.config.gelu != "tanh":
             raise ExportError("the official .npz layout implies the tanh GELU, and this model uses the exact one; "
                               "export safetensors, ONNX or TorchScript instead")  # fmt: skip
-        checkpoints.save_npz(model, path)
+        official.save_npz(model, path)
         return "official .npz layout: weights only; the class names and the variant are not stored (load with --model_type)"
     raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 

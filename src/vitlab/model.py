@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, get_config
+from .errors import DataError
 from .fastpaths import Linear, explicit_attention, use_explicit_attention
 
 LAYER_NORM_EPS = 1e-6  # flax's default; torch's 1e-5 moves B/16 logits by about 2e-3
@@ -260,7 +261,7 @@ class VisionTransformer(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.config.img_size, self.config.img_size):
-            raise ValueError(f"input of {tuple(images.shape[-2:])} px; this model was built for {self.config.img_size}x{self.config.img_size} px")
+            raise DataError(f"input of {tuple(images.shape[-2:])} px; this model was built for {self.config.img_size}x{self.config.img_size} px")
         x = self.patch_embed(self.stem(images))  # (B, D, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, D)
         # Under bf16 autocast the patch embedding is bf16, and so stays the residual stream: an fp32 stream would

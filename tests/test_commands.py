@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlab import checkpoints
-from vitlab.checkpoints import CheckpointError
+from vitlab import checkpoints, official
+from vitlab.errors import CheckpointError
 from vitlab.cli import main
 from vitlab.data import read_image
-from vitlab.inference import imagenet_class_names, load_for_inference, official_class_names, preprocess
+from vitlab.checkpoints import load_model
+from vitlab.inference import preprocess
 from vitlab.model import create_model
 
 
@@ -37,7 +38,7 @@ def save_png(path, seed: int = 0, size: int = 16):
 
 
 def test_training_checkpoint_loads_with_its_config_and_class_names(tiny_run):
-    model, names = load_for_inference(tiny_run.checkpoint)
+    model, names = load_model(tiny_run.checkpoint)
     payload = checkpoints.read_checkpoint(tiny_run.checkpoint)
     assert names == tiny_run.class_names
     assert model.config.to_dict() == payload["model_config"]
@@ -50,9 +51,9 @@ def test_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tiny_run, tmp
     payload = checkpoints.read_checkpoint(tiny_run.checkpoint)
     payload["model_config"]["hidden_size"] = 32  # another shape than the weights it carries
     bad = tmp_path / "other.pt"
-    checkpoints.save_checkpoint(payload, bad)
+    torch.save(payload, bad)
     with pytest.raises(CheckpointError, match="shape"):
-        load_for_inference(bad)
+        load_model(bad)
     assert main(["eval", str(bad), "--dataset", "imagefolder", "--data_dir", str(tiny_run.data_dir)]) == 1
     assert "shape" in one_error_line(capsys)
 
@@ -69,8 +70,8 @@ def test_missing_checkpoint_is_one_line_for_every_command(command, tmp_path, cap
 def test_official_npz_shape_is_read_from_the_file(overrides, tmp_path, randomise):
     source = randomise(create_model("testing", **{"num_classes": 3, "img_size": 32, **overrides})).eval()
     path = tmp_path / "official.npz"
-    checkpoints.save_npz(source, path)
-    model, names = load_for_inference(path, model_type="testing")
+    official.save_npz(source, path)
+    model, names = load_model(path, model_type="testing")
     assert model.config == source.config.replace(dropout_rate=0.0)
     assert names == [f"class {i}" for i in range(source.config.num_classes)]
     x = torch.rand(2, 3, source.config.img_size, source.config.img_size) * 2 - 1
@@ -79,7 +80,7 @@ def test_official_npz_shape_is_read_from_the_file(overrides, tmp_path, randomise
 
 def test_official_npz_needs_model_type_and_other_files_refuse_it(tiny_run, tmp_path, capsys):
     path = tmp_path / "official.npz"
-    checkpoints.save_npz(create_model("testing", num_classes=3, img_size=32), path)
+    official.save_npz(create_model("testing", num_classes=3, img_size=32), path)
     assert main(["predict", str(path), str(save_png(tmp_path / "a.png"))]) == 1
     assert "--model_type" in one_error_line(capsys)
     assert main(["predict", str(tiny_run.checkpoint), str(tmp_path / "a.png"), "--model_type", "B/16"]) == 1
@@ -89,11 +90,11 @@ def test_official_npz_needs_model_type_and_other_files_refuse_it(tiny_run, tmp_p
 
 
 def test_official_names_predict_imagenet_classes(monkeypatch, tmp_path, capsys):
-    names = imagenet_class_names()
+    names = official.class_names(1000)
     assert len(names) == 1000 and names[0] == "tench" and names[-1] == "toilet tissue"
-    assert official_class_names(21843)[7] == "class 7"
+    assert official.class_names(21843)[7] == "class 7"
     tiny = create_model("testing", num_classes=1000, img_size=16)  # stands in for the download
-    monkeypatch.setattr(checkpoints, "official_model", lambda name: tiny)
+    monkeypatch.setattr(official, "official_model", lambda name: tiny)
     assert main(["predict", "augreg-Ti_16-224", str(save_png(tmp_path / "a.png")), "--json", "--top_k", "3"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert [p["class"] for p in result["top_k"]] == [names[p["index"]] for p in result["top_k"]]
@@ -152,7 +153,7 @@ def test_predict_table_and_json_for_files_and_folders(tiny_run, capsys):
     assert main(["predict", str(tiny_run.checkpoint), str(tiny_run.data_dir), "--json", "--precision", "fp32"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 24  # folders are searched recursively
-    model, names = load_for_inference(tiny_run.checkpoint)
+    model, names = load_model(tiny_run.checkpoint)
     for result in results[:3]:
         top = result["top_k"]
         assert len(top) == 3  # --top_k 5 of 3 classes
@@ -204,7 +205,7 @@ def test_cuda_without_a_gpu_is_one_line(tiny_run, capsys):
 
 def test_the_official_golden_file_loads_with_only_its_variant_named(shared_dir):
     reference = shared_dir / "reference" / "official-vit-ti16"
-    model, names = load_for_inference(reference / "ti16_224.npz", model_type="ViT-Ti_16")
+    model, names = load_model(reference / "ti16_224.npz", model_type="ViT-Ti_16")
     assert (model.config.num_classes, model.config.img_size, model.config.classifier) == (10, 224, "token")
     assert model.config.representation_size is None and names[9] == "class 9"
     with torch.no_grad():

@@ -1,0 +1,158 @@
+"""What each `vitlab` command does, given its parsed flags (the parser and the error rule are in `cli.py`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from . import official
+from .checkpoints import load_model
+from .config import VARIANTS, TrainConfig, seed_name
+from .data import DataError, read_image
+from .errors import ConfigError
+from .files import atomic_write, cache_dir
+from .runtime import autocast, resolve_device, resolve_precision
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .model import count_parameters, create_model
+
+    rows = [("name", "seed name", "patch", "width", "depth", "heads", "MLP", "params (10 classes, 224 px)")]
+    for name, config in VARIANTS.items():
+        with torch.device("meta"):  # counts without allocating weights
+            params = count_parameters(create_model(name, num_classes=10, img_size=224))
+        rows.append((name, seed_name(name) if seed_name(name) != name else "", str(config.patch_size), str(config.hidden_size),
+                     str(config.depth), str(config.num_heads), str(config.mlp_dim), f"{params:,}"))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    if args.list or not args.names:
+        print(f"official checkpoints (cached in {cache_dir()}):")
+        for name, entry in official.OFFICIAL_CHECKPOINTS.items():
+            print(f"  {name:<20} {entry.variant:<9} {entry.num_classes:>6} classes  {entry.img_size} px  {entry.description}")
+        return 0
+    for name in args.names:
+        if name not in official.OFFICIAL_CHECKPOINTS:
+            raise ConfigError(f"unknown checkpoint {name!r}; `vitlab download --list` shows the names")
+    for name in args.names:
+        print(official.fetch_official(name))
+    return 0
+
+
+def cmd_train(config: TrainConfig) -> int:
+    from .train import train
+
+    config.validate()  # again with the real world size inside train(); this catches bad flags before any set-up
+    train(config)
+    return 0
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be positive")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import eval_batches, load_test_split
+    from .evaluate import draw_confusion, evaluate, format_report
+
+    _positive(args, "batch_size")
+    model, class_names = load_model(args.checkpoint, args.model_type)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    data = load_test_split(args.dataset, args.data_dir, class_names)
+    print(f"evaluating {args.checkpoint} on {args.dataset} {args.data_dir} ({len(data)} images), {device.type}, {precision}")
+    batches = eval_batches(data, model.config.img_size, args.batch_size, device, num_workers=args.num_workers)
+    metrics = evaluate(model.to(device), batches, len(class_names), device, precision, total=math.ceil(len(data) / args.batch_size))
+    print(format_report(metrics, class_names))
+    source = Path(args.checkpoint)
+    out_dir = Path(args.out) if args.out else source.parent if source.is_file() else Path("eval")
+    stem = f"{source.stem}_{args.dataset}"
+    json_path, png_path = out_dir / f"{stem}_eval.json", out_dir / f"{stem}_confusion.png"
+    report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "data_dir": str(args.data_dir), "device": device.type,
+              "precision": precision, "class_names": class_names, **metrics}  # fmt: skip
+    atomic_write(json_path, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    draw_confusion(metrics["confusion"], class_names, f"{source.name} on {args.dataset}: top-1 {metrics['accuracy']:.2%}", png_path)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import list_images, predict, preprocess
+
+    _positive(args, "top_k", "batch_size")
+    model, class_names = load_model(args.checkpoint, args.model_type)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    model.to(device)
+    files, problems = list_images(args.images)
+    for problem in problems:
+        print(f"vitlab predict: skipped {problem}", file=sys.stderr)
+    failed, results = len(problems), []
+    for start in range(0, len(files), args.batch_size):
+        kept, images = [], []
+        for path in files[start : start + args.batch_size]:
+            try:
+                images.append(preprocess(read_image(str(path)), model.config.img_size))
+                kept.append(path)
+            except DataError as e:  # reported and skipped; the other images still get their predictions
+                print(f"vitlab predict: skipped {e}", file=sys.stderr)
+                failed += 1
+        if not kept:
+            continue
+        for path, top in zip(kept, predict(model, torch.stack(images), class_names, args.top_k, device, precision)):
+            if args.json:
+                results.append({"image": str(path), "top_k": [{"class": c, "index": i, "probability": p} for c, i, p in top]})
+            else:
+                width = max(len(c) for c, _, _ in top)
+                print(str(path))
+                print("\n".join(f"  {rank:>2}  {c:<{width}}  {p:>7.2%}" for rank, (c, _, p) in enumerate(top, start=1)))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from .attention import attention_map, draw_attention
+    from .inference import preprocess
+
+    model, class_names = load_model(args.checkpoint, args.model_type)
+    depth = model.config.depth
+    if args.layer is not None and not 1 <= args.layer <= depth:
+        raise ConfigError(f"--layer {args.layer}: the model's layers are numbered 1 to {depth}")
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    image = read_image(args.image)
+    images = preprocess(image, model.config.img_size)[None].to(device)
+    with torch.no_grad(), autocast(device, precision):
+        logits, attentions = model.to(device)(images, return_attention=True)
+    probabilities = logits.float().softmax(dim=-1)[0]
+    best = int(probabilities.argmax())
+    layer = None if args.layer is None else args.layer - 1
+    grid_map = attention_map(attentions, model.config.classifier == "token", layer)[0]
+    what = f"attention rollout over {depth} layers" if layer is None else f"layer {args.layer} attention, heads averaged"
+    title = f"predicted: {class_names[best]} ({probabilities[best]:.1%})"
+    suffix = "" if layer is None else f"_layer{args.layer}"
+    out = Path(args.out) if args.out else Path(args.image).with_name(f"{Path(args.image).stem}_attention{suffix}.png")
+    draw_attention(image, grid_map, title, what, out)
+    print(f"{args.image}: {title}; wrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    model, class_names = load_model(args.checkpoint, args.model_type)
+    print(export(model, class_names, args.format, args.out))
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)")
+    return 0
