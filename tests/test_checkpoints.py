@@ -121,3 +121,59 @@ def test_read_checkpoint_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable vitlab checkpoint"):
         checkpoints.read_checkpoint(unsafe)
 
+
+def flip_bytes_in_largest_tensor(path, count: int = 16) -> None:
+    """Overwrite `count` bytes in the middle of the zip member holding the most data (a weight), leaving the archive's
+    structure intact: what a bad disk sector or a faulty copy does."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = int.from_bytes(data[member.header_offset + 26 : member.header_offset + 28], "little"), \
+        int.from_bytes(data[member.header_offset + 28 : member.header_offset + 30], "little")  # fmt: skip
+    start = member.header_offset + 30 + name_length + extra_length + member.compress_size // 2
+    data[start : start + count] = bytes(255 - b for b in data[start : start + count])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_torch_files_are_refused_in_our_words(tmp_path, randomise):
+    model = randomise(create_model("Ti/16", num_classes=3, img_size=32, depth=1), seed=43)
+    good = tmp_path / "good.pt"
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict()}, good)
+
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    with pytest.raises(CheckpointError, match=r"empty.pt: an empty file, not a vitlab checkpoint$"):
+        checkpoints.read_checkpoint(empty)
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"truncated.pt: not a readable vitlab checkpoint \(not a complete torch zip archive"):
+        checkpoints.read_checkpoint(truncated)
+
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(good.read_bytes())
+    flip_bytes_in_largest_tensor(flipped)
+    with pytest.raises(CheckpointError, match=r"flipped.pt: corrupt: \S+ fails its CRC-32 check; nothing was loaded$"):
+        checkpoints.read_checkpoint(flipped)
+
+    objects = tmp_path / "objects.pt"
+    torch.save({"model": _NotATensor(), "model_config": {}}, objects)  # a zip whose pickle holds a class instance
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.read_checkpoint(objects)
+    message = str(info.value)
+    assert message.endswith("it holds Python objects other than tensors, which vitlab refuses to load")
+    assert "weights_only" not in message and "\n" not in message
+
+
+def test_a_damaged_safetensors_file_is_refused(tmp_path, randomise):
+    model = randomise(create_model("Ti/16", num_classes=3, img_size=32, depth=1), seed=44)
+    path = tmp_path / "model.safetensors"
+    checkpoints.save_safetensors(model, path, ["a", "b", "c"])
+    data = bytearray(path.read_bytes())
+    data[-4000:-3984] = bytes(255 - b for b in data[-4000:-3984])  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt: its tensors do not match the checksum written with them; nothing was loaded"):
+        checkpoints.load_safetensors(path)
+

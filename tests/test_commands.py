@@ -176,6 +176,60 @@ def test_predict_reports_unreadable_images_and_goes_on(tiny_run, tmp_path, capsy
     assert str(bad) in line and "not a readable image" in line
 
 
+def test_predict_refuses_a_decompression_bomb_in_one_line_and_predicts_the_rest(tiny_run, tmp_path, capsys):
+    from test_data import huge_png
+
+    good = save_png(tmp_path / "good.png", size=40)
+    bomb = huge_png(tmp_path / "bomb.png", 15_000, 12_000)
+    assert main(["predict", str(tiny_run.checkpoint), str(bomb), str(good), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert [r["image"] for r in json.loads(captured.out)] == [str(good)]
+    (line,) = captured.err.strip().splitlines()
+    assert line == f"vitlab predict: skipped {bomb}: an image of more than 179 megapixels, refused (a decompression bomb, or a photo to downscale first)"
+
+
+@pytest.mark.parametrize("command", ["predict", "attention"])
+def test_a_64_megapixel_photo_costs_little_more_memory_than_a_thumbnail(tiny_run, tmp_path, command):
+    # An 8000x8000 JPEG (192 MB of pixels, and four times that as floats) is decoded at a reduced scale, never whole:
+    # the command's peak memory is within 200 MiB of the same command on a 40 px image (it was 1.6 GiB more).
+    import subprocess
+    import sys
+
+    ramp = np.linspace(0, 255, 8000, dtype=np.uint8)
+    Image.fromarray(np.stack([np.broadcast_to(ramp, (8000, 8000))] * 3, axis=-1)).save(tmp_path / "big.jpg", quality=90)
+    save_png(tmp_path / "small.png", size=40)
+    code = ("import resource, sys; from vitlab.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")  # fmt: skip
+    peaks = {}
+    for image in ("small.png", "big.jpg"):
+        argv = [command, str(tiny_run.checkpoint), str(tmp_path / image)] + (["--out", str(tmp_path / "map.png")] if command == "attention" else [])
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+        rc, peaks[image] = done.stdout.split()[-2:]
+        assert rc == "0", done.stderr[-2000:]
+    assert int(peaks["big.jpg"]) - int(peaks["small.png"]) < 200, peaks
+
+
+def corrupted_copy(checkpoint, tmp_path):
+    from test_checkpoints import flip_bytes_in_largest_tensor
+
+    path = tmp_path / "corrupt" / "best.pt"
+    path.parent.mkdir()
+    shutil.copy(checkpoint, path)
+    flip_bytes_in_largest_tensor(path)
+    return path
+
+
+def test_a_corrupt_checkpoint_is_refused_by_every_command(tiny_run, tmp_path, capsys):
+    path = corrupted_copy(tiny_run.checkpoint, tmp_path)
+    image = str(tiny_run.data_dir / "cat" / "0.png")
+    for argv in (["eval", str(path), "--dataset", "imagefolder", "--data_dir", str(tiny_run.data_dir)], ["predict", str(path), image],
+                 ["attention", str(path), image], ["export", str(path), "--format", "safetensors", "--out", str(tmp_path / "m.st")]):  # fmt: skip
+        assert main(argv) == 1, argv
+        line = one_error_line(capsys)
+        assert str(path) in line and "corrupt" in line and "fails its CRC-32 check" in line
+    assert not (tmp_path / "m.st").exists()
+
+
 def test_predict_on_an_empty_folder_or_missing_path_is_one_line(tiny_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(tiny_run.checkpoint), str(tmp_path / "empty")]) == 1

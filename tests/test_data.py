@@ -141,6 +141,75 @@ def test_empty_folders_are_refused(tmp_path):
         load_image_folder(tmp_path / "missing")
 
 
+def huge_png(path, width: int, height: int):
+    """A PNG whose header claims width x height pixels (a decompression bomb's header; no pixel data follows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_past_the_decompression_bomb_limit_is_refused_in_one_line(tmp_path):
+    bomb = huge_png(tmp_path / "bomb.png", 15_000, 12_000)  # 180 megapixels
+    with pytest.raises(DataError) as info:
+        read_image(str(bomb))
+    assert str(info.value) == f"{bomb}: an image of more than 179 megapixels, refused (a decompression bomb, or a photo to downscale first)"
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png"])
+def test_a_large_photo_is_decoded_small_when_its_size_is_given(tmp_path, ext):
+    # An 8000x6000 photo for a 224 px model: JPEG decodes at 1/8 scale, other formats are box-filtered after decoding,
+    # each to no less than twice the model's side; without a size the image is whole.
+    path = tmp_path / f"photo.{ext}"
+    gradient = np.linspace(0, 255, 8000, dtype=np.uint8)
+    Image.fromarray(np.stack([np.broadcast_to(gradient, (6000, 8000))] * 3, axis=-1)).save(path)
+    small = read_image(str(path), size=224)
+    assert min(small.shape[:2]) >= 448 and max(small.shape[:2]) <= 1600, small.shape
+    assert read_image(str(path)).shape == (6000, 8000, 3)
+    assert read_image(str(path), size=4000).shape == (6000, 8000, 3)  # already under twice the side
+
+
+def test_a_truncated_jpeg_in_a_streamed_folder_is_named_before_training(tmp_path, monkeypatch):
+    # Image.verify passes a JPEG cut short; the pre-check decodes it, so the file is named before step 1.
+    monkeypatch.setattr(vdata, "IN_MEMORY_LIMIT_BYTES", 0)
+    root = make_image_folder(tmp_path / "cut", per_class=3, ext="jpg")
+    truncated = root / "dog" / "zz_cut.jpg"
+    whole = tmp_path / "whole.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole, quality=95)
+    truncated.write_bytes(whole.read_bytes()[:1500])
+    with pytest.raises(DataError) as info:
+        load_image_folder(root)
+    assert str(info.value).startswith(f"{truncated}: not a readable image")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_that_goes_bad_mid_run_is_named_in_one_line(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(vdata, "IN_MEMORY_LIMIT_BYTES", 0)
+    root = make_image_folder(tmp_path / "later", per_class=2)
+    data = load_image_folder(root)
+    (root / "cat" / "000.png").write_bytes(b"overwritten since the run began")
+    with pytest.raises(DataError) as info:
+        list(eval_batches(data, 16, 8, torch.device("cpu"), num_workers=workers))
+    assert str(info.value).startswith(f"{root / 'cat' / '000.png'}: not a readable image") and "\n" not in str(info.value)
+
+
+def test_empty_class_folders_are_named_and_one_class_does_not_train(tmp_path):
+    root = make_image_folder(tmp_path / "gap", per_class=2)
+    (root / "yak").mkdir()
+    with pytest.raises(DataError, match=r"class folder without images: yak \(looked for"):
+        load_image_folder(root)
+    only = tmp_path / "only"
+    make_image_folder(only, classes=("cat",), per_class=4)
+    assert load_image_folder(only).class_names == ["cat"]  # a folder to evaluate on may hold one class ...
+    with pytest.raises(DataError, match="one class \\(cat\\); a classifier needs at least 2 classes to train on"):
+        load_datasets("imagefolder", str(only), 0.25, 0)  # ... a training set may not
+
+
 def test_mixed_sizes_stream(tmp_path):
     root = make_image_folder(tmp_path / "mixed", per_class=2, size=16)
     Image.fromarray(np.zeros((20, 12, 3), dtype=np.uint8)).save(root / "cat" / "zz_other_size.png")

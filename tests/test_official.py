@@ -485,3 +485,16 @@ def test_big_vision_layout_loads_like_the_original(tmp_path, randomise):
     loaded = load_official(create_model(source.config), path, verbose=False)
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_an_npz_of_another_head_count_or_gelu_is_refused(tmp_path, randomise):
+    # Heads and the GELU form change what the weights compute, not their shapes: refused, as for vitlab's own files.
+    source = randomise(create_model("Ti/16", num_classes=10, img_size=32, depth=1), seed=61)  # 3 heads, tanh GELU
+    path = tmp_path / "ti.npz"
+    save_npz(source, path)
+    with pytest.raises(CheckpointError, match=r"ti.npz: its model has 3 attention heads, this one 6; pass --num_heads 3$"):
+        load_official(create_model("Ti/16", num_classes=10, img_size=32, depth=1, num_heads=6), path, verbose=False)
+    with pytest.raises(CheckpointError, match=r"official weights were trained with the tanh GELU, this model has --gelu exact"):
+        load_official(create_model("Ti/16", num_classes=10, img_size=32, depth=1, gelu="exact"), path, verbose=False)
+    same = load_official(create_model("Ti/16", num_classes=10, img_size=32, depth=1), path, verbose=False)
+    torch.testing.assert_close(same.state_dict(), source.state_dict(), rtol=0, atol=0)

@@ -36,7 +36,7 @@ from vitlab.train import resolve_pretrained, train
 
 CLASSES = ["cat", "dog", "eel"]
 TINY = dict(model_type="Ti/16", patch_size=4, img_size=16, depth=1, hidden_size=16, num_heads=2, mlp_dim=32, pretrained_dir="none")
-RUN_FILES = {"config.json", "best.pt", "last.pt", "metrics.jsonl", "final_metrics.json"}
+RUN_FILES = {"config.json", "best.pt", "last.pt", "metrics.jsonl", "final_metrics.json", ".lock"}  # .lock: held while the run runs
 SUBPROCESS_TIMEOUT = 300
 
 
@@ -238,6 +238,23 @@ from vitlab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+# Runs `vitlab train` and, at step 4, writes the file "held" and waits for a file "release" in its working folder.
+HOLD_AT_STEP_4 = """
+import sys, time
+from pathlib import Path
+import vitlab.train as t
+real = t.set_learning_rate
+def hold(optimizer, config, step):
+    if step == 4:
+        Path("held").touch()
+        while not Path("release").exists():
+            time.sleep(0.05)
+    return real(optimizer, config, step)
+t.set_learning_rate = hold
+from vitlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 # Runs `vitlab train` and kills itself (SIGKILL) half-way through writing last.pt for the second time.
 KILL_WHILE_SAVING = """
 import os, signal, sys
@@ -335,7 +352,142 @@ def test_kill_while_saving_leaves_last_pt_whole(resume_workdir):
     assert rc == 0, err[-3000:]
     assert "resuming from step 2" in out
     assert_same_final_state(work, "run2")
-    assert {p.name for p in out_dir.iterdir() if not p.name.startswith(".")} == RUN_FILES
+    assert {p.name for p in out_dir.iterdir() if not p.name.startswith(".")} == RUN_FILES - {".lock"}
+
+
+def wait_for(path: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def make_mixed_size_folder(root: Path) -> Path:
+    """An image folder whose images differ in size: it streams through DataLoader workers, as a large one does."""
+    make_image_folder(root)
+    for i, name in enumerate(CLASSES):
+        Image.fromarray(np.full((20 + i, 18, 3), 40 * i, dtype=np.uint8)).save(root / name / "odd.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def streaming_workdir(tmp_path_factory):
+    """A mixed-size folder (the streaming path) and, per worker count, the uninterrupted reference run."""
+    work = tmp_path_factory.mktemp("streaming")
+    make_mixed_size_folder(work / "data")
+    for workers in (0, 2):
+        rc, _, err = finish(train_subprocess(work, ["--name", f"ref{workers}", *RESUME_FLAGS, "--num_workers", str(workers)]))
+        assert rc == 0, err[-3000:]
+    return work
+
+
+@pytest.mark.parametrize("workers, how", [(0, signal.SIGKILL), (2, signal.SIGINT)])
+def test_resume_on_the_streaming_path_is_bit_exact(streaming_workdir, workers, how):
+    # Images of mixed sizes stream through DataLoader workers; dropout is on (0.1), so a resumed run that drew one
+    # random number more or less than the uninterrupted one would differ.
+    work, name = streaming_workdir, f"{how.name.lower()}{workers}"
+    argv = ["--name", name, *RESUME_FLAGS, "--num_workers", str(workers)]
+    process = train_subprocess(work, argv, code=SLOW_STEPS)
+    wait_for(work / "output" / name / "last.pt", process)
+    process.send_signal(how)
+    rc, _, err = finish(process)
+    assert rc == (130 if how == signal.SIGINT else -signal.SIGKILL), f"the run ended before it could be stopped (rc {rc}):\n{err[-3000:]}"
+    killed_at = read_checkpoint(work / "output" / name / "last.pt")["step"]
+    assert 2 <= killed_at < 16
+    rc, out, err = finish(train_subprocess(work, [*argv, "--resume"]))
+    assert rc == 0, err[-3000:]
+    assert f"resuming from step {killed_at}" in out
+    ref, run = read_checkpoint(work / "output" / f"ref{workers}" / "last.pt"), read_checkpoint(work / "output" / name / "last.pt")
+    for key in ref["model"]:
+        assert torch.equal(run["model"][key], ref["model"][key]), key
+    assert losses(work / "output" / name) == losses(work / "output" / f"ref{workers}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4b. A run directory belongs to one run: no second live run, no finished run replaced by mistake
+
+
+def digests(run_dir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir()) if p.name != ".lock"}
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_new_run_over_an_existing_one_is_refused_and_leaves_it_whole(data_dir, capsys, finished):
+    # Finished, or interrupted and then started again without --resume: either way its files must survive.
+    argv = base_argv(data_dir, "--num_steps", "4", "--eval_every", "2")
+    assert run_cli(argv, capsys)[0] == 0
+    if not finished:  # as a run killed after its last checkpoint leaves it
+        (Path("output") / "x" / "final_metrics.json").unlink()
+    before = digests(Path("output") / "x")
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 2
+    line = one_error_line(err)
+    assert "output/x holds a run" in line and "--resume" in line and "--overwrite" in line
+    assert digests(Path("output") / "x") == before
+
+
+def test_overwrite_moves_the_earlier_run_aside(data_dir, capsys):
+    argv = base_argv(data_dir, "--num_steps", "2")
+    assert run_cli(argv, capsys)[0] == 0
+    before = digests(Path("output") / "x")
+    rc, out, err = run_cli([*argv, "--overwrite", "--seed", "7"], capsys)
+    assert rc == 0, err
+    aside = [p for p in Path("output").iterdir() if p.name.startswith("x.replaced-")]
+    assert len(aside) == 1 and digests(aside[0]) == before
+    assert (Path("logs") / aside[0].name).is_dir()  # its TensorBoard logs went with it
+    assert json.loads((Path("output") / "x" / "config.json").read_text())["seed"] == 7
+    assert "moved the earlier run's" in out
+
+
+def test_a_second_live_run_on_the_same_name_is_refused(tmp_path):
+    # Two real processes: the first holds output/<name> while it runs; the second is refused at once, in one line,
+    # and the first's outputs are its own (its metrics not interleaved with another's, its checkpoints not deleted).
+    make_image_folder(tmp_path / "data")
+    first = train_subprocess(tmp_path, ["--name", "same", *RESUME_FLAGS], code=HOLD_AT_STEP_4)
+    wait_for(tmp_path / "held", first)
+    second = finish(train_subprocess(tmp_path, ["--name", "same", *RESUME_FLAGS, "--seed", "3"]))
+    (tmp_path / "release").touch()
+    rc, _, err = finish(first)
+    assert rc == 0, err[-3000:]
+    assert second[0] == 2
+    line = one_error_line(second[2])
+    assert "output/same is in use by a run still going (process" in line
+    steps = [s for s, _ in losses(tmp_path / "output" / "same")]
+    assert steps == list(range(1, 17))
+    assert json.loads((tmp_path / "output" / "same" / "config.json").read_text())["seed"] == 42
+
+
+@pytest.mark.parametrize("change, named", [(["--seed", "7"], "--seed 42, this one 7"), (["--train_batch_size", "4"], "--train_batch_size 8"),
+                                           (["--learning_rate", "0.1"], "--learning_rate 0.05, this one 0.1"),
+                                           (["--patch_drop_rate", "0.25"], "--patch_drop_rate the variant's, this one 0.25")])  # fmt: skip
+def test_resume_with_a_setting_that_changes_the_run_is_refused(data_dir, capsys, change, named):
+    argv = base_argv(data_dir, "--num_steps", "4", "--eval_every", "2", "--learning_rate", "0.05", "--seed", "42")
+    assert run_cli([*argv, "--num_steps", "2"], capsys)[0] == 0
+    rc, _, err = run_cli([*argv, "--resume", *change], capsys)
+    assert rc == 2
+    assert named in one_error_line(err)
+
+
+def test_a_corrupt_checkpoint_is_refused_for_fine_tuning_and_resuming(data_dir, capsys):
+    from test_checkpoints import flip_bytes_in_largest_tensor
+
+    assert run_cli(base_argv(data_dir, "--num_steps", "2"), capsys)[0] == 0
+    last = Path("output") / "x" / "last.pt"
+    flip_bytes_in_largest_tensor(last)
+    for argv in (base_argv(data_dir, "--resume", name="x"), base_argv(data_dir, "--pretrained_dir", str(last), name="y")):
+        rc, _, err = run_cli(argv, capsys)
+        assert rc == 1
+        assert f"{last}: corrupt:" in one_error_line(err)
+
+
+def test_resume_with_more_steps_warns_in_one_line_and_goes_on(data_dir, capsys):
+    argv = base_argv(data_dir, "--eval_every", "2")
+    assert run_cli([*argv, "--num_steps", "2"], capsys)[0] == 0
+    rc, out, err = run_cli([*argv, "--num_steps", "4", "--resume"], capsys)
+    assert rc == 0, err
+    warning = [line for line in err.splitlines() if line.startswith("vitlab: warning:")]
+    assert warning == ["vitlab: warning: --num_steps 4: the run was set for 2 steps; the schedule is recomputed for the new length "
+                       "from step 2 on"]  # fmt: skip
+    assert read_checkpoint(Path("output") / "x" / "last.pt")["step"] == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +642,12 @@ REFUSALS = {
     "config-not-a-table": (["--config", "{list}"], "expected a table"),
     "wrong-type-in-config": (["--config", "{string}"], "label_smoothing must be float"),
     "log-every-0": (["--log_every", "0"], "--log_every must be positive"),
+    "label-smoothing-2": (["--label_smoothing", "2"], "--label_smoothing must be in [0, 1)"),
+    "img-size-not-a-multiple-of-the-patch": (["--img_size", "30"], "img_size 30 is not a multiple of patch_size 4: the last 2 rows"),
+    "resume-and-overwrite": (["--resume", "--overwrite"], "pass one"),
 }
+# The exit status: 2 for a bad flag or setting (as argparse's own refusals), 1 for a file or folder that cannot be used.
+FILE_REFUSALS = {"missing-pretrained", "resume-missing-file", "resume-without-last", "missing-data-dir"}
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
@@ -510,7 +667,7 @@ def test_refused_input_gives_one_clear_line(case, data_dir, capsys):
     else:
         argv = base_argv(data_dir, *extra)
     rc, _, err = run_cli(argv, capsys)
-    assert rc not in (0, None)
+    assert rc == (1 if case in FILE_REFUSALS else 2)
     line = one_error_line(err)
     assert expected in line
     if case.startswith("corrupt") or case in ("missing-config", "config-not-a-table"):

@@ -12,8 +12,11 @@ Torch files are read with `weights_only=True`: nothing in them is executed. The 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -131,11 +134,21 @@ def save_safetensors(model: VisionTransformer, path: str | os.PathLike, class_na
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"model_config": json.dumps(model.config.to_dict())}
+    metadata = {"model_config": json.dumps(model.config.to_dict()), "sha256": tensors_digest(state)}
     if class_names is not None:
         metadata["class_names"] = json.dumps(class_names)
     data = save(state, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes: safetensors files carry no checksum of their own."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].contiguous().reshape(-1)  # 1-D: a 0-d tensor has no byte view
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[VisionTransformer, list[str] | None]:
@@ -149,6 +162,8 @@ def load_safetensors(path: str | os.PathLike) -> tuple[VisionTransformer, list[s
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if "model_config" not in metadata:
         raise CheckpointError(f"{path}: safetensors file without vitlab's model_config metadata")
+    if "sha256" in metadata and tensors_digest(state) != metadata["sha256"]:  # files written before the digest have none
+        raise CheckpointError(f"{path}: corrupt: its tensors do not match the checksum written with them; nothing was loaded")
     model = VisionTransformer(_model_config(json.loads(metadata["model_config"]), path))
     load_state(model, state, path)
     return model, json.loads(metadata["class_names"]) if "class_names" in metadata else None
@@ -157,15 +172,33 @@ def load_safetensors(path: str | os.PathLike) -> tuple[VisionTransformer, list[s
 # ---------------------------------------------------------------------------------------------
 # A run's checkpoints: torch files of plain tensors and containers, written atomically.
 
+def _check_zip(path: Path) -> None:
+    """A torch file is a zip archive, and torch does not check its CRC-32s: a flipped byte in a weight would load."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: an empty file, not a vitlab checkpoint")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable vitlab checkpoint (not a complete torch zip archive: {e})") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path}: corrupt: {damaged} fails its CRC-32 check; nothing was loaded")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The contents of a vitlab `.pt` file, read without unpickling anything but tensors and containers."""
+    """The contents of a vitlab `.pt` file, its checksums verified, read without unpickling anything but tensors and
+    containers (a file holding anything else is refused, and nothing in it runs)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_zip(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's refusal of anything but tensors and containers
+        raise CheckpointError(f"{path}: not a readable vitlab checkpoint: it holds Python objects other than tensors, "
+                              "which vitlab refuses to load") from None  # fmt: skip
     except Exception as e:  # torch raises many types for a damaged or foreign file
-        raise CheckpointError(f"{path}: not a readable vitlab checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: not a readable vitlab checkpoint ({type(e).__name__})") from None
     if not isinstance(payload, dict) or "model" not in payload or "model_config" not in payload:
         raise CheckpointError(f"{path}: not a vitlab checkpoint (no model or model_config inside)")
     return payload

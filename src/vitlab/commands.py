@@ -103,7 +103,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         kept, images = [], []
         for path in files[start : start + args.batch_size]:
             try:
-                images.append(preprocess(read_image(str(path)), model.config.img_size))
+                images.append(preprocess(read_image(str(path), model.config.img_size), model.config.img_size))
                 kept.append(path)
             except DataError as e:  # reported and skipped; the other images still get their predictions
                 print(f"vitlab predict: skipped {e}", file=sys.stderr)
@@ -132,7 +132,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
         raise ConfigError(f"--layer {args.layer}: the model's layers are numbered 1 to {depth}")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    image = read_image(args.image)
+    image = read_image(args.image, max(model.config.img_size, 512))  # drawn at most a few hundred pixels wide
     images = preprocess(image, model.config.img_size)[None].to(device)
     with torch.no_grad(), autocast(device, precision):
         logits, attentions = model.to(device)(images, return_attention=True)

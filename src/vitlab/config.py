@@ -90,6 +90,9 @@ class ModelConfig:
             raise ConfigError(f"hybrid patch_size {self.patch_size} must be a multiple of the stem's stride {self.stem_stride}")
         if self.grid_size < 1:
             raise ConfigError(f"img_size {self.img_size} is smaller than one patch of {self.patch_size} pixels")
+        if not self.is_hybrid and self.img_size % self.patch_size:
+            raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}: the last "
+                              f"{self.img_size % self.patch_size} rows and columns would be dropped")  # fmt: skip
 
     @property
     def is_hybrid(self) -> bool:
@@ -229,6 +232,8 @@ class TrainConfig:
     hflip: bool = setting(True, "random horizontal flips (the official fine-tuning's; --no-hflip for the seed's none)", resume="same")
     resume: str | None = setting(None, "continue a run: a checkpoint path, or with no value the run's own output/<name>/last.pt",
                                  nargs="?", const="last", metavar="PATH")  # fmt: skip
+    overwrite: bool = setting(False, "start afresh where output/<name> holds a run: that run's folder (and logs/<name>) is moved "
+                              "aside to <name>.replaced-<date-time>, not deleted")  # fmt: skip
     compile: bool = setting(False, "torch.compile the model")
     log_every: int = setting(10, "steps between train/loss records")
     model: dict[str, Any] = setting({}, "overrides of the variant's model settings, e.g. {\"patch_size\": 4}; each is also a flag",
@@ -259,6 +264,10 @@ class TrainConfig:
             (self.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be positive"),
             (self.eval_batch_size > 0, "--eval_batch_size must be positive"),
             (0 <= self.val_split < 1, "--val_split must be in [0, 1)"),
+            (0 <= self.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
+            (self.max_grad_norm >= 0, "--max_grad_norm must be 0 (off) or positive"),
+            (self.weight_decay >= 0, "--weight_decay must be 0 or more"),
+            (not (self.resume and self.overwrite), "--resume continues a run and --overwrite replaces it: pass one"),
             (0 < self.min_scale <= 1, "--min_scale must be in (0, 1]"),
             (self.loss_scale >= 0, "--loss_scale must be 0 (dynamic) or positive (static)"),
             (not (self.fp16 and self.precision == "bf16"), "--fp16 and --precision bf16 contradict each other"),

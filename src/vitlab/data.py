@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 IN_MEMORY_LIMIT_BYTES = 4 << 30  # a decoded dataset above this streams from disk instead
+MAX_PIXELS = 2 * 89_478_485  # PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS): larger images are refused
 
 
 @dataclass
@@ -71,27 +73,53 @@ def _list_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_names:
         raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for label, name in enumerate(class_names):
-        for dirpath, _, files in sorted(os.walk(root / name)):
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(label)
+        found = [os.path.join(d, f) for d, _, files in sorted(os.walk(root / name)) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        paths += found
+        labels += [label] * len(found)
+        if not found:
+            empty.append(name)
+    looked_for = f"looked for {', '.join(IMAGE_EXTENSIONS)}"
     if not paths:
-        raise DataError(f"{root}: no images in its class folders (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{root}: no images in its class folders ({looked_for})")
+    if empty:
+        raise DataError(f"{root}: class folder{'s' if len(empty) > 1 else ''} without images: {', '.join(empty[:5])} ({looked_for}); "
+                        "remove or fill them")  # fmt: skip
     return paths, labels, class_names
 
 
-def read_image(path: str) -> np.ndarray:
-    """An image file as uint8 (H, W, 3) RGB: grayscale, palette and alpha converted; unreadable -> DataError."""
+def _open_image(path: str, action):
+    """`action(image)` on the opened image; any failure to decode (unknown format, truncated, corrupt, over PIL's
+    decompression-bomb limit of MAX_PIXELS) is a one-line DataError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # up to MAX_PIXELS: decoded, drafted where it can be
+            with Image.open(path) as image:
+                return action(image)
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: an image of more than {MAX_PIXELS / 1e6:.0f} megapixels, refused (a decompression bomb, or "
+                        "a photo to downscale first)") from None  # fmt: skip
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from None
+
+
+def read_image(path: str, size: int | None = None) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB: grayscale, palette and alpha converted; unreadable -> DataError.
+    With `size` (the side it will be resized to), a large image is decoded smaller, to about twice that side at
+    least: JPEG by its own reduced-scale decoding, others by an integer box filter, so that a 64-megapixel photo
+    costs tens of megabytes instead of gigabytes."""
+
+    def decode(image) -> np.ndarray:
+        if size is not None:
+            image.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below 2 x size
+        image = image.convert("RGB")
+        factor = min(image.size) // (2 * size) if size is not None else 1
+        return np.asarray(image.reduce(factor) if factor > 1 else image)
+
+    return _open_image(path, decode)
 
 
 def load_image_folder(root: str | os.PathLike, class_names: list[str] | None = None) -> ImageSet:
@@ -118,13 +146,14 @@ def load_image_folder(root: str | os.PathLike, class_names: list[str] | None = N
 
 
 def _check_readable(path: str) -> None:
-    from PIL import Image, UnidentifiedImageError
+    """Decode the file (a JPEG at 1/8 scale, which still reads all of it), so that a truncated or corrupt one is named
+    now rather than when a step first samples it."""
 
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
+    def decode(image) -> None:
+        image.draft("RGB", (1, 1))
+        image.load()
+
+    _open_image(path, decode)
 
 
 def split_validation(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -154,6 +183,8 @@ def load_datasets(dataset: str, data_dir: str, val_split: float, seed: int) -> t
         test = load_image_folder(test_dir, train.class_names) if test_dir else None
     else:
         train, test = load_image_folder(data_dir), None
+    if len(train.class_names) < 2:
+        raise DataError(f"{data_dir}: one class ({train.class_names[0]}); a classifier needs at least 2 classes to train on")
     if val_split == 0:
         if test is None:
             raise DataError(f"{data_dir} has no val/ or test/ folder; use --val_split > 0 to hold out part of train")
@@ -192,8 +223,9 @@ def batch_indices(num_images: int, batch_size: int, step: int, seed: int) -> tor
     return torch.cat(pieces)
 
 
-def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for the random choices of global batch `step`; `stream` separates independent kinds of choice."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1 + stream * 2**48)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +245,8 @@ class StreamingImages(torch.utils.data.Dataset):
         from torchvision.transforms.v2 import functional as TF
 
         index, seed = item
-        image = torch.from_numpy(read_image(self.data.paths[index]).copy())  # (H, W, 3)
+        # Evaluation resizes the whole image: a large one may be decoded smaller; training crops need every pixel.
+        image = torch.from_numpy(read_image(self.data.paths[index], self.img_size if self.augmentation is None else None).copy())
         x = image.permute(2, 0, 1)  # (3, H, W) uint8
         aug = self.augmentation
         if aug is None:
@@ -273,8 +306,9 @@ class TrainBatches:
             StreamingImages(self.data, self.augmentation.img_size, self.augmentation),
             batch_sampler=(items(step) for step in range(start_step, end_step)),
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            generator=step_generator(self.seed, start_step, stream=2),  # not torch's global generator: dropout's own
         )  # fmt: skip
-        for x, y in loader:
+        for x, y in _named_failures(loader):
             yield x.to(self.device, self.augmentation.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
@@ -289,7 +323,16 @@ def eval_batches(data: ImageSet, img_size: int, batch_size: int, device: torch.d
         return
     loader = torch.utils.data.DataLoader(
         StreamingImages(data, img_size, None), batch_size=batch_size, num_workers=num_workers,
-        sampler=[(i, 0) for i in shard.tolist()], pin_memory=device.type == "cuda",
+        sampler=[(i, 0) for i in shard.tolist()], pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
-    for x, y in loader:
+    for x, y in _named_failures(loader):
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _named_failures(loader: torch.utils.data.DataLoader):
+    """The loader's batches. A DataError raised in a worker (an image that became unreadable since the run began) comes
+    back wrapped in a worker traceback: re-raised as its own one line, which names the file."""
+    try:
+        yield from loader
+    except DataError as e:
+        raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None

@@ -11,9 +11,14 @@ step, dropout; so a resumed run takes exactly the steps the uninterrupted run wo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import json
 import math
+import os
+import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +27,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoints, official
-from .config import TrainConfig, canonical_name, seed_name
+from .config import ModelConfig, TrainConfig, canonical_name, seed_name
 from .data import Augmentation, ImageSet, TrainBatches, eval_batches, load_datasets
-from .errors import CheckpointError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError, VitlabWarning
 from .evaluate import evaluate
 from .fastpaths import describe
 from .model import VisionTransformer
@@ -69,9 +74,10 @@ class Job:
 
 def train(config: TrainConfig) -> dict:
     """Run a whole training job; returns the final metrics (also saved as output/<name>/final_metrics.json)."""
-    processes = Processes(config.device, config.local_rank)
+    processes, lock = Processes(config.device, config.local_rank), None
     try:
         config.validate(processes.world_size)
+        lock = claim_run_directory(config) if processes.is_main else None  # before any slow set-up
         job = set_up(config, processes)
         state = start(job)
         batches = TrainBatches(job.train_data, augmentation(job), config.train_batch_size, config.seed, processes.device,
@@ -99,6 +105,8 @@ def train(config: TrainConfig) -> dict:
         return final
     finally:
         processes.close()
+        if lock is not None:
+            lock.close()  # the kernel releases the lock with the file, or with the process if it dies
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,24 +168,88 @@ def augmentation(job: Job) -> Augmentation:
     return Augmentation(config.img_size, config.augment, config.min_scale, config.hflip, dtype=dtype)
 
 
+def claim_run_directory(config: TrainConfig):
+    """output/<name> for this run alone: a lock that a second live run on it cannot take (released by the kernel when
+    this process ends, however it ends), and no finished or interrupted run replaced unless --resume continues it or
+    --overwrite moves it aside. Returns the open lock file."""
+    out_dir = Path(config.output_dir) / config.name
+    lock = _lock(out_dir)
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if held and not config.resume:
+        if not config.overwrite:
+            lock.close()
+            raise ConfigError(f"{out_dir} holds a run ({', '.join(held)}); --resume continues it, --overwrite moves it aside and "
+                              "starts afresh, or choose another --name")  # fmt: skip
+        aside = f"{config.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        for folder in (out_dir, Path(config.log_dir) / config.name):
+            if folder.exists():
+                folder.rename(folder.with_name(aside))
+                print(f"moved the earlier run's {folder} aside to {folder.with_name(aside)}")
+        lock.close()
+        lock = _lock(out_dir)
+    for stray in out_dir.glob(".*.pt.*.tmp"):  # left by a run of this name killed while saving; none is running now
+        stray.unlink()
+    return lock
+
+
+RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.jsonl", "final_metrics.json")
+
+
+def _lock(out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ConfigError(f"{out_dir} is in use by a run still going ({holder}); wait for it to end, or choose another --name") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    return lock
+
+
+def check_resume(payload: dict, config: TrainConfig, precision: str, path: Path) -> None:
+    """Refuse to resume with a setting that changes the run's course (its seed, batch, schedule, optimizer, augmentation,
+    model: config.py marks them resume="same"); a longer or shorter --num_steps, or another precision where `auto` picked
+    differently on this machine, continue with a warning."""
+    try:
+        theirs = TrainConfig.from_dict(payload["train_config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: its training settings are unreadable ({e})") from None
+    differ = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume") == "same" and getattr(theirs, f.name) != getattr(config, f.name)]
+    shown = [(f"--{key}", theirs.model.get(key, "the variant's"), config.model.get(key, "the variant's"))
+             for key in sorted(set(theirs.model) | set(config.model)) if theirs.model.get(key) != config.model.get(key)]  # fmt: skip
+    shown += [(f"--{name}", getattr(theirs, name), getattr(config, name)) for name in differ if name != "model"]
+    if shown:
+        said = "; ".join(f"{flag} {a}, this one {b}" for flag, a, b in shown)
+        raise ConfigError(f"{path}: its run used {said}; resuming needs the run's own settings (or start afresh with --overwrite)")
+    if theirs.num_steps != config.num_steps:
+        warnings.warn(f"--num_steps {config.num_steps}: the run was set for {theirs.num_steps} steps; the schedule is recomputed for "
+                      f"the new length from step {payload['step']} on", VitlabWarning, stacklevel=2)  # fmt: skip
+    if payload.get("precision", precision) != precision:
+        warnings.warn(f"the run trained in {payload['precision']} and goes on in {precision} here (--precision {config.precision} "
+                      "resolves by machine): it will not be bit-exact with an uninterrupted run", VitlabWarning, stacklevel=2)  # fmt: skip
+
+
 def start(job: Job) -> TrainState:
     """A fresh state, or the state of the checkpoint --resume names (weights, optimizer and scaler restored too)."""
     config, state = job.config, TrainState()
     if config.resume:
         path = job.out_dir / "last.pt" if config.resume == "last" else Path(config.resume)
         payload = checkpoints.read_checkpoint(path)
-        theirs = payload.get("train_config", {}).get("optimizer", config.optimizer)
-        if theirs != config.optimizer:  # another optimizer's state does not load, or loads into the wrong slots
-            raise CheckpointError(f"{path}: its run used --optimizer {theirs}, this one {config.optimizer}; pass --optimizer {theirs}")
+        if "train_config" in payload:
+            checkpoints.check_same_function(ModelConfig.from_dict(payload["model_config"]), job.model.config, path)
+            check_resume(payload, config, job.precision, path)
         checkpoints.restore_training_checkpoint(payload, path, job.model, job.optimizer, job.scaler)
         best = payload["best"]
         state = TrainState(payload["step"], best["accuracy"], best["step"], payload["step"])
     if job.processes.is_main:
         if config.resume:
             print(f"resuming from step {state.step} ({path})")
-        job.out_dir.mkdir(parents=True, exist_ok=True)
-        for stray in job.out_dir.glob(".*.pt.*.tmp"):  # left by a run killed while saving
-            stray.unlink()
         print(json.dumps(config.to_dict(), indent=2))
         print(f"device {job.processes.device}, precision {job.precision}; {describe(job.processes.device)}")
         (job.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -247,7 +319,7 @@ def evaluate_and_save(job: Job, state: TrainState, bar) -> None:
                   f"(best {state.best_accuracy:.4f} at step {state.best_step})")  # fmt: skip
         for name in ("best.pt", "last.pt") if improved else ("last.pt",):
             checkpoints.save_training_checkpoint(job.out_dir / name, job.model, job.class_names, job.config.to_dict(), job.optimizer,
-                                                 job.scaler, state.progress())  # fmt: skip
+                                                 job.scaler, {**state.progress(), "precision": job.precision})  # fmt: skip
     state.saved_step = state.step
 
 
