@@ -146,6 +146,23 @@ def test_gelu_form_follows_config():
     assert ModelConfig.from_dict(old).gelu == "tanh"
 
 
+def test_layer_norm_eps_and_final_norm_follow_config(randomise):
+    model = randomise(create_model("Ti/16", img_size=32, depth=1, classifier="gap", layer_norm_eps=1e-12)).eval()
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-12}
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    after = create_model("Ti/16", img_size=32, depth=1, classifier="gap", layer_norm_eps=1e-12, final_norm="after_pool").eval()
+    after.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        tokens = model.blocks[0](model.embed(x))[0]
+        torch.testing.assert_close(model(x), model.head(model.norm(tokens).mean(dim=1)))  # the official order
+        torch.testing.assert_close(after(x), model.head(model.norm(tokens.mean(dim=1))))  # timm's fc_norm
+        assert (after(x) - model(x)).abs().max() > 1e-3
+    old = {k: v for k, v in get_config("Ti/16").to_dict().items() if k not in ("layer_norm_eps", "final_norm", "stem_norm")}
+    assert ModelConfig.from_dict(old) == get_config("Ti/16")  # a config saved before the fields: the official function
+    default = get_config("Ti/16")
+    assert (default.layer_norm_eps, default.final_norm, default.stem_norm) == (1e-6, "before_pool", "flax")
+
+
 def test_sincos_2d_table():
     # big_vision's posemb_sincos_2d, written out for a 3x3 grid and width 8: positions in row-major order,
     # [sin(x w), cos(x w), sin(y w), cos(y w)] with frequencies w = 1 / 10000 ** (i / (width/4 - 1)).
@@ -358,9 +375,13 @@ def test_golden_official_ti16(shared_dir):
     assert logits.shape == expected.shape == (2, 10)
     assert np.abs(expected).max() > 0.1  # the reference is not trivially zero
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
-    # The reference tells the GELU forms apart: the exact (erf) one is out of tolerance.
+    # The reference tells the GELU forms apart: the exact (erf) one is out of tolerance, and is Flax's own exact form.
     exact = np.load(ref / "ti16_224_logits_exact_gelu.npy")
     assert np.abs(logits - exact).max() > 1e-5
+    exact_model = create_model("Ti/16", num_classes=10, img_size=224, gelu="exact").eval()
+    exact_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        np.testing.assert_allclose(exact_model(x).numpy(), exact, rtol=0, atol=1e-5)  # measured: 6e-7
 
 
 # ---------------------------------------------------------------------------------------------

@@ -335,6 +335,17 @@ def fresh_small():
     return create_model("Ti/16", num_classes=10, img_size=32, depth=2)
 
 
+@pytest.mark.parametrize("change", [{"gelu": "exact"}, {"layer_norm_eps": 1e-12}, {"classifier": "gap", "final_norm": "after_pool"}])
+def test_model_that_computes_otherwise_is_refused(change, tmp_path):
+    # The .npz holds weights only; the official code computes them with flax's eps, the tanh GELU and the norm before pooling.
+    shape = {k: v for k, v in change.items() if k == "classifier"}
+    path = tmp_path / "official.npz"
+    save_npz(create_model("testing", num_classes=3, img_size=32, **shape), path)
+    field, value = list(change.items())[-1]
+    with pytest.raises(CheckpointError, match=f"this model differs \\({field}\\); pass --{field} "):
+        load_official(create_model("testing", num_classes=3, img_size=32, **change), path, verbose=False)
+
+
 def test_missing_file(tmp_path):
     path = tmp_path / "absent.npz"
     with pytest.raises(CheckpointError, match="no such checkpoint file") as info:

@@ -64,6 +64,14 @@ class ModelConfig:
     img_size: int = setting(224, "image side in pixels")
     attention_impl: str = setting("auto", "sdpa: fused kernels; math: explicit softmax; auto: whichever measured faster here "
                                   "(vitlab.fastpaths); the logits are the same", ("auto", "sdpa", "math"))  # fmt: skip
+    layer_norm_eps: float = setting(1e-6, "epsilon of every LayerNorm: 1e-6 is flax's, the official weights' (transformers' "
+                                    "google/vit-* configs say 1e-12)", override=True)  # fmt: skip
+    final_norm: str = setting("before_pool", "the encoder's last LayerNorm: before_pool: on every token, then pooling (the "
+                              "official); after_pool: on the pooled vector (timm's fc_norm of average pooling)",
+                              ("before_pool", "after_pool"), override=True)  # fmt: skip
+    stem_norm: str = setting("flax", "hybrid only: flax: the stem's weight standardisation (w - mean) / (std + 1e-5) and GroupNorm "
+                             "eps 1e-6, as the official code; timm: (w - mean) / sqrt(var + 1e-8) and eps 1e-5, as timm's hybrids",
+                             ("flax", "timm"), override=True)  # fmt: skip
     gelu: str = setting("tanh", "tanh: flax's approximation, which Google's released weights were trained with; exact: the erf "
                         "form, for models trained from scratch (3x cheaper than torch's tanh form on CPUs)", ("tanh", "exact"),
                         override=True)  # fmt: skip
@@ -86,6 +94,8 @@ class ModelConfig:
             raise ConfigError(f"patch_drop_rate must be in [0, 1), got {self.patch_drop_rate}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
         if self.patch_size % self.stem_stride:
             raise ConfigError(f"hybrid patch_size {self.patch_size} must be a multiple of the stem's stride {self.stem_stride}")
         if self.grid_size < 1:

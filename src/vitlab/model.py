@@ -3,7 +3,9 @@
 Written to match google-research/vision_transformer (`vit_jax/models_vit.py`,
 `models_resnet.py`) exactly, so that its released `.npz` weights give its logits: pre-norm
 blocks, LayerNorm eps 1e-6, tanh-approximated GELU, and for the hybrid weight-standardised
-convolutions, GroupNorm eps 1e-6 and TensorFlow's 'SAME' padding.
+convolutions, GroupNorm eps 1e-6 and TensorFlow's 'SAME' padding. The few choices in which timm's
+and transformers' ViTs compute otherwise (exact GELU, another LayerNorm eps, timm's fc_norm and its
+hybrid's normalisation) are ModelConfig fields, so that their weights give their logits too.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ from torch import nn
 from .config import ModelConfig, get_config
 from .errors import DataError
 from .fastpaths import Linear, explicit_attention, use_explicit_attention
-
-LAYER_NORM_EPS = 1e-6  # flax's default; torch's 1e-5 moves B/16 logits by about 2e-3
 
 
 def _lecun_normal_(weight: torch.Tensor) -> None:
@@ -73,40 +73,45 @@ def _pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> 
 
 
 class StdConv2d(nn.Conv2d):
-    """BiT's weight-standardised convolution: (w - mean) / (std + 1e-5) per output channel."""
+    """BiT's weight-standardised convolution, per output channel: (w - mean) / (std + 1e-5) in the official
+    code (`norm="flax"`), (w - mean) / sqrt(var + 1e-8) in timm's hybrids (`norm="timm"`)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, norm: str = "flax"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding=0, bias=False)
+        self.norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        mean = w.mean(dim=(1, 2, 3), keepdim=True)
-        std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        w = (w - mean) / (std + 1e-5)
+        if self.norm == "timm":  # timm's own computation, for its rounding too
+            w = F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=1e-8).reshape_as(w)
+        else:
+            mean = w.mean(dim=(1, 2, 3), keepdim=True)
+            std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
+            w = (w - mean) / (std + 1e-5)
         x = _pad_same(x, self.kernel_size[0], self.stride[0])
         return F.conv2d(x, w, None, self.stride)
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def _group_norm(channels: int, norm: str) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-5 if norm == "timm" else 1e-6)
 
 
 class ResidualUnit(nn.Module):
     """Bottleneck unit of BiT's ResNetV2 as the ViT hybrid uses it (post-activation, GroupNorm)."""
 
-    def __init__(self, in_channels: int, features: int, stride: int):
+    def __init__(self, in_channels: int, features: int, stride: int, norm: str = "flax"):
         super().__init__()
         out_channels = features * 4
         self.needs_projection = in_channels != out_channels or stride != 1
         if self.needs_projection:
-            self.conv_proj = StdConv2d(in_channels, out_channels, 1, stride)
-            self.gn_proj = _group_norm(out_channels)
-        self.conv1 = StdConv2d(in_channels, features, 1)
-        self.gn1 = _group_norm(features)
-        self.conv2 = StdConv2d(features, features, 3, stride)
-        self.gn2 = _group_norm(features)
-        self.conv3 = StdConv2d(features, out_channels, 1)
-        self.gn3 = _group_norm(out_channels)
+            self.conv_proj = StdConv2d(in_channels, out_channels, 1, stride, norm)
+            self.gn_proj = _group_norm(out_channels, norm)
+        self.conv1 = StdConv2d(in_channels, features, 1, norm=norm)
+        self.gn1 = _group_norm(features, norm)
+        self.conv2 = StdConv2d(features, features, 3, stride, norm)
+        self.gn2 = _group_norm(features, norm)
+        self.conv3 = StdConv2d(features, out_channels, 1, norm=norm)
+        self.gn3 = _group_norm(out_channels, norm)
         nn.init.zeros_(self.gn3.weight)  # each unit starts as the identity, as in the official init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,17 +125,17 @@ class ResidualUnit(nn.Module):
 class ResNetStem(nn.Module):
     """Root (7x7 conv stride 2, GroupNorm, ReLU, 3x3 max-pool stride 2) and the ResNet stages."""
 
-    def __init__(self, layers: tuple[int, ...], width_factor: int):
+    def __init__(self, layers: tuple[int, ...], width_factor: int, norm: str = "flax"):
         super().__init__()
         width = 64 * width_factor
-        self.conv_root = StdConv2d(3, width, 7, 2)
-        self.gn_root = _group_norm(width)
+        self.conv_root = StdConv2d(3, width, 7, 2, norm)
+        self.gn_root = _group_norm(width, norm)
         stages, in_channels = [], width
         for i, units in enumerate(layers):
             features = width * 2**i
-            stage = nn.Sequential(
-                *(ResidualUnit(in_channels if u == 0 else features * 4, features, 2 if (u == 0 and i > 0) else 1) for u in range(units))
-            )
+            stage = nn.Sequential(*(
+                ResidualUnit(in_channels if u == 0 else features * 4, features, 2 if (u == 0 and i > 0) else 1, norm) for u in range(units)
+            ))  # fmt: skip
             stages.append(stage)
             in_channels = features * 4
         self.stages = nn.Sequential(*stages)
@@ -181,10 +186,10 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = Attention(config)
         self.drop = nn.Dropout(config.dropout_rate)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = Mlp(config)
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,7 +210,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         D = config.hidden_size
-        self.stem = ResNetStem(config.resnet_layers, config.resnet_width_factor) if config.is_hybrid else nn.Identity()
+        self.stem = ResNetStem(config.resnet_layers, config.resnet_width_factor, config.stem_norm) if config.is_hybrid else nn.Identity()
         in_channels = self.stem.out_channels if config.is_hybrid else 3
         kernel = config.patch_size // config.stem_stride
         self.patch_embed = nn.Conv2d(in_channels, D, kernel, kernel)
@@ -213,7 +218,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(1, config.num_tokens, D))
         self.pos_drop = nn.Dropout(config.dropout_rate)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
-        self.norm = nn.LayerNorm(D, eps=LAYER_NORM_EPS)
+        self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)  # flax's 1e-6; torch's 1e-5 moves B/16 logits by about 2e-3
+        self.norm_tokens = config.final_norm == "before_pool"
         if config.representation_size:
             self.pre_logits = nn.Sequential(nn.Linear(D, config.representation_size), nn.Tanh())
         else:
@@ -291,8 +297,11 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x, weights = block(x, need_weights=return_attention)
             attention.append(weights)
-        x = self.norm(x)
+        if self.norm_tokens:
+            x = self.norm(x)
         x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, D)
+        if not self.norm_tokens:  # timm's fc_norm
+            x = self.norm(x)
         logits = self.head(self.pre_logits(x))
         return (logits, attention) if return_attention else logits
 

@@ -252,6 +252,16 @@ def official_state(arrays: _Arrays, shapes: dict[str, torch.Size], keep_head: bo
     return state, notes
 
 
+# What the official code computes that its files do not say: flax's LayerNorm eps and GELU form, the final norm
+# before pooling, and the hybrid stem's own normalisation.
+OFFICIAL_FUNCTION = {"gelu": "tanh", "layer_norm_eps": 1e-6, "final_norm": "before_pool", "stem_norm": "flax"}
+
+
+def not_official(config: ModelConfig) -> dict[str, object]:
+    """The fields (with their official values) in which `config` computes otherwise than the official code."""
+    return {f: v for f, v in OFFICIAL_FUNCTION.items() if getattr(config, f) != v and (f != "stem_norm" or config.is_hybrid)}
+
+
 def load_official(model: VisionTransformer, source: str | os.PathLike | dict, verbose: bool = True, name: str | None = None) -> VisionTransformer:
     """Load an official `.npz` (path, or arrays already read) into `model`, as the official fine-tuning does:
     a head for another number of classes stays zero-initialised, a pre-logits layer the model lacks is
@@ -259,8 +269,10 @@ def load_official(model: VisionTransformer, source: str | os.PathLike | dict, ve
     or would make the model compute another function (its heads, the exact GELU), raises CheckpointError."""
     name = name or (str(source) if not isinstance(source, dict) else "checkpoint")  # for messages
     config = model.config
-    if config.gelu != "tanh":
-        raise CheckpointError(f"{name}: official weights were trained with the tanh GELU, this model has --gelu {config.gelu}; pass --gelu tanh")
+    differ = not_official(config)
+    if differ:
+        theirs = ", ".join(f"--{f} {v}" for f, v in differ.items())
+        raise CheckpointError(f"{name}: official weights compute with {theirs}; this model differs ({', '.join(differ)}); pass {theirs}")
     arrays = _Arrays(normalise_keys(read_npz(source) if not isinstance(source, dict) else dict(source), config.depth), name, config)
     head_classes = arrays.arrays["head/kernel"].shape[-1] if "head/kernel" in arrays.arrays else None
     keep_head = head_classes == config.num_classes
@@ -315,6 +327,10 @@ def class_names(num_classes: int) -> list[str]:
 _BASE_URL = "https://storage.googleapis.com/vit_models/"
 
 
+def base_url() -> str:
+    return os.environ.get("VITLAB_CHECKPOINT_BASE_URL", _BASE_URL).rstrip("/") + "/"
+
+
 @dataclass(frozen=True)
 class OfficialCheckpoint:
     name: str
@@ -327,7 +343,7 @@ class OfficialCheckpoint:
 
     @property
     def url(self) -> str:
-        return os.environ.get("VITLAB_CHECKPOINT_BASE_URL", _BASE_URL).rstrip("/") + "/" + self.path
+        return base_url() + self.path
 
     @property
     def filename(self) -> str:
