@@ -1,9 +1,12 @@
-"""Shared fixtures: the shared data directory, a helper that randomises every parameter, and a tiny trained run."""
+"""Shared fixtures: the shared data directory, a helper that randomises every parameter, a tiny trained run, and
+local HTTP servers (plain files, and the Hugging Face Hub's file API)."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import os
+import re
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -98,11 +101,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404, "Not Found")
 
 
-@pytest.fixture
-def server():
-    """A local HTTP server: /files/* serves SERVED_BYTES (also as httpd.payload), /cut/* hangs up half-way, else 404."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.requests, httpd.payload = [], SERVED_BYTES
+def _serve(handler, **attributes):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.requests = []
+    for name, value in attributes.items():
+        setattr(httpd, name, value)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
@@ -111,4 +114,59 @@ def server():
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server: /files/* serves SERVED_BYTES (also as httpd.payload), /cut/* hangs up half-way, else 404."""
+    yield from _serve(_Handler, payload=SERVED_BYTES)
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    """What huggingface_hub's hf_hub_download asks of the Hub: HEAD and GET of /ORG/NAME/resolve/REVISION/FILE, answered
+    with the commit, ETag and size headers, and the X-Error-Code by which it tells a missing repository, revision or file."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.resolve(send_body=False)
+
+    def do_GET(self):
+        self.resolve(send_body=True)
+
+    def resolve(self, send_body: bool) -> None:
+        self.server.requests.append(f"{self.command} {self.path}")
+        match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/([^?]+)", self.path)
+        repo = self.server.repos.get(match[1]) if match else None
+        if repo is None:
+            return self.refuse(401, "RepoNotFound")
+        if match[2] not in ("main", HUB_COMMIT):
+            return self.refuse(404, "RevisionNotFound")
+        if match[3] not in repo:
+            return self.refuse(404, "EntryNotFound")
+        data = repo[match[3]]
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", HUB_COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(data)
+
+    def refuse(self, status: int, code: str) -> None:
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture
+def hub():
+    """A local stand-in for the Hugging Face Hub (point HF_ENDPOINT at it): httpd.repos maps "ORG/NAME" to {file: bytes},
+    served at revision main and httpd.commit; httpd.requests lists every request."""
+    yield from _serve(_HubHandler, repos={}, commit=HUB_COMMIT)
 

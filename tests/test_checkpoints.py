@@ -75,17 +75,19 @@ def test_training_checkpoint_round_trip(tmp_path, randomise):
         assert torch.equal(restored[key]["momentum_buffer"], value["momentum_buffer"])
 
 
-@pytest.mark.parametrize("change", [{"gelu": "exact"}, {"num_heads": 6}])
+@pytest.mark.parametrize("change", [{"gelu": "exact"}, {"num_heads": 6}, {"layer_norm_eps": 1e-12},
+                                    {"classifier": "gap", "final_norm": "after_pool"}])  # fmt: skip
 def test_weights_of_another_function_are_refused(change, tmp_path, randomise):
     # Heads and GELU form change what the weights compute, not their shapes: loading must not pass silently.
     source = randomise(create_model("Ti/16", num_classes=10, img_size=32, depth=1, **change), seed=42)
     pt, st = tmp_path / "run.pt", tmp_path / "run.safetensors"
     torch.save({"model": source.state_dict(), "model_config": source.config.to_dict()}, pt)
     checkpoints.save_safetensors(source, st)
-    (field, value), = change.items()
+    field, value = list(change.items())[-1]
+    shape = {k: v for k, v in change.items() if k == "classifier"}  # the same shapes, but for the function field
     for path in (pt, st):
         with pytest.raises(CheckpointError, match=f"trained with --{field} {value}"):
-            checkpoints.load_pretrained(create_model("Ti/16", num_classes=10, img_size=32, depth=1), path, verbose=False)
+            checkpoints.load_pretrained(create_model("Ti/16", num_classes=10, img_size=32, depth=1, **shape), path, verbose=False)
         same = checkpoints.load_pretrained(create_model("Ti/16", num_classes=10, img_size=32, depth=1, **change), path, verbose=False)
         torch.testing.assert_close(same.state_dict(), source.state_dict())
 

@@ -1,4 +1,5 @@
-"""Downloads against a local HTTP server: complete, cut off (an existing file kept), not found, unreachable."""
+"""Downloads against a local HTTP server: complete, cut off (an existing file kept), not found, unreachable; folders
+written whole or not at all."""
 
 from __future__ import annotations
 
@@ -60,3 +61,23 @@ def test_download_unreachable(tmp_path):
     assert url in str(info.value) and str(destination) in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_atomic_write_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "model"
+
+    def write(content):
+        def into(folder):
+            (folder / "a.json").write_text(content)
+            if content == "fails":
+                raise RuntimeError("the check failed")
+
+        return into
+
+    files.atomic_write_dir(out, write("one"))
+    files.atomic_write_dir(out, write("two"))
+    assert (out / "a.json").read_text() == "two"
+    with pytest.raises(RuntimeError):
+        files.atomic_write_dir(out, write("fails"))
+    assert (out / "a.json").read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary or old folder left

@@ -15,7 +15,7 @@ from .checkpoints import load_model
 from .config import VARIANTS, TrainConfig, seed_name
 from .data import DataError, read_image
 from .errors import ConfigError
-from .files import atomic_write, cache_dir
+from .files import HUB_PREFIX, atomic_write, cache_dir, fetch_hub
 from .runtime import autocast, resolve_device, resolve_precision
 
 
@@ -36,16 +36,31 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     if args.list or not args.names:
-        print(f"official checkpoints (cached in {cache_dir()}):")
+        print(f"official checkpoints, from {official.base_url()} (cached in {cache_dir()}):")
         for name, entry in official.OFFICIAL_CHECKPOINTS.items():
             print(f"  {name:<20} {entry.variant:<9} {entry.num_classes:>6} classes  {entry.img_size} px  {entry.description}")
+        print(_hub_sources())
         return 0
     for name in args.names:
-        if name not in official.OFFICIAL_CHECKPOINTS:
+        if name not in official.OFFICIAL_CHECKPOINTS and not name.startswith(HUB_PREFIX):
             raise ConfigError(f"unknown checkpoint {name!r}; `vitlab download --list` shows the names")
     for name in args.names:
-        print(official.fetch_official(name))
+        print(fetch_hub(name) if name.startswith(HUB_PREFIX) else official.fetch_official(name))
     return 0
+
+
+def _hub_sources() -> str:
+    try:
+        from huggingface_hub import constants
+
+        where, note = f"from {constants.ENDPOINT} (cached in {constants.HF_HUB_CACHE})", ""
+    except ImportError:
+        where, note = "from the Hugging Face Hub", " (needs huggingface_hub: pip install 'vitlab[hub]')"
+    return (f"Hub repositories, as {HUB_PREFIX}ORG/NAME[@REVISION], {where}{note}:\n"
+            f"  transformers ViTs        e.g. {HUB_PREFIX}google/vit-base-patch16-224\n"
+            f"  timm ViTs                e.g. {HUB_PREFIX}timm/vit_base_patch16_224.augreg2_in21k_ft_in1k\n"
+            "local files: a run's .pt, vitlab .safetensors, official .npz (with --model_type), timm state dicts (.safetensors, "
+            ".bin, .pth), transformers and timm folders")  # fmt: skip
 
 
 def cmd_train(config: TrainConfig) -> int:
@@ -154,5 +169,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, class_names = load_model(args.checkpoint, args.model_type)
     print(export(model, class_names, args.format, args.out))
-    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)")
+    out = Path(args.out)
+    size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
     return 0

@@ -202,8 +202,9 @@ class TrainConfig:
     dataset: str = setting("cifar10", "the dataset: CIFAR, downloaded into --data_dir, or an image folder <class>/<image>",
                            DATASETS, resume="same")  # fmt: skip
     model_type: str = setting("ViT-B_16", "a variant by either spelling (`vitlab models`)", resume="same")
-    pretrained_dir: str = setting("auto", "initial weights: a checkpoint file, an official checkpoint name, 'none' (from "
-                                  "scratch) or 'auto' (checkpoint/<model_type>.npz if present, else the official ImageNet-21k file)")  # fmt: skip
+    pretrained_dir: str = setting("auto", "initial weights: a checkpoint file (vitlab, official .npz, timm), a transformers or timm "
+                                  "folder, an official checkpoint name, hf-hub:ORG/NAME, 'none' (from scratch) or 'auto' "
+                                  "(checkpoint/<model_type>.npz if present, else the official ImageNet-21k file)")  # fmt: skip
     output_dir: str = setting("output", "where output/<name>/ goes")
     img_size: int = setting(224, "image side in pixels", resume="same")
     train_batch_size: int = setting(512, "images per update, over accumulation steps and processes", resume="same")

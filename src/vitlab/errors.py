@@ -31,6 +31,10 @@ class DataError(VitlabError, ValueError):
     """A dataset, folder or image that cannot be used; the message names it."""
 
 
+class ExportError(VitlabError):
+    """An export that cannot be done or did not reproduce the model; nothing was written."""
+
+
 class TrainingError(VitlabError, RuntimeError):
     """A run that cannot go on; the message says why and what was kept."""
 

@@ -1,9 +1,11 @@
-"""Files written whole or not at all, and files fetched over the network into them."""
+"""Files and folders written whole or not at all, files fetched over the network into them, and the Hugging Face
+Hub's files fetched by huggingface_hub into its own cache."""
 
 from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -28,6 +30,31 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_dir(path: str | os.PathLike, write) -> None:
+    """`write(folder)` into a new folder beside `path`, every file fsynced, then renamed to `path` (a folder there before
+    is replaced only then): a crash or an error leaves the old folder, or none, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes folders private
+    try:
+        write(tmp)
+        for file in tmp.iterdir():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+        old = path.with_name(f".{path.name}.old") if path.exists() else None
+        if old:
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -59,3 +86,43 @@ def download(url: str, destination: str | os.PathLike, progress: bool = True, ti
         reason = getattr(e, "reason", None) or e
         raise CheckpointError(f"could not download {url} ({reason}); download it by hand to {destination}") from None
     return destination
+
+
+HUB_PREFIX = "hf-hub:"  # timm's spelling of a Hub repository: hf-hub:ORG/NAME[@REVISION]
+
+
+def fetch_hub(name: str) -> Path:
+    """The folder in huggingface_hub's cache that holds `hf-hub:ORG/NAME[@REVISION]`'s config.json, its weights
+    (model.safetensors, else pytorch_model.bin) and its preprocessor_config.json if it has one, fetched on first use by
+    huggingface_hub as it does everything (HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE)."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
+    except ImportError:
+        raise CheckpointError(f"{name}: Hub names need huggingface_hub: pip install 'vitlab[hub]'") from None
+    repo, _, revision = name.removeprefix(HUB_PREFIX).partition("@")
+
+    def get(*candidates: str, required: bool = True, revision: str | None = revision or None) -> Path | None:
+        missing = None
+        for filename in candidates:
+            try:
+                return Path(hf_hub_download(repo, filename, revision=revision))
+            except EntryNotFoundError as e:  # not in the repository, or not in the cache and the Hub out of reach
+                missing = e
+            except (HfHubHTTPError, HFValidationError, OSError) as e:
+                raise CheckpointError(f"{name}: {filename}: {_first_line(e)}") from None
+        if not required:
+            return None
+        if isinstance(missing, FileNotFoundError):  # LocalEntryNotFoundError: huggingface_hub's own words on why
+            raise CheckpointError(f"{name}: {' or '.join(candidates)}: {_first_line(missing)}")
+        raise CheckpointError(f"{name}: the repository has no {' or '.join(candidates)}")
+
+    config = get("config.json")
+    commit = config.parent.name  # the cache's snapshots/<commit>/: the other files from the same commit
+    get("model.safetensors", "pytorch_model.bin", revision=commit)
+    get("preprocessor_config.json", required=False, revision=commit)
+    return config.parent
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
