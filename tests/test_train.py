@@ -161,10 +161,12 @@ def test_resume_flag_forms():
 
 def test_model_override_flags_reach_the_model_config():
     config = parse(["train", "--name", "x", "--model_type", "Ti/16", "--img_size", "32", "--patch-size", "4", "--gelu", "exact",
-                    "--pos-embed-init", "sincos2d", "--classifier", "gap", "--patch-drop-rate", "0.5", "--attention-init", "mimetic"])  # fmt: skip
+                    "--pos-embed-init", "sincos2d", "--classifier", "gap", "--patch-drop-rate", "0.5", "--attention-init", "mimetic",
+                    "--layer_norm_eps", "1e-12", "--final-norm", "after_pool", "--stem_norm", "timm"])  # fmt: skip
     model_config = config.model_config(num_classes=10)
     assert (model_config.patch_size, model_config.gelu, model_config.pos_embed_init) == (4, "exact", "sincos2d")
     assert (model_config.patch_drop_rate, model_config.attention_init) == (0.5, "mimetic")
+    assert (model_config.layer_norm_eps, model_config.final_norm, model_config.stem_norm) == (1e-12, "after_pool", "timm")
     assert TrainConfig().model_config(10).gelu == "tanh"  # the official weights' form unless asked
 
 

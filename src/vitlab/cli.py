@@ -22,7 +22,8 @@ from .config import DATASETS, MODEL_OVERRIDES, TrainConfig
 from .errors import ConfigError, VitlabError, VitlabWarning, torch_error_message
 from .runtime import DEVICES_HELP, PRECISIONS, PRECISIONS_HELP
 
-SOURCE_HELP = "a run's checkpoint (.pt), a vitlab .safetensors file, an official checkpoint name, or an official .npz file"
+SOURCE_HELP = ("a run's checkpoint (.pt), a vitlab .safetensors file, an official checkpoint name or .npz file, a timm state dict "
+               "(.safetensors, .bin, .pth), a transformers or timm folder, or hf-hub:ORG/NAME[@REVISION]")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +98,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=SOURCE_HELP)
-    p.add_argument("--model_type", "--model-type", help="the variant of an official .npz file, e.g. B/16 (`vitlab models`)")
+    p.add_argument("--model_type", "--model-type", help="the variant of an official .npz file or a timm state dict (which do "
+                   "not say it), e.g. B/16 (`vitlab models`)")  # fmt: skip
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -134,10 +136,11 @@ def _add_inference_commands(sub) -> None:
     _add_runtime(p)
     p.set_defaults(func=commands.cmd_attention)
 
-    p = sub.add_parser("export", help="write the model as ONNX, TorchScript, safetensors or official .npz")
+    p = sub.add_parser("export", help="write the model as ONNX, TorchScript, safetensors, official .npz, a timm state dict or a "
+                       "transformers folder")  # fmt: skip
     _add_source(p)
     p.add_argument("--format", required=True, choices=export.FORMATS)
-    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--out", required=True, help="the file to write (for hf: the folder)")
     p.set_defaults(func=commands.cmd_export)
 
 
@@ -155,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("models", help="list the model variants with their shapes and parameter counts")
     p.set_defaults(func=commands.cmd_models)
-    p = sub.add_parser("download", help="fetch official checkpoints into the cache")
-    p.add_argument("names", nargs="*", help="checkpoint names (see --list)")
-    p.add_argument("--list", action="store_true", help="list the official checkpoints")
+    p = sub.add_parser("download", help="fetch official checkpoints or Hub repositories into their caches")
+    p.add_argument("names", nargs="*", help="official checkpoint names or hf-hub:ORG/NAME (see --list)")
+    p.add_argument("--list", action="store_true", help="list the official checkpoints and the other sources")
     p.set_defaults(func=commands.cmd_download)
     p = sub.add_parser("train", help="fine-tune or train from scratch (the seed's train.py flags)")
     _add_train_flags(p)

@@ -1,5 +1,6 @@
-"""A model for other runtimes: ONNX (checked against PyTorch with onnxruntime), TorchScript,
-safetensors and the official `.npz` layout. Every file is written whole or not at all.
+"""A model for other runtimes and libraries: ONNX (checked against PyTorch with onnxruntime), TorchScript,
+safetensors, the official `.npz` layout, a timm state dict and a transformers folder (each checked by running that
+library on it, where it is installed). Every file is written whole or not at all.
 
 ONNX and TorchScript take float32 images (B, 3, img_size, img_size) in [-1, 1], any batch size,
 and give logits (B, num_classes); the class names ride along in the ONNX metadata (`class_names`)
@@ -10,24 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import checkpoints, official
-from .files import atomic_write
-from .errors import VitlabError
+from . import checkpoints, interop, official
+from .errors import ExportError
+from .files import atomic_write, atomic_write_dir
 from .model import VisionTransformer
 
-FORMATS = ("onnx", "torchscript", "safetensors", "npz")
+FORMATS = ("onnx", "torchscript", "safetensors", "npz", "timm", "hf")
 ONNX_OPSET = 18  # the dynamo exporter's lowest native opset; asking for less makes it convert down
-ONNX_TOLERANCE = 1e-4  # largest |onnxruntime - PyTorch| logit difference accepted, in float32
-ONNX_CHECK_BATCH_SIZES = (1, 3)  # neither is the traced batch of 2, so the dynamic batch axis is exercised
-
-
-class ExportError(VitlabError):
-    """An export that cannot be done or did not reproduce the model; nothing was written."""
+TOLERANCE = 1e-4  # largest |other runtime - PyTorch| logit difference accepted, in float32
+CHECK_BATCH_SIZES = (1, 3)  # neither is ONNX's traced batch of 2, so its dynamic batch axis is exercised
 
 
 def export(model: VisionTransformer, class_names: list[str], fmt: str, path: str | os.PathLike) -> str:
@@ -35,8 +34,7 @@ def export(model: VisionTransformer, class_names: list[str], fmt: str, path: str
     model = model.float().cpu().eval()
     if fmt == "onnx":
         difference = export_onnx(model, class_names, path)
-        sizes = " and ".join(str(b) for b in ONNX_CHECK_BATCH_SIZES)
-        return f"onnxruntime matches PyTorch at batch sizes {sizes}: max |difference| {difference:.2e} (limit {ONNX_TOLERANCE:.0e})"
+        return f"onnxruntime matches PyTorch at batch sizes {_sizes()}: max |difference| {difference:.2e} (limit {TOLERANCE:.0e})"
     if fmt == "torchscript":
         export_torchscript(model, class_names, path)
         return "TorchScript: torch.jit.load(path) gives the model (PyTorch deprecates TorchScript; ONNX is the lasting format)"
@@ -44,11 +42,17 @@ def export(model: VisionTransformer, class_names: list[str], fmt: str, path: str
         checkpoints.save_safetensors(model, path, class_names)
         return "safetensors: weights with the model config and class names in the metadata"
     if fmt == "npz":
-        if model.config.gelu != "tanh":
-            raise ExportError("the official .npz layout implies the tanh GELU, and this model uses the exact one; "
-                              "export safetensors, ONNX or TorchScript instead")  # fmt: skip
+        differ = official.not_official(model.config)
+        if differ:
+            ours = ", ".join(f"{f} {getattr(model.config, f)}" for f in differ)
+            raise ExportError(f"the official .npz layout implies {', '.join(f'{f} {v}' for f, v in differ.items())}, and this model has "
+                              f"{ours}; export safetensors, timm, hf, ONNX or TorchScript instead")  # fmt: skip
         official.save_npz(model, path)
         return "official .npz layout: weights only; the class names and the variant are not stored (load with --model_type)"
+    if fmt == "timm":
+        return export_timm(model, class_names, path)
+    if fmt == "hf":
+        return export_hf(model, class_names, path)
     raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
@@ -59,10 +63,10 @@ def _example(model: VisionTransformer, batch: int, seed: int = 0) -> torch.Tenso
 
 def export_onnx(model: VisionTransformer, class_names: list[str], path: str | os.PathLike) -> float:
     """ONNX with a dynamic batch axis, written only if onnxruntime reproduces PyTorch's float32 logits
-    within ONNX_TOLERANCE at two batch sizes. Returns the largest difference seen."""
+    within TOLERANCE at two batch sizes. Returns the largest difference seen."""
     try:  # all three now, before the export's work, so that a missing one is one clear message
         import onnx
-        import onnxruntime  # noqa: F401
+        import onnxruntime
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise ExportError(f"ONNX export needs onnx, onnxscript and onnxruntime ({e}); pip install 'vitlab[export]'") from None
@@ -74,26 +78,98 @@ def export_onnx(model: VisionTransformer, class_names: list[str], path: str | os
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {"class_names": json.dumps(class_names)})
     data = proto.SerializeToString()
-    difference = onnx_difference(model, data)
-    if not difference <= ONNX_TOLERANCE:  # a NaN difference is refused too
-        raise ExportError(f"onnxruntime differs from PyTorch by {difference:.2e} (limit {ONNX_TOLERANCE:.0e}); {path} not written")
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    difference = checked_difference(model, lambda images: torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0]),
+                                    "onnxruntime", path)  # fmt: skip
     atomic_write(path, lambda f: f.write(data))
     return difference
 
 
-def onnx_difference(model: VisionTransformer, data: bytes) -> float:
-    """Largest |onnxruntime - PyTorch| over the logits of random images at each check batch size."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+def checked_difference(model: VisionTransformer, run, runtime: str, path) -> float:
+    """Largest |run(images) - model(images)| over the logits of random images at each check batch size; raises ExportError
+    (nothing written) if it is over TOLERANCE or NaN."""
     differences = []
-    for seed, batch in enumerate(ONNX_CHECK_BATCH_SIZES, start=1):
+    for seed, batch in enumerate(CHECK_BATCH_SIZES, start=1):
         images = _example(model, batch, seed)
         with torch.no_grad():
-            expected = model(images).numpy()
-        (got,) = session.run(["logits"], {"images": images.numpy()})
-        differences.append(np.abs(got - expected).max())
-    return float(np.max(differences))  # NaN stays NaN, where max() would skip it
+            differences.append((run(images).float() - model(images)).abs().max().item())
+    difference = float(np.max(differences))  # NaN stays NaN, where max() would skip it
+    if not difference <= TOLERANCE:
+        raise ExportError(f"{runtime} differs from PyTorch by {difference:.2e} (limit {TOLERANCE:.0e}); {path} not written")
+    return difference
+
+
+def _sizes() -> str:
+    return " and ".join(str(b) for b in CHECK_BATCH_SIZES)
+
+
+def export_timm(model: VisionTransformer, class_names: list[str], path: str | os.PathLike) -> str:
+    """A safetensors state dict in timm's layout (vitlab's model config and class names in its metadata, which timm
+    ignores), written once `timm.create_model` of it has reproduced the model's logits, where timm is installed."""
+    from safetensors.torch import save
+
+    state = interop.to_timm(model)
+    name, kwargs = interop.timm_args(model.config)
+    metadata = {"format": "pt", "model_config": json.dumps(model.config.to_dict()), "class_names": json.dumps(class_names)}
+    data = save(state, metadata=metadata)
+    overlay = {"file": str(path), "num_classes": model.config.num_classes}
+    call = f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, {interop.format_args(kwargs)})"
+    try:
+        import timm
+    except ImportError:
+        atomic_write(path, lambda f: f.write(data))
+        return f"timm layout, not checked (timm is not installed); {call} loads it"
+    with tempfile.TemporaryDirectory() as folder:
+        file = Path(folder) / "model.safetensors"
+        file.write_bytes(data)
+        library, overlay_here = f"timm {timm.__version__}", {**overlay, "file": str(file)}
+        reference = _loaded(library, path, lambda: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay_here, **kwargs))
+        difference = checked_difference(model, reference, library, path)
+    atomic_write(path, lambda f: f.write(data))
+    return f"timm {timm.__version__}: {call} gives the model's logits at batch sizes {_sizes()}: max |difference| {difference:.2e}"
+
+
+def export_hf(model: VisionTransformer, class_names: list[str], path: str | os.PathLike) -> str:
+    """A folder as transformers' `save_pretrained` writes it (config.json with id2label, model.safetensors), put in place
+    once `ViTForImageClassification.from_pretrained` of it has reproduced the model's logits, where transformers is installed."""
+    from safetensors.torch import save
+
+    config_json, state = interop.to_hf(model, class_names)
+    path = Path(path)
+    ours = {"config.json", "model.safetensors"}
+    if path.exists() and not (path.is_dir() and {p.name for p in path.iterdir()} <= ours):
+        raise ExportError(f"{path} exists and is not a folder this export wrote; choose a new folder")
+    result = []
+
+    def write(folder: Path) -> None:
+        (folder / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        (folder / "model.safetensors").write_bytes(save(state, metadata={"format": "pt"}))
+        try:
+            import transformers
+        except ImportError:
+            result.append("transformers layout, not checked (transformers is not installed)")
+            return
+        library, bars = f"transformers {transformers.__version__}", transformers.utils.logging
+        shown = bars.is_progress_bar_enabled()
+        bars.disable_progress_bar()  # the bar of this check's loading is none of the user's business
+        try:
+            reference = _loaded(library, path, lambda: transformers.ViTForImageClassification.from_pretrained(folder))
+        finally:
+            if shown:
+                bars.enable_progress_bar()
+        difference = checked_difference(model, lambda images: reference(pixel_values=images).logits, library, path)
+        result.append(f"{library}: ViTForImageClassification.from_pretrained({str(path)!r}) gives the model's logits at batch sizes "
+                      f"{_sizes()}: max |difference| {difference:.2e}")  # fmt: skip
+
+    atomic_write_dir(path, write)
+    return result[0]
+
+
+def _loaded(library: str, path, load) -> torch.nn.Module:
+    try:
+        return load().eval()
+    except Exception as e:  # a release of the library that cannot build or read this model
+        raise ExportError(f"{library} could not load the export ({type(e).__name__}: {str(e).strip()[:200]}); {path} not written") from None
 
 
 def export_torchscript(model: VisionTransformer, class_names: list[str], path: str | os.PathLike) -> None:

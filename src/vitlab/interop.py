@@ -174,8 +174,8 @@ def from_timm(state: dict[str, torch.Tensor], name: str, config_json: dict | Non
         name=base.name if base else "B/16", patch_size=patch, hidden_size=width, depth=_depth(state), num_heads=heads,
         mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0], dropout_rate=0.0, classifier="token" if "cls_token" in state else "gap",
         final_norm="after_pool" if fc_norm and pool == "avg" else "before_pool", resnet_layers=layers, resnet_width_factor=width_factor,
-        stem_norm="timm", num_classes=state["head.weight"].shape[0] if "head.weight" in state else 1, img_size=grid * patch,
-        gelu="tanh" if act == "gelu_tanh" else "exact",
+        stem_norm="timm" if layers else "flax", num_classes=state["head.weight"].shape[0] if "head.weight" in state else 1,
+        img_size=grid * patch, gelu="tanh" if act == "gelu_tanh" else "exact",
     )  # fmt: skip
     return config, state, _label_names(config_json.get("label_names"), config.num_classes)
 
