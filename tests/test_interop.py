@@ -314,6 +314,16 @@ def test_timm_refusals(case, tmp_path, randomise, capsys):
     assert str(path) in line and expected in line, line
 
 
+def test_timm_head_of_another_shape_is_refused(tmp_path, randomise, capsys):
+    path = timm_file(tmp_path, randomise)
+    state = load_file(path)
+    state.update({"head.fc." + k[5:]: state.pop(k) for k in ("head.weight", "head.bias")})  # an MLP head's names
+    save_file(state, path)
+    assert main(["predict", str(path), "x.png"]) == 1
+    line = one_error_line(capsys)
+    assert str(path) in line and "unexpected keys head.fc.bias, head.fc.weight: vitlab's ViT has no such parameters" in line
+
+
 HF_REFUSALS = {
     "DeiT": ({"model_type": "deit"}, "model_type 'deit'"),
     "ReLU": ({"hidden_act": "relu"}, "hidden_act 'relu'"),

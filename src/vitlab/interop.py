@@ -33,14 +33,16 @@ _TIMM_KEYS = [
     ("patch_embed.backbone.stages.{}.blocks.{}.downsample.norm.", "stem.stages.{}.{}.gn_proj."),
     ("patch_embed.backbone.stages.{}.blocks.{}.conv{}.", "stem.stages.{}.{}.conv{}."),
     ("patch_embed.backbone.stages.{}.blocks.{}.norm{}.", "stem.stages.{}.{}.gn{}."),
-    ("cls_token", "cls_token"), ("pos_embed", "pos_embed"), ("norm.", "norm."), ("head.", "head."),
+    ("cls_token", "cls_token"), ("pos_embed", "pos_embed"), ("norm.weight", "norm.weight"), ("norm.bias", "norm.bias"),
+    ("head.weight", "head.weight"), ("head.bias", "head.bias"),  # a linear head only
 ] + [(f"blocks.{{}}.{m}.", f"blocks.{{}}.{m}.") for m in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]  # fmt: skip
 _HF_KEYS = [
     ("vit.embeddings.patch_embeddings.projection.", "patch_embed."), ("vit.embeddings.cls_token", "cls_token"),
     ("vit.embeddings.position_embeddings", "pos_embed"), ("vit.encoder.layer.{}.layernorm_before.", "blocks.{}.norm1."),
     ("vit.encoder.layer.{}.attention.output.dense.", "blocks.{}.attn.proj."), ("vit.encoder.layer.{}.layernorm_after.", "blocks.{}.norm2."),
     ("vit.encoder.layer.{}.intermediate.dense.", "blocks.{}.mlp.fc1."), ("vit.encoder.layer.{}.output.dense.", "blocks.{}.mlp.fc2."),
-    ("vit.layernorm.", "norm."), ("vit.pooler.dense.", "pre_logits.0."), ("classifier.", "head."),
+    ("vit.layernorm.", "norm."), ("vit.pooler.dense.", "pre_logits.0."),
+    ("classifier.weight", "head.weight"), ("classifier.bias", "head.bias"),
 ]  # fmt: skip
 _HF_QKV = "vit.encoder.layer.{}.attention.attention.{}.{}"  # block, query|key|value, weight|bias
 
