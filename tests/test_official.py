@@ -505,7 +505,7 @@ def test_an_npz_of_another_head_count_or_gelu_is_refused(tmp_path, randomise):
     save_npz(source, path)
     with pytest.raises(CheckpointError, match=r"ti.npz: its model has 3 attention heads, this one 6; pass --num_heads 3$"):
         load_official(create_model("Ti/16", num_classes=10, img_size=32, depth=1, num_heads=6), path, verbose=False)
-    with pytest.raises(CheckpointError, match=r"official weights were trained with the tanh GELU, this model has --gelu exact"):
+    with pytest.raises(CheckpointError, match=r"official weights compute with --gelu tanh; this model differs \(gelu\); pass --gelu tanh"):
         load_official(create_model("Ti/16", num_classes=10, img_size=32, depth=1, gelu="exact"), path, verbose=False)
     same = load_official(create_model("Ti/16", num_classes=10, img_size=32, depth=1), path, verbose=False)
     torch.testing.assert_close(same.state_dict(), source.state_dict(), rtol=0, atol=0)
