@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vitlab import attention
-from vitlab.attention import attention_map, draw_attention, patch_relevance, rollout
+from vitlab.attention import attention_map, draw_attention, overlay, patch_relevance, rollout
 from vitlab.cli import main
 from vitlab.model import create_model
 
@@ -74,6 +74,18 @@ def test_map_peaks_on_the_patch_the_model_looks_at(patch, classifier):
         grid_map = attention_map(attentions, classifier == "token", layer)
         assert grid_map.shape == (1, 4, 4)
         assert int(grid_map.flatten().argmax()) == patch
+
+
+def test_overlay_blends_the_coloured_map_over_the_image():
+    image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    grid_map = torch.zeros(4, 4)
+    grid_map[1, 2] = 1.0  # one patch: jet's dark red there, its dark blue (0, 0, 0.5) far from it
+    assert np.array_equal(overlay(image, grid_map, 0.0), image)
+    coloured = overlay(image, grid_map, 1.0)
+    assert coloured.shape == image.shape and coloured.dtype == np.uint8
+    assert np.array_equal(coloured[29, 0], [0, 0, 128]) and coloured[11, 25, 0] > 100 and coloured[11, 25, 2] == 0
+    half = overlay(image, grid_map, 0.5).astype(int)
+    assert np.abs(half - (image.astype(int) + coloured.astype(int)) / 2).max() <= 1
 
 
 def test_draw_attention_writes_a_png(tmp_path):

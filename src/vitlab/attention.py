@@ -62,6 +62,16 @@ def upsample(grid_map: torch.Tensor, height: int, width: int) -> np.ndarray:
     return (smooth / smooth.max().clamp(min=1e-12)).cpu().numpy()
 
 
+def overlay(image: np.ndarray, grid_map: torch.Tensor, opacity: float = 0.45) -> np.ndarray:
+    """uint8 (H, W, 3): the map, upsampled and coloured (jet), laid over the image at `opacity` (0: the image alone)."""
+    from matplotlib import colormaps
+
+    height, width = image.shape[:2]
+    colours = colormaps["jet"](upsample(grid_map, height, width))[..., :3]  # (H, W, 3) in [0, 1]
+    blended = (1 - opacity) * image.astype(np.float32) / 255 + opacity * colours
+    return np.clip(np.round(blended * 255), 0, 255).astype(np.uint8)
+
+
 def draw_attention(image: np.ndarray, grid_map: torch.Tensor, title: str, what: str, path: str | os.PathLike) -> None:
     """A PNG of three panels: the image, the map over the patch grid, and the map laid over the image."""
     from matplotlib.figure import Figure
@@ -76,8 +86,7 @@ def draw_attention(image: np.ndarray, grid_map: torch.Tensor, title: str, what: 
     shown = axes[1].imshow(grid_map.float().cpu().numpy(), cmap="inferno", extent=pixels, interpolation="nearest")
     axes[1].set_title(what)
     fig.colorbar(shown, ax=axes[1], shrink=0.8)
-    axes[2].imshow(image)
-    axes[2].imshow(upsample(grid_map, height, width), cmap="jet", alpha=0.45)
+    axes[2].imshow(overlay(image, grid_map))
     axes[2].set_title("overlay")
     for ax in axes:
         ax.set_axis_off()

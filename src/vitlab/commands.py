@@ -16,7 +16,7 @@ from .config import VARIANTS, TrainConfig, seed_name
 from .data import DataError, read_image
 from .errors import ConfigError
 from .files import HUB_PREFIX, atomic_write, cache_dir, fetch_hub
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import resolve_device, resolve_precision
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -139,7 +139,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_attention(args: argparse.Namespace) -> int:
     from .attention import attention_map, draw_attention
-    from .inference import preprocess
+    from .inference import predict_with_attention, preprocess
 
     model, class_names = load_model(args.checkpoint, args.model_type)
     depth = model.config.depth
@@ -148,9 +148,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     image = read_image(args.image, max(model.config.img_size, 512))  # drawn at most a few hundred pixels wide
-    images = preprocess(image, model.config.img_size)[None].to(device)
-    with torch.no_grad(), autocast(device, precision):
-        logits, attentions = model.to(device)(images, return_attention=True)
+    logits, attentions = predict_with_attention(model.to(device), preprocess(image, model.config.img_size)[None], device, precision)
     probabilities = logits.float().softmax(dim=-1)[0]
     best = int(probabilities.argmax())
     layer = None if args.layer is None else args.layer - 1
@@ -173,3 +171,4 @@ def cmd_export(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
     return 0
+

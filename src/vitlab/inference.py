@@ -36,11 +36,24 @@ def list_images(arguments: list[str]) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
+def top_classes(logits: torch.Tensor, class_names: list[str], top_k: int) -> list[list[tuple[str, int, float]]]:
+    """For each row of (B, classes) logits, its top-k (class name, index, probability), most probable first."""
+    top = logits.float().softmax(dim=-1).topk(min(top_k, len(class_names)), dim=-1)
+    return [[(class_names[i], i, p) for i, p in zip(idx, probs)] for idx, probs in zip(top.indices.tolist(), top.values.tolist())]
+
+
 @torch.no_grad()
 def predict(model: VisionTransformer, images: torch.Tensor, class_names: list[str], top_k: int, device: torch.device,
             precision: str) -> list[list[tuple[str, int, float]]]:  # fmt: skip
     """For each of a batch of preprocessed images, its top-k (class name, index, probability), most probable first."""
     with autocast(device, precision):
         logits = model(images.to(device))
-    top = logits.float().softmax(dim=-1).topk(min(top_k, len(class_names)), dim=-1)
-    return [[(class_names[i], i, p) for i, p in zip(idx, probs)] for idx, probs in zip(top.indices.tolist(), top.values.tolist())]
+    return top_classes(logits, class_names, top_k)
+
+
+@torch.no_grad()
+def predict_with_attention(model: VisionTransformer, images: torch.Tensor, device: torch.device,
+                           precision: str) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """One forward pass: (B, classes) logits and every layer's (B, heads, T, T) attention weights."""
+    with autocast(device, precision):
+        return model(images.to(device), return_attention=True)
