@@ -4,6 +4,10 @@ a few dozen PNG/JPEG files made in tmp_path."""
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,6 +110,26 @@ def test_grayscale_palette_and_rgba_images_become_rgb(tmp_path):
     assert np.array_equal(gray_rgb[..., 0], gray_rgb[..., 1]) and np.array_equal(gray_rgb[..., 0], np.asarray(gray))
     data = load_image_folder(tmp_path / "modes")
     assert data.images.shape == (5, 16, 16, 3)
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A 1 x 1 PNG whose header claims another size: opening it reads the size, decoding it would fail."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((1, 1, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:33] = header + struct.pack(">I", zlib.crc32(header))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_read_image_refuses_a_huge_image_from_its_header(tmp_path):
+    path = png_claiming(tmp_path / "large.png", 9_000, 5_000)
+    with pytest.raises(DataError, match=r"large.png: 9000 x 5000 pixels, more than the 40,000,000 accepted; make it smaller"):
+        read_image(str(path), max_pixels=40_000_000)
+    path = png_claiming(tmp_path / "huge.png", 30_000, 20_000)
+    with pytest.raises(DataError, match=r"huge.png: not a readable image \(.*decompression bomb"):  # Pillow's own limit
+        read_image(str(path))
 
 
 def test_file_that_is_not_an_image_is_named(tmp_path):

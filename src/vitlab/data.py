@@ -99,6 +99,8 @@ def _open_image(path: str, action):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # up to MAX_PIXELS: decoded, drafted where it can be
             with Image.open(path) as image:
                 return action(image)
+    except DataError:
+        raise
     except Image.DecompressionBombError:
         raise DataError(f"{path}: an image of more than {MAX_PIXELS / 1e6:.0f} megapixels, refused (a decompression bomb, or "
                         "a photo to downscale first)") from None  # fmt: skip
@@ -106,13 +108,16 @@ def _open_image(path: str, action):
         raise DataError(f"{path}: not a readable image ({e})") from None
 
 
-def read_image(path: str, size: int | None = None) -> np.ndarray:
-    """An image file as uint8 (H, W, 3) RGB: grayscale, palette and alpha converted; unreadable -> DataError.
-    With `size` (the side it will be resized to), a large image is decoded smaller, to about twice that side at
-    least: JPEG by its own reduced-scale decoding, others by an integer box filter, so that a 64-megapixel photo
-    costs tens of megabytes instead of gigabytes."""
+def read_image(path: str, size: int | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB: grayscale, palette and alpha converted; unreadable, or larger than
+    `max_pixels` (checked from its header, before decoding) -> DataError. With `size` (the side it will be resized
+    to), a large image is decoded smaller, to about twice that side at least: JPEG by its own reduced-scale decoding,
+    others by an integer box filter, so that a 64-megapixel photo costs tens of megabytes instead of gigabytes."""
 
     def decode(image) -> np.ndarray:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise DataError(f"{path}: {width} x {height} pixels, more than the {max_pixels:,} accepted; make it smaller")
         if size is not None:
             image.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below 2 x size
         image = image.convert("RGB")
