@@ -45,30 +45,33 @@ def randomise():
     return randomise_parameters
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A tiny ViT trained for 3 steps on a folder of random 16 px PNGs in 3 classes (8 images each):
-    `.checkpoint` (its best.pt), `.data_dir` and `.class_names`, for the tests of the inference commands."""
-    import numpy as np
+def train_tiny(root: Path, **model_overrides) -> SimpleNamespace:
+    """A tiny ViT (depth 1 unless overridden) trained for 3 steps on a folder of random 16 px PNGs in 3 classes
+    (8 images each), under `root`: `.checkpoint` (its best.pt), `.data_dir` and `.class_names`."""
     from PIL import Image
 
     from vitlab.config import TrainConfig
     from vitlab.train import train
 
-    root = tmp_path_factory.mktemp("tiny_run")
     data_dir, class_names = root / "images", ["cat", "dog", "fish"]
     rng = np.random.default_rng(0)
     for name in class_names:
         (data_dir / name).mkdir(parents=True)
         for i in range(8):
             Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data_dir / name / f"{i}.png")
-    config = TrainConfig.from_dict(dict(
+    config = TrainConfig.from_dict({**dict(
         name="tiny", dataset="imagefolder", data_dir=str(data_dir), model_type="Ti/16", patch_size=4, img_size=16, depth=1,
         hidden_size=16, num_heads=2, mlp_dim=32, pretrained_dir="none", num_steps=3, train_batch_size=8, eval_every=3,
         warmup_steps=0, device="cpu", output_dir=str(root), log_dir=str(root / "logs"), val_split=0.25, num_workers=0,
-    ))  # fmt: skip
+    ), **model_overrides})  # fmt: skip
     train(config)
     return SimpleNamespace(checkpoint=root / "tiny" / "best.pt", data_dir=data_dir, class_names=class_names)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`train_tiny`'s run, for the tests of the inference commands."""
+    return train_tiny(tmp_path_factory.mktemp("tiny_run"))
 
 
 # ---------------------------------------------------------------------------------------------
