@@ -136,6 +136,19 @@ def _add_inference_commands(sub) -> None:
     _add_runtime(p)
     p.set_defaults(func=commands.cmd_attention)
 
+    p = sub.add_parser("demo", help="a web page to try the model: top classes and attention (pip install 'vitlab[demo]')")
+    _add_source(p)
+    p.add_argument("--examples", metavar="DIR", help="example images (default: a few of the run's own dataset, where it is here)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on; 0.0.0.0 opens it to your network "
+                   "(default: 127.0.0.1, this machine only)")  # fmt: skip
+    p.add_argument("--port", type=int, default=7860, help="(default: 7860)")
+    p.add_argument("--share", action="store_true", help="also a public link through Gradio's share servers (off by default)")
+    p.add_argument("--top_k", "--top-k", type=int, default=5, help="classes shown (default: 5)")
+    p.add_argument("--write_space", "--write-space", metavar="DIR", help="write the page as a Hugging Face Space into DIR "
+                   "(app.py, requirements.txt, README.md, the model) instead of serving it")  # fmt: skip
+    _add_runtime(p)
+    p.set_defaults(func=commands.cmd_demo)
+
     p = sub.add_parser("export", help="write the model as ONNX, TorchScript, safetensors, official .npz, a timm state dict or a "
                        "transformers folder")  # fmt: skip
     _add_source(p)

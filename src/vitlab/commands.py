@@ -172,3 +172,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
     return 0
 
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import serve, write_space
+
+    _positive(args, "top_k")
+    if args.write_space:
+        if args.share or args.host != "127.0.0.1" or args.port != 7860:
+            raise ConfigError("--write-space: a Space chooses its own address and is public; leave out --host, --port and --share")
+        write_space(args.write_space, args.checkpoint, args.model_type, args.examples, args.top_k, args.device, args.precision)
+        return 0
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: choose a port from 1 to 65535")
+    serve(args.checkpoint, args.model_type, args.examples, args.host, args.port, args.share, args.top_k, args.device, args.precision)
+    return 0

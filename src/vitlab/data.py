@@ -67,6 +67,13 @@ def load_cifar(name: str, root: str | os.PathLike, train: bool) -> ImageSet:
     return ImageSet(torch.as_tensor(np.asarray(dataset.targets), dtype=torch.int64), list(dataset.classes), torch.from_numpy(dataset.data))
 
 
+def cifar_on_disk(name: str, root: str | os.PathLike) -> bool:
+    """Whether CIFAR `name` was downloaded into `root` (its folder is there; `load_cifar` then checks its files)."""
+    import torchvision
+
+    return (Path(root) / getattr(torchvision.datasets, _CIFAR[name]).base_folder).is_dir()
+
+
 def _list_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")

@@ -1,0 +1,327 @@
+"""`vitlab demo`: a web page (Gradio) to try a model: an image in, its top classes and where the model looked out.
+
+One forward pass per image gives the prediction and every layer's attention; the maps are computed then and kept in
+the page's session, so the map and opacity controls redraw the overlay without running the model again.
+Offline and private by default: the server binds 127.0.0.1, makes no share link unless asked, sends no analytics,
+and the page loads nothing from the internet (system fonts; Gradio's scripts come from this server).
+`write_space` writes the same page as a Hugging Face Space: app.py, requirements.txt, README.md, the model, vitlab.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .attention import attention_map, overlay
+from .checkpoints import load_model, read_checkpoint, save_safetensors
+from .data import cifar_on_disk, held_out_folder, load_cifar, read_image
+from .errors import ConfigError, DataError, VitlabError
+from .inference import list_images, predict_with_attention, preprocess, top_classes
+from .model import VisionTransformer, count_parameters
+
+INSTALL = "pip install 'vitlab[demo]'"
+MAX_PIXELS = 40_000_000  # an upload above 40 megapixels is refused before it is decoded (120 MB as RGB)
+MAX_UPLOAD = "50mb"  # the browser refuses larger files before sending them
+DISPLAY_SIDE = 512  # overlays are drawn on the image shrunk to this longest side, so that a redraw takes milliseconds
+MAX_EXAMPLES = 8
+IMAGE_HEIGHT = 320  # pixels on the page, whatever the image's own size
+ROLLOUT = "rollout"
+SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")  # nothing to download, unlike a web font
+SYSTEM_MONO_FONTS = ("ui-monospace", "Consolas", "monospace")
+
+
+def import_gradio():
+    """Gradio, with its analytics off before it loads; without it, a one-line VitlabError that says how to install it."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    try:
+        import gradio
+    except ImportError:
+        raise VitlabError(f"the demo needs Gradio: {INSTALL}") from None
+    return gradio
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, run once per image
+
+@dataclass
+class Explained:
+    """One image's forward pass: what the page shows and every map the controls can choose."""
+
+    image: np.ndarray  # uint8 (H, W, 3), at most DISPLAY_SIDE on its longest side: what the overlay is drawn on
+    maps: dict[str, torch.Tensor]  # "rollout", "layer 1", ...: (grid, grid) relevance of each patch
+    top: list[tuple[str, int, float]]  # (class name, index, probability), most probable first
+    seconds: float  # the forward pass and the maps
+
+
+class Demo:
+    """A model ready to explain images on a device, in a precision, and the line that describes it."""
+
+    def __init__(self, model: VisionTransformer, class_names: list[str], device: torch.device, precision: str, top_k: int):
+        self.model, self.class_names = model.to(device), class_names
+        self.device, self.precision, self.top_k = device, precision, top_k
+        self.map_names = [ROLLOUT] + [f"layer {i}" for i in range(1, model.config.depth + 1)]
+        size = model.config.img_size
+        predict_with_attention(self.model, torch.zeros(1, 3, size, size), device, precision)  # the first call's set-up, not timed
+
+    def explain(self, image: np.ndarray) -> Explained:
+        """The top classes and every attention map of one uint8 RGB image, from one forward pass."""
+        start = time.perf_counter()
+        images = preprocess(image, self.model.config.img_size)[None]
+        logits, attentions = predict_with_attention(self.model, images, self.device, self.precision)
+        has_class_token = self.model.config.classifier == "token"
+        maps = {ROLLOUT: attention_map(attentions, has_class_token)[0].cpu()}
+        maps |= {f"layer {i + 1}": attention_map(attentions, has_class_token, i)[0].cpu() for i in range(len(attentions))}
+        top = top_classes(logits, self.class_names, self.top_k)[0]
+        return Explained(shrink(image, DISPLAY_SIDE), maps, top, time.perf_counter() - start)
+
+    def describe(self, seconds: float | None = None) -> str:
+        c = self.model.config
+        line = (f"**{c.name}** (patch {c.patch_size}, depth {c.depth}, width {c.hidden_size}) · {len(self.class_names)} classes · "
+                f"{c.img_size} px · {count_parameters(self.model):,} parameters · {self.device.type} · {self.precision}")  # fmt: skip
+        return line + ("" if seconds is None else f" · last prediction {seconds * 1000:.0f} ms")
+
+
+def shrink(image: np.ndarray, side: int) -> np.ndarray:
+    """The image scaled down (never up) to at most `side` pixels on its longest side."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    scale = side / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
+def render(explained: Explained, map_name: str, opacity: float) -> np.ndarray:
+    """The overlay of one cached map: no model involved."""
+    if map_name not in explained.maps:
+        raise DataError(f"map {map_name!r}: choose {', '.join(explained.maps)}")
+    if not 0 <= opacity <= 1:
+        raise DataError(f"opacity {opacity}: choose a value from 0 to 1")
+    return overlay(explained.image, explained.maps[map_name], opacity)
+
+
+def read_upload(upload: dict) -> np.ndarray:
+    """An uploaded file (Gradio's file data) as uint8 RGB, grey, palette and alpha converted; a file that is no image,
+    or too large an image, is a DataError that names the file as the user did, not by its place on the server."""
+    path, name = upload.get("path"), upload.get("orig_name") or "the upload"
+    if not path:
+        raise DataError(f"{name}: no file came with this upload")
+    try:
+        return read_image(path, MAX_PIXELS)
+    except DataError as e:
+        raise DataError(str(e).replace(path, name)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+
+def build_page(demo: Demo, title: str, examples: list[str]):
+    """The Blocks page: the image and its overlay side by side, the map and opacity controls, the top classes."""
+    gr = import_gradio()
+    with gr.Blocks(title=f"vitlab · {title}", analytics_enabled=False) as page:
+        gr.Markdown(f"## vitlab · {html.escape(title)}")
+        info = gr.Markdown(demo.describe(), elem_id="model-info")
+        cached = gr.State(None)
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="image", sources=["upload", "webcam", "clipboard"], height=IMAGE_HEIGHT, elem_id="image")
+                if examples:
+                    gr.Examples(examples, inputs=image, label="examples", cache_examples=False)
+            with gr.Column():
+                shown = gr.Image(label="attention", format="png", interactive=False, height=IMAGE_HEIGHT,
+                                 buttons=["download", "fullscreen"], elem_id="overlay")  # fmt: skip
+                with gr.Row():
+                    choice = gr.Radio(demo.map_names, value=ROLLOUT, label="map", elem_id="map")
+                    opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="opacity", elem_id="opacity")
+            label = gr.Label(num_top_classes=demo.top_k, label="top classes", elem_id="label")
+        _connect(gr, demo, (image, choice, opacity), (label, shown, info, cached))
+    return page
+
+
+def _connect(gr, demo: Demo, inputs: tuple, outputs: tuple) -> None:
+    image, choice, opacity = inputs
+    label, shown, info, cached = outputs
+
+    def on_image(upload: dict | None, map_name: str, opacity_value: float):
+        if upload is None:
+            return None, None, demo.describe(), None
+        try:
+            explained = demo.explain(read_upload(upload))
+            overlaid = render(explained, map_name, opacity_value)
+        except DataError as e:  # a message on the page, no traceback in the terminal
+            raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
+        return {name: p for name, _, p in explained.top}, overlaid, demo.describe(explained.seconds), explained
+
+    def on_control(explained: Explained | None, map_name: str, opacity_value: float):
+        return None if explained is None else render(explained, map_name, opacity_value)
+
+    # A new image first clears the last one's results, so that a refused upload leaves none standing.
+    image.change(lambda: (None, None, None), outputs=[label, shown, cached], api_visibility="private", show_progress="hidden").then(
+        on_image, [image, choice, opacity], [label, shown, info, cached], api_name="predict", preprocess=False)  # fmt: skip
+    for control in (choice, opacity):
+        control.change(on_control, [cached, choice, opacity], shown, api_visibility="private", show_progress="hidden",
+                       trigger_mode="always_last")  # fmt: skip
+
+
+def launch_options(gr, host: str | None, port: int | None, share: bool) -> dict:
+    """Gradio's launch arguments: private (no share link unless asked, no monitoring page, no run history kept in the
+    browser) and offline (system fonts). `host` and `port` None: Gradio's environment variables, else 127.0.0.1:7860."""
+    theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS)
+    return {"server_name": host, "server_port": port, "share": share, "theme": theme, "max_file_size": MAX_UPLOAD,
+            "footer_links": ["api"], "run_history": False, "enable_monitoring": False, "quiet": True}  # fmt: skip
+
+
+def short_name(source: str | os.PathLike) -> str:
+    """An official name as it is; a file as its folder and name (a run's `<name>/best.pt`), no more of its path."""
+    return "/".join(Path(str(source)).parts[-2:])
+
+
+def serve(source: str | os.PathLike, model_type: str | None = None, examples: str | os.PathLike | None = None,
+          host: str | None = None, port: int | None = None, share: bool = False, top_k: int = 5, device: str = "auto",
+          precision: str = "auto", title: str | None = None) -> None:  # fmt: skip
+    """Load the model, build the page and serve it until interrupted; `title` defaults to the source's last two parts."""
+    from .runtime import resolve_device, resolve_precision
+
+    gr = import_gradio()
+    resolved = resolve_device(device)
+    model, class_names = load_model(source, model_type)
+    demo = Demo(model, class_names, resolved, resolve_precision(precision, resolved), top_k)
+    with tempfile.TemporaryDirectory(prefix="vitlab-demo-") as scratch:
+        page = build_page(demo, title or short_name(source), find_examples(examples, source, Path(scratch)))
+        try:
+            page.launch(prevent_thread_lock=True, **launch_options(gr, host, port, share))
+        except OSError as e:  # Gradio's message names its own launch() arguments; ours names the flags
+            raise VitlabError(f"cannot serve on {host or '127.0.0.1'}:{port or 7860} ({str(e).split('. ')[0]}); choose "
+                              "another --port, or --host") from None  # fmt: skip
+        public = f", public link {page.share_url}" if page.share_url else ""
+        print(f"vitlab demo: {source} at {page.local_url}{public} (Ctrl+C to stop)", flush=True)
+        page.block_thread()
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples
+
+def find_examples(folder: str | os.PathLike | None, source: str | os.PathLike, scratch: Path) -> list[str]:
+    """Up to MAX_EXAMPLES images: from `folder`, else one per class of the dataset a vitlab run was trained on where it is
+    on this machine (CIFAR's are written into `scratch`), else none. Says on stdout where they come from."""
+    if folder is not None:
+        files, problems = list_images([str(folder)])
+        if problems:
+            raise ConfigError(f"--examples {problems[0]}")
+        found, where = [str(f) for f in files[:MAX_EXAMPLES]], str(folder)
+    else:
+        found, where = dataset_examples(source, scratch)
+    print(f"vitlab demo: {len(found)} examples ({where})" if found else f"vitlab demo: no examples ({where}; --examples DIR)")
+    return found
+
+
+def dataset_examples(source: str | os.PathLike, scratch: Path) -> tuple[list[str], str]:
+    """(image files, where they come from): the first image of each class of a run's own dataset."""
+    from PIL import Image
+
+    path = Path(str(source))
+    if path.suffix != ".pt" or not path.is_file():
+        return [], "this checkpoint names no dataset"
+    train_config = read_checkpoint(path).get("train_config") or {}
+    dataset, data_dir = train_config.get("dataset"), Path(train_config.get("data_dir", "data"))
+    if dataset == "imagefolder" and data_dir.is_dir():
+        root = held_out_folder(data_dir) or data_dir
+        firsts = [list_images([str(d)])[0][:1] for d in sorted(p for p in root.iterdir() if p.is_dir())[:MAX_EXAMPLES]]
+        return [str(f[0]) for f in firsts if f], f"the run's image folder {root}"
+    if dataset in ("cifar10", "cifar100") and cifar_on_disk(dataset, data_dir):
+        data = load_cifar(dataset, data_dir, train=False)
+        files = []
+        for label in range(min(MAX_EXAMPLES, len(data.class_names))):
+            index = int(torch.nonzero(data.labels == label)[0])
+            files.append(scratch / f"{label}_{data.class_names[label]}.png")
+            Image.fromarray(data.images[index].numpy()).save(files[-1])
+        return [str(f) for f in files], f"the run's {dataset} test split in {data_dir}"
+    return [], f"the run's {dataset} is not at {data_dir}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A Hugging Face Space
+
+APP = '''"""A vitlab demo of {source}, written by `vitlab demo --write-space`: an image in, its top classes and the
+model's attention out. Run here with `python app.py`; on Hugging Face Spaces it runs as it is. vitlab/ beside it is
+the vitlab that wrote it, model.safetensors the model with its class names."""
+
+from pathlib import Path
+
+from vitlab.demo import serve
+
+here = Path(__file__).parent
+serve(here / "model.safetensors", examples={examples}, top_k={top_k}, device={device!r}, precision={precision!r},
+      title={title!r})
+'''
+
+SPACE_README = """---
+title: vitlab demo
+emoji: 🔍
+colorFrom: blue
+colorTo: gray
+sdk: gradio
+sdk_version: {gradio_version}
+python_version: "{python_version}"
+app_file: app.py
+pinned: false
+---
+
+# vitlab demo: {source}
+
+A Vision Transformer ({variant}, {classes} classes, {img_size} px) to try: upload an image, see its top {top_k} classes
+and where the model looked (attention rollout, or one layer's attention). Written by `vitlab demo --write-space`.
+Run it locally with `pip install -r requirements.txt gradio=={gradio_version}`, then `python app.py`.
+"""
+
+
+def write_space(folder: str | os.PathLike, source: str | os.PathLike, model_type: str | None = None,
+                examples: str | os.PathLike | None = None, top_k: int = 5, device: str = "auto",
+                precision: str = "auto") -> None:  # fmt: skip
+    """A folder that deploys as a Hugging Face Space: app.py, requirements.txt, README.md with the Spaces header, the
+    model as model.safetensors (any source becomes vitlab's own file), examples/ and a copy of vitlab."""
+    gr = import_gradio()
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"--write-space {folder}: exists and is not an empty folder")
+    model, class_names = load_model(source, model_type)
+    requirements = vitlab_requirements()
+    with tempfile.TemporaryDirectory(prefix="vitlab-demo-") as scratch:
+        found = find_examples(examples, source, Path(scratch))
+        folder.mkdir(parents=True, exist_ok=True)
+        if found:
+            (folder / "examples").mkdir()
+        for i, path in enumerate(map(Path, found)):
+            shutil.copyfile(path, folder / "examples" / f"{i:02d}_{path.name}")
+    save_safetensors(model, folder / "model.safetensors", class_names)
+    shutil.copytree(Path(__file__).parent, folder / "vitlab", ignore=shutil.ignore_patterns("__pycache__"))
+    c = model.config
+    (folder / "app.py").write_text(APP.format(source=short_name(source), examples='here / "examples"' if found else None,
+                                              top_k=top_k, device=device, precision=precision, title=short_name(source)))  # fmt: skip
+    (folder / "requirements.txt").write_text("".join(f"{r}\n" for r in requirements))
+    (folder / "README.md").write_text(SPACE_README.format(
+        gradio_version=gr.__version__, python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+        source=short_name(source), variant=c.name, classes=len(class_names), img_size=c.img_size, top_k=top_k))  # fmt: skip
+    print(f"vitlab demo: wrote the Space {folder} (app.py, requirements.txt, README.md, model.safetensors, "
+          f"{len(found)} examples, vitlab/)")  # fmt: skip
+
+
+def vitlab_requirements() -> list[str]:
+    """vitlab's own dependencies, as installed (a Space gets Gradio itself from its README's sdk_version)."""
+    try:
+        requires = metadata.requires("vitlab") or []
+    except metadata.PackageNotFoundError:
+        raise VitlabError("--write-space reads vitlab's dependencies from its installation: pip install -e .") from None
+    return [r for r in requires if "extra ==" not in r]
