@@ -177,10 +177,10 @@ def test_predict_reports_unreadable_images_and_goes_on(tiny_run, tmp_path, capsy
 
 
 def test_predict_refuses_a_decompression_bomb_in_one_line_and_predicts_the_rest(tiny_run, tmp_path, capsys):
-    from test_data import huge_png
+    from test_data import png_claiming
 
     good = save_png(tmp_path / "good.png", size=40)
-    bomb = huge_png(tmp_path / "bomb.png", 15_000, 12_000)
+    bomb = png_claiming(tmp_path / "bomb.png", 15_000, 12_000)
     assert main(["predict", str(tiny_run.checkpoint), str(bomb), str(good), "--json"]) == 1
     captured = capsys.readouterr()
     assert [r["image"] for r in json.loads(captured.out)] == [str(good)]

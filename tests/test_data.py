@@ -127,9 +127,6 @@ def test_read_image_refuses_a_huge_image_from_its_header(tmp_path):
     path = png_claiming(tmp_path / "large.png", 9_000, 5_000)
     with pytest.raises(DataError, match=r"large.png: 9000 x 5000 pixels, more than the 40,000,000 accepted; make it smaller"):
         read_image(str(path), max_pixels=40_000_000)
-    path = png_claiming(tmp_path / "huge.png", 30_000, 20_000)
-    with pytest.raises(DataError, match=r"huge.png: not a readable image \(.*decompression bomb"):  # Pillow's own limit
-        read_image(str(path))
 
 
 def test_file_that_is_not_an_image_is_named(tmp_path):
@@ -165,21 +162,8 @@ def test_empty_folders_are_refused(tmp_path):
         load_image_folder(tmp_path / "missing")
 
 
-def huge_png(path, width: int, height: int):
-    """A PNG whose header claims width x height pixels (a decompression bomb's header; no pixel data follows)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    return path
-
-
 def test_an_image_past_the_decompression_bomb_limit_is_refused_in_one_line(tmp_path):
-    bomb = huge_png(tmp_path / "bomb.png", 15_000, 12_000)  # 180 megapixels
+    bomb = png_claiming(tmp_path / "bomb.png", 15_000, 12_000)  # 180 megapixels
     with pytest.raises(DataError) as info:
         read_image(str(bomb))
     assert str(info.value) == f"{bomb}: an image of more than 179 megapixels, refused (a decompression bomb, or a photo to downscale first)"

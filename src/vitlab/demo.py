@@ -119,7 +119,7 @@ def read_upload(upload: dict) -> np.ndarray:
     if not path:
         raise DataError(f"{name}: no file came with this upload")
     try:
-        return read_image(path, MAX_PIXELS)
+        return read_image(path, max_pixels=MAX_PIXELS)
     except DataError as e:
         raise DataError(str(e).replace(path, name)) from None
 
