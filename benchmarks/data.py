@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from vitlab import fastpaths
-from vitlab.data import Augmentation, ImageSet, TrainBatches, crop_and_resize, load_image_folder, resized_crop_boxes, to_float
+from vitlab.augment import Augmentation, crop_and_resize, resized_crop_boxes, to_float
+from vitlab.data import ImageSet, TrainBatches, load_image_folder
 
 BATCH = 256
 MIN_SCALE = 0.05  # the tutorial's RandomResizedCrop scale=(0.05, 1.0)
