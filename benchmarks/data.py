@@ -77,11 +77,13 @@ class Pipeline:
 class VitlabPipeline(Pipeline):
     """vitlab.data.TrainBatches over the whole dataset held as one uint8 tensor on the device."""
 
-    def __init__(self, data: ImageSet, size: int, device: torch.device, dtype: torch.dtype):
-        # fp32 batches for fp32 training; `vitlab train --precision bf16` takes its batches in bf16.
+    def __init__(self, data: ImageSet, size: int, device: torch.device, dtype: torch.dtype, kit: bool = False):
+        # fp32 batches for fp32 training; `vitlab train --precision bf16` takes its batches in bf16. With `kit`, also
+        # the training kit's augmentations at DeiT's settings: RandAugment 2,9, random erasing 0.25, mixup 0.8 / CutMix 1.0.
         kind = "resized_crop" if size != 32 else "pad_crop"
-        augmentation = Augmentation(size, kind, MIN_SCALE, hflip=True, pad=PAD, dtype=dtype)
-        self.name = f"vitlab TrainBatches, {kind}, {str(dtype).removeprefix('torch.')}"
+        extra = dict(randaugment=(2, 9), random_erasing=0.25, mixup=0.8, cutmix=1.0) if kit else {}
+        augmentation = Augmentation(size, kind, MIN_SCALE, hflip=True, pad=PAD, dtype=dtype, **extra)
+        self.name = f"vitlab TrainBatches, {kind}{' + kit' if kit else ''}, {str(dtype).removeprefix('torch.')}"
         self.batches = TrainBatches(data, augmentation, BATCH, seed=0, device=device)(0, 2**62)
 
     def next(self):
@@ -268,6 +270,8 @@ def main() -> None:
         "--kernels", action=argparse.BooleanOptionalAction, default=True, help="also time the 224 px crop alone (default: on)"
     )
     parser.add_argument("--quick", action="store_true", help="3 rounds of about 0.3 s per pipeline, one warm-up batch")
+    parser.add_argument("--kit", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time vitlab's pipeline with RandAugment 2,9, random erasing and mixup/CutMix (default: on)")  # fmt: skip
     parser.add_argument(
         "--keep_freed_memory",
         action=argparse.BooleanOptionalAction,
@@ -296,7 +300,8 @@ def main() -> None:
     result = {"source": source, "device": str(device), "threads": args.threads, "torch": torch.__version__, "THP_MEM_ALLOC_ENABLE": thp,
               "freed_memory_kept": kept, "instruction_set": fastpaths.instruction_set(), "args": vars(args), "sizes": {}}  # fmt: skip
     for size in args.sizes:
-        ours = [VitlabPipeline(data, size, device, {"fp32": torch.float32, "bf16": torch.bfloat16}[d]) for d in args.dtypes]
+        ours = [VitlabPipeline(data, size, device, {"fp32": torch.float32, "bf16": torch.bfloat16}[d], kit) for d in args.dtypes
+                for kit in ((False, True) if args.kit else (False,))]  # fmt: skip
         pipelines = ours + [TutorialPipeline(data, size, device, w) for w in args.workers]
         rows = compare(pipelines, args.rounds, args.min_seconds, args.warmup, device)
         tutorial_rows = rows[len(ours) :]
@@ -308,7 +313,8 @@ def main() -> None:
         if best_tutorial:
             ratios = {row["pipeline"]: row["images_per_second"] / best_tutorial["images_per_second"] for row in rows[: len(ours)]}
             entry["vitlab_vs_best_tutorial"] = ratios
-            print("  vitlab / best tutorial pipeline: " + ", ".join(f"{r:.1f}x ({name.rsplit(', ', 1)[1]})" for name, r in ratios.items()))
+            print("  vitlab / best tutorial pipeline: " + ", ".join(f"{r:.1f}x ({name.removeprefix('vitlab TrainBatches, ')})"
+                                                                   for name, r in ratios.items()))  # fmt: skip
         result["sizes"][str(size)] = entry
     if args.kernels:
         kernels, difference = crop_kernels(data.images, device)

@@ -6,8 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
-from vitlab.augment import Augmentation, crop_and_resize, pad_crop, resized_crop_boxes, to_float
+from vitlab.augment import (
+    RANDAUGMENT_OPS,
+    Augmentation,
+    crop_and_resize,
+    erase,
+    erasing_boxes,
+    mix,
+    mix_params,
+    pad_crop,
+    randaugment,
+    resized_crop_boxes,
+    to_float,
+)
 from vitlab.data import step_generator
 
 
@@ -124,3 +137,133 @@ def test_bf16_augmentation_matches_fp32_to_bf16_precision(kind, size):
     assert half.dtype == torch.bfloat16
     assert (half.float() - reference).abs().max() < 1e-2
 
+
+
+# ---------------------------------------------------------------------------------------------
+# RandAugment, random erasing, mixup and CutMix
+
+
+def unit_images(batch: int = 4, size: int = 12, seed: int = 0) -> torch.Tensor:
+    """Random images in [0, 1] and the same normalised to [-1, 1], as the pipeline holds them."""
+    y = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return y, y * 2 - 1
+
+
+def one_op(name: str, x: torch.Tensor, magnitude: int, sign: int = 1) -> torch.Tensor:
+    ops = torch.full((1, x.shape[0]), RANDAUGMENT_OPS.index(name))
+    return randaugment(x, ops, torch.full_like(ops, sign), magnitude)
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("brightness", lambda y, f: TF.adjust_brightness(y, f)), ("color", lambda y, f: TF.adjust_saturation(y, f)),
+    ("contrast", lambda y, f: TF.adjust_contrast(y, f)), ("sharpness", lambda y, f: TF.adjust_sharpness(y, f)),
+])  # fmt: skip
+@pytest.mark.parametrize("sign", [1, -1])
+def test_colour_operations_are_torchvisions(name, reference, sign):
+    # At magnitude 9 of 30 the factor is 1 +/- 0.9 * 9 / 30, as in torchvision's RandAugment.
+    y, x = unit_images()
+    got = (one_op(name, x, 9, sign) + 1) / 2
+    torch.testing.assert_close(got, reference(y, 1 + sign * 0.27), rtol=0, atol=2e-6)
+
+
+def test_posterize_solarize_autocontrast_equalize_are_torchvisions():
+    y, x = unit_images()
+    as_uint8 = (y * 255).round().to(torch.uint8)
+    to_unit = lambda z: (z + 1) / 2  # noqa: E731
+    torch.testing.assert_close(to_unit(one_op("posterize", as_uint8.float() / 127.5 - 1, 15)), TF.posterize(as_uint8, 6).float() / 255,
+                               rtol=0, atol=2e-6)  # fmt: skip
+    torch.testing.assert_close(to_unit(one_op("solarize", x, 12)), TF.solarize(y, 1 - 12 / 30), rtol=0, atol=2e-6)
+    torch.testing.assert_close(to_unit(one_op("autocontrast", x, 5)), TF.autocontrast(y), rtol=0, atol=2e-6)
+    torch.testing.assert_close(to_unit(one_op("equalize", as_uint8.float() / 127.5 - 1, 5)), TF.equalize(as_uint8).float() / 255,
+                               rtol=0, atol=2e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["shear_x", "shear_y", "translate_x", "translate_y", "rotate"])
+def test_geometric_operations_move_pixels_and_are_the_identity_at_magnitude_0(name):
+    _, x = unit_images()
+    torch.testing.assert_close(one_op(name, x, 0), x, rtol=0, atol=1e-5)
+    moved = one_op(name, x, 20)
+    assert (moved - x).abs().mean() > 0.05
+    assert moved.min() >= -1 - 1e-6 and moved.max() <= 1 + 1e-6
+
+
+def test_each_image_takes_its_own_operation_and_the_identity_changes_nothing():
+    _, x = unit_images(batch=6)
+    ops = torch.tensor([[0, RANDAUGMENT_OPS.index("solarize"), 0, RANDAUGMENT_OPS.index("rotate"), 0, 0]])
+    out = randaugment(x, ops, torch.ones_like(ops), 15)
+    unchanged = ops[0] == 0
+    torch.testing.assert_close(out[unchanged], x[unchanged], rtol=0, atol=1e-6)
+    assert all((out[i] - x[i]).abs().max() > 0.1 for i in range(6) if not unchanged[i])
+
+
+def test_random_erasing_boxes_one_colour_in_a_share_of_the_images():
+    _, x = unit_images(batch=400, size=16)
+    none = erasing_boxes(400, 16, 16, 0.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(erase(x, none), x, rtol=0, atol=0)
+    boxes = erasing_boxes(400, 16, 16, 0.25, torch.Generator().manual_seed(1))
+    out = erase(x, boxes)
+    changed = (out != x).flatten(1).any(1)
+    assert torch.equal(changed, boxes[:, 0].bool()) and 0.15 < changed.float().mean() < 0.35
+    for i in changed.nonzero().flatten()[:20].tolist():
+        top, left, h, w = (int(v) for v in boxes[i, 1:5])
+        assert 0.02 * 256 - 2 <= h * w <= 256 / 3 + 2 * 16  # the area's range, rounded and clipped to the image
+        region = out[i, :, top : top + h, left : left + w]
+        torch.testing.assert_close(region, boxes[i, 5:8, None, None].expand_as(region))
+
+
+def test_mixup_with_weight_one_is_the_identity_and_targets_are_one_hot():
+    _, x = unit_images(batch=6)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    off = mix_params(3, 12, mixup=0.0, cutmix=0.0, switch_prob=0.5, generator=torch.Generator().manual_seed(0))
+    images, targets = mix(x, labels, off, 3)
+    torch.testing.assert_close(images, x, rtol=0, atol=0)
+    assert torch.equal(targets, F.one_hot(labels, 3).float())
+
+
+def test_mixup_blends_each_pair_and_its_labels_by_one_weight():
+    _, x = unit_images(batch=8)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    params = mix_params(4, 12, mixup=0.8, cutmix=0.0, switch_prob=0.5, generator=torch.Generator().manual_seed(2))
+    images, targets = mix(x, labels, params, 4)
+    for pair in range(4):
+        lam, (a, b) = params[pair, 0].item(), (2 * pair, 2 * pair + 1)
+        torch.testing.assert_close(images[a], lam * x[a] + (1 - lam) * x[b])
+        torch.testing.assert_close(images[b], lam * x[b] + (1 - lam) * x[a])
+        assert targets[a, labels[a]] == pytest.approx(lam) and targets[a, labels[b]] == pytest.approx(1 - lam)
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+
+
+def test_cutmix_pastes_the_partners_box_and_weighs_labels_by_its_area():
+    _, x = unit_images(batch=8, size=16)
+    labels = torch.arange(8) % 4
+    params = mix_params(4, 16, mixup=0.0, cutmix=1.0, switch_prob=0.5, generator=torch.Generator().manual_seed(3))
+    assert params[:, 1].bool().all()  # only CutMix on
+    images, targets = mix(x, labels, params, 4)
+    for pair in range(4):
+        top, left, h, w = (int(v) for v in params[pair, 2:6])
+        a, b = 2 * pair, 2 * pair + 1
+        inside = torch.zeros(16, 16, dtype=torch.bool)
+        inside[top : top + h, left : left + w] = True
+        assert torch.equal(images[a][:, inside], x[b][:, inside]) and torch.equal(images[a][:, ~inside], x[a][:, ~inside])
+        assert targets[a, labels[a]] == pytest.approx(1 - h * w / 256)
+
+
+def test_mixing_a_slice_of_the_batch_equals_slicing_the_mixed_batch():
+    # A process's share (or an accumulation step) of even length mixes the same pairs as the whole batch.
+    _, x = unit_images(batch=8)
+    labels = torch.arange(8) % 3
+    params = mix_params(4, 12, mixup=0.5, cutmix=1.0, switch_prob=0.5, generator=torch.Generator().manual_seed(4))
+    whole, whole_targets = mix(x, labels, params, 3)
+    part, part_targets = mix(x[4:8], labels[4:8], params[2:4], 3)
+    torch.testing.assert_close(part, whole[4:8], rtol=0, atol=0)
+    torch.testing.assert_close(part_targets, whole_targets[4:8], rtol=0, atol=0)
+
+
+def test_the_new_options_off_draw_and_compute_what_the_plain_augmentation_does():
+    images = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    plain = Augmentation(16, "pad_crop")
+    params = plain.random_params(6, 16, 16, step_generator(1, 2))
+    assert set(params) == {"flip", "offsets"}
+    with_off = Augmentation(16, "pad_crop", randaugment=None, random_erasing=0.0, mixup=0.0, cutmix=0.0)
+    torch.testing.assert_close(with_off.apply(images, with_off.random_params(6, 16, 16, step_generator(1, 2))), plain.apply(images, params))
+    assert not with_off.mixes

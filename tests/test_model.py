@@ -432,3 +432,40 @@ def test_hybrid_stem_max_pool_is_tf_same(randomise):
     assert root.shape == (1, 64, 32, 32) and pooled.shape == (1, 64, 16, 16)
     assert torch.equal(pooled, tf_same)
     assert (pooled - symmetric).abs().max() > 1e-2  # the two conventions do differ here
+
+
+# ---------------------------------------------------------------------------------------------
+# Stochastic depth and gradient checkpointing
+
+
+def test_drop_path_grows_with_depth_and_is_the_identity_at_evaluation(randomise):
+    model = randomise(create_model("Ti/16", img_size=16, patch_size=4, depth=4, num_classes=3, drop_path_rate=0.3, dropout_rate=0.0), seed=7)
+    assert [getattr(b.drop_path, "rate", 0.0) for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    plain = create_model(model.config.replace(drop_path_rate=0.0))
+    plain.load_state_dict(model.state_dict())
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=0, atol=0)
+    # In training each sample's branch is dropped whole with the block's rate, and kept ones are scaled up to match.
+    drop = model.blocks[3].drop_path.train()
+    torch.manual_seed(0)
+    out = drop(torch.ones(4000, 5, 6))
+    per_sample = out.flatten(1)
+    assert torch.all((per_sample == 0).all(1) | (per_sample == 1 / 0.7).all(1))
+    assert (per_sample[:, 0] == 0).float().mean().item() == pytest.approx(0.3, abs=0.03)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(randomise):
+    # Recomputing each block in the backward replays its dropout masks: the same function, less memory.
+    model = randomise(create_model("Ti/16", img_size=16, patch_size=4, depth=3, num_classes=3, dropout_rate=0.1, drop_path_rate=0.2), seed=9)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(10)) * 2 - 1
+    results = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.grad_checkpointing = checkpointing
+        torch.manual_seed(1)
+        loss = model.train()(x).square().sum()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)

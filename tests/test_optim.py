@@ -11,7 +11,7 @@ import torch
 
 from vitlab.config import TrainConfig
 from vitlab.model import VisionTransformer
-from vitlab.optim import configure_optimizer, lr_factor
+from vitlab.optim import configure_optimizer, freeze, lr_factor, set_learning_rate
 
 TINY = dict(model_type="Ti/16", patch_size=4, img_size=16, depth=1, hidden_size=16, num_heads=2, mlp_dim=32, pretrained_dir="none")
 
@@ -122,3 +122,36 @@ def test_combined_optimizer_state_round_trip(tmp_path):
     with pytest.raises(ValueError, match="optimizer state for"):
         restored.load_state_dict(configure_optimizer(tiny_model(), TrainConfig(name="x", optimizer="adamw")).state_dict())
 
+
+
+def test_layer_decay_scales_each_layers_learning_rate():
+    model = tiny_model()  # depth 1: embeddings are layer 0, the block 1, the rest 2
+    config = TrainConfig.from_dict(dict(name="x", optimizer="adamw", layer_decay=0.5, weight_decay=0.05))
+    optimizer = configure_optimizer(model, config)
+    scale_of = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    assert scale_of[id(model.pos_embed)] == scale_of[id(model.patch_embed.weight)] == 0.25
+    assert scale_of[id(model.blocks[0].mlp.fc1.weight)] == 0.5
+    assert scale_of[id(model.head.weight)] == scale_of[id(model.norm.weight)] == 1.0
+    set_learning_rate(optimizer, config, config.warmup_steps)  # the peak
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs[id(model.pos_embed)] == pytest.approx(0.25 * config.learning_rate)
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}  # decay still by kind within each layer
+
+
+@pytest.mark.parametrize("what, trained", [("all-but-head", {"head.weight", "head.bias"}), ("backbone", None)])
+def test_freezing_leaves_parameters_out_of_the_optimizer_and_unchanged(what, trained):
+    model = tiny_model()
+    freeze(model, what)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if trained is None:  # the stem: a plain ViT's patch embedding
+        trained = {n for n, _ in model.named_parameters() if not n.startswith("patch_embed.")}
+    assert names == trained
+    optimizer = configure_optimizer(model, TrainConfig.from_dict(dict(name="x", learning_rate=0.5)))
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.head.weight.normal_()  # a head that passes gradients back
+    _one_step(model, optimizer, seed=0)
+    for n, p in model.named_parameters():
+        if n not in trained:
+            assert torch.equal(p, before[n]), n

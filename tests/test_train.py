@@ -493,6 +493,43 @@ def test_resume_with_more_steps_warns_in_one_line_and_goes_on(data_dir, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# 4c. The training kit: EMA, and resume with every option on
+
+KIT_FLAGS = ["--randaugment", "2,9", "--mixup", "0.8", "--cutmix", "1.0", "--random_erasing", "0.25", "--drop_path", "0.1",
+             "--ema", "0.9", "--layer_decay", "0.75", "--label_smoothing", "0.1"]  # fmt: skip
+
+
+def test_ema_with_decay_0_is_the_weights_and_is_what_evaluation_and_the_commands_use(data_dir, capsys):
+    assert run_cli(base_argv(data_dir, "--num_steps", "3", "--eval_every", "3", "--ema", "1e-12"), capsys)[0] == 0
+    last = read_checkpoint(Path("output") / "x" / "last.pt")
+    for key, value in last["model"].items():
+        torch.testing.assert_close(last["ema"][key], value, rtol=0, atol=1e-6)
+    assert run_cli(base_argv(data_dir, "--num_steps", "3", "--eval_every", "3", "--ema", "0.9", name="y"), capsys)[0] == 0
+    best = read_checkpoint(Path("output") / "y" / "best.pt")
+    assert any(not torch.equal(best["ema"][k], best["model"][k]) for k in best["model"])
+    model, _ = checkpoints.load_model(Path("output") / "y" / "best.pt")
+    assert all(torch.equal(v, best["ema"][k]) for k, v in model.state_dict().items())  # the weights evaluation chose it by
+
+
+def test_resume_with_every_option_of_the_kit_is_bit_exact(tmp_path):
+    make_image_folder(tmp_path / "data")
+    argv = [*RESUME_FLAGS, *KIT_FLAGS]
+    rc, _, err = finish(train_subprocess(tmp_path, ["--name", "ref", *argv]))
+    assert rc == 0, err[-3000:]
+    process = train_subprocess(tmp_path, ["--name", "run", *argv], code=SLOW_STEPS)
+    wait_for(tmp_path / "output" / "run" / "last.pt", process)
+    process.send_signal(signal.SIGKILL)
+    assert finish(process)[0] == -signal.SIGKILL
+    rc, _, err = finish(train_subprocess(tmp_path, ["--name", "run", *argv, "--resume"]))
+    assert rc == 0, err[-3000:]
+    ref, run = read_checkpoint(tmp_path / "output" / "ref" / "last.pt"), read_checkpoint(tmp_path / "output" / "run" / "last.pt")
+    for part in ("model", "ema"):
+        for key in ref[part]:
+            assert torch.equal(run[part][key], ref[part][key]), (part, key)
+    assert losses(tmp_path / "output" / "run") == losses(tmp_path / "output" / "ref")
+
+
+# ---------------------------------------------------------------------------------------------
 # 5. Two processes over gloo equal one process at the same total batch
 
 
@@ -647,6 +684,12 @@ REFUSALS = {
     "label-smoothing-2": (["--label_smoothing", "2"], "--label_smoothing must be in [0, 1)"),
     "img-size-not-a-multiple-of-the-patch": (["--img_size", "30"], "img_size 30 is not a multiple of patch_size 4: the last 2 rows"),
     "resume-and-overwrite": (["--resume", "--overwrite"], "pass one"),
+    "randaugment-not-n-m": (["--randaugment", "two"], "--randaugment 'two': expected N,M"),
+    "randaugment-magnitude-31": (["--randaugment", "2,31"], "M in 0..30"),
+    "mixup-on-an-odd-micro-batch": (["--mixup", "0.2", "--train_batch_size", "9"], "must be even"),
+    "ema-1": (["--ema", "1"], "--ema must be in [0, 1)"),
+    "layer-decay-0": (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
+    "freeze-what": (["--freeze", "everything"], "everything"),
 }
 # The exit status: 2 for a bad flag or setting (as argparse's own refusals), 1 for a file or folder that cannot be used.
 FILE_REFUSALS = {"missing-pretrained", "resume-missing-file", "resume-without-last", "missing-data-dir"}

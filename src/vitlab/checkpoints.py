@@ -160,7 +160,7 @@ def read_weights(path: Path, model_type: str | None = None, default_heads: int |
         payload = _torch_load(path, "checkpoint")
         if isinstance(payload, dict) and "model" in payload and "model_config" in payload:  # a run's checkpoint
             metadata = {"model_config": payload["model_config"], "class_names": payload.get("class_names")}
-            payload = payload["model"]
+            payload = payload.get("ema", payload["model"])  # a run with --ema evaluated, and chose best.pt by, its average
         else:
             metadata = {}
         state = _state_dict(payload, path)
@@ -325,18 +325,22 @@ def _torch_load(path: Path, what: str, require_zip: bool = False):
 
 
 def save_training_checkpoint(path: str | os.PathLike, model: VisionTransformer, class_names: list[str], train_config: dict,
-                             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: dict) -> None:  # fmt: skip
-    """The run's weights, configs and class names (enough for every command), and what `--resume` restores."""
+                             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: dict,
+                             ema: torch.optim.swa_utils.AveragedModel | None = None) -> None:  # fmt: skip
+    """The run's weights (and their moving average, which the commands use), configs and class names, and what
+    `--resume` restores."""
     payload = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "model_config": model.config.to_dict(),
         "class_names": class_names, "train_config": train_config, "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(), **progress,
     }  # fmt: skip
+    if ema is not None:
+        payload["ema"] = {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def restore_training_checkpoint(payload: dict, path: str | os.PathLike, model: VisionTransformer, optimizer: torch.optim.Optimizer,
-                                scaler: torch.amp.GradScaler) -> dict:  # fmt: skip
+                                scaler: torch.amp.GradScaler, ema: torch.optim.swa_utils.AveragedModel | None = None) -> dict:  # fmt: skip
     """Load a run's checkpoint (`read_checkpoint(path)`) into the model, optimizer and scaler of the run that continues
     it; returns the payload, whose `step`, `best` and `train_config` say where that run was."""
     for key in ("optimizer", "scaler", "step", "best", "train_config"):
@@ -344,6 +348,11 @@ def restore_training_checkpoint(payload: dict, path: str | os.PathLike, model: V
             raise CheckpointError(f"{path}: holds no training state ({key}); only checkpoints written by `vitlab train` resume")
     check_same_function(_model_config(payload["model_config"], path), model.config, path)
     load_state(model, payload["model"], path)
+    if ema is not None:
+        if "ema" not in payload:
+            raise CheckpointError(f"{path}: its run kept no moving average of the weights; resume without --ema")
+        load_state(ema.module, payload["ema"], path)
+        ema.n_averaged.fill_(1)  # the average goes on from the saved one
     try:
         optimizer.load_state_dict(payload["optimizer"])
         scaler.load_state_dict(payload["scaler"])

@@ -31,8 +31,8 @@ SOURCE_HELP = ("a run's checkpoint (.pt), a vitlab .safetensors file, an officia
 # and dashed, with the field's help and choices; defaults stay unset here, so that recipe < config file < flags.
 
 def _field_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, dest: str, default) -> None:
-    flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
     meta = f.metadata
+    flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []) + list(meta.get("aliases", ()))
     shown = "" if f.name == "name" else f" (default: {'the variant' if dest.startswith('model.') else default})"
     kwargs = dict(dest=dest, default=argparse.SUPPRESS, help=meta["help"] + shown)
     kind = f.type.partition(" | ")[0]

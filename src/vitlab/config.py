@@ -80,6 +80,9 @@ class ModelConfig:
     attention_init: str = setting("xavier", "xavier: the official init; mimetic: query-key products near +I and value-projection "
                                   "products near -I (Trockman & Kolter, 2023), faster from scratch", ("xavier", "mimetic"),
                                   override=True)  # fmt: skip
+    drop_path_rate: float = setting(0.0, "stochastic depth: the last block's residual branches dropped per sample with this "
+                                    "probability, linearly less for earlier blocks (Huang et al. 2016; DeiT)", override=True,
+                                    aliases=("--drop_path", "--drop-path"))  # fmt: skip
     patch_drop_rate: float = setting(0.0, "share of each image's patch tokens dropped at random in training (PatchDropout, Liu et "
                                      "al. 2022); evaluation sees every patch", override=True)  # fmt: skip
 
@@ -90,6 +93,8 @@ class ModelConfig:
                 raise ConfigError(f"{what} must be at least 1, got {getattr(self, what)}")
         if self.pos_embed_init == "sincos2d" and self.hidden_size % 4:
             raise ConfigError(f"pos_embed_init 'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if not 0 <= self.patch_drop_rate < 1:
             raise ConfigError(f"patch_drop_rate must be in [0, 1), got {self.patch_drop_rate}")
         if self.hidden_size % self.num_heads:
@@ -247,6 +252,22 @@ class TrainConfig:
                               "aside to <name>.replaced-<date-time>, not deleted")  # fmt: skip
     compile: bool = setting(False, "torch.compile the model")
     log_every: int = setting(10, "steps between train/loss records")
+    randaugment: str = setting("", "RandAugment 'N,M': N operations per image at magnitude M of 30 (Cubuk et al. 2020; "
+                               "torchvision's operations and ranges), e.g. 2,9; empty: off", resume="same")  # fmt: skip
+    mixup: float = setting(0.0, "mixup's Beta(alpha, alpha): pairs of images and labels blended (Zhang et al. 2018); 0: off", resume="same")
+    cutmix: float = setting(0.0, "CutMix's Beta(alpha, alpha): a box of one image pasted into its pair (Yun et al. 2019); 0: off",
+                            resume="same")  # fmt: skip
+    mixup_switch_prob: float = setting(0.5, "with both mixup and CutMix on, the share of pairs cut-mixed (timm's name)", resume="same")
+    random_erasing: float = setting(0.0, "share of images with a random box erased to one random colour (Zhong et al. 2020)",
+                                    resume="same")  # fmt: skip
+    ema: float = setting(0.0, "decay of an exponential moving average of the weights, which evaluation, best.pt and every "
+                         "command use (e.g. 0.999); 0: off", resume="same")  # fmt: skip
+    layer_decay: float = setting(1.0, "layer-wise learning-rate decay: layer l of L gets rate ** (L + 1 - l) of the rate (BEiT); "
+                                 "1: off", resume="same")  # fmt: skip
+    freeze: str = setting("none", "parameters left untrained: backbone (the stem: the hybrid's ResNet, a ViT's patch embedding) or "
+                          "all-but-head (a linear probe)", ("none", "backbone", "all-but-head"), resume="same")  # fmt: skip
+    grad_checkpointing: bool = setting(False, "recompute each block in the backward instead of keeping its activations: "
+                                       "less memory, about a third more compute")  # fmt: skip
     model: dict[str, Any] = setting({}, "overrides of the variant's model settings, e.g. {\"patch_size\": 4}; each is also a flag",
                                     resume="same")  # fmt: skip
 
@@ -279,6 +300,11 @@ class TrainConfig:
             (self.max_grad_norm >= 0, "--max_grad_norm must be 0 (off) or positive"),
             (self.weight_decay >= 0, "--weight_decay must be 0 or more"),
             (not (self.resume and self.overwrite), "--resume continues a run and --overwrite replaces it: pass one"),
+            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be 0 (off) or positive"),
+            (0 <= self.mixup_switch_prob <= 1, "--mixup_switch_prob must be in [0, 1]"),
+            (0 <= self.random_erasing <= 1, "--random_erasing must be in [0, 1]"),
+            (0 <= self.ema < 1, "--ema must be in [0, 1) (0: off)"),
+            (0 < self.layer_decay <= 1, "--layer_decay must be in (0, 1] (1: off)"),
             (0 < self.min_scale <= 1, "--min_scale must be in (0, 1]"),
             (self.loss_scale >= 0, "--loss_scale must be 0 (dynamic) or positive (static)"),
             (not (self.fp16 and self.precision == "bf16"), "--fp16 and --precision bf16 contradict each other"),
@@ -292,7 +318,23 @@ class TrainConfig:
                 f"--train_batch_size {self.train_batch_size} does not divide into {self.gradient_accumulation_steps} "
                 f"accumulation steps x {world_size} processes"
             )
+        self.randaugment_ops()
+        if (self.mixup > 0 or self.cutmix > 0) and (self.train_batch_size // parts) % 2:
+            raise ConfigError(f"--mixup and --cutmix mix pairs of images: each process's micro-batch ({self.train_batch_size // parts}) "
+                              "must be even")  # fmt: skip
         self.model_config(num_classes=2)  # the model's own checks, before any data is loaded
+
+    def randaugment_ops(self) -> tuple[int, int] | None:
+        """--randaugment as (operations per image, magnitude of 30), or None."""
+        if not self.randaugment:
+            return None
+        try:
+            ops, magnitude = (int(v) for v in self.randaugment.split(","))
+        except ValueError:
+            raise ConfigError(f"--randaugment {self.randaugment!r}: expected N,M, e.g. 2,9") from None
+        if not (ops >= 1 and 0 <= magnitude <= 30):
+            raise ConfigError(f"--randaugment {self.randaugment!r}: N at least 1 and M in 0..30")
+        return ops, magnitude
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import Augmentation, resize, to_float
+from .augment import Augmentation, mix, resize, to_float
 from .config import DATASETS
 from .errors import DataError
 
@@ -268,6 +268,7 @@ class StreamingImages(torch.utils.data.Dataset):
             top, left, h, w = (int(v) for v in params["boxes"][0])
             x = TF.resized_crop(x, top, left, h, w, [self.img_size, self.img_size], antialias=True)
             x = x.flip(2) if params["flip"][0] else x
+            return aug.finish(x.float().div_(127.5).sub_(1.0)[None], params)[0], self.data.labels[index]
         else:
             params = aug.random_params(1, x.shape[1], x.shape[2], torch.Generator().manual_seed(seed))
             return aug.apply(image[None], params)[0], self.data.labels[index]
@@ -278,7 +279,8 @@ class StreamingImages(torch.utils.data.Dataset):
 # Batches for one process
 
 class TrainBatches:
-    """This process's share of global batch `step`, as normalised float images and labels on `device`.
+    """This process's share of global batch `step`, as normalised float images and labels on `device` (with mixup or
+    CutMix, mixed images and their soft labels, (B, classes)).
 
     The global batch and every augmentation choice come from (seed, step); process `rank` of
     `world_size` takes its contiguous slice, so any split of the batch sees the same images."""
@@ -302,7 +304,15 @@ class TrainBatches:
         params = self.augmentation.random_params(self.batch_size, H, W, step_generator(self.seed, step))
         params = {k: v[mine] for k, v in params.items()}
         index = index[mine].to(self.device)
-        return self.augmentation.apply(self.images[index], params), self.labels[index]
+        return self.mixed(step, self.augmentation.apply(self.images[index], params), self.labels[index])
+
+    def mixed(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup or CutMix of this process's share, its pairs' choices drawn for the whole batch (`augment.mix`)."""
+        if not self.augmentation.mixes:
+            return images, labels
+        params = self.augmentation.mix_params(self.batch_size, step_generator(self.seed, step, stream=1))
+        mine = slice(self.rank * self.local // 2, (self.rank + 1) * self.local // 2)
+        return mix(images, labels, params[mine], len(self.data.class_names))
 
     def __call__(self, start_step: int, end_step: int):
         """Batches of steps [start_step, end_step): from memory, or streamed by DataLoader workers."""
@@ -320,8 +330,8 @@ class TrainBatches:
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             generator=step_generator(self.seed, start_step, stream=2),  # not torch's global generator: dropout's own
         )  # fmt: skip
-        for x, y in _named_failures(loader):
-            yield x.to(self.device, self.augmentation.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
+        for step, (x, y) in enumerate(_named_failures(loader), start=start_step):
+            yield self.mixed(step, x.to(self.device, self.augmentation.dtype, non_blocking=True), y.to(self.device, non_blocking=True))
 
 
 def eval_batches(data: ImageSet, img_size: int, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1,

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, get_config
 from .errors import DataError
@@ -183,19 +184,38 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.fc1(x))))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016): in training, each sample's residual branch is dropped with probability
+    `rate` and the kept ones scaled by 1 / (1 - rate); at evaluation the identity."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1 - self.rate)  # (B, 1, 1)
+        return x * keep / (1 - self.rate)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:g}"
+
+
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, drop_path_rate: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = Attention(config)
         self.drop = nn.Dropout(config.dropout_rate)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = Mlp(config)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, weights = self.attn(self.norm1(x), need_weights)
-        x = x + self.drop(y)
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.drop(y))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, weights
 
 
@@ -217,7 +237,10 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if config.classifier == "token" else None
         self.pos_embed = nn.Parameter(torch.empty(1, config.num_tokens, D))
         self.pos_drop = nn.Dropout(config.dropout_rate)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        # Stochastic depth grows linearly with depth, 0 at the first block (DeiT; timm's drop_path_rate)
+        rates = [config.drop_path_rate * i / max(1, config.depth - 1) for i in range(config.depth)]
+        self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
+        self.grad_checkpointing = False  # recompute each block in the backward instead of keeping its activations
         self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)  # flax's 1e-6; torch's 1e-5 moves B/16 logits by about 2e-3
         self.norm_tokens = config.final_norm == "before_pool"
         if config.representation_size:
@@ -295,7 +318,10 @@ class VisionTransformer(nn.Module):
         x = self.embed(images)
         attention = []
         for block in self.blocks:
-            x, weights = block(x, need_weights=return_attention)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled() and not return_attention:
+                x, weights = checkpoint(block, x, use_reentrant=False)  # the RNG state is replayed: same dropout masks
+            else:
+                x, weights = block(x, need_weights=return_attention)
             attention.append(weights)
         if self.norm_tokens:
             x = self.norm(x)

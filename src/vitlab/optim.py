@@ -23,30 +23,64 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay_type: str) -
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> float:
-    """Every group's learning rate for `step` of the schedule; returns the base rate at that step."""
+    """Every group's learning rate for `step` of the schedule (times its layer's scale); returns the base rate."""
     lr = config.learning_rate * lr_factor(step, config.warmup_steps, config.num_steps, config.decay_type)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 
+def freeze(model: VisionTransformer, what: str) -> None:
+    """Stop training part of the model: "backbone", the stem before the transformer (the hybrid's ResNet, a plain
+    ViT's patch embedding); "all-but-head", everything but the head (a linear probe); "none", nothing."""
+    if what == "none":
+        return
+    head = {id(p) for p in model.head.parameters()}
+    stem = {id(p) for p in (*model.stem.parameters(), *model.patch_embed.parameters())}
+    for p in model.parameters():
+        if (what == "backbone" and id(p) in stem) or (what == "all-but-head" and id(p) not in head):
+            p.requires_grad_(False)
+
+
+def layer_of(name: str, depth: int) -> int:
+    """0 for the embeddings, i + 1 for block i, depth + 1 for what follows the blocks (the BEiT/timm numbering)."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed", "stem")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def _groups(model: VisionTransformer, config: TrainConfig, params: list[str], decayed) -> list[dict]:
+    """Parameter groups by layer (each with its learning-rate scale, `layer_decay` ** layers above it) and by decay."""
+    depth, named = model.config.depth, dict(model.named_parameters())
+    groups: dict[tuple[int, bool], dict] = {}
+    for name in params:
+        layer = layer_of(name, depth) if config.layer_decay < 1 else depth + 1  # one layer when nothing decays
+        decay = decayed(name, named[name])
+        group = groups.setdefault((layer, not decay), {"params": [], "weight_decay": config.weight_decay if decay else 0.0,
+                                                       "lr_scale": config.layer_decay ** (depth + 1 - layer)})  # fmt: skip
+        group["params"].append(named[name])
+    return [groups[key] for key in sorted(groups)]
+
+
 def configure_optimizer(model: VisionTransformer, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD as the seed (weight decay on every parameter); AdamW decays only matrices, not norms,
-    biases, class token and position embeddings; Muon takes the encoder blocks' matrices and AdamW the rest."""
+    """SGD as the seed (weight decay on every parameter); AdamW decays only matrices, not norms, biases, class token
+    and position embeddings; Muon takes the encoder blocks' matrices and AdamW the rest. Frozen parameters are left
+    out; with `layer_decay` < 1 each layer's learning rate is scaled (layer-wise decay, BEiT)."""
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    hidden = {id(p) for p in model.blocks.parameters() if p.ndim == 2} if config.optimizer == "muon" else set()
-    undecayed = {id(p) for p in trained if p.ndim < 2} | {id(p) for p in (model.pos_embed, model.cls_token) if p is not None}
-    decay = [p for p in trained if id(p) not in undecayed and id(p) not in hidden]
-    no_decay = [p for p in trained if id(p) in undecayed]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.adam_betas)
+        groups = _groups(model, config, trained, lambda name, p: True)
+        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
+    hidden = {n for n in trained if n.startswith("blocks.") and model.get_parameter(n).ndim == 2} if config.optimizer == "muon" else set()
+    undecayed = lambda name, p: p.ndim < 2 or name in ("pos_embed", "cls_token")  # noqa: E731
+    adamw = torch.optim.AdamW(_groups(model, config, [n for n in trained if n not in hidden], lambda n, p: not undecayed(n, p)),
+                              lr=config.learning_rate, betas=config.adam_betas)  # fmt: skip
     if config.optimizer == "adamw":
         return adamw
     # Muon is for hidden layers' matrices: the patch embedding, head and vectors stay with AdamW, as its authors
     # advise. "match_rms_adamw" scales its orthogonal updates to AdamW's size, so both share one lr and decay.
-    muon = torch.optim.Muon([p for p in trained if id(p) in hidden], lr=config.learning_rate, weight_decay=config.weight_decay,
+    muon = torch.optim.Muon(_groups(model, config, [n for n in trained if n in hidden], lambda n, p: True), lr=config.learning_rate,
                             adjust_lr_fn="match_rms_adamw")  # fmt: skip
     return Combined(muon=muon, adamw=adamw)
 

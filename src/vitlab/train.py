@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from . import checkpoints, official
@@ -33,7 +34,7 @@ from .errors import CheckpointError, ConfigError, TrainingError, VitlabWarning
 from .evaluate import evaluate
 from .fastpaths import describe
 from .model import VisionTransformer
-from .optim import configure_optimizer, set_learning_rate
+from .optim import configure_optimizer, freeze, set_learning_rate
 from .runtime import Processes, autocast, resolve_precision
 
 
@@ -62,6 +63,7 @@ class Job:
     test_data: ImageSet | None
     model: VisionTransformer  # the weights
     train_model: torch.nn.Module  # the same model, compiled and/or wrapped for DDP: what forward passes go through
+    ema: AveragedModel | None  # the moving average of the weights (--ema), which evaluation uses
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     out_dir: Path
@@ -70,6 +72,10 @@ class Job:
     @property
     def class_names(self) -> list[str]:
         return self.train_data.class_names
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.train_model
 
 
 def train(config: TrainConfig) -> dict:
@@ -119,14 +125,17 @@ def set_up(config: TrainConfig, processes: Processes) -> Job:
     with processes.main_first():  # rank 0 downloads first
         train_data, val_data, test_data = load_datasets(config.dataset, config.data_dir, config.val_split, config.seed)
         model = build_model(config, len(train_data.class_names), verbose=processes.is_main).to(processes.device)
+    freeze(model, config.freeze)
+    model.grad_checkpointing = config.grad_checkpointing
     optimizer = configure_optimizer(model, config)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema > 0 else None
     train_model = torch.compile(model) if config.compile else model
     if processes.distributed:
         ids = [processes.device.index] if processes.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
     out_dir = Path(config.output_dir) / config.name
     log = MetricsLog(config, out_dir) if processes.is_main else None
-    return Job(config, processes, precision, train_data, val_data, test_data, model, train_model, optimizer, scaler, out_dir, log)
+    return Job(config, processes, precision, train_data, val_data, test_data, model, train_model, ema, optimizer, scaler, out_dir, log)
 
 
 def resolve_pretrained(config: TrainConfig) -> str | None:
@@ -165,7 +174,9 @@ def augmentation(job: Job) -> Augmentation:
     """The training augmentation, producing batches in the dtype the model computes in."""
     config = job.config
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
-    return Augmentation(config.img_size, config.augment, config.min_scale, config.hflip, dtype=dtype)
+    return Augmentation(config.img_size, config.augment, config.min_scale, config.hflip, dtype=dtype, randaugment=config.randaugment_ops(),
+                        random_erasing=config.random_erasing, mixup=config.mixup, cutmix=config.cutmix,
+                        cutmix_switch_prob=config.mixup_switch_prob)  # fmt: skip
 
 
 def claim_run_directory(config: TrainConfig):
@@ -244,7 +255,7 @@ def start(job: Job) -> TrainState:
         if "train_config" in payload:
             checkpoints.check_same_function(ModelConfig.from_dict(payload["model_config"]), job.model.config, path)
             check_resume(payload, config, job.precision, path)
-        checkpoints.restore_training_checkpoint(payload, path, job.model, job.optimizer, job.scaler)
+        checkpoints.restore_training_checkpoint(payload, path, job.model, job.optimizer, job.scaler, job.ema)
         best = payload["best"]
         state = TrainState(payload["step"], best["accuracy"], best["step"], payload["step"])
     if job.processes.is_main:
@@ -288,6 +299,8 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor, state: Trai
     job.scaler.step(job.optimizer)
     job.scaler.update(config.loss_scale if job.precision == "fp16" and config.loss_scale > 0 else None)
     job.optimizer.zero_grad(set_to_none=True)
+    if job.ema is not None:
+        job.ema.update_parameters(job.model)
     return loss_value
 
 
@@ -300,7 +313,7 @@ def evaluate_on(job: Job, data: ImageSet) -> dict:
     shards = eval_batches(data, config.img_size, config.eval_batch_size, processes.device, processes.rank, processes.world_size,
                           config.num_workers)  # fmt: skip
     total = math.ceil(len(data) / processes.world_size / config.eval_batch_size)
-    return evaluate(job.train_model, shards, len(job.class_names), processes.device, job.precision, total, processes.is_main,
+    return evaluate(job.eval_model, shards, len(job.class_names), processes.device, job.precision, total, processes.is_main,
                     processes.distributed)  # fmt: skip
 
 
@@ -319,7 +332,7 @@ def evaluate_and_save(job: Job, state: TrainState, bar) -> None:
                   f"(best {state.best_accuracy:.4f} at step {state.best_step})")  # fmt: skip
         for name in ("best.pt", "last.pt") if improved else ("last.pt",):
             checkpoints.save_training_checkpoint(job.out_dir / name, job.model, job.class_names, job.config.to_dict(), job.optimizer,
-                                                 job.scaler, {**state.progress(), "precision": job.precision})  # fmt: skip
+                                                 job.scaler, {**state.progress(), "precision": job.precision}, job.ema)  # fmt: skip
     state.saved_step = state.step
 
 
@@ -347,13 +360,15 @@ def load_best(job: Job) -> None:
     """The weights of this run's best.pt, on every process. A run resumed from another run's checkpoint that never
     beat that run's best has no best.pt of its own: its test is of the weights it ends with."""
     best_path = job.out_dir / "best.pt"
-    best = checkpoints.read_checkpoint(best_path)["model"] if job.processes.is_main and best_path.is_file() else None
+    best = checkpoints.read_checkpoint(best_path) if job.processes.is_main and best_path.is_file() else None
     if job.processes.distributed:
         holder = [best]
         torch.distributed.broadcast_object_list(holder, src=0)
         best = holder[0]
     if best is not None:
-        job.model.load_state_dict(best)
+        job.model.load_state_dict(best["model"])
+        if job.ema is not None:
+            job.ema.module.load_state_dict(best["ema"])
     elif job.processes.is_main:
         print(f"no {best_path}: testing the final weights")
 

@@ -1,0 +1,20 @@
+"""The benchmark scripts import (they are not run here: tests never time anything)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
+def test_benchmark_script_imports(path, monkeypatch):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # as Python registers a script it runs (its dataclasses need it)
+    spec.loader.exec_module(module)  # top-level imports and definitions; main() only runs as a script
+    assert callable(module.main)
