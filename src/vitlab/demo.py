@@ -112,14 +112,15 @@ def render(explained: Explained, map_name: str, opacity: float) -> np.ndarray:
     return overlay(explained.image, explained.maps[map_name], opacity)
 
 
-def read_upload(upload: dict) -> np.ndarray:
-    """An uploaded file (Gradio's file data) as uint8 RGB, grey, palette and alpha converted; a file that is no image,
-    or too large an image, is a DataError that names the file as the user did, not by its place on the server."""
+def read_upload(upload: dict, size: int | None = None) -> np.ndarray:
+    """An uploaded file (Gradio's file data) as uint8 RGB, grey, palette and alpha converted, a large photo decoded
+    smaller as `predict` decodes it for a model of `size` px; a file that is no image, or too large an image, is a
+    DataError that names the file as the user did, not by its place on the server."""
     path, name = upload.get("path"), upload.get("orig_name") or "the upload"
     if not path:
         raise DataError(f"{name}: no file came with this upload")
     try:
-        return read_image(path, max_pixels=MAX_PIXELS)
+        return read_image(path, size, max_pixels=MAX_PIXELS)
     except DataError as e:
         raise DataError(str(e).replace(path, name)) from None
 
@@ -158,7 +159,7 @@ def _connect(gr, demo: Demo, inputs: tuple, outputs: tuple) -> None:
         if upload is None:
             return None, None, demo.describe(), None
         try:
-            explained = demo.explain(read_upload(upload))
+            explained = demo.explain(read_upload(upload, demo.model.config.img_size))
             overlaid = render(explained, map_name, opacity_value)
         except DataError as e:  # a message on the page, no traceback in the terminal
             raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
