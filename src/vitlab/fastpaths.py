@@ -65,11 +65,12 @@ def native_bf16(device: torch.device) -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
-# Which fast path is on, by instruction set, from measurements (README "Performance", benchmarks/RESULTS.md):
-# - AVX-512 (AMD EPYC Zen 4, AVX-512 BF16): oneDNN linear layers 1.08-1.30x the best peer's model, 1.04-1.50x
-#   in training; the explicit softmax trained bf16 1.4x faster than SDPA at patch 4 (100 against 71 images/s).
+# Which fast path is on, by instruction set, from measurements (benchmarks/RESULTS.md, issue 14):
+# - AVX-512 (AMD EPYC Zen 4, AVX-512 BF16): with oneDNN linear layers vitlab ran at 1.06-1.27x the best peer in
+#   inference, 1.05-1.50x in training; the explicit softmax trained bf16 1.4x faster than SDPA at patch 4 (100 against 71 images/s).
 # - AVX2 (AMD EPYC without AVX-512, issue 14): with the oneDNN linear layers vitlab trained at 0.69x timm's speed
-#   (patch 4) and 0.87x (B/16), and inferred no faster than transformers' nn.Linear: off. bf16 is emulated there.
+#   (patch 4) and 0.87x (B/16), and inferred no faster than transformers' nn.Linear: off. Without them, held to AVX2:
+#   0.97-1.01x, the same kernels as timm. bf16 is emulated there. Any other CPU: plain torch.
 POLICY: dict[str, dict[str, bool]] = {
     "AVX512": {"onednn_linear": True, "explicit_softmax_bf16": True},
     "AVX2": {"onednn_linear": False, "explicit_softmax_bf16": False},

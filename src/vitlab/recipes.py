@@ -17,7 +17,7 @@ RECIPES: dict[str, dict] = {
     # dropped in training; Muon for the blocks' matrices and AdamW for the rest, bf16 where native, crop and flip, label smoothing.
     # Run: `vitlab train --recipe scratch-cifar10-cpu --name scratch --dataset imagefolder --data_dir DIR` (or
     # --dataset cifar10). Measured on a 2-core AMD EPYC CPU (no GPU), 45,000 CIFAR-10 training images, 5,000 held
-    # out: see the README's "Training from scratch on a CPU" (`benchmarks/cifar10_cpu.py DIR --num_steps 3200`).
+    # out: benchmarks/RESULTS.md (`benchmarks/cifar10_cpu.py DIR`, a 28-minute budget).
     "scratch-cifar10-cpu": dict(
         dataset="cifar10", model_type="Ti/16", pretrained_dir="none", img_size=32, patch_size=4, depth=6, num_heads=6,
         mlp_dim=384, dropout_rate=0.0, classifier="gap", gelu="exact", pos_embed_init="sincos2d", patch_drop_rate=0.5,
