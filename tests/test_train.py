@@ -279,7 +279,13 @@ sys.exit(main(sys.argv[1:]))
 def train_subprocess(cwd: Path, args: list[str], code: str | None = None, **popen) -> subprocess.Popen:
     head = [sys.executable, "-c", code] if code else [sys.executable, "-m", "vitlab.cli"]
     return subprocess.Popen(head + ["train", *args], cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint, **popen)  # fmt: skip
+
+
+def default_sigint() -> None:
+    """Ctrl-C's default in the run, as at a terminal: a suite started in the background (`make test &`, some CI runners)
+    ignores SIGINT, and the run would inherit that and never stop when a test interrupts it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
