@@ -23,17 +23,20 @@ from vitlab.augment import (
 )
 from vitlab.data import step_generator
 
+from rounding import assert_within, sum_bound, ulps
+
 
 def test_crop_and_resize_full_box_is_identity_and_flip_mirrors():
     g = torch.Generator().manual_seed(0)
     images = torch.randn(3, 3, 8, 8, generator=g)
     boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 3)
+    # Whole-pixel positions (binary fractions): weights of exactly 1 and 0, so the pixels are copied exactly.
     out = crop_and_resize(images, boxes, 8, torch.zeros(3, dtype=torch.bool))
-    torch.testing.assert_close(out, images, rtol=0, atol=1e-5)
+    assert torch.equal(out, images)
     flipped = crop_and_resize(images, boxes, 8, torch.tensor([True, False, True]))
-    torch.testing.assert_close(flipped[0], images[0].flip(-1), rtol=0, atol=1e-5)
-    torch.testing.assert_close(flipped[1], images[1], rtol=0, atol=1e-5)
-    torch.testing.assert_close(flipped[2], images[2].flip(-1), rtol=0, atol=1e-5)
+    assert torch.equal(flipped[0], images[0].flip(-1))
+    assert torch.equal(flipped[1], images[1])
+    assert torch.equal(flipped[2], images[2].flip(-1))
 
 
 def test_crop_and_resize_takes_the_box():
@@ -41,8 +44,8 @@ def test_crop_and_resize_takes_the_box():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     boxes = torch.tensor([[2.0, 1.0, 4.0, 4.0], [0.0, 4.0, 4.0, 4.0]])
     out = crop_and_resize(images, boxes, 4, torch.zeros(2, dtype=torch.bool))
-    torch.testing.assert_close(out[0], images[0, :, 2:6, 1:5], rtol=0, atol=1e-4)
-    torch.testing.assert_close(out[1], images[1, :, 0:4, 4:8], rtol=0, atol=1e-4)
+    assert torch.equal(out[0], images[0, :, 2:6, 1:5])
+    assert torch.equal(out[1], images[1, :, 0:4, 4:8])
 
 
 @pytest.mark.parametrize("shape", [(6, 3, 32, 32, 224), (5, 2, 20, 45, 17), (4, 1, 1, 9, 5), (3, 2, 9, 1, 6), (2, 3, 90, 60, 32)])
@@ -62,11 +65,18 @@ def test_crop_and_resize_samples_as_grid_sample(shape):
     theta[:, 1, 2] = (2 * top + h) / H - 1
     grid = F.affine_grid(theta, [B, C, size, size], align_corners=False)
     expected = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    torch.testing.assert_close(crop_and_resize(images, boxes, size, flip), expected, rtol=0, atol=1e-4)  # positions in fp32
-    # bf16 images give bf16 output, within bf16's rounding of inputs, weights and the intermediate.
+    # Each side works out the sampling positions in float32 in its own way (a few roundings of positions up to the
+    # image's side), which moves a value by at most that distance times the steepest step between neighbours, and
+    # then sums at most two taps per direction (a W-term matmul of tents here).
+    largest, steepest = images.abs().max(), max(images.diff(dim=d).abs().max() if images.shape[d] > 1 else 0 for d in (2, 3))
+    moved = float(ulps(torch.tensor(float(max(H, W))), torch.float32, 8)) * 2 * steepest
+    bound = moved + sum_bound(W, largest) + sum_bound(4, largest)
+    assert_within(crop_and_resize(images, boxes, size, flip), expected, bound, "fp32")
+    # bf16 images give bf16 output, within bf16's rounding of the inputs, the weights of each stage, the intermediate
+    # and the output: five roundings of values up to the largest pixel, on top of the float32 bound.
     out = crop_and_resize(images.bfloat16(), boxes, size, flip)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.05)
+    assert_within(out, expected, bound + ulps(largest, torch.bfloat16, 5 / 2), "bf16")
 
 
 def test_resized_crop_boxes_lie_inside_and_respect_the_scale():
@@ -135,12 +145,22 @@ def test_bf16_augmentation_matches_fp32_to_bf16_precision(kind, size):
     reference = fp32.apply(images, params)
     half = Augmentation(size, kind, dtype=torch.bfloat16).apply(images, params)
     assert half.dtype == torch.bfloat16
-    assert (half.float() - reference).abs().max() < 1e-2
+    # At most five bf16 roundings of pixels in [-1, 1] (input, two stages' weights, intermediate, output), against a
+    # half-pixel shift that would move them by tenths.
+    assert_within(half, reference, ulps(torch.tensor(1.0), torch.bfloat16, 5 / 2))
 
 
 
 # ---------------------------------------------------------------------------------------------
 # RandAugment, random erasing, mixup and CutMix
+
+
+def formula_bound(images: torch.Tensor) -> float:
+    """Two float32 formulas of one pixel operation, vitlab's on [-1, 1] mapped to [0, 1] and torchvision's on [0, 1]:
+    each side at most four roundings of values up to 2 in size, and one sum over an image's pixels at most (the grey
+    mean of contrast; the 3x3 blur of sharpness sums fewer)."""
+    pixels = images[0].numel()
+    return float(sum_bound(pixels, 2.0) + ulps(torch.tensor(2.0), torch.float32, 8))
 
 
 def unit_images(batch: int = 4, size: int = 12, seed: int = 0) -> torch.Tensor:
@@ -163,19 +183,18 @@ def test_colour_operations_are_torchvisions(name, reference, sign):
     # At magnitude 9 of 30 the factor is 1 +/- 0.9 * 9 / 30, as in torchvision's RandAugment.
     y, x = unit_images()
     got = (one_op(name, x, 9, sign) + 1) / 2
-    torch.testing.assert_close(got, reference(y, 1 + sign * 0.27), rtol=0, atol=2e-6)
+    assert_within(got, reference(y, 1 + sign * 0.27), formula_bound(y), name)
 
 
 def test_posterize_solarize_autocontrast_equalize_are_torchvisions():
     y, x = unit_images()
     as_uint8 = (y * 255).round().to(torch.uint8)
     to_unit = lambda z: (z + 1) / 2  # noqa: E731
-    torch.testing.assert_close(to_unit(one_op("posterize", as_uint8.float() / 127.5 - 1, 15)), TF.posterize(as_uint8, 6).float() / 255,
-                               rtol=0, atol=2e-6)  # fmt: skip
-    torch.testing.assert_close(to_unit(one_op("solarize", x, 12)), TF.solarize(y, 1 - 12 / 30), rtol=0, atol=2e-6)
-    torch.testing.assert_close(to_unit(one_op("autocontrast", x, 5)), TF.autocontrast(y), rtol=0, atol=2e-6)
-    torch.testing.assert_close(to_unit(one_op("equalize", as_uint8.float() / 127.5 - 1, 5)), TF.equalize(as_uint8).float() / 255,
-                               rtol=0, atol=2e-6)  # fmt: skip
+    bound = formula_bound(y)
+    assert_within(to_unit(one_op("posterize", as_uint8.float() / 127.5 - 1, 15)), TF.posterize(as_uint8, 6).float() / 255, bound)
+    assert_within(to_unit(one_op("solarize", x, 12)), TF.solarize(y, 1 - 12 / 30), bound)
+    assert_within(to_unit(one_op("autocontrast", x, 5)), TF.autocontrast(y), bound)
+    assert_within(to_unit(one_op("equalize", as_uint8.float() / 127.5 - 1, 5)), TF.equalize(as_uint8).float() / 255, bound)
 
 
 @pytest.mark.parametrize("name", ["shear_x", "shear_y", "translate_x", "translate_y", "rotate"])
@@ -192,7 +211,7 @@ def test_each_image_takes_its_own_operation_and_the_identity_changes_nothing():
     ops = torch.tensor([[0, RANDAUGMENT_OPS.index("solarize"), 0, RANDAUGMENT_OPS.index("rotate"), 0, 0]])
     out = randaugment(x, ops, torch.ones_like(ops), 15)
     unchanged = ops[0] == 0
-    torch.testing.assert_close(out[unchanged], x[unchanged], rtol=0, atol=1e-6)
+    assert torch.equal(out[unchanged], x[unchanged])
     assert all((out[i] - x[i]).abs().max() > 0.1 for i in range(6) if not unchanged[i])
 
 

@@ -28,6 +28,8 @@ from vitlab.data import (
     split_validation,
 )
 
+from rounding import assert_within, sum_bound
+
 CLASSES = ("cat", "dog", "eel")
 
 
@@ -263,7 +265,10 @@ def test_process_slices_equal_the_whole_batch(kind):
             local = 8 // world
             for rank in range(world):
                 xr, yr = TrainBatches(data, aug, 8, seed=3, device=cpu, rank=rank, world_size=world).get(step)
-                torch.testing.assert_close(xr, x[rank * local : (rank + 1) * local], rtol=0, atol=1e-6)
+                # Per-image weights alike; the crop's W-term column matmul and two-tap rows, blocked otherwise for
+                # another batch size, on pixels in [-1, 1].
+                bound = sum_bound(8, 1.0) + sum_bound(2, 1.0)
+                assert_within(xr, x[rank * local : (rank + 1) * local], bound, f"{kind}, rank {rank} of {world}")
                 assert torch.equal(yr, y[rank * local : (rank + 1) * local])
     # The generator loop gives the same batches as get().
     for step, (xs, ys) in enumerate(whole(0, 3)):
@@ -320,13 +325,13 @@ def test_streaming_without_resizing_equals_memory(tmp_path, monkeypatch):
     for (xm, ym), (xs, ys) in zip(TrainBatches(memory, aug, 8, 1, cpu, num_workers=0)(0, 3),
                                   TrainBatches(streamed, aug, 8, 1, cpu, num_workers=0)(0, 3)):  # fmt: skip
         assert torch.equal(ym, ys)
-        torch.testing.assert_close(xs, xm, rtol=0, atol=1e-6)
+        assert torch.equal(xs, xm)
     mem_eval = list(eval_batches(memory, 16, 5, cpu, rank=1, world_size=2, num_workers=0))
     stream_eval = list(eval_batches(streamed, 16, 5, cpu, rank=1, world_size=2, num_workers=0))
     assert [len(y) for _, y in mem_eval] == [len(y) for _, y in stream_eval] == [5, 5, 2]
     for (xm, ym), (xs, ys) in zip(mem_eval, stream_eval):
         assert torch.equal(ym, ys)
-        torch.testing.assert_close(xs, xm, rtol=0, atol=1e-6)
+        assert torch.equal(xs, xm)
 
 
 def test_eval_shards_cover_every_image_once(tmp_path):

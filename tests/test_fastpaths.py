@@ -16,6 +16,8 @@ from vitlab import fastpaths
 from vitlab.fastpaths import Linear
 from vitlab.model import create_model
 
+from rounding import ELEMENTWISE_ULPS, assert_within, sum_bound, ulps
+
 AVX2_IMITATION = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
@@ -34,11 +36,49 @@ def force_policy_on(monkeypatch):
     monkeypatch.setattr(fastpaths, "wanted", lambda path: True)
 
 
+GELU_SLOPE, GELU_CURVATURE = 1.129, 0.798  # max |gelu'| and |gelu''| over the reals, both forms (computed in float64)
+
+
+def linear_rounding_bounds(x, weight, bias, grad_out, gelu, dtype):
+    """How far two computations of act(x @ weight.T + bias) and its three gradients may lie apart when they differ
+    only in their kernels' summation orders (and, at inference, a GELU fused on the float32 accumulator), elementwise.
+    Under bf16 autocast both sides round the inputs alike, accumulate in float32 and round each result to bf16."""
+    narrow = dtype != torch.float32
+    x, weight, bias, grad_out = (t.detach().to(dtype).double() for t in (x, weight, bias, grad_out))
+
+    def rounded(value):  # the two results rounded to the output type: one unit apart at most
+        return ulps(value, dtype) if narrow else torch.zeros_like(value)
+
+    pre = x @ weight.T + bias
+    pre_bound = sum_bound(weight.shape[1] + 1, x.abs() @ weight.abs().T + bias.abs()) + rounded(pre)
+    if gelu is None:
+        out, out_bound, grad_pre, grad_pre_bound = pre, pre_bound, grad_out, torch.zeros_like(pre)
+    else:
+        out = F.gelu(pre, approximate=gelu)
+        # The GELU of inputs that differ, by implementations within a few units of its exact value.
+        out_bound = GELU_SLOPE * pre_bound + rounded(out) + ulps(out, torch.float32, ELEMENTWISE_ULPS)
+        slope = torch.autograd.functional.jacobian(lambda t: F.gelu(t, approximate=gelu).sum(), pre)
+        grad_pre = grad_out * slope
+        grad_pre_bound = grad_out.abs() * GELU_CURVATURE * pre_bound + rounded(grad_pre)
+    tokens = grad_pre.reshape(-1, grad_pre.shape[-1])
+    x_flat, bound_flat = x.reshape(-1, x.shape[-1]), grad_pre_bound.reshape(tokens.shape)
+    grad_x = tokens @ weight
+    grad_w = tokens.T @ x_flat
+    grad_b = tokens.sum(0)
+    bounds = (
+        bound_flat @ weight.abs() + sum_bound(weight.shape[0], tokens.abs() @ weight.abs()) + rounded(grad_x),
+        bound_flat.T @ x_flat.abs() + sum_bound(tokens.shape[0], tokens.abs().T @ x_flat.abs()) + rounded(grad_w),
+        bound_flat.sum(0) + sum_bound(tokens.shape[0], tokens.abs().sum(0)) + rounded(grad_b),
+    )
+    return out_bound, (bounds[0].reshape(x.shape), *bounds[1:])
+
+
 @pytest.mark.parametrize("gelu", [None, "tanh", "none"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("policy", ["this CPU's", "all on"])
 def test_linear_equals_nn_linear_forward_and_backward(gelu, precision, policy, monkeypatch):
-    # vitlab's Linear (oneDNN, bias and GELU fused, where on) against F.linear and F.gelu under the same autocast.
+    # vitlab's Linear (oneDNN, bias and GELU fused, where on) against F.linear and F.gelu under the same autocast,
+    # to the rounding that their other summation orders allow (tests/rounding.py).
     if policy == "all on":
         force_policy_on(monkeypatch)
     torch.manual_seed(0)
@@ -53,14 +93,26 @@ def test_linear_equals_nn_linear_forward_and_backward(gelu, precision, policy, m
             inferred = layer(x)
     want = torch.bfloat16 if precision == "bf16" else torch.float32
     assert got.dtype == inferred.dtype == expected.dtype == want
-    tolerance = {"rtol": 1.6e-2, "atol": 1e-2} if precision == "bf16" else {"rtol": 1e-5, "atol": 1e-6}
-    torch.testing.assert_close(got, expected, **tolerance)
-    torch.testing.assert_close(inferred, expected, **tolerance)
+    out_bound, grad_bounds = linear_rounding_bounds(x, layer.weight, layer.bias, grad_out, gelu, want)
+    assert_within(got, expected, out_bound, "training output")
+    assert_within(inferred, expected, out_bound, "inference output")
     grads = torch.autograd.grad(got, (x, layer.weight, layer.bias), grad_out)
     expected_grads = torch.autograd.grad(expected, (x, layer.weight, layer.bias), grad_out)
-    for g, e in zip(grads, expected_grads):
+    for name, g, e, bound in zip(("input", "weight", "bias"), grads, expected_grads, grad_bounds):
         assert g.dtype == e.dtype == torch.float32  # fp32 gradients for the fp32 parameters, as autocast gives
-        torch.testing.assert_close(g, e, **tolerance)
+        assert_within(g, e, bound, f"{name} gradient")
+
+
+def test_the_rounding_bounds_tell_a_wrong_linear_layer_apart():
+    # The bounds above are tight enough to fail the errors a fast path could make: the other GELU form, a bias lost.
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 9, 48), torch.randn(80, 48) / 7, torch.randn(80) / 7
+    out_bound, _ = linear_rounding_bounds(x, weight, bias, torch.randn(3, 9, 80), "tanh", torch.float32)
+    pre = F.linear(x, weight, bias)
+    with pytest.raises(AssertionError):
+        assert_within(F.gelu(pre), F.gelu(pre, approximate="tanh"), out_bound)
+    with pytest.raises(AssertionError):
+        assert_within(F.gelu(F.linear(x, weight), approximate="tanh"), F.gelu(pre, approximate="tanh"), out_bound)
 
 
 def test_linear_runs_through_onednn_where_it_is_on_and_f_linear_elsewhere():
