@@ -5,6 +5,7 @@ stderr and a non-zero exit."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -204,7 +205,7 @@ def test_a_64_megapixel_photo_costs_little_more_memory_than_a_thumbnail(tiny_run
             "print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")  # fmt: skip
     peaks = {}
     for image in ("small.png", "big.jpg"):
-        argv = [command, str(tiny_run.checkpoint), str(tmp_path / image)] + (["--out", str(tmp_path / "map.png")] if command == "attention" else [])
+        argv = [command, str(tiny_run.checkpoint), str(tmp_path / image)] + (["--out", str(tmp_path / f"map-{image}.png")] if command == "attention" else [])
         done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
         rc, peaks[image] = done.stdout.split()[-2:]
         assert rc == "0", done.stderr[-2000:]
@@ -267,3 +268,130 @@ def test_the_official_golden_file_loads_with_only_its_variant_named(shared_dir):
     logits, logits64, _ = float32_rounding(model, torch.from_numpy(np.load(reference / "ti16_224_input.npy")))
     expected = torch.from_numpy(np.load(reference / "ti16_224_logits.npy"))
     assert_within_float32_rounding(logits, logits64, expected, "the official logits")
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs never replace data, reads are bounded, weights are finite
+
+
+def digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_export_never_writes_over_its_input_and_replaces_a_file_only_when_told(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.checkpoint.parent, run)
+    best, before = run / "best.pt", digest(run / "best.pt")
+    for extra in ([], ["--overwrite"]):  # onto its own input: refused either way, the checkpoint left whole
+        assert main(["export", str(best), "--format", "safetensors", "--out", str(best), *extra]) == 2
+        assert "would write over the input" in one_error_line(capsys)
+        assert digest(best) == before
+    assert main(["export", str(best), "--format", "hf", "--out", str(run), "--overwrite"]) == 2  # a folder holding it
+    assert "would write over the input" in one_error_line(capsys) and digest(best) == before
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"someone's file")
+    assert main(["export", str(best), "--format", "safetensors", "--out", str(other)]) == 2
+    assert "already exists; --overwrite replaces it" in one_error_line(capsys)
+    assert other.read_bytes() == b"someone's file"
+    assert main(["export", str(best), "--format", "safetensors", "--out", str(other), "--overwrite"]) == 0
+    assert load_model(other)[1] == tiny_run.class_names
+
+
+def test_attention_and_eval_refuse_to_replace_their_outputs_unless_told(tiny_run, tmp_path, capsys):
+    image = save_png(tmp_path / "cat.png")
+    out = tmp_path / "cat_attention.png"
+    out.write_bytes(b"kept")
+    assert main(["attention", str(tiny_run.checkpoint), str(image)]) == 2
+    assert "cat_attention.png: already exists" in one_error_line(capsys) and out.read_bytes() == b"kept"
+    assert main(["attention", str(tiny_run.checkpoint), str(image), "--out", str(image), "--overwrite"]) == 2
+    assert "would write over the input" in one_error_line(capsys)
+    assert main(["attention", str(tiny_run.checkpoint), str(image), "--overwrite"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    argv = ["eval", str(tiny_run.checkpoint), "--dataset", "imagefolder", "--data_dir", str(tiny_run.data_dir), "--out", str(tmp_path / "e")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    report = tmp_path / "e" / "best_imagefolder_eval.json"
+    before = digest(report)
+    assert main(argv) == 2
+    assert "best_imagefolder_eval.json: already exists" in one_error_line(capsys) and digest(report) == before
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_weights_that_are_not_finite_are_refused_by_every_command(tiny_run, tmp_path, capsys):
+    payload = checkpoints.read_checkpoint(tiny_run.checkpoint)
+    payload["model"]["head.bias"][0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(payload, bad)
+    image = str(save_png(tmp_path / "a.png"))
+    for argv in (["eval", str(bad), "--dataset", "imagefolder", "--data_dir", str(tiny_run.data_dir)], ["predict", str(bad), image],
+                 ["export", str(bad), "--format", "safetensors", "--out", str(tmp_path / "x.safetensors")]):  # fmt: skip
+        assert main(argv) == 1
+        assert "hold NaN or infinite values (head.bias)" in one_error_line(capsys)
+    model = create_model("testing", num_classes=3, img_size=32)
+    with torch.no_grad():
+        model.head.weight.fill_(float("inf"))
+    official.save_npz(model, tmp_path / "inf.npz")
+    assert main(["predict", str(tmp_path / "inf.npz"), "--model_type", "testing", image]) == 1
+    assert "hold NaN or infinite values (head/kernel)" in one_error_line(capsys)
+
+
+def peak_rss_of(code: str) -> tuple[int, str, int]:
+    """(exit status, stderr, peak resident memory in MB) of `code` run in a fresh Python."""
+    import subprocess
+    import sys
+
+    probe = f"import resource, subprocess, sys\ndone = subprocess.run([sys.executable, '-c', {code!r}], capture_output=True, text=True)\n" \
+            "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)\nsys.stderr.write(done.stderr)"  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    rc, peak = result.stdout.split()
+    return int(rc), result.stderr, int(peak)
+
+
+def test_an_npz_whose_member_inflates_to_gigabytes_is_refused_before_it_is_read(tmp_path):
+    # 2 GiB of zeros deflated to a few MB, with a true header: refused from the headers, at little more memory than
+    # the import of torch (the same command on a real Ti/16 file peaks at about as much).
+    import zipfile
+
+    bomb = tmp_path / "bomb.npz"
+    count = 2**29
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("head/kernel.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (count,)})
+            chunk = bytes(1 << 24)
+            for _ in range(count * 4 // len(chunk)):
+                f.write(chunk)
+    assert bomb.stat().st_size < 20e6
+    image = save_png(tmp_path / "a.png")
+    code = f"import sys; from vitlab.cli import main; sys.exit(main(['predict', {str(bomb)!r}, '--model_type', 'Ti/16', {str(image)!r}]))"
+    rc, err, peak = peak_rss_of(code)
+    assert rc == 1
+    assert f"holds {count:,} numbers, more than a checkpoint of this model can" in err.strip().splitlines()[-1]
+    print(f"peak resident memory {peak} MB")
+    assert peak < 1200, f"peaked at {peak} MB"
+
+
+def test_a_small_file_whose_config_claims_a_huge_model_builds_nothing(tiny_run, tmp_path):
+    payload = checkpoints.read_checkpoint(tiny_run.checkpoint)
+    payload["model_config"].update(hidden_size=8192, mlp_dim=32768, depth=48, num_heads=64)  # about 40 billion numbers
+    huge = tmp_path / "huge.pt"
+    torch.save(payload, huge)
+    assert huge.stat().st_size < 1e6
+    code = f"import sys; from vitlab.cli import main; sys.exit(main(['predict', {str(huge)!r}, {str(save_png(tmp_path / 'a.png'))!r}]))"
+    rc, err, peak = peak_rss_of(code)
+    assert rc == 1
+    assert "missing keys" in err.strip().splitlines()[-1] and "batch size" not in err
+    print(f"peak resident memory {peak} MB")
+    assert peak < 1200, f"peaked at {peak} MB"
+
+
+def test_predict_over_many_files_shows_progress_on_stderr(tiny_run, tmp_path, capsys):
+    for i in range(40):
+        save_png(tmp_path / "many" / f"{i:02d}.png", seed=i)
+    assert main(["predict", str(tiny_run.checkpoint), str(tmp_path / "many"), "--batch_size", "8", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)) == 40  # stdout stays the JSON alone
+    assert "predict" in captured.err and "40/40" in captured.err
+    assert main(["predict", str(tiny_run.checkpoint), str(tmp_path / "many" / "00.png")]) == 0
+    assert capsys.readouterr().err == ""  # one batch: no bar

@@ -131,6 +131,36 @@ def test_bad_uploads_are_one_line_naming_the_file_as_the_user_did(tmp_path, monk
         read_upload({"path": None, "url": "data:image/png;base64,", "orig_name": "webcam.png"})
 
 
+def test_the_page_fetches_no_url_given_as_its_image(deep_run, tmp_path, monkeypatch):
+    # Gradio's API takes an http(s) URL as an image's value and downloads it on the server before the page's function
+    # runs: the page's image refuses it there, and its downloads are never reached. An upload still goes through.
+    import asyncio
+
+    import gradio as gr
+    from gradio import processing_utils
+
+    fetched = []
+
+    async def async_download(url, cache_dir):
+        fetched.append(url)
+        return str(tmp_path / "fetched.png")
+
+    monkeypatch.setattr(processing_utils, "async_ssrf_protected_download", async_download)
+    monkeypatch.setattr(processing_utils, "save_url_to_cache", lambda url, cache_dir: fetched.append(url) or str(tmp_path / "f.png"))
+    model, names = load_model(deep_run.checkpoint)
+    page = demo.build_page(Demo(model, names, CPU, "fp32", top_k=2), "tiny", [])
+    image = next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == "image")
+    for url in ("http://example.com/cat.png", "HTTPS://example.com/cat.png"):
+        with pytest.raises(gr.Error, match="images come from uploads only"):
+            image.move_resource_to_block_cache(url)
+        with pytest.raises(gr.Error, match="images come from uploads only"):
+            asyncio.run(image.async_move_resource_to_block_cache(url))
+    assert fetched == []
+    upload = tmp_path / "upload.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(upload)
+    assert Path(asyncio.run(image.async_move_resource_to_block_cache(str(upload)))).read_bytes() == upload.read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------
 # Examples
 

@@ -259,8 +259,10 @@ def test_vitlab_hf_vitlab_is_bit_exact(case, tmp_path, randomise, capsys):
     reference = transformers.ViTForImageClassification.from_pretrained(out).eval()
     assert reference.config.id2label == dict(enumerate(names))
     assert_parity(model, reference, 32, f"vitlab -> hf {case}", output=LOGITS)
-    # again over the folder it wrote: replaced whole
-    assert main(["export", str(source), "--format", "hf", "--out", str(out)]) == 0
+    # again over the folder it wrote: refused unless told, then replaced whole
+    assert main(["export", str(source), "--format", "hf", "--out", str(out)]) == 2
+    assert "already exists; --overwrite replaces it" in capsys.readouterr().err
+    assert main(["export", str(source), "--format", "hf", "--out", str(out), "--overwrite"]) == 0
 
 
 def test_run_checkpoint_round_trips_through_both(tiny_run, tmp_path):
@@ -398,7 +400,9 @@ def test_export_refusals_write_nothing(fmt, case, tmp_path, capsys):
 
 def test_hf_export_will_not_replace_a_foreign_folder(tiny_run, tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep")
-    assert main(["export", str(tiny_run.checkpoint), "--format", "hf", "--out", str(tmp_path)]) == 1
+    assert main(["export", str(tiny_run.checkpoint), "--format", "hf", "--out", str(tmp_path)]) == 2
+    assert "already exists" in one_error_line(capsys)
+    assert main(["export", str(tiny_run.checkpoint), "--format", "hf", "--out", str(tmp_path), "--overwrite"]) == 1  # even so
     assert "not a folder this export wrote" in one_error_line(capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 

@@ -358,6 +358,33 @@ def test_resume_after_sigkill_is_bit_exact(resume_workdir):
     assert_same_final_state(work, "run")
 
 
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_at_the_step_boundary_and_resume_is_bit_exact(resume_workdir, how):
+    # What SLURM and Kubernetes send before they preempt a job, to a real process: the step in progress ends, last.pt
+    # is written at that step (not the last evaluation's), one line says so, and the exit status is 128 + the signal.
+    work, name = resume_workdir, f"stop-{how.name.lower()}"
+    process = train_subprocess(work, ["--name", name, *RESUME_FLAGS, "--eval_every", "5"], code=SLOW_STEPS)
+    wait_for(work / "output" / name / "metrics.jsonl", process)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while len(losses(work / "output" / name)) < 6 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(how)
+    rc, _, err = finish(process)
+    assert rc == 128 + how, f"the run ended before it could be stopped (rc {rc}):\n{err[-3000:]}"
+    stopped_at = read_checkpoint(work / "output" / name / "last.pt")["step"]
+    assert 6 <= stopped_at < 16 and stopped_at % 5, stopped_at  # saved at the signal's step, not at an evaluation
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last == (f"vitlab train: stopped by {how.name} at step {stopped_at}; saved {Path('output') / name / 'last.pt'}: "
+                    "--resume continues the run")  # fmt: skip
+    rc, out, err = finish(train_subprocess(work, ["--name", name, *RESUME_FLAGS, "--eval_every", "5", "--resume"]))
+    assert rc == 0, err[-3000:]
+    assert f"resuming from step {stopped_at}" in out
+    ref, run = read_checkpoint(work / "output" / "ref" / "last.pt"), read_checkpoint(work / "output" / name / "last.pt")
+    for key in ref["model"]:
+        assert torch.equal(run["model"][key], ref["model"][key]), key
+    assert losses(work / "output" / name) == losses(work / "output" / "ref")
+
+
 def test_kill_while_saving_leaves_last_pt_whole(resume_workdir):
     work = resume_workdir
     out_dir = work / "output" / "run2"
@@ -591,7 +618,8 @@ def test_two_process_gloo_run_equals_one_process(gloo_runs):
     assert dist_final["best_step"] == gloo_runs.single_final["best_step"] and dist_final["steps"] == 6
     # Only rank 0 writes: one set of run files, one event file, nothing in the working folder.
     assert {p.name for p in (out / "dist").iterdir()} == RUN_FILES
-    assert len(list((gloo_runs.root / "logs" / "dist").iterdir())) == 1
+    assert [p.name for p in (gloo_runs.root / "logs" / "dist").iterdir() if p.name != ".lock"][0].startswith("events.out.tfevents")
+    assert len(list((gloo_runs.root / "logs" / "dist").iterdir())) == 2  # and the lock, held while the run runs
     assert list(gloo_runs.work.iterdir()) == []
     assert [s for s, _ in losses(out / "dist")] == list(range(1, 7))  # one record per step, not one per process
 
@@ -713,6 +741,12 @@ REFUSALS = {
     "ema-1": (["--ema", "1"], "--ema must be in [0, 1)"),
     "layer-decay-0": (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
     "freeze-what": (["--freeze", "everything"], "everything"),
+    "dropout-2": (["--dropout_rate", "2.0"], "dropout_rate must be in [0, 1), got 2.0"),
+    "attention-dropout-negative": (["--attention_dropout_rate", "-0.1"], "attention_dropout_rate must be in [0, 1), got -0.1"),
+    "adam-betas-over-1": (["--optimizer", "adamw", "--adam_betas", "0.9", "5"], "--adam_betas must be in [0, 1), got (0.9, 5.0)"),
+    "momentum-1": (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    "dropout-2-in-a-config-file": (["--config", "{dropout}"], "dropout_rate must be in [0, 1), got 2"),
+    "num-workers-negative": (["--num_workers", "-1"], "--num_workers must be 0 or more, got -1"),
 }
 # The exit status: 2 for a bad flag or setting (as argparse's own refusals), 1 for a file or folder that cannot be used.
 FILE_REFUSALS = {"missing-pretrained", "resume-missing-file", "resume-without-last", "missing-data-dir"}
@@ -723,7 +757,7 @@ def test_refused_input_gives_one_clear_line(case, data_dir, capsys):
     extra, expected = REFUSALS[case]
     files = {"{json}": ("bad.json", '{"num_steps": 5,'), "{toml}": ("bad.toml", "num_steps = = 5\n"),
              "{list}": ("list.json", "[1, 2]"), "{unknown}": ("unknown.json", '{"nmu_steps": 5}'),
-             "{string}": ("string.json", '{"label_smoothing": "high"}')}  # fmt: skip
+             "{string}": ("string.json", '{"label_smoothing": "high"}'), "{dropout}": ("dropout.json", '{"dropout_rate": 2}')}  # fmt: skip
     extra = list(extra)
     for i, value in enumerate(extra):
         if value in files:
@@ -740,6 +774,53 @@ def test_refused_input_gives_one_clear_line(case, data_dir, capsys):
     assert expected in line
     if case.startswith("corrupt") or case in ("missing-config", "config-not-a-table"):
         assert extra[1] in line  # the file is named
+
+
+def test_every_setting_is_checked_against_its_range_in_the_python_api_too():
+    with pytest.raises(ConfigError, match=r"dropout_rate must be in \[0, 1\), got 2.0"):
+        ModelConfig(dropout_rate=2.0)
+    with pytest.raises(ConfigError, match=r"--adam_betas must be in \[0, 1\), got \(0.9, 5\)"):
+        TrainConfig(name="x", adam_betas=(0.9, 5)).validate()
+    with pytest.raises(ConfigError, match="--eval_batch_size must be positive, got 0"):
+        TrainConfig(name="x", eval_batch_size=0).validate()
+    # Each range is declared once, beside its default: every numeric field of both configs has one.
+    for cls in (ModelConfig, TrainConfig):
+        numeric = [f for f in dataclasses.fields(cls) if f.type.split(" | ")[0] in ("int", "float", "tuple[float, float]")]
+        assert [f.name for f in numeric if f.metadata.get("valid") is None] == []
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", ".", "..", "team/run1"])
+def test_a_run_name_is_one_folder_name_checked_before_anything_is_written(name, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    data = make_image_folder(tmp_path / "data")
+    (work / "output" / "other").mkdir(parents=True)  # another run's folder, which "." would have moved aside
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc, _, err = run_cli(base_argv(data, "--overwrite", name=name), capsys)
+    assert rc == 2
+    assert "a run's name is one folder name" in one_error_line(err)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, nothing moved
+
+
+def test_the_log_folder_is_the_runs_too(tmp_path):
+    # Two runs of one name under different --output_dir share logs/<name>: the second is refused while the first runs,
+    # with or without --overwrite (which would move the live run's logs aside), and the first's logs are its own.
+    make_image_folder(tmp_path / "data")
+    first = train_subprocess(tmp_path, ["--name", "same", *RESUME_FLAGS, "--output_dir", "out1"], code=HOLD_AT_STEP_4)
+    wait_for(tmp_path / "held", first)
+    refused = [finish(train_subprocess(tmp_path, ["--name", "same", *RESUME_FLAGS, "--output_dir", "out2", *extra]))
+               for extra in ([], ["--overwrite"])]  # fmt: skip
+    (tmp_path / "release").touch()
+    rc, _, err = finish(first)
+    assert rc == 0, err[-3000:]
+    for rc, _, err in refused:
+        assert rc == 2
+        assert "logs/same is in use by a run still going" in one_error_line(err)
+    assert not (tmp_path / "out2" / "same" / "config.json").exists()
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["same"]  # nothing moved aside
+    steps = sorted({step for step, _ in read_events(tmp_path / "logs" / "same")["train/loss"]})
+    assert steps == list(range(1, 17))  # one run's records, each once
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -817,6 +898,24 @@ def test_diverging_run_keeps_a_finite_checkpoint(tmp_path, monkeypatch):
     state = read_checkpoint(tmp_path / "output" / "diverge" / "last.pt")
     bad = [k for k, v in state["model"].items() if not torch.isfinite(v).all()]
     assert state["step"] == 2 and not bad, f"last.pt (step {state['step']}) holds non-finite weights: {bad}"
+
+
+def test_a_run_that_goes_non_finite_before_its_first_checkpoint_names_no_file(tmp_path, monkeypatch):
+    real_step = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    data = make_image_folder(tmp_path / "data")
+    config = tiny_config(tmp_path, "nan", data, num_steps=6, eval_every=3)
+    with pytest.raises(TrainingError) as raised:
+        train(config)
+    assert "no checkpoint was saved before it" in str(raised.value) and "last.pt" not in str(raised.value)
+    assert not (tmp_path / "output" / "nan" / "last.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------

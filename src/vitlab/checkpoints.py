@@ -46,17 +46,28 @@ def check_same_function(source: ModelConfig, model: ModelConfig, path) -> None:
         raise CheckpointError(f"{path}: its model was trained with {theirs}, this one has {ours}; pass {theirs}")
 
 
-def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], path) -> None:
-    """Load a full state dict, or raise CheckpointError naming what does not fit."""
+def check_state(config: ModelConfig, state: dict[str, torch.Tensor], path) -> None:
+    """Raise CheckpointError unless `state` holds exactly the tensors of `config`'s model, in its shapes, every number
+    finite. The model is laid out on the meta device: a file whose config claims a huge model costs no memory."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: its weights are not a state dict of tensors")
-    ours = model.state_dict()
+    with torch.device("meta"):
+        ours = VisionTransformer(config).state_dict()
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: missing keys {missing[:3]} / unexpected keys {unexpected[:3]} for {model.config.name}")
+        raise CheckpointError(f"{path}: missing keys {missing[:3]} / unexpected keys {unexpected[:3]} for {config.name}")
     for key, value in state.items():
         if value.shape != ours[key].shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model needs {tuple(ours[key].shape)}")
+    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} of its tensors hold NaN or infinite values ({', '.join(bad[:3])}): "
+                              "weights that cannot be used")  # fmt: skip
+
+
+def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], path) -> None:
+    """Load a full state dict, or raise CheckpointError naming what does not fit (`check_state`)."""
+    check_state(model.config, state, path)
     model.load_state_dict(state)
 
 
@@ -97,6 +108,7 @@ def load_model(source: str | os.PathLike, model_type: str | None = None) -> tupl
             weights = read_weights(path, model_type)
             if not weights.has_head:
                 raise CheckpointError(f"{source}: holds no classification head (a feature extractor); fine-tune it with --pretrained_dir")
+            check_state(weights.config, weights.state, path)  # before the model is built: its size is the file's
             model = VisionTransformer(weights.config)
             load_state(model, weights.state, path)
             names = weights.class_names or [f"class {i}" for i in range(model.config.num_classes)]

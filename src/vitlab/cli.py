@@ -2,7 +2,8 @@
 
 A bad input is one line on stderr and a non-zero exit: 2 for a bad flag or setting (argparse's own refusals
 included), 1 for anything else the user can fix (a missing or corrupt file, a dataset, a run that cannot go on,
-torch out of memory), 130 when interrupted. A bug in vitlab keeps its traceback, and `--debug` (or VITLAB_DEBUG=1)
+torch out of memory), 130 when interrupted (Ctrl-C) and 143 on SIGTERM: `train` then saves last.pt at the step
+boundary first. A bug in vitlab keeps its traceback, and `--debug` (or VITLAB_DEBUG=1)
 shows every traceback and the fast paths in use. The commands themselves are in `commands.py`.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from . import commands, export
 from .config import DATASETS, MODEL_OVERRIDES, TrainConfig
 from .errors import ConfigError, VitlabError, VitlabWarning, torch_error_message
+from .runs import Stopped
 from .runtime import DEVICES_HELP, PRECISIONS, PRECISIONS_HELP
 
 SOURCE_HELP = ("a run's checkpoint (.pt), a vitlab .safetensors file, an official checkpoint name or .npz file, a timm state dict "
@@ -114,6 +116,7 @@ def _add_inference_commands(sub) -> None:
     p.add_argument("--data_dir", "--data-dir", default="data", help="CIFAR download folder, or the image folder's root "
                    "(<root>/<class>/<image>; its val/ or test/ subfolder when present) (default: data)")  # fmt: skip
     p.add_argument("--out", help="folder for the JSON and PNG (default: beside the checkpoint file, else ./eval)")
+    p.add_argument("--overwrite", action="store_true", help="replace the JSON and PNG if it exists (never the command's own input)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--num_workers", "--num-workers", type=int, default=2, help="decoding workers for folders streamed from disk (default: 2)")
     _add_runtime(p)
@@ -132,6 +135,7 @@ def _add_inference_commands(sub) -> None:
     _add_source(p)
     p.add_argument("image", help="an image file")
     p.add_argument("--out", help="the PNG to write (default: <image stem>_attention.png beside the image)")
+    p.add_argument("--overwrite", action="store_true", help="replace the PNG if it exists (never the command's own input)")
     p.add_argument("--layer", type=int, help="show layer N's own attention (1 = first), heads averaged, instead of the rollout")
     _add_runtime(p)
     p.set_defaults(func=commands.cmd_attention)
@@ -154,6 +158,7 @@ def _add_inference_commands(sub) -> None:
     _add_source(p)
     p.add_argument("--format", required=True, choices=export.FORMATS)
     p.add_argument("--out", required=True, help="the file to write (for hf: the folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the command's own input)")
     p.set_defaults(func=commands.cmd_export)
 
 
@@ -220,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Stopped as e:  # a signal at a step boundary: the run's state saved, not an error
+        print(f"vitlab {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except Exception as e:
         message = str(e) if isinstance(e, (VitlabError, OSError)) else torch_error_message(e)
         if debug or message is None:  # a bug in vitlab, or the user asked for the traceback

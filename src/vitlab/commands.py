@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import official
 from .checkpoints import load_model
 from .config import VARIANTS, TrainConfig, seed_name
 from .data import DataError, read_image
 from .errors import ConfigError
-from .files import HUB_PREFIX, atomic_write, cache_dir, fetch_hub
+from .files import HUB_PREFIX, atomic_write, cache_dir, check_output, fetch_hub
 from .runtime import resolve_device, resolve_precision
 
 
@@ -82,6 +83,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import draw_confusion, evaluate, format_report
 
     _positive(args, "batch_size")
+    source = Path(args.checkpoint)
+    out_dir = Path(args.out) if args.out else source.parent if source.is_file() else Path("eval")
+    stem = f"{source.stem}_{args.dataset}"
+    json_path, png_path = out_dir / f"{stem}_eval.json", out_dir / f"{stem}_confusion.png"
+    for path in (json_path, png_path):  # before the evaluation's work, not after it
+        check_output(path, args.overwrite, inputs=(source,))
     model, class_names = load_model(args.checkpoint, args.model_type)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -90,10 +97,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batches = eval_batches(data, model.config.img_size, args.batch_size, device, num_workers=args.num_workers)
     metrics = evaluate(model.to(device), batches, len(class_names), device, precision, total=math.ceil(len(data) / args.batch_size))
     print(format_report(metrics, class_names))
-    source = Path(args.checkpoint)
-    out_dir = Path(args.out) if args.out else source.parent if source.is_file() else Path("eval")
-    stem = f"{source.stem}_{args.dataset}"
-    json_path, png_path = out_dir / f"{stem}_eval.json", out_dir / f"{stem}_confusion.png"
     report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "data_dir": str(args.data_dir), "device": device.type,
               "precision": precision, "class_names": class_names, **metrics}  # fmt: skip
     atomic_write(json_path, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
@@ -114,6 +117,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"vitlab predict: skipped {problem}", file=sys.stderr)
     failed, results = len(problems), []
+    # A bar on stderr where there is more than one batch (the table or JSON on stdout stays clean).
+    bar = tqdm(total=len(files), desc="predict", unit="image", disable=len(files) <= args.batch_size, dynamic_ncols=True)
     for start in range(0, len(files), args.batch_size):
         kept, images = [], []
         for path in files[start : start + args.batch_size]:
@@ -121,8 +126,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 images.append(preprocess(read_image(str(path), model.config.img_size), model.config.img_size))
                 kept.append(path)
             except DataError as e:  # reported and skipped; the other images still get their predictions
-                print(f"vitlab predict: skipped {e}", file=sys.stderr)
+                bar.write(f"vitlab predict: skipped {e}", file=sys.stderr)
                 failed += 1
+        bar.update(len(files[start : start + args.batch_size]))
         if not kept:
             continue
         for path, top in zip(kept, predict(model, torch.stack(images), class_names, args.top_k, device, precision)):
@@ -132,6 +138,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 width = max(len(c) for c, _, _ in top)
                 print(str(path))
                 print("\n".join(f"  {rank:>2}  {c:<{width}}  {p:>7.2%}" for rank, (c, _, p) in enumerate(top, start=1)))
+    bar.close()
     if args.json:
         print(json.dumps(results, indent=2))
     return 1 if failed else 0
@@ -141,6 +148,9 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from .attention import attention_map, draw_attention
     from .inference import predict_with_attention, preprocess
 
+    suffix = "" if args.layer is None else f"_layer{args.layer}"
+    out = Path(args.out) if args.out else Path(args.image).with_name(f"{Path(args.image).stem}_attention{suffix}.png")
+    check_output(out, args.overwrite, inputs=(args.image, args.checkpoint))
     model, class_names = load_model(args.checkpoint, args.model_type)
     depth = model.config.depth
     if args.layer is not None and not 1 <= args.layer <= depth:
@@ -155,8 +165,6 @@ def cmd_attention(args: argparse.Namespace) -> int:
     grid_map = attention_map(attentions, model.config.classifier == "token", layer)[0]
     what = f"attention rollout over {depth} layers" if layer is None else f"layer {args.layer} attention, heads averaged"
     title = f"predicted: {class_names[best]} ({probabilities[best]:.1%})"
-    suffix = "" if layer is None else f"_layer{args.layer}"
-    out = Path(args.out) if args.out else Path(args.image).with_name(f"{Path(args.image).stem}_attention{suffix}.png")
     draw_attention(image, grid_map, title, what, out)
     print(f"{args.image}: {title}; wrote {out}")
     return 0
@@ -165,6 +173,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
 
+    check_output(args.out, args.overwrite, inputs=(args.checkpoint,))
     model, class_names = load_model(args.checkpoint, args.model_type)
     print(export(model, class_names, args.format, args.out))
     out = Path(args.out)

@@ -20,11 +20,39 @@ from .errors import ConfigError
 DATASETS = ("cifar10", "cifar100", "imagefolder")
 
 
-def setting(default: Any, help: str, choices: tuple[str, ...] | None = None, **extra: Any) -> Any:
-    """A config field: its default, the help `--help` shows, the names it may take, and anything else the command
-    line or a resume needs to know of it (`override`: a model setting `vitlab train` can override; `resume`:
-    "same" if a resumed run must keep it, "warn" if changing it on resume deserves a word)."""
-    metadata = {"help": help, "choices": choices, **extra}
+@dataclass(frozen=True)
+class Range:
+    """The interval a number (or each number of a tuple) must lie in: `low` to `high`, None for no bound, each end
+    closed unless marked open."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None and self.low == 0:
+            return "positive" if self.open_low else "0 or more"
+        if self.high is None:
+            return f"{'more than' if self.open_low else 'at least'} {self.low:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+POSITIVE, AT_LEAST_0 = Range(0, open_low=True), Range(0)
+PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, open_high=True)  # [0, 1] and [0, 1)
+
+
+def setting(default: Any, help: str, choices: tuple[str, ...] | None = None, valid: Range | None = None, **extra: Any) -> Any:
+    """A config field: its default, the help `--help` shows, the names it may take or the range its numbers must lie
+    in (`valid`), and anything else the command line or a resume needs to know of it (`override`: a model setting
+    `vitlab train` can override; `resume`: "same" if a resumed run must keep it, "warn" if changing it on resume
+    deserves a word)."""
+    metadata = {"help": help, "choices": choices, "valid": valid, **extra}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -36,11 +64,15 @@ def _listed(names: tuple[str, ...]) -> str:
     return f"{', '.join(shown[:-1])} or {shown[-1]}"
 
 
-def _check_choices(config) -> None:
+def check_fields(config, prefix: str = "") -> None:
+    """Every field of `config` among its choices and in its range, else one line naming it (`prefix` "--" for flags)."""
     for f in dataclasses.fields(config):
-        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        value, choices, valid = getattr(config, f.name), f.metadata.get("choices"), f.metadata.get("valid")
         if choices and value not in choices:
-            raise ConfigError(f"{f.name} must be {_listed(choices)}, got {value!r}")
+            raise ConfigError(f"{prefix}{f.name} must be {_listed(choices)}, got {value!r}")
+        numbers = value if isinstance(value, tuple) else (value,)
+        if valid is not None and value is not None and not all(n in valid for n in numbers):
+            raise ConfigError(f"{prefix}{f.name} must be {valid}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -48,24 +80,24 @@ class ModelConfig:
     """A Vision Transformer's shape and the choices that change what it computes; the model is built from it alone."""
 
     name: str = setting("B/16", "the variant this config started from")
-    patch_size: int = setting(16, "pixels per patch side (for the hybrid: the stem's stride times the embedding kernel)", override=True)
-    hidden_size: int = setting(768, "token width", override=True)
-    depth: int = setting(12, "encoder blocks", override=True)
-    num_heads: int = setting(12, "attention heads per block", override=True)
-    mlp_dim: int = setting(3072, "hidden width of each block's MLP", override=True)
-    dropout_rate: float = setting(0.1, "dropout after the embeddings, attention output and MLP layers (the seed's 0.1)", override=True)
-    attention_dropout_rate: float = setting(0.0, "dropout on the attention probabilities", override=True)
+    patch_size: int = setting(16, "pixels per patch side (for the hybrid: the stem's stride times the embedding kernel)", override=True, valid=POSITIVE)
+    hidden_size: int = setting(768, "token width", override=True, valid=POSITIVE)
+    depth: int = setting(12, "encoder blocks", override=True, valid=POSITIVE)
+    num_heads: int = setting(12, "attention heads per block", override=True, valid=POSITIVE)
+    mlp_dim: int = setting(3072, "hidden width of each block's MLP", override=True, valid=POSITIVE)
+    dropout_rate: float = setting(0.1, "dropout after the embeddings, attention output and MLP layers (the seed's 0.1)", override=True, valid=FRACTION)
+    attention_dropout_rate: float = setting(0.0, "dropout on the attention probabilities", override=True, valid=FRACTION)
     classifier: str = setting("token", "token: classify the class token; gap: the mean of the patch tokens, no class token",
                               ("token", "gap"), override=True)  # fmt: skip
-    representation_size: int | None = setting(None, "width of a tanh pre-logits layer before the head; none: no such layer")
-    resnet_layers: tuple[int, ...] = setting((), "hybrid only: units per BiT ResNetV2 stage of the stem, e.g. (3, 4, 9)")
-    resnet_width_factor: int = setting(1, "hybrid only: the stem's width multiplier")
-    num_classes: int = setting(1000, "classes of the head")
-    img_size: int = setting(224, "image side in pixels")
+    representation_size: int | None = setting(None, "width of a tanh pre-logits layer before the head; none: no such layer", valid=POSITIVE)
+    resnet_layers: tuple[int, ...] = setting((), "hybrid only: units per BiT ResNetV2 stage of the stem, e.g. (3, 4, 9)", valid=POSITIVE)
+    resnet_width_factor: int = setting(1, "hybrid only: the stem's width multiplier", valid=POSITIVE)
+    num_classes: int = setting(1000, "classes of the head", valid=POSITIVE)
+    img_size: int = setting(224, "image side in pixels", valid=POSITIVE)
     attention_impl: str = setting("auto", "sdpa: fused kernels; math: explicit softmax; auto: whichever measured faster here "
                                   "(vitlab.fastpaths); the logits are the same", ("auto", "sdpa", "math"))  # fmt: skip
     layer_norm_eps: float = setting(1e-6, "epsilon of every LayerNorm: 1e-6 is flax's, the official weights' (transformers' "
-                                    "google/vit-* configs say 1e-12)", override=True)  # fmt: skip
+                                    "google/vit-* configs say 1e-12)", override=True, valid=POSITIVE)  # fmt: skip
     final_norm: str = setting("before_pool", "the encoder's last LayerNorm: before_pool: on every token, then pooling (the "
                               "official); after_pool: on the pooled vector (timm's fc_norm of average pooling)",
                               ("before_pool", "after_pool"), override=True)  # fmt: skip
@@ -82,25 +114,16 @@ class ModelConfig:
                                   override=True)  # fmt: skip
     drop_path_rate: float = setting(0.0, "stochastic depth: the last block's residual branches dropped per sample with this "
                                     "probability, linearly less for earlier blocks (Huang et al. 2016; DeiT)", override=True,
-                                    aliases=("--drop_path", "--drop-path"))  # fmt: skip
+                                    aliases=("--drop_path", "--drop-path"), valid=FRACTION)  # fmt: skip
     patch_drop_rate: float = setting(0.0, "share of each image's patch tokens dropped at random in training (PatchDropout, Liu et "
-                                     "al. 2022); evaluation sees every patch", override=True)  # fmt: skip
+                                     "al. 2022); evaluation sees every patch", override=True, valid=FRACTION)  # fmt: skip
 
     def __post_init__(self) -> None:
-        _check_choices(self)
-        for what in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "num_classes", "img_size"):
-            if getattr(self, what) < 1:
-                raise ConfigError(f"{what} must be at least 1, got {getattr(self, what)}")
+        check_fields(self)
         if self.pos_embed_init == "sincos2d" and self.hidden_size % 4:
             raise ConfigError(f"pos_embed_init 'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
-        if not 0 <= self.drop_path_rate < 1:
-            raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        if not 0 <= self.patch_drop_rate < 1:
-            raise ConfigError(f"patch_drop_rate must be in [0, 1), got {self.patch_drop_rate}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if not self.layer_norm_eps > 0:
-            raise ConfigError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
         if self.patch_size % self.stem_stride:
             raise ConfigError(f"hybrid patch_size {self.patch_size} must be a multiple of the stem's stride {self.stem_stride}")
         if self.grid_size < 1:
@@ -211,59 +234,59 @@ class TrainConfig:
                                   "folder, an official checkpoint name, hf-hub:ORG/NAME, 'none' (from scratch) or 'auto' "
                                   "(checkpoint/<model_type>.npz if present, else the official ImageNet-21k file)")  # fmt: skip
     output_dir: str = setting("output", "where output/<name>/ goes")
-    img_size: int = setting(224, "image side in pixels", resume="same")
-    train_batch_size: int = setting(512, "images per update, over accumulation steps and processes", resume="same")
-    eval_batch_size: int = setting(64, "images per evaluation batch and process")
-    eval_every: int = setting(100, "steps between evaluations on the validation split (and at the end)")
-    learning_rate: float = setting(3e-2, "peak learning rate", resume="same")
-    weight_decay: float = setting(0.0, "weight decay", resume="same")
-    num_steps: int = setting(10000, "optimizer steps; the schedule decays to 0 at the last", resume="warn")
+    img_size: int = setting(224, "image side in pixels", resume="same", valid=POSITIVE)
+    train_batch_size: int = setting(512, "images per update, over accumulation steps and processes", resume="same", valid=POSITIVE)
+    eval_batch_size: int = setting(64, "images per evaluation batch and process", valid=POSITIVE)
+    eval_every: int = setting(100, "steps between evaluations on the validation split (and at the end)", valid=POSITIVE)
+    learning_rate: float = setting(3e-2, "peak learning rate", resume="same", valid=POSITIVE)
+    weight_decay: float = setting(0.0, "weight decay", resume="same", valid=AT_LEAST_0)
+    num_steps: int = setting(10000, "optimizer steps; the schedule decays to 0 at the last", resume="warn", valid=POSITIVE)
     decay_type: str = setting("cosine", "decay after the linear warmup", ("cosine", "linear"), resume="same")
-    warmup_steps: int = setting(500, "steps of linear warmup from 0", resume="same")
-    max_grad_norm: float = setting(1.0, "gradient clipping norm; 0 disables clipping", resume="same")
-    local_rank: int = setting(-1, "this process's GPU under torch.distributed.launch (torchrun sets LOCAL_RANK instead)")
-    seed: int = setting(42, "seed of the initialisation, data order, augmentation, dropout and validation split", resume="same")
-    gradient_accumulation_steps: int = setting(1, "micro-batches per update (same update, less memory)")
+    warmup_steps: int = setting(500, "steps of linear warmup from 0", resume="same", valid=AT_LEAST_0)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm; 0 disables clipping", resume="same", valid=AT_LEAST_0)
+    local_rank: int = setting(-1, "this process's GPU under torch.distributed.launch (torchrun sets LOCAL_RANK instead)", valid=Range(-1))
+    seed: int = setting(42, "seed of the initialisation, data order, augmentation, dropout and validation split", resume="same", valid=AT_LEAST_0)
+    gradient_accumulation_steps: int = setting(1, "micro-batches per update (same update, less memory)", valid=POSITIVE)
     fp16: bool = setting(False, "fp16 mixed precision (the same as --precision fp16; CUDA only)", resume="same")
     fp16_opt_level: str = setting("O2", "Apex opt level, mapped onto torch.amp: O0 fp32; O1 and O2 fp16 autocast with fp32 master "
                                   "weights (O3, pure fp16, is not supported)", ("O0", "O1", "O2"), resume="same")  # fmt: skip
-    loss_scale: float = setting(0.0, "fp16 only: 0 dynamic loss scaling, > 0 a static scale")
+    loss_scale: float = setting(0.0, "fp16 only: 0 dynamic loss scaling, > 0 a static scale", valid=AT_LEAST_0)
     # vitlab's own settings
     data_dir: str = setting("data", "CIFAR download folder, or the image folder's root")
     log_dir: str = setting("logs", "TensorBoard logs go to <log_dir>/<name>")
     val_split: float = setting(0.02, "fraction of train held out for validation; 0 evaluates on the test split as the seed did",
-                               resume="same")  # fmt: skip
+                               resume="same", valid=FRACTION)  # fmt: skip
     precision: str = setting("fp32", "fp32 (the seed's), bf16 or fp16 autocast (fp16 needs CUDA), or auto: bf16 where the hardware "
                              "runs it natively, else fp32", ("auto", "fp32", "bf16", "fp16"), resume="same")  # fmt: skip
     device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
-    num_workers: int = setting(2, "DataLoader workers for image folders that stream from disk")
+    num_workers: int = setting(2, "DataLoader workers for image folders that stream from disk", valid=AT_LEAST_0)
     optimizer: str = setting("sgd", "sgd (momentum 0.9, the seed's), adamw, or muon (torch's Muon for the encoder blocks' matrices, "
                              "AdamW for the rest, one learning rate and weight decay)", ("sgd", "adamw", "muon"), resume="same")  # fmt: skip
-    momentum: float = setting(0.9, "SGD momentum", resume="same")
-    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's betas", resume="same", nargs=2, metavar=("BETA1", "BETA2"))
-    label_smoothing: float = setting(0.0, "label smoothing of the training loss, in [0, 1)", resume="same")
+    momentum: float = setting(0.9, "SGD momentum", resume="same", valid=FRACTION)
+    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's betas", resume="same", nargs=2, metavar=("BETA1", "BETA2"), valid=FRACTION)
+    label_smoothing: float = setting(0.0, "label smoothing of the training loss, in [0, 1)", resume="same", valid=FRACTION)
     augment: str = setting("resized_crop", "resized_crop (the seed's RandomResizedCrop), pad_crop (4 px, for 32 px training) or none",
                            ("resized_crop", "pad_crop", "none"), resume="same")  # fmt: skip
-    min_scale: float = setting(0.05, "RandomResizedCrop's smallest area fraction (the seed's 0.05)", resume="same")
+    min_scale: float = setting(0.05, "RandomResizedCrop's smallest area fraction (the seed's 0.05)", resume="same", valid=Range(0, 1, open_low=True))
     hflip: bool = setting(True, "random horizontal flips (the official fine-tuning's; --no-hflip for the seed's none)", resume="same")
     resume: str | None = setting(None, "continue a run: a checkpoint path, or with no value the run's own output/<name>/last.pt",
                                  nargs="?", const="last", metavar="PATH")  # fmt: skip
     overwrite: bool = setting(False, "start afresh where output/<name> holds a run: that run's folder (and logs/<name>) is moved "
                               "aside to <name>.replaced-<date-time>, not deleted")  # fmt: skip
     compile: bool = setting(False, "torch.compile the model")
-    log_every: int = setting(10, "steps between train/loss records")
+    log_every: int = setting(10, "steps between train/loss records", valid=POSITIVE)
     randaugment: str = setting("", "RandAugment 'N,M': N operations per image at magnitude M of 30 (Cubuk et al. 2020; "
                                "torchvision's operations and ranges), e.g. 2,9; empty: off", resume="same")  # fmt: skip
-    mixup: float = setting(0.0, "mixup's Beta(alpha, alpha): pairs of images and labels blended (Zhang et al. 2018); 0: off", resume="same")
+    mixup: float = setting(0.0, "mixup's Beta(alpha, alpha): pairs of images and labels blended (Zhang et al. 2018); 0: off", resume="same", valid=AT_LEAST_0)
     cutmix: float = setting(0.0, "CutMix's Beta(alpha, alpha): a box of one image pasted into its pair (Yun et al. 2019); 0: off",
-                            resume="same")  # fmt: skip
-    mixup_switch_prob: float = setting(0.5, "with both mixup and CutMix on, the share of pairs cut-mixed (timm's name)", resume="same")
+                            resume="same", valid=AT_LEAST_0)  # fmt: skip
+    mixup_switch_prob: float = setting(0.5, "with both mixup and CutMix on, the share of pairs cut-mixed (timm's name)", resume="same", valid=PROBABILITY)
     random_erasing: float = setting(0.0, "share of images with a random box erased to one random colour (Zhong et al. 2020)",
-                                    resume="same")  # fmt: skip
+                                    resume="same", valid=PROBABILITY)  # fmt: skip
     ema: float = setting(0.0, "decay of an exponential moving average of the weights, which evaluation, best.pt and every "
-                         "command use (e.g. 0.999); 0: off", resume="same")  # fmt: skip
+                         "command use (e.g. 0.999); 0: off", resume="same", valid=FRACTION)  # fmt: skip
     layer_decay: float = setting(1.0, "layer-wise learning-rate decay: layer l of L gets rate ** (L + 1 - l) of the rate (BEiT); "
-                                 "1: off", resume="same")  # fmt: skip
+                                 "1: off", resume="same", valid=Range(0, 1, open_low=True))  # fmt: skip
     freeze: str = setting("none", "parameters left untrained: backbone (the stem: the hybrid's ResNet, a ViT's patch embedding) or "
                           "all-but-head (a linear probe)", ("none", "backbone", "all-but-head"), resume="same")  # fmt: skip
     grad_checkpointing: bool = setting(False, "recompute each block in the backward instead of keeping its activations: "
@@ -283,30 +306,12 @@ class TrainConfig:
         """Refuse settings that cannot run, each with one clear sentence."""
         if not self.name:
             raise ConfigError("--name is required")
-        for f in dataclasses.fields(self):
-            value, choices = getattr(self, f.name), f.metadata.get("choices")
-            if choices and value not in choices:
-                raise ConfigError(f"--{f.name} {value!r}: choose {', '.join(choices)}")
+        if self.name in (".", "..") or any(c in self.name for c in ("/", "\\", "\0")):
+            raise ConfigError(f"--name {self.name!r}: a run's name is one folder name (no '/', not '.' or '..'), kept inside "
+                              "--output_dir and --log_dir")  # fmt: skip
+        check_fields(self, "--")
         checks = [
-            (self.num_steps > 0, "--num_steps must be positive"),
-            (self.warmup_steps >= 0, "--warmup_steps must be 0 or more"),
-            (self.eval_every > 0, "--eval_every must be positive"),
-            (self.log_every > 0, "--log_every must be positive"),
-            (self.learning_rate > 0, "--learning_rate must be positive"),
-            (self.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be positive"),
-            (self.eval_batch_size > 0, "--eval_batch_size must be positive"),
-            (0 <= self.val_split < 1, "--val_split must be in [0, 1)"),
-            (0 <= self.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
-            (self.max_grad_norm >= 0, "--max_grad_norm must be 0 (off) or positive"),
-            (self.weight_decay >= 0, "--weight_decay must be 0 or more"),
             (not (self.resume and self.overwrite), "--resume continues a run and --overwrite replaces it: pass one"),
-            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be 0 (off) or positive"),
-            (0 <= self.mixup_switch_prob <= 1, "--mixup_switch_prob must be in [0, 1]"),
-            (0 <= self.random_erasing <= 1, "--random_erasing must be in [0, 1]"),
-            (0 <= self.ema < 1, "--ema must be in [0, 1) (0: off)"),
-            (0 < self.layer_decay <= 1, "--layer_decay must be in (0, 1] (1: off)"),
-            (0 < self.min_scale <= 1, "--min_scale must be in (0, 1]"),
-            (self.loss_scale >= 0, "--loss_scale must be 0 (dynamic) or positive (static)"),
             (not (self.fp16 and self.precision == "bf16"), "--fp16 and --precision bf16 contradict each other"),
         ]
         for ok, message in checks:

@@ -137,7 +137,8 @@ def build_page(demo: Demo, title: str, examples: list[str]):
         cached = gr.State(None)
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="image", sources=["upload", "webcam", "clipboard"], height=IMAGE_HEIGHT, elem_id="image")
+                image = uploads_only(gr, gr.Image(label="image", sources=["upload", "webcam", "clipboard"], height=IMAGE_HEIGHT,
+                                                  elem_id="image"))  # fmt: skip
                 if examples:
                     gr.Examples(examples, inputs=image, label="examples", cache_examples=False)
             with gr.Column():
@@ -149,6 +150,28 @@ def build_page(demo: Demo, title: str, examples: list[str]):
             label = gr.Label(num_top_classes=demo.top_k, label="top classes", elem_id="label")
         _connect(gr, demo, (image, choice, opacity), (label, shown, info, cached))
     return page
+
+
+def uploads_only(gr, image):
+    """`image` made to refuse a URL given as its value. Gradio's API takes an http(s) URL for an image and fetches it
+    on the server before the page's function sees it; this page's images come from uploads, the webcam and the
+    clipboard only, so that it fetches nothing from the internet."""
+    fetch, fetch_async = image.move_resource_to_block_cache, image.async_move_resource_to_block_cache
+
+    def refuse_urls(value) -> None:
+        if str(value).lower().startswith(("http://", "https://")):
+            raise gr.Error("images come from uploads only: this page fetches nothing from the internet", print_exception=False)
+
+    def guarded(value):
+        refuse_urls(value)
+        return fetch(value)
+
+    async def guarded_async(value):
+        refuse_urls(value)
+        return await fetch_async(value)
+
+    image.move_resource_to_block_cache, image.async_move_resource_to_block_cache = guarded, guarded_async
+    return image
 
 
 def _connect(gr, demo: Demo, inputs: tuple, outputs: tuple) -> None:

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -56,6 +56,19 @@ def atomic_write_dir(path: str | os.PathLike, write) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output(path: str | os.PathLike, overwrite: bool, inputs: tuple = (), flag: str = "--out") -> Path:
+    """`path` as a command's output: refused if a file or folder is there, unless `overwrite`, and always if it is one
+    of the command's `inputs` or a folder that holds one (writing it would destroy what is being read)."""
+    path = Path(path)
+    for source in inputs:
+        source = Path(source)
+        if source.exists() and path.exists() and (path.resolve() == source.resolve() or path.resolve() in source.resolve().parents):
+            raise ConfigError(f"{flag} {path}: that would write over the input {source}; choose another {flag}")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{flag} {path}: already exists; --overwrite replaces it, or choose another {flag}")
+    return path
 
 
 def cache_dir() -> Path:

@@ -158,17 +158,61 @@ def normalise_keys(arrays: dict[str, np.ndarray], depth: int) -> dict[str, np.nd
     return out
 
 
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All arrays of an `.npz` file, read without pickle; one clear error for any damage."""
+def npz_budget(config: ModelConfig) -> int:
+    """The most numbers an official file of `config`'s variant can hold: its model with the largest official head
+    (ImageNet-21k's 21,843 classes), a pre-logits layer and a position table of 64 x 64 patches, counted on the meta
+    device. A file claiming more is refused before any of it is read: memory stays within what such a model needs."""
+    from .model import count_parameters
+
+    with torch.device("meta"):
+        largest = create_model(config.name, num_classes=max(config.num_classes, 21_843), representation_size=config.hidden_size,
+                               img_size=64 * config.patch_size, hidden_size=config.hidden_size, depth=config.depth,
+                               mlp_dim=config.mlp_dim, num_heads=config.num_heads)  # fmt: skip
+    return count_parameters(largest)
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _check_npz_sizes(path: Path, budget: int) -> None:
+    """Each array's header read (a few bytes, not its data): its stored size must be what its shape and dtype say,
+    and all together at most `budget` numbers. So an archive whose member inflates to gigabytes is refused first."""
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as f:
+                reader = _HEADER_READERS.get(np.lib.format.read_magic(f))
+                if reader is None:
+                    continue  # a format numpy itself reads or refuses below
+                shape, _, dtype = reader(f)
+                count = math.prod(shape)
+                if not dtype.hasobject and info.file_size != f.tell() + count * dtype.itemsize:
+                    raise CheckpointError(f"{path}: {info.filename} is {info.file_size:,} bytes, not what its header says "
+                                          f"({shape} {dtype}): damaged")  # fmt: skip
+                total += count
+    if total > budget:
+        raise CheckpointError(f"{path}: holds {total:,} numbers, more than a checkpoint of this model can ({budget:,}); "
+                              "refused before reading it")  # fmt: skip
+
+
+def read_npz(path: str | os.PathLike, config: ModelConfig | None = None) -> dict[str, np.ndarray]:
+    """All arrays of an `.npz` file, read without pickle, checked against the size of `config`'s checkpoints
+    (`npz_budget`; ViT-H/14's when None) before reading; one clear error for any damage."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
+        if zipfile.is_zipfile(path):
+            _check_npz_sizes(path, npz_budget(config or get_config("H/14")))
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise CheckpointError(f"{path}: a single .npy array, not an .npz checkpoint")
         with data:
-            return {key: data[key] for key in data.files}
+            arrays = {key: data[key] for key in data.files}
+    except CheckpointError:
+        raise
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise CheckpointError(f"{path}: not a complete .npz file (truncated or corrupt: {e})") from None
     except ValueError as e:
@@ -177,6 +221,11 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: not an .npz checkpoint (neither a zip archive nor an array file)") from None
     except OSError as e:
         raise CheckpointError(f"{path}: not an .npz checkpoint ({e})") from None
+    bad = [key for key, value in arrays.items() if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} of its arrays hold NaN or infinite values ({', '.join(bad[:3])}): "
+                              "weights that cannot be used")  # fmt: skip
+    return arrays
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
@@ -273,7 +322,7 @@ def load_official(model: VisionTransformer, source: str | os.PathLike | dict, ve
     if differ:
         theirs = ", ".join(f"--{f} {v}" for f, v in differ.items())
         raise CheckpointError(f"{name}: official weights compute with {theirs}; this model differs ({', '.join(differ)}); pass {theirs}")
-    arrays = _Arrays(normalise_keys(read_npz(source) if not isinstance(source, dict) else dict(source), config.depth), name, config)
+    arrays = _Arrays(normalise_keys(read_npz(source, config) if not isinstance(source, dict) else dict(source), config.depth), name, config)
     head_classes = arrays.arrays["head/kernel"].shape[-1] if "head/kernel" in arrays.arrays else None
     keep_head = head_classes == config.num_classes
     target = model.state_dict()
@@ -298,7 +347,7 @@ def npz_model(path: str | os.PathLike, model_type: str | None) -> VisionTransfor
     if model_type is None:
         raise CheckpointError(f"{path}: an official .npz file needs its variant, e.g. --model_type B/16")
     base = get_config(model_type)
-    arrays = normalise_keys(read_npz(path), base.depth)  # read once, for the shape and the weights
+    arrays = normalise_keys(read_npz(path, base), base.depth)  # read once, for the shape and the weights
     head, pos_embed = arrays.get("head/bias"), arrays.get("Transformer/posembed_input/pos_embedding")
     if head is None or pos_embed is None:
         raise CheckpointError(f"{path}: no head or position embeddings; not an official ViT classifier checkpoint")

@@ -91,6 +91,15 @@ class Processes:
         if self.distributed and self.is_main:
             torch.distributed.barrier()
 
+    def agree(self, signum: int | None) -> int | None:
+        """A signal any process received (the largest number), so that all stop at the same step; one all-reduce of
+        one number a step, on the device (NCCL reduces only there)."""
+        if not self.distributed:
+            return signum
+        flag = torch.tensor([signum or 0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+
     def close(self) -> None:
         if self.distributed:
             torch.distributed.destroy_process_group()

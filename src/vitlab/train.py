@@ -11,14 +11,10 @@ step, dropout; so a resumed run takes exactly the steps the uninterrupted run wo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import fcntl
 import json
 import math
-import os
-import socket
+import signal
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +26,12 @@ from tqdm.auto import tqdm
 from . import checkpoints, official
 from .config import ModelConfig, TrainConfig, canonical_name, seed_name
 from .data import Augmentation, ImageSet, TrainBatches, eval_batches, load_datasets
-from .errors import CheckpointError, ConfigError, TrainingError, VitlabWarning
+from .errors import TrainingError
 from .evaluate import evaluate
 from .fastpaths import describe
 from .model import VisionTransformer
 from .optim import configure_optimizer, freeze, set_learning_rate
+from .runs import MetricsLog, StopSignals, Stopped, check_resume, claim_run_directory, release
 from .runtime import Processes, autocast, resolve_precision
 
 
@@ -80,10 +77,10 @@ class Job:
 
 def train(config: TrainConfig) -> dict:
     """Run a whole training job; returns the final metrics (also saved as output/<name>/final_metrics.json)."""
-    processes, lock = Processes(config.device, config.local_rank), None
+    processes, locks = Processes(config.device, config.local_rank), []
     try:
         config.validate(processes.world_size)
-        lock = claim_run_directory(config) if processes.is_main else None  # before any slow set-up
+        locks = claim_run_directory(config) if processes.is_main else []  # before any slow set-up
         job = set_up(config, processes)
         state = start(job)
         batches = TrainBatches(job.train_data, augmentation(job), config.train_batch_size, config.seed, processes.device,
@@ -91,7 +88,7 @@ def train(config: TrainConfig) -> dict:
         bar = tqdm(total=config.num_steps, initial=state.step, desc="train", unit="step", disable=not processes.is_main, dynamic_ncols=True)
         job.train_model.train()
         started, images_seen = time.perf_counter(), 0
-        with bar:
+        with bar, StopSignals() as stops:
             for images, labels in batches(state.step, config.num_steps):
                 lr = set_learning_rate(job.optimizer, config, state.step)
                 torch.manual_seed(config.seed * 1_000_003 + state.step * 1_009 + processes.rank + 7)  # this step's dropout
@@ -105,14 +102,16 @@ def train(config: TrainConfig) -> dict:
                     job.log.write(state.step, **{"train/loss": loss, "train/lr": lr, "train/images_per_second": speed})
                 if state.step % config.eval_every == 0 or state.step == config.num_steps:
                     evaluate_and_save(job, state, bar)
+                stop = processes.agree(stops.received)  # every process stops at the same step
+                if stop and state.step < config.num_steps:
+                    stop_at_step_boundary(job, state, stop)
         final = finish(job, state, time.perf_counter() - started, images_seen)
         if processes.distributed:
             torch.distributed.barrier()  # gloo can abort at exit if one process tears down while another still talks
         return final
     finally:
         processes.close()
-        if lock is not None:
-            lock.close()  # the kernel releases the lock with the file, or with the process if it dies
+        release(locks)  # the kernel releases a lock with its file, or with the process if it dies
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,73 +178,6 @@ def augmentation(job: Job) -> Augmentation:
                         cutmix_switch_prob=config.mixup_switch_prob)  # fmt: skip
 
 
-def claim_run_directory(config: TrainConfig):
-    """output/<name> for this run alone: a lock that a second live run on it cannot take (released by the kernel when
-    this process ends, however it ends), and no finished or interrupted run replaced unless --resume continues it or
-    --overwrite moves it aside. Returns the open lock file."""
-    out_dir = Path(config.output_dir) / config.name
-    lock = _lock(out_dir)
-    held = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if held and not config.resume:
-        if not config.overwrite:
-            lock.close()
-            raise ConfigError(f"{out_dir} holds a run ({', '.join(held)}); --resume continues it, --overwrite moves it aside and "
-                              "starts afresh, or choose another --name")  # fmt: skip
-        aside = f"{config.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        for folder in (out_dir, Path(config.log_dir) / config.name):
-            if folder.exists():
-                folder.rename(folder.with_name(aside))
-                print(f"moved the earlier run's {folder} aside to {folder.with_name(aside)}")
-        lock.close()
-        lock = _lock(out_dir)
-    for stray in out_dir.glob(".*.pt.*.tmp"):  # left by a run of this name killed while saving; none is running now
-        stray.unlink()
-    return lock
-
-
-RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.jsonl", "final_metrics.json")
-
-
-def _lock(out_dir: Path):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(out_dir / ".lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise ConfigError(f"{out_dir} is in use by a run still going ({holder}); wait for it to end, or choose another --name") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}")
-    lock.flush()
-    return lock
-
-
-def check_resume(payload: dict, config: TrainConfig, precision: str, path: Path) -> None:
-    """Refuse to resume with a setting that changes the run's course (its seed, batch, schedule, optimizer, augmentation,
-    model: config.py marks them resume="same"); a longer or shorter --num_steps, or another precision where `auto` picked
-    differently on this machine, continue with a warning."""
-    try:
-        theirs = TrainConfig.from_dict(payload["train_config"])
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path}: its training settings are unreadable ({e})") from None
-    differ = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume") == "same" and getattr(theirs, f.name) != getattr(config, f.name)]
-    shown = [(f"--{key}", theirs.model.get(key, "the variant's"), config.model.get(key, "the variant's"))
-             for key in sorted(set(theirs.model) | set(config.model)) if theirs.model.get(key) != config.model.get(key)]  # fmt: skip
-    shown += [(f"--{name}", getattr(theirs, name), getattr(config, name)) for name in differ if name != "model"]
-    if shown:
-        said = "; ".join(f"{flag} {a}, this one {b}" for flag, a, b in shown)
-        raise ConfigError(f"{path}: its run used {said}; resuming needs the run's own settings (or start afresh with --overwrite)")
-    if theirs.num_steps != config.num_steps:
-        warnings.warn(f"--num_steps {config.num_steps}: the run was set for {theirs.num_steps} steps; the schedule is recomputed for "
-                      f"the new length from step {payload['step']} on", VitlabWarning, stacklevel=2)  # fmt: skip
-    if payload.get("precision", precision) != precision:
-        warnings.warn(f"the run trained in {payload['precision']} and goes on in {precision} here (--precision {config.precision} "
-                      "resolves by machine): it will not be bit-exact with an uninterrupted run", VitlabWarning, stacklevel=2)  # fmt: skip
-
-
 def start(job: Job) -> TrainState:
     """A fresh state, or the state of the checkpoint --resume names (weights, optimizer and scaler restored too)."""
     config, state = job.config, TrainState()
@@ -305,7 +237,29 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor, state: Trai
 
 
 def kept(job: Job, state: TrainState) -> str:
-    return f"the last good checkpoint {job.out_dir / 'last.pt'} (step {state.saved_step}) is kept"
+    """What a stopped run leaves to resume from, naming only a file that is there."""
+    last = job.out_dir / "last.pt"
+    if state.saved_step and last.is_file():
+        return f"the last good checkpoint {last} (step {state.saved_step}) is kept"
+    return f"no checkpoint was saved before it (the first is written at step {job.config.eval_every})"
+
+
+def save_last(job: Job, state: TrainState, names: tuple[str, ...] = ("last.pt",)) -> None:
+    """The run's state as `names` in its folder (rank 0 writes), for --resume to continue bit-exact from this step."""
+    if job.processes.is_main:
+        for name in names:
+            checkpoints.save_training_checkpoint(job.out_dir / name, job.model, job.class_names, job.config.to_dict(), job.optimizer,
+                                                 job.scaler, {**state.progress(), "precision": job.precision}, job.ema)  # fmt: skip
+    state.saved_step = state.step
+
+
+def stop_at_step_boundary(job: Job, state: TrainState, signum: int) -> None:
+    """A signal came (SIGTERM before a preemption, Ctrl-C): last.pt at this step, then a one-line stop."""
+    if not all(torch.isfinite(p).all() for p in job.model.parameters()):
+        raise TrainingError(f"stopped by {signal.Signals(signum).name} at step {state.step} with non-finite weights; {kept(job, state)}")
+    save_last(job, state)
+    raise Stopped(f"stopped by {signal.Signals(signum).name} at step {state.step}; saved {job.out_dir / 'last.pt'}: --resume "
+                  "continues the run", signum)  # fmt: skip
 
 
 def evaluate_on(job: Job, data: ImageSet) -> dict:
@@ -330,10 +284,7 @@ def evaluate_and_save(job: Job, state: TrainState, bar) -> None:
         job.log.write(state.step, **{f"{tag}/loss": result["loss"], f"{tag}/accuracy": result["accuracy"]})
         bar.write(f"step {state.step}: {tag} accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
                   f"(best {state.best_accuracy:.4f} at step {state.best_step})")  # fmt: skip
-        for name in ("best.pt", "last.pt") if improved else ("last.pt",):
-            checkpoints.save_training_checkpoint(job.out_dir / name, job.model, job.class_names, job.config.to_dict(), job.optimizer,
-                                                 job.scaler, {**state.progress(), "precision": job.precision}, job.ema)  # fmt: skip
-    state.saved_step = state.step
+    save_last(job, state, ("best.pt", "last.pt") if improved else ("last.pt",))
 
 
 def finish(job: Job, state: TrainState, seconds: float, images_seen: int) -> dict:
@@ -371,37 +322,3 @@ def load_best(job: Job) -> None:
             job.ema.module.load_state_dict(best["ema"])
     elif job.processes.is_main:
         print(f"no {best_path}: testing the final weights")
-
-
-class MetricsLog:
-    """Rank 0's records: TensorBoard scalars under logs/<name>, the same as JSON lines in output/<name>/metrics.jsonl."""
-
-    def __init__(self, config: TrainConfig, out_dir: Path):
-        self.path, self.log_dir, self.writer = out_dir / "metrics.jsonl", Path(config.log_dir) / config.name, None
-
-    def start(self, step: int) -> None:
-        """A resumed run replays what came after its checkpoint: the records past `step` go, in both logs."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        if step > 0 and self.path.exists():
-            kept_lines = [line for line in self.path.read_text().splitlines() if _record_step(line) <= step]
-            self.path.write_text("".join(line + "\n" for line in kept_lines))
-        elif self.path.exists():
-            self.path.unlink()
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=step if step > 0 else None)
-
-    def write(self, step: int, **scalars: float) -> None:
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, step)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def _record_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
-        return math.inf
