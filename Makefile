@@ -1,5 +1,5 @@
 # Two entry points, each from a fresh machine with only Python 3.11+:
-#   make train   set up .venv and run the seed's fine-tuning job
+#   make train   set up .venv and run the tutorial's fine-tuning job
 #   make test    set up .venv with the test extras and run the test suite
 PYTHON ?= python3
 VENV ?= .venv

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from vitlab import official
-from vitlab.config import SEED_NAMES, VARIANTS, ModelConfig, all_names, canonical_name, get_config
+from vitlab.config import LEGACY_NAMES, VARIANTS, ModelConfig, all_names, canonical_name, get_config
 from vitlab.fastpaths import Linear
 from vitlab.model import _factor, _pad_same, count_parameters, create_model, sincos_2d
 
 from rounding import ELEMENTWISE_ULPS, assert_within, assert_within_float32_rounding, float32_rounding, sum_bound, ulps
 
-# Parameter counts at 10 classes and 224 px (the seed's table; both spellings give the same).
+# Parameter counts at 10 classes and 224 px (the tutorial's table; both spellings give the same).
 EXPECTED_PARAMETERS = {
     "ViT-B_16": 85_806_346,
     "ViT-B_32": 87_462_922,
@@ -24,7 +24,7 @@ EXPECTED_PARAMETERS = {
     "ViT-H_14": 630_777_610,
     "R50-ViT-B_16": 97_897_802,
 }
-EXPECTED_BY_SHORT_NAME = {SEED_NAMES[seed]: count for seed, count in EXPECTED_PARAMETERS.items()}
+EXPECTED_BY_SHORT_NAME = {LEGACY_NAMES[legacy]: count for legacy, count in EXPECTED_PARAMETERS.items()}
 
 
 def plain_vit_parameters(config: ModelConfig) -> int:
@@ -46,17 +46,17 @@ def plain_vit_parameters(config: ModelConfig) -> int:
 def test_all_names_has_both_spellings_of_every_variant():
     names = all_names()
     assert len(names) == len(set(names))
-    assert set(names) == set(VARIANTS) | set(SEED_NAMES)
-    for seed, short in SEED_NAMES.items():
-        assert get_config(seed) == get_config(short)
+    assert set(names) == set(VARIANTS) | set(LEGACY_NAMES)
+    for legacy, short in LEGACY_NAMES.items():
+        assert get_config(legacy) == get_config(short)
 
 
 def test_expected_counts_agree_with_the_formula():
     # The formula is checked against the published numbers before it stands in for the other variants.
-    for seed, count in EXPECTED_PARAMETERS.items():
-        config = get_config(seed, num_classes=10, img_size=224)
+    for legacy, count in EXPECTED_PARAMETERS.items():
+        config = get_config(legacy, num_classes=10, img_size=224)
         if not config.is_hybrid:
-            assert plain_vit_parameters(config) == count, seed
+            assert plain_vit_parameters(config) == count, legacy
 
 
 @pytest.mark.parametrize("name", all_names())

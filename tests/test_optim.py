@@ -1,4 +1,4 @@
-"""The optimizers and the schedule: the seed's warmup and decay, which parameters Muon and AdamW take and decay,
+"""The optimizers and the schedule: the tutorial's warmup and decay, which parameters Muon and AdamW take and decay,
 Muon's orthogonalised updates, and the combined optimizer's state."""
 
 from __future__ import annotations

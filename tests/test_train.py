@@ -1,4 +1,4 @@
-"""`vitlab train`: the seed's flags and defaults, the schedule, gradient accumulation, bit-exact
+"""`vitlab train`: the tutorial's flags and defaults, the schedule, gradient accumulation, bit-exact
 resume after a kill (also mid-save), the two-process gloo run, image-folder errors, refused
 inputs, the NaN guard and the run's outputs. Tiny models (Ti/16 cut down to patch 4 at 16 px,
 depth 1, width 16) on a few dozen random images made in tmp_path, CPU only."""
@@ -25,7 +25,7 @@ from vitlab import checkpoints, fastpaths
 from vitlab import train as vtrain
 from vitlab.checkpoints import CheckpointError, read_checkpoint
 from vitlab.cli import build_parser, main, train_config_from_args
-from vitlab.config import ModelConfig, TrainConfig
+from vitlab.config import ModelConfig, TrainConfig, field_type
 from vitlab.errors import ConfigError
 from vitlab.data import eval_batches, load_image_folder
 from vitlab.evaluate import evaluate
@@ -119,7 +119,7 @@ def one_error_line(err: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. The seed's command line
+# 1. The tutorial's command line
 
 
 def parse(argv: list[str]) -> TrainConfig:
@@ -785,7 +785,7 @@ def test_every_setting_is_checked_against_its_range_in_the_python_api_too():
         TrainConfig(name="x", eval_batch_size=0).validate()
     # Each range is declared once, beside its default: every numeric field of both configs has one.
     for cls in (ModelConfig, TrainConfig):
-        numeric = [f for f in dataclasses.fields(cls) if f.type.split(" | ")[0] in ("int", "float", "tuple[float, float]")]
+        numeric = [f for f in dataclasses.fields(cls) if field_type(cls, f.name)[0] in (int, float) or float in field_type(cls, f.name)[1]]
         assert [f.name for f in numeric if f.metadata.get("valid") is None] == []
 
 

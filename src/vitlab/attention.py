@@ -1,7 +1,7 @@
 """Where the model looks: attention rollout (Abnar & Zuidema, 2020) and one layer's raw attention,
 as a map over the patch grid, drawn beside and over the image.
 
-Rollout follows the notebook of jeonsworld/ViT-pytorch (the seed): average the heads, add the identity for the residual
+Rollout follows the notebook of jeonsworld/ViT-pytorch (the tutorial): average the heads, add the identity for the residual
 path, renormalise the rows, and multiply the layers through, first layer rightmost. A model with a
 class token is explained by the class token's row; a `gap` model, which has none and classifies the
 mean of its tokens, by the mean of all tokens' rows.

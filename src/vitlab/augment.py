@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 
 def to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) normalised with mean and std 0.5, as the seed."""
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) normalised with mean and std 0.5, as the tutorial."""
     return images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
 
 
@@ -263,9 +263,9 @@ def mix(x: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, num_classes
 @dataclass(frozen=True)
 class Augmentation:
     img_size: int
-    kind: str = "resized_crop"  # "resized_crop" (the seed's), "pad_crop" (32 px training), "none"
-    min_scale: float = 0.05  # RandomResizedCrop's smallest area fraction (the seed's 0.05)
-    hflip: bool = True  # the official fine-tuning flips; the seed did not
+    kind: str = "resized_crop"  # "resized_crop" (the tutorial's), "pad_crop" (32 px training), "none"
+    min_scale: float = 0.05  # RandomResizedCrop's smallest area fraction (the tutorial's 0.05)
+    hflip: bool = True  # the official fine-tuning flips; the tutorial did not
     pad: int = 4
     dtype: torch.dtype = torch.float32  # bf16 when training in bf16: the model would round to it anyway, and it halves the work
     randaugment: tuple[int, int] | None = None  # (operations per image, magnitude of 30)
@@ -323,7 +323,7 @@ class Augmentation:
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Evaluation transform: the whole image resized to size x size (the seed's Resize), bilinear."""
+    """Evaluation transform: the whole image resized to size x size (the tutorial's Resize), bilinear."""
     if x.shape[-2:] == (size, size):
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from . import commands, export
-from .config import DATASETS, MODEL_OVERRIDES, TrainConfig
+from .config import DATASETS, MODEL_OVERRIDES, ModelConfig, TrainConfig, field_type
 from .errors import ConfigError, VitlabError, VitlabWarning, torch_error_message
 from .runs import Stopped
 from .runtime import DEVICES_HELP, PRECISIONS, PRECISIONS_HELP
@@ -29,22 +29,22 @@ SOURCE_HELP = ("a run's checkpoint (.pt), a vitlab .safetensors file, an officia
 
 
 # ---------------------------------------------------------------------------------------------
-# vitlab train: every TrainConfig field and every overridable ModelConfig field is a flag, in the seed's spelling
+# vitlab train: every TrainConfig field and every overridable ModelConfig field is a flag, in the tutorial's spelling
 # and dashed, with the field's help and choices; defaults stay unset here, so that recipe < config file < flags.
 
-def _field_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, dest: str, default) -> None:
+def _field_flag(parser: argparse.ArgumentParser, cls, f: dataclasses.Field, dest: str, default) -> None:
     meta = f.metadata
     flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []) + list(meta.get("aliases", ()))
     shown = "" if f.name == "name" else f" (default: {'the variant' if dest.startswith('model.') else default})"
     kwargs = dict(dest=dest, default=argparse.SUPPRESS, help=meta["help"] + shown)
-    kind = f.type.partition(" | ")[0]
-    if kind == "bool":
+    kind, args, _ = field_type(cls, f.name)
+    if kind is bool:
         parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
     elif "nargs" in meta:
-        item = float if "float" in kind else str
+        item = float if float in args else str
         parser.add_argument(*flags, type=item, nargs=meta["nargs"], const=meta.get("const"), metavar=meta.get("metavar"), **kwargs)
     else:
-        parser.add_argument(*flags, type={"int": int, "float": float}.get(kind, str), choices=meta.get("choices"),
+        parser.add_argument(*flags, type=kind if kind in (int, float) else str, choices=meta.get("choices"),
                             metavar=None if meta.get("choices") else f.name.upper(), **kwargs)  # fmt: skip
 
 
@@ -56,9 +56,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name != "model":
-            _field_flag(parser, f, f.name, getattr(defaults, f.name))
+            _field_flag(parser, TrainConfig, f, f.name, getattr(defaults, f.name))
     for f in MODEL_OVERRIDES.values():
-        _field_flag(parser, f, f"model.{f.name}", None)
+        _field_flag(parser, ModelConfig, f, f"model.{f.name}", None)
 
 
 def _read_config_file(path: str) -> dict:
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="official checkpoint names or hf-hub:ORG/NAME (see --list)")
     p.add_argument("--list", action="store_true", help="list the official checkpoints and the other sources")
     p.set_defaults(func=commands.cmd_download)
-    p = sub.add_parser("train", help="fine-tune or train from scratch (the seed's train.py flags)")
+    p = sub.add_parser("train", help="fine-tune or train from scratch (the tutorial's train.py flags)")
     _add_train_flags(p)
     p.set_defaults(func=lambda args: commands.cmd_train(train_config_from_args(args)))
     _add_inference_commands(sub)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import official
 from .checkpoints import load_model
-from .config import VARIANTS, TrainConfig, seed_name
+from .config import VARIANTS, TrainConfig, legacy_name
 from .data import DataError, read_image
 from .errors import ConfigError
 from .files import HUB_PREFIX, atomic_write, cache_dir, check_output, fetch_hub
@@ -23,11 +23,11 @@ from .runtime import resolve_device, resolve_precision
 def cmd_models(args: argparse.Namespace) -> int:
     from .model import count_parameters, create_model
 
-    rows = [("name", "seed name", "patch", "width", "depth", "heads", "MLP", "params (10 classes, 224 px)")]
+    rows = [("name", "legacy name", "patch", "width", "depth", "heads", "MLP", "params (10 classes, 224 px)")]
     for name, config in VARIANTS.items():
         with torch.device("meta"):  # counts without allocating weights
             params = count_parameters(create_model(name, num_classes=10, img_size=224))
-        rows.append((name, seed_name(name) if seed_name(name) != name else "", str(config.patch_size), str(config.hidden_size),
+        rows.append((name, legacy_name(name) if legacy_name(name) != name else "", str(config.patch_size), str(config.hidden_size),
                      str(config.depth), str(config.num_heads), str(config.mlp_dim), f"{params:,}"))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:

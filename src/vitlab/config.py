@@ -5,12 +5,16 @@ the command line, config files, validation and the model overrides of `vitlab tr
 The variant table is Table 1 of Dosovitskiy et al. (2020) plus the small sizes of Steiner et al. (2021, "How to
 train your ViT"), in the layout of google-research/vision_transformer's `configs/models.py`. Each variant has a
 short name (`B/16`) and the spelling of jeonsworld/ViT-pytorch (`ViT-B_16`), the PyTorch port of the paper
-that vitlab's `train` command stays compatible with ("the seed" in comments).
+that vitlab's `train` command stays compatible with ("the tutorial" in comments; its spellings are the legacy
+names).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +89,7 @@ class ModelConfig:
     depth: int = setting(12, "encoder blocks", override=True, valid=POSITIVE)
     num_heads: int = setting(12, "attention heads per block", override=True, valid=POSITIVE)
     mlp_dim: int = setting(3072, "hidden width of each block's MLP", override=True, valid=POSITIVE)
-    dropout_rate: float = setting(0.1, "dropout after the embeddings, attention output and MLP layers (the seed's 0.1)", override=True, valid=FRACTION)
+    dropout_rate: float = setting(0.1, "dropout after the embeddings, attention output and MLP layers (the tutorial's 0.1)", override=True, valid=FRACTION)
     attention_dropout_rate: float = setting(0.0, "dropout on the attention probabilities", override=True, valid=FRACTION)
     classifier: str = setting("token", "token: classify the class token; gap: the mean of the patch tokens, no class token",
                               ("token", "gap"), override=True)  # fmt: skip
@@ -186,34 +190,34 @@ VARIANTS: dict[str, ModelConfig] = {
         _vit("L/32", 32, 1024, 24, 16, 4096),
         _vit("H/14", 14, 1280, 32, 16, 5120),
         _vit("R50+B/16", 16, 768, 12, 12, 3072, resnet_layers=(3, 4, 9)),
-        _vit("testing", 16, 1, 1, 1, 1),  # the seed's one-unit model, for smoke tests
+        _vit("testing", 16, 1, 1, 1, 1),  # the tutorial's one-unit model, for smoke tests
     )
 }
 
-# The seed's spellings, and the same form for the small sizes.
-SEED_NAMES: dict[str, str] = {
+# The tutorial's spellings, and the same form for the small sizes.
+LEGACY_NAMES: dict[str, str] = {
     "ViT-B_16": "B/16", "ViT-B_32": "B/32", "ViT-L_16": "L/16", "ViT-L_32": "L/32",
     "ViT-H_14": "H/14", "R50-ViT-B_16": "R50+B/16", "ViT-Ti_16": "Ti/16", "ViT-S_16": "S/16",
     "ViT-S_32": "S/32", "ViT-B_8": "B/8",
 }  # fmt: skip
-_SHORT_TO_SEED = {short: seed for seed, short in SEED_NAMES.items()}
+_SHORT_TO_LEGACY = {short: legacy for legacy, short in LEGACY_NAMES.items()}
 
 
 def canonical_name(name: str) -> str:
     """Short name for either spelling; raises ConfigError listing the choices."""
     if name in VARIANTS:
         return name
-    if name in SEED_NAMES:
-        return SEED_NAMES[name]
+    if name in LEGACY_NAMES:
+        return LEGACY_NAMES[name]
     raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(all_names())}")
 
 
-def seed_name(short: str) -> str:
-    return _SHORT_TO_SEED.get(short, short)
+def legacy_name(short: str) -> str:
+    return _SHORT_TO_LEGACY.get(short, short)
 
 
 def all_names() -> list[str]:
-    return list(SEED_NAMES) + ["testing"] + list(VARIANTS)[:-1]
+    return list(LEGACY_NAMES) + ["testing"] + list(VARIANTS)[:-1]
 
 
 def get_config(name: str, **overrides) -> ModelConfig:
@@ -223,7 +227,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Defaults are the seed's (its `train.py`) up to `loss_scale`; the rest are vitlab's.
+    """Every setting of a training run. Defaults are the tutorial's (its `train.py`) up to `loss_scale`; the rest are vitlab's.
     Built from recipe < config file < command-line flags, printed at the start and saved as `output/<name>/config.json`."""
 
     name: str = setting("", "the run's name (required): output/<name>/ and logs/<name>/")
@@ -254,21 +258,21 @@ class TrainConfig:
     # vitlab's own settings
     data_dir: str = setting("data", "CIFAR download folder, or the image folder's root")
     log_dir: str = setting("logs", "TensorBoard logs go to <log_dir>/<name>")
-    val_split: float = setting(0.02, "fraction of train held out for validation; 0 evaluates on the test split as the seed did",
+    val_split: float = setting(0.02, "fraction of train held out for validation; 0 evaluates on the test split as the tutorial did",
                                resume="same", valid=FRACTION)  # fmt: skip
-    precision: str = setting("fp32", "fp32 (the seed's), bf16 or fp16 autocast (fp16 needs CUDA), or auto: bf16 where the hardware "
+    precision: str = setting("fp32", "fp32 (the tutorial's), bf16 or fp16 autocast (fp16 needs CUDA), or auto: bf16 where the hardware "
                              "runs it natively, else fp32", ("auto", "fp32", "bf16", "fp16"), resume="same")  # fmt: skip
     device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
     num_workers: int = setting(2, "DataLoader workers for image folders that stream from disk", valid=AT_LEAST_0)
-    optimizer: str = setting("sgd", "sgd (momentum 0.9, the seed's), adamw, or muon (torch's Muon for the encoder blocks' matrices, "
+    optimizer: str = setting("sgd", "sgd (momentum 0.9, the tutorial's), adamw, or muon (torch's Muon for the encoder blocks' matrices, "
                              "AdamW for the rest, one learning rate and weight decay)", ("sgd", "adamw", "muon"), resume="same")  # fmt: skip
     momentum: float = setting(0.9, "SGD momentum", resume="same", valid=FRACTION)
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's betas", resume="same", nargs=2, metavar=("BETA1", "BETA2"), valid=FRACTION)
     label_smoothing: float = setting(0.0, "label smoothing of the training loss, in [0, 1)", resume="same", valid=FRACTION)
-    augment: str = setting("resized_crop", "resized_crop (the seed's RandomResizedCrop), pad_crop (4 px, for 32 px training) or none",
+    augment: str = setting("resized_crop", "resized_crop (the tutorial's RandomResizedCrop), pad_crop (4 px, for 32 px training) or none",
                            ("resized_crop", "pad_crop", "none"), resume="same")  # fmt: skip
-    min_scale: float = setting(0.05, "RandomResizedCrop's smallest area fraction (the seed's 0.05)", resume="same", valid=Range(0, 1, open_low=True))
-    hflip: bool = setting(True, "random horizontal flips (the official fine-tuning's; --no-hflip for the seed's none)", resume="same")
+    min_scale: float = setting(0.05, "RandomResizedCrop's smallest area fraction (the tutorial's 0.05)", resume="same", valid=Range(0, 1, open_low=True))
+    hflip: bool = setting(True, "random horizontal flips (the official fine-tuning's; --no-hflip for the tutorial's none)", resume="same")
     resume: str | None = setting(None, "continue a run: a checkpoint path, or with no value the run's own output/<name>/last.pt",
                                  nargs="?", const="last", metavar="PATH")  # fmt: skip
     overwrite: bool = setting(False, "start afresh where output/<name> holds a run: that run's folder (and logs/<name>) is moved "
@@ -360,21 +364,36 @@ class TrainConfig:
         return cls(**_typed(cls, values, "settings"), model=model)
 
 
-_SCALAR_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_type(cls, name: str) -> tuple[type, tuple, bool]:
+    """A config field's annotation, resolved (the module's annotations are strings): (its type or generic origin,
+    that origin's arguments, whether None is allowed). `int | None` is (int, (), True); `tuple[float, float]` is
+    (tuple, (float, float), False)."""
+    hint = _hints(cls)[name]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return typing.get_origin(hint) or hint, typing.get_args(hint), optional
+
+
+_ACCEPTED = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}  # a float setting takes an int too
 
 
 def _typed(cls, values: dict, what: str) -> dict:
     """`values` checked against `cls`'s fields: unknown keys and values of the wrong type refused, lists made tuples."""
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown {what}: {', '.join(unknown)}")
     typed = {}
     for name, value in values.items():
-        kind, _, optional = fields[name].partition(" | ")
-        if kind in _SCALAR_TYPES and not (value is None and optional == "None"):
-            wrong_bool = isinstance(value, bool) and kind != "bool"
-            if wrong_bool or not isinstance(value, _SCALAR_TYPES[kind]):
-                raise ConfigError(f"{name} must be {kind}{' or null' if optional else ''}, got {value!r}")
-        typed[name] = tuple(value) if kind.startswith("tuple") and isinstance(value, list) else value
+        kind, _, optional = field_type(cls, name)
+        if kind in _ACCEPTED and not (value is None and optional):
+            if (isinstance(value, bool) and kind is not bool) or not isinstance(value, _ACCEPTED[kind]):
+                raise ConfigError(f"{name} must be {kind.__name__}{' or null' if optional else ''}, got {value!r}")
+        typed[name] = tuple(value) if kind is tuple and isinstance(value, list) else value
     return typed

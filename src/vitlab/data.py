@@ -169,7 +169,7 @@ def _check_readable(path: str) -> None:
 
 
 def split_validation(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """A held-out validation split chosen from the seed (the official recipe holds out 2%)."""
+    """A held-out validation split drawn from the random seed (the official recipe holds out 2%)."""
     n_val = int(round(len(data) * fraction))
     if not 0 < n_val < len(data):
         raise DataError(f"val_split {fraction} of {len(data)} images leaves {n_val} for validation; choose a larger fraction or 0")
@@ -183,7 +183,7 @@ def held_out_folder(root: Path) -> Path | None:
 
 
 def load_datasets(dataset: str, data_dir: str, val_split: float, seed: int) -> tuple[ImageSet, ImageSet, ImageSet | None]:
-    """(train, validation, test). With val_split 0 the test split is the validation, as in the seed. An image folder
+    """(train, validation, test). With val_split 0 the test split is the validation, as in the tutorial. An image folder
     trains on its train/ subfolder and tests on its val/ or test/ one where it has them, else trains on the whole."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose {', '.join(DATASETS)}")

@@ -75,14 +75,13 @@ POLICY: dict[str, dict[str, bool]] = {
     "AVX512": {"onednn_linear": True, "explicit_softmax_bf16": True},
     "AVX2": {"onednn_linear": False, "explicit_softmax_bf16": False},
 }
-_OFF = {"onednn_linear": False, "explicit_softmax_bf16": False}  # any other CPU: plain torch
 
 
 def wanted(path: str) -> bool:
     """Whether the policy turns `path` on for this CPU (before its self-check), and VITLAB_FASTPATHS is not off."""
     if os.environ.get("VITLAB_FASTPATHS", "on").lower() in ("0", "off", "false", "no"):
         return False
-    return POLICY.get(instruction_set(), _OFF)[path]
+    return POLICY.get(instruction_set(), POLICY["AVX2"])[path]  # any other CPU: plain torch, as AVX2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +200,16 @@ class Linear(nn.Linear):
     into it, and GELU is one more pass. Anywhere else (CUDA, other CPUs, dtypes other than fp32 and bf16,
     tracing, export and torch.compile, which fuse on their own) it is F.linear."""
 
-    def __init__(self, in_features: int, out_features: int, gelu: str | None = None):
-        super().__init__(in_features, out_features)
+    def __init__(self, in_features: int, out_features: int, gelu: str | None = None, **kwargs):
+        super().__init__(in_features, out_features, **kwargs)
         self.gelu = gelu  # None, or F.gelu's `approximate`: "none" (exact) or "tanh"
+
+    @classmethod
+    def adopt(cls, linear: nn.Linear, gelu: str | None = None) -> Linear:
+        """`linear`'s own parameters (not copies) in a Linear, followed by `gelu` if given."""
+        layer = cls(linear.in_features, linear.out_features, gelu, bias=linear.bias is not None, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._onednn_dtype(x)
@@ -235,20 +241,28 @@ class Linear(nn.Linear):
         return super().extra_repr() + (f", gelu={self.gelu}" if self.gelu else "")
 
 
+def fuse_linear_layers(module: nn.Module) -> nn.Module:
+    """Every nn.Linear inside `module` made a Linear (oneDNN where it is on, F.linear elsewhere), and a GELU that comes
+    right after one, as `fc1` then `act` in a block's MLP, fused into it: the same parameters and state dict, the
+    same results to float rounding. The model is written plainly; this is the one place that changes how it runs."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Linear.adopt(child))
+        fc1, act = getattr(parent, "fc1", None), getattr(parent, "act", None)
+        if isinstance(fc1, Linear) and fc1.gelu is None and isinstance(act, nn.GELU):
+            fc1.gelu, parent.act = act.approximate, nn.Identity()
+    return module
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention
-
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T / sqrt(head_dim)) v, the paper's formula: (output, weights). q, k, v: (B, heads, T, head_dim)."""
-    weights = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
-    return dropout(weights) @ v, weights
-
 
 def _check_sdpa(dtype: torch.dtype, device_type: str) -> float:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 7, 16, generator=g).to(device_type, dtype).requires_grad_() for _ in range(3))
     fast = F.scaled_dot_product_attention(q, k, v)
-    plain, _ = explicit_attention(q, k, v, nn.Identity())
+    plain = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v  # the formula, as model.Attention has it
     upstream = torch.randn(fast.shape, generator=g).to(device_type, dtype)
     fast_grads = torch.autograd.grad(fast, (q, k, v), upstream)
     plain_grads = torch.autograd.grad(plain, (q, k, v), upstream)

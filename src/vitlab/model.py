@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, get_config
 from .errors import DataError
-from .fastpaths import Linear, explicit_attention, use_explicit_attention
+from .fastpaths import fuse_linear_layers, use_explicit_attention
 
 
 def _lecun_normal_(weight: torch.Tensor) -> None:
@@ -153,8 +153,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.hidden_size // config.num_heads
-        self.qkv = Linear(config.hidden_size, 3 * config.hidden_size)  # query, key, value fused: one matmul
-        self.proj = Linear(config.hidden_size, config.hidden_size)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # query, key, value fused: one matmul
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout_rate = config.attention_dropout_rate
         self.attn_drop = nn.Dropout(config.attention_dropout_rate)
         self.impl = config.attention_impl
@@ -163,10 +163,11 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, head_dim)
         q, k, v = qkv.unbind(0)
-        if need_weights or use_explicit_attention(q, self.impl):
-            out, weights = explicit_attention(q, k, v, self.attn_drop)
-        else:
-            weights = None
+        weights = None
+        if need_weights or use_explicit_attention(q, self.impl):  # the formula itself, where asked or faster here
+            weights = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
+            out = self.attn_drop(weights) @ v
+        else:  # the same by torch's fused kernel
             dropout_p = self.attention_dropout_rate if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, T, head_dim)
         return self.proj(out.transpose(1, 2).reshape(B, T, C)), weights if need_weights else None
@@ -175,13 +176,13 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        # GELU in fc1 (fused on CPUs); the tanh form is flax's, with which the released weights were trained
-        self.fc1 = Linear(config.hidden_size, config.mlp_dim, gelu="tanh" if config.gelu == "tanh" else "none")
-        self.fc2 = Linear(config.mlp_dim, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.mlp_dim)
+        self.act = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")  # tanh: flax's, the released weights'
+        self.fc2 = nn.Linear(config.mlp_dim, config.hidden_size)
         self.drop = nn.Dropout(config.dropout_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.fc1(x))))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class DropPath(nn.Module):
@@ -249,6 +250,7 @@ class VisionTransformer(nn.Module):
             self.pre_logits = nn.Identity()
         self.head = nn.Linear(config.representation_size or D, config.num_classes)
         self.reset_parameters()
+        fuse_linear_layers(self.blocks)  # the CPU fast paths (fastpaths.py): the same parameters, the same results
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -278,13 +280,6 @@ class VisionTransformer(nn.Module):
         if isinstance(self.pre_logits, nn.Sequential):
             _lecun_normal_(self.pre_logits[0].weight)
             nn.init.zeros_(self.pre_logits[0].bias)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def reset_head(self, num_classes: int) -> None:
-        """A new zero-initialised head (the seed's `zero_head`) for a different number of classes."""
-        self.config = self.config.replace(num_classes=num_classes)
-        self.head = nn.Linear(self.head.in_features, num_classes, device=self.head.weight.device, dtype=self.head.weight.dtype)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 

@@ -28,7 +28,7 @@ from .model import VisionTransformer, create_model
 # ---------------------------------------------------------------------------------------------
 # The official layout: our parameter name -> npz key, and how the array is laid out there.
 
-def _block_keys(i: int, D: int, heads: int) -> list[tuple[str, str, str]]:
+def _block_keys(i: int) -> list[tuple[str, str, str]]:
     b, a = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
     keys = [
         (b + "norm1.weight", a + "LayerNorm_0/scale", "vector"),
@@ -72,7 +72,7 @@ def official_key_map(config: ModelConfig) -> list[tuple[str, str, str]]:
     if config.classifier == "token":
         keys.append(("cls_token", "cls", "same"))
     for i in range(config.depth):
-        keys += _block_keys(i, config.hidden_size, config.num_heads)
+        keys += _block_keys(i)
     keys += [("norm.weight", "Transformer/encoder_norm/scale", "vector"), ("norm.bias", "Transformer/encoder_norm/bias", "vector")]
     if config.representation_size:
         keys += [("pre_logits.0.weight", "pre_logits/kernel", "dense"), ("pre_logits.0.bias", "pre_logits/bias", "vector")]
@@ -402,15 +402,15 @@ class OfficialCheckpoint:
 def _registry() -> dict[str, OfficialCheckpoint]:
     entries = []
     # The paper's ImageNet-21k files (with a pre-logits layer) and their ImageNet-1k fine-tunes.
-    for seed, short, width in (("ViT-B_16", "B/16", 768), ("ViT-B_32", "B/32", 768), ("ViT-L_16", "L/16", 1024),
+    for legacy, short, width in (("ViT-B_16", "B/16", 768), ("ViT-B_32", "B/32", 768), ("ViT-L_16", "L/16", 1024),
                                ("ViT-L_32", "L/32", 1024), ("ViT-H_14", "H/14", 1280), ("R50+ViT-B_16", "R50+B/16", 768)):  # fmt: skip
-        name = seed.replace("+", "-")
-        entries.append(OfficialCheckpoint(name, f"imagenet21k/{seed}.npz", short, 21843, 224, width, "ImageNet-21k"))
+        name = legacy.replace("+", "-")
+        entries.append(OfficialCheckpoint(name, f"imagenet21k/{legacy}.npz", short, 21843, 224, width, "ImageNet-21k"))
         if short != "H/14":
-            entries.append(OfficialCheckpoint(f"{name}-384", f"imagenet21k+imagenet2012/{seed}.npz", short, 1000, 384, None,
+            entries.append(OfficialCheckpoint(f"{name}-384", f"imagenet21k+imagenet2012/{legacy}.npz", short, 1000, 384, None,
                                               "ImageNet-21k, fine-tuned on ImageNet-1k at 384 px"))  # fmt: skip
-    for seed, short in (("ViT-B_16", "B/16"), ("ViT-L_16", "L/16")):
-        entries.append(OfficialCheckpoint(f"{seed}-224", f"imagenet21k+imagenet2012/{seed}-224.npz", short, 1000, 224, None,
+    for legacy, short in (("ViT-B_16", "B/16"), ("ViT-L_16", "L/16")):
+        entries.append(OfficialCheckpoint(f"{legacy}-224", f"imagenet21k+imagenet2012/{legacy}-224.npz", short, 1000, 224, None,
                                           "ImageNet-21k, fine-tuned on ImageNet-1k at 224 px"))  # fmt: skip
     # The recommended AugReg files of Steiner et al. (2021), as listed in vision_transformer's README.
     augreg = {"Ti/16": ("Ti_16", "none-wd_0.03-do_0.0-sd_0.0", "0.03"), "S/16": ("S_16", "light1-wd_0.03-do_0.0-sd_0.0", "0.03"),

@@ -12,7 +12,7 @@ from .model import VisionTransformer
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, decay_type: str) -> float:
-    """The seed's schedule (WarmupCosineSchedule / WarmupLinearSchedule): linear warmup from 0, then
+    """The tutorial's schedule (WarmupCosineSchedule / WarmupLinearSchedule): linear warmup from 0, then
     cosine or linear decay to 0 at `total_steps`. Multiplies the base learning rate at `step`."""
     if step < warmup_steps:
         return step / max(1, warmup_steps)
@@ -65,7 +65,7 @@ def _groups(model: VisionTransformer, config: TrainConfig, params: list[str], de
 
 
 def configure_optimizer(model: VisionTransformer, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD as the seed (weight decay on every parameter); AdamW decays only matrices, not norms, biases, class token
+    """SGD as the tutorial (weight decay on every parameter); AdamW decays only matrices, not norms, biases, class token
     and position embeddings; Muon takes the encoder blocks' matrices and AdamW the rest. Frozen parameters are left
     out; with `layer_decay` < 1 each layer's learning rate is scaled (layer-wise decay, BEiT)."""
     trained = [name for name, p in model.named_parameters() if p.requires_grad]

@@ -4,10 +4,10 @@ config file and by flags. Each says how to run it and what it reaches, as measur
 from __future__ import annotations
 
 RECIPES: dict[str, dict] = {
-    # The seed's published fine-tuning run: ViT-B/16 from the ImageNet-21k checkpoint, 500 steps of
+    # The tutorial's published fine-tuning run: ViT-B/16 from the ImageNet-21k checkpoint, 500 steps of
     # 512 images at 224 px. Run: `vitlab train --recipe finetune-cifar10 --name b16-cifar10`.
-    # Reaches (published by the seed on GPUs, not yet measured by vitlab): 98.6% on the CIFAR-10
-    # test set; the seed's own headline, 100 steps of batch 16, gave 95.66%.
+    # Reaches (published by the tutorial on GPUs, not yet measured by vitlab): 98.6% on the CIFAR-10
+    # test set; the tutorial's own headline, 100 steps of batch 16, gave 95.66%.
     "finetune-cifar10": dict(
         dataset="cifar10", model_type="ViT-B_16", pretrained_dir="auto", img_size=224, train_batch_size=512,
         learning_rate=3e-2, num_steps=500, warmup_steps=100, decay_type="cosine", eval_every=100,

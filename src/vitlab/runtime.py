@@ -63,7 +63,7 @@ def autocast(device: torch.device, precision: str):
 
 
 class Processes:
-    """This process's place in a run: its device, and its rank among the processes of torchrun (or of the seed's
+    """This process's place in a run: its device, and its rank among the processes of torchrun (or of the tutorial's
     torch.distributed.launch, which passes --local_rank), or of none."""
 
     def __init__(self, device: str, local_rank: int = -1):

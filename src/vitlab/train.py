@@ -1,4 +1,4 @@
-"""The training loop: fine-tuning as the seed did it (SGD, warmup then cosine or linear decay, gradient clipping,
+"""The training loop: fine-tuning as the tutorial did it (SGD, warmup then cosine or linear decay, gradient clipping,
 accumulation, mixed precision, DistributedDataParallel), plus training from scratch, held-out validation, a guard
 against non-finite values, atomic checkpoints and bit-exact resume.
 
@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from . import checkpoints, official
-from .config import ModelConfig, TrainConfig, canonical_name, seed_name
+from .config import ModelConfig, TrainConfig, canonical_name, legacy_name
 from .data import Augmentation, ImageSet, TrainBatches, eval_batches, load_datasets
 from .errors import TrainingError
 from .evaluate import evaluate
@@ -143,7 +143,7 @@ def resolve_pretrained(config: TrainConfig) -> str | None:
     if source.lower() == "none":
         return None
     if source == "auto":
-        local = Path("checkpoint") / f"{seed_name(canonical_name(config.model_type))}.npz"
+        local = Path("checkpoint") / f"{legacy_name(canonical_name(config.model_type))}.npz"
         if local.is_file():
             return str(local)
         name = official.default_checkpoint(canonical_name(config.model_type))
