@@ -59,7 +59,7 @@ def image_files(root: Path) -> list[Path]:
 
 def train_command(data_dir: Path, name: str, output_dir: Path, log_dir: Path, num_steps: int, eval_every: int, log_every: int,
                   warmup_steps: int, extra: list[str]) -> list[str]:  # fmt: skip
-    return [sys.executable, "-m", "vitlab.cli", "train", "--recipe", RECIPE, "--name", name, "--dataset", "imagefolder",
+    return [sys.executable, "-m", "vitlab.app.cli", "train", "--recipe", RECIPE, "--name", name, "--dataset", "imagefolder",
             "--data_dir", str(data_dir), "--val_split", str(VAL_SPLIT), "--device", "cpu", "--num_steps", str(num_steps),
             "--eval_every", str(eval_every), "--log_every", str(log_every), "--warmup_steps", str(warmup_steps),
             "--output_dir", str(output_dir), "--log_dir", str(log_dir), *extra]  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from vitlab import checkpoints
+from vitlab.formats import checkpoints
 from vitlab.errors import CheckpointError
 from vitlab.model import create_model
 

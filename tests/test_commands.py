@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlab import checkpoints, official
+from vitlab.formats import checkpoints, official
 from vitlab.errors import CheckpointError
-from vitlab.cli import main
+from vitlab.app.cli import main
 from vitlab.data import read_image
-from vitlab.checkpoints import load_model
-from vitlab.inference import preprocess
+from vitlab.formats.checkpoints import load_model
+from vitlab.app.inference import preprocess
 from vitlab.model import create_model
 
 from rounding import assert_within_float32_rounding, float32_rounding
@@ -201,7 +201,7 @@ def test_a_64_megapixel_photo_costs_little_more_memory_than_a_thumbnail(tiny_run
     ramp = np.linspace(0, 255, 8000, dtype=np.uint8)
     Image.fromarray(np.stack([np.broadcast_to(ramp, (8000, 8000))] * 3, axis=-1)).save(tmp_path / "big.jpg", quality=90)
     save_png(tmp_path / "small.png", size=40)
-    code = ("import resource, sys; from vitlab.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import resource, sys; from vitlab.app.cli import main; rc = main(sys.argv[1:]); "
             "print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")  # fmt: skip
     peaks = {}
     for image in ("small.png", "big.jpg"):
@@ -364,7 +364,7 @@ def test_an_npz_whose_member_inflates_to_gigabytes_is_refused_before_it_is_read(
                 f.write(chunk)
     assert bomb.stat().st_size < 20e6
     image = save_png(tmp_path / "a.png")
-    code = f"import sys; from vitlab.cli import main; sys.exit(main(['predict', {str(bomb)!r}, '--model_type', 'Ti/16', {str(image)!r}]))"
+    code = f"import sys; from vitlab.app.cli import main; sys.exit(main(['predict', {str(bomb)!r}, '--model_type', 'Ti/16', {str(image)!r}]))"
     rc, err, peak = peak_rss_of(code)
     assert rc == 1
     assert f"holds {count:,} numbers, more than a checkpoint of this model can" in err.strip().splitlines()[-1]
@@ -378,7 +378,7 @@ def test_a_small_file_whose_config_claims_a_huge_model_builds_nothing(tiny_run, 
     huge = tmp_path / "huge.pt"
     torch.save(payload, huge)
     assert huge.stat().st_size < 1e6
-    code = f"import sys; from vitlab.cli import main; sys.exit(main(['predict', {str(huge)!r}, {str(save_png(tmp_path / 'a.png'))!r}]))"
+    code = f"import sys; from vitlab.app.cli import main; sys.exit(main(['predict', {str(huge)!r}, {str(save_png(tmp_path / 'a.png'))!r}]))"
     rc, err, peak = peak_rss_of(code)
     assert rc == 1
     assert "missing keys" in err.strip().splitlines()[-1] and "batch size" not in err

@@ -27,14 +27,14 @@ import torch
 from conftest import REPO, train_tiny
 from PIL import Image
 
-from vitlab import demo
-from vitlab.attention import attention_map
-from vitlab.checkpoints import load_model, read_checkpoint
-from vitlab.cli import main
+from vitlab.app import demo
+from vitlab.app.rollout import attention_map
+from vitlab.formats.checkpoints import load_model, read_checkpoint
+from vitlab.app.cli import main
 from vitlab.data import ImageSet, read_image
-from vitlab.demo import Demo, find_examples, read_upload, render, shrink
+from vitlab.app.demo import Demo, find_examples, read_upload, render, shrink
 from vitlab.errors import ConfigError, DataError, VitlabError
-from vitlab.inference import predict, preprocess
+from vitlab.app.inference import predict, preprocess
 from vitlab.model import count_parameters
 
 CPU = torch.device("cpu")
@@ -310,7 +310,7 @@ def served(deep_run, tmp_path_factory):
     """`vitlab demo` on the two-layer run, in fp32 on the CPU, with its outgoing requests recorded."""
     pytest.importorskip("gradio")
     folder = tmp_path_factory.mktemp("served")
-    argv = [sys.executable, "-m", "vitlab.cli", "demo", str(deep_run.checkpoint), "--port", str(free_port()), "--device", "cpu",
+    argv = [sys.executable, "-m", "vitlab.app.cli", "demo", str(deep_run.checkpoint), "--port", str(free_port()), "--device", "cpu",
             "--precision", "fp32"]  # fmt: skip
     with recording_proxy() as proxy, running(argv, folder, server_env(proxy), folder / "server.log") as url:
         yield SimpleNamespace(url=url, run=deep_run, log=folder / "server.log", proxy=proxy, folder=folder)
@@ -318,7 +318,7 @@ def served(deep_run, tmp_path_factory):
 
 def test_a_port_in_use_is_one_line(served):
     port = urlparse(served.url).port
-    argv = [sys.executable, "-m", "vitlab.cli", "demo", str(served.run.checkpoint), "--port", str(port), "--device", "cpu"]
+    argv = [sys.executable, "-m", "vitlab.app.cli", "demo", str(served.run.checkpoint), "--port", str(port), "--device", "cpu"]
     with recording_proxy() as proxy:
         done = subprocess.run(argv, env=server_env(proxy), capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 1

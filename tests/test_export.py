@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from vitlab import checkpoints, official
-from vitlab.cli import main
-from vitlab.checkpoints import load_model
+from vitlab.formats import checkpoints, official
+from vitlab.app.cli import main
+from vitlab.formats.checkpoints import load_model
 from vitlab.model import VisionTransformer, create_model
 
 

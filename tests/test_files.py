@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from vitlab import files
+from vitlab.formats import files
 from vitlab.errors import CheckpointError
 
 

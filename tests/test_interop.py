@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vitlab import interop
-from vitlab.checkpoints import load_model, load_pretrained, save_safetensors
-from vitlab.cli import main
+from vitlab.formats import interop
+from vitlab.formats.checkpoints import load_model, load_pretrained, save_safetensors
+from vitlab.app.cli import main
 from vitlab.errors import CheckpointError
 from vitlab.model import create_model
 
@@ -447,10 +447,10 @@ def test_export_the_library_cannot_load_is_refused(tiny_run, tmp_path, capsys, m
 
 
 def vitlab_processes(commands: list[list[str]], env: dict[str, str]) -> list[dict]:
-    """Each command run by vitlab.cli.main in one fresh Python process, since huggingface_hub reads HF_ENDPOINT, HF_HOME and
+    """Each command run by vitlab.app.cli.main in one fresh Python process, since huggingface_hub reads HF_ENDPOINT, HF_HOME and
     HF_HUB_OFFLINE when it is imported: its exit code, stdout and stderr."""
     script = (
-        "import contextlib, io, json, sys\nfrom vitlab.cli import main\nresults = []\n"
+        "import contextlib, io, json, sys\nfrom vitlab.app.cli import main\nresults = []\n"
         "for argv in json.loads(sys.argv[1]):\n    out, err = io.StringIO(), io.StringIO()\n"
         "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n        code = main(argv)\n"
         "    results.append({'code': code, 'out': out.getvalue(), 'err': err.getvalue()})\nprint(json.dumps(results))\n"
@@ -470,7 +470,7 @@ def test_predict_hf_hub_names_through_the_hub_then_offline(hub, tmp_path, random
     from PIL import Image
 
     from vitlab.data import read_image
-    from vitlab.inference import preprocess
+    from vitlab.app.inference import preprocess
 
     httpd, url = hub
     hf = hf_model(randomise, seed=1)

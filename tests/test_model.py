@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitlab import official
+from vitlab.formats import official
 from vitlab.config import LEGACY_NAMES, VARIANTS, ModelConfig, all_names, canonical_name, get_config
 from vitlab.fastpaths import Linear
 from vitlab.model import _factor, _pad_same, count_parameters, create_model, sincos_2d

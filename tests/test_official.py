@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab import official
+from vitlab.formats import official
 from vitlab.errors import CheckpointError
-from vitlab.official import load_official, resize_pos_embed, save_npz
+from vitlab.formats.official import load_official, resize_pos_embed, save_npz
 from vitlab.model import create_model
 
 from rounding import assert_same_function, assert_within, ulps

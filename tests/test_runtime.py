@@ -8,8 +8,10 @@ import warnings
 import pytest
 import torch
 
-from vitlab import commands, runtime
-from vitlab.cli import main
+from vitlab.app import commands
+
+from vitlab import runtime
+from vitlab.app.cli import main
 from vitlab.errors import ConfigError, VitlabError, VitlabWarning, torch_error_message
 from vitlab.runtime import resolve_device, resolve_precision
 

@@ -21,10 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlab import checkpoints, fastpaths
+from vitlab.formats import checkpoints
+
+from vitlab import fastpaths
 from vitlab import train as vtrain
-from vitlab.checkpoints import CheckpointError, read_checkpoint
-from vitlab.cli import build_parser, main, train_config_from_args
+from vitlab.formats.checkpoints import CheckpointError, read_checkpoint
+from vitlab.app.cli import build_parser, main, train_config_from_args
 from vitlab.config import ModelConfig, TrainConfig, field_type
 from vitlab.errors import ConfigError
 from vitlab.data import eval_batches, load_image_folder
@@ -251,7 +253,7 @@ def slow(*args):
     time.sleep(0.15)
     return real(*args)
 t.set_learning_rate = slow
-from vitlab.cli import main
+from vitlab.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -268,7 +270,7 @@ def hold(optimizer, config, step):
             time.sleep(0.05)
     return real(optimizer, config, step)
 t.set_learning_rate = hold
-from vitlab.cli import main
+from vitlab.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -286,13 +288,13 @@ def fsync(fd):
             os.kill(os.getpid(), signal.SIGKILL)
     real_fsync(fd)
 os.fsync = fsync
-from vitlab.cli import main
+from vitlab.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def train_subprocess(cwd: Path, args: list[str], code: str | None = None, **popen) -> subprocess.Popen:
-    head = [sys.executable, "-c", code] if code else [sys.executable, "-m", "vitlab.cli"]
+    head = [sys.executable, "-c", code] if code else [sys.executable, "-m", "vitlab.app.cli"]
     return subprocess.Popen(head + ["train", *args], cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint, **popen)  # fmt: skip
 
@@ -585,7 +587,7 @@ def test_resume_with_every_option_of_the_kit_is_bit_exact(tmp_path):
 @pytest.fixture(scope="module")
 def gloo_runs(tmp_path_factory):
     """The same run as one process (in this process) and as two gloo processes with 2 accumulation steps
-    each (`torchrun --standalone --nproc_per_node 2 -m vitlab.cli train ...`), total batch 8 in both."""
+    each (`torchrun --standalone --nproc_per_node 2 -m vitlab.app.cli train ...`), total batch 8 in both."""
     tmp_path = tmp_path_factory.mktemp("gloo")
     data = make_image_folder(tmp_path / "data")
     common = dict(num_steps=6, eval_every=3, warmup_steps=2, learning_rate=0.05, val_split=0.25, dropout_rate=0.0, log_every=1)
@@ -593,7 +595,7 @@ def gloo_runs(tmp_path_factory):
     args = TINY_FLAGS + flags(name="dist", dataset="imagefolder", data_dir=str(data), device="cpu", train_batch_size=8,
                               gradient_accumulation_steps=2, num_workers=0, output_dir=str(tmp_path / "output"),
                               log_dir=str(tmp_path / "logs"), **common)  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitlab.cli", "train", *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitlab.app.cli", "train", *args]
     work = tmp_path / "cwd"
     work.mkdir()
     result = subprocess.run(command, check=False, cwd=work, env=clean_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)

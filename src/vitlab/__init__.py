@@ -1,12 +1,12 @@
 """vitlab: Vision Transformers for image classification, correct to the paper and fast."""
 
 from . import fastpaths  # first: it sets torch's allocator up before torch allocates anything
-from .checkpoints import load_model, load_pretrained
+from .formats.checkpoints import load_model, load_pretrained
 from .config import VARIANTS, ModelConfig, TrainConfig, get_config
 from .errors import CheckpointError, ConfigError, DataError, VitlabError
 from .fastpaths import keep_freed_memory
 from .model import VisionTransformer, create_model
-from .official import OFFICIAL_CHECKPOINTS, load_official, official_model, save_npz
+from .formats.official import OFFICIAL_CHECKPOINTS, load_official, official_model, save_npz
 
 __version__ = "0.1.0"
 

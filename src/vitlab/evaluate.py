@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .files import atomic_write
+from .formats.files import atomic_write
 from .runtime import autocast
 
 PRINTED_CONFUSION_MAX_CLASSES = 20  # a wider matrix wraps in a terminal; the JSON and the PNG hold it whole

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from . import checkpoints, official
+from .formats import checkpoints, official
 from .config import ModelConfig, TrainConfig, canonical_name, legacy_name
 from .data import Augmentation, ImageSet, TrainBatches, eval_batches, load_datasets
 from .errors import TrainingError

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write
+from ..formats.files import atomic_write
 
 
 def head_average(weights: torch.Tensor) -> torch.Tensor:

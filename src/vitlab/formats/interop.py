@@ -22,8 +22,8 @@ import re
 
 import torch
 
-from .config import VARIANTS, ModelConfig
-from .errors import CheckpointError, ExportError
+from ..config import VARIANTS, ModelConfig
+from ..errors import CheckpointError, ExportError
 
 # (their key prefix, ours), "{}" standing for a number; every key of a file must match one.
 _TIMM_KEYS = [

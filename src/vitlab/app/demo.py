@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attention import attention_map, overlay
-from .checkpoints import load_model, read_checkpoint, save_safetensors
-from .data import cifar_on_disk, held_out_folder, load_cifar, read_image
-from .errors import ConfigError, DataError, VitlabError
+from .rollout import attention_map, overlay
+from ..formats.checkpoints import load_model, read_checkpoint, save_safetensors
+from ..data import cifar_on_disk, held_out_folder, load_cifar, read_image
+from ..errors import ConfigError, DataError, VitlabError
 from .inference import list_images, predict_with_attention, preprocess, top_classes
-from .model import VisionTransformer, count_parameters
+from ..model import VisionTransformer, count_parameters
 
 INSTALL = "pip install 'vitlab[demo]'"
 MAX_PIXELS = 40_000_000  # an upload above 40 megapixels is refused before it is decoded (120 MB as RGB)
@@ -216,7 +216,7 @@ def serve(source: str | os.PathLike, model_type: str | None = None, examples: st
           host: str | None = None, port: int | None = None, share: bool = False, top_k: int = 5, device: str = "auto",
           precision: str = "auto", title: str | None = None) -> None:  # fmt: skip
     """Load the model, build the page and serve it until interrupted; `title` defaults to the source's last two parts."""
-    from .runtime import resolve_device, resolve_precision
+    from ..runtime import resolve_device, resolve_precision
 
     gr = import_gradio()
     resolved = resolve_device(device)
@@ -284,7 +284,7 @@ the vitlab that wrote it, model.safetensors the model with its class names."""
 
 from pathlib import Path
 
-from vitlab.demo import serve
+from vitlab.app.demo import serve
 
 here = Path(__file__).parent
 serve(here / "model.safetensors", examples={examples}, top_k={top_k}, device={device!r}, precision={precision!r},
@@ -330,7 +330,7 @@ def write_space(folder: str | os.PathLike, source: str | os.PathLike, model_type
         for i, path in enumerate(map(Path, found)):
             shutil.copyfile(path, folder / "examples" / f"{i:02d}_{path.name}")
     save_safetensors(model, folder / "model.safetensors", class_names)
-    shutil.copytree(Path(__file__).parent, folder / "vitlab", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(__file__).parents[1], folder / "vitlab", ignore=shutil.ignore_patterns("__pycache__"))  # the package
     c = model.config
     (folder / "app.py").write_text(APP.format(source=short_name(source), examples='here / "examples"' if found else None,
                                               top_k=top_k, device=device, precision=precision, title=short_name(source)))  # fmt: skip

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlab import attention
-from vitlab.attention import attention_map, draw_attention, overlay, patch_relevance, rollout
-from vitlab.cli import main
+from vitlab.app import rollout as rollout_module
+from vitlab.app.rollout import attention_map, draw_attention, overlay, patch_relevance, rollout
+from vitlab.app.cli import main
 from vitlab.model import create_model
 
 
@@ -106,7 +106,7 @@ def test_attention_command_on_the_built_model_finds_its_patch(tmp_path, monkeypa
     torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(), "class_names": ["a", "b", "c"]}, checkpoint)
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "image.png")
     drawn = {}
-    monkeypatch.setattr(attention, "draw_attention", lambda image, grid_map, *rest: drawn.update(image=image, grid_map=grid_map))
+    monkeypatch.setattr(rollout_module, "draw_attention", lambda image, grid_map, *rest: drawn.update(image=image, grid_map=grid_map))
     assert main(["attention", str(checkpoint), str(tmp_path / "image.png"), "--precision", "fp32"]) == 0
     assert drawn["image"].shape == (64, 64, 3)  # drawn over the image as given, not the model's input
     assert int(drawn["grid_map"].flatten().argmax()) == 9

@@ -11,17 +11,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import official
-from .checkpoints import load_model
-from .config import VARIANTS, TrainConfig, legacy_name
-from .data import DataError, read_image
-from .errors import ConfigError
-from .files import HUB_PREFIX, atomic_write, cache_dir, check_output, fetch_hub
-from .runtime import resolve_device, resolve_precision
+from ..formats import official
+from ..formats.checkpoints import load_model
+from ..config import VARIANTS, TrainConfig, legacy_name
+from ..data import DataError, read_image
+from ..errors import ConfigError
+from ..formats.files import HUB_PREFIX, atomic_write, cache_dir, check_output, fetch_hub
+from ..runtime import resolve_device, resolve_precision
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .model import count_parameters, create_model
+    from ..model import count_parameters, create_model
 
     rows = [("name", "legacy name", "patch", "width", "depth", "heads", "MLP", "params (10 classes, 224 px)")]
     for name, config in VARIANTS.items():
@@ -65,7 +65,7 @@ def _hub_sources() -> str:
 
 
 def cmd_train(config: TrainConfig) -> int:
-    from .train import train
+    from ..train import train
 
     config.validate()  # again with the real world size inside train(); this catches bad flags before any set-up
     train(config)
@@ -79,8 +79,8 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import eval_batches, load_test_split
-    from .evaluate import draw_confusion, evaluate, format_report
+    from ..data import eval_batches, load_test_split
+    from ..evaluate import draw_confusion, evaluate, format_report
 
     _positive(args, "batch_size")
     source = Path(args.checkpoint)
@@ -145,7 +145,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from .attention import attention_map, draw_attention
+    from .rollout import attention_map, draw_attention
     from .inference import predict_with_attention, preprocess
 
     suffix = "" if args.layer is None else f"_layer{args.layer}"
@@ -171,7 +171,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from ..formats.export import export
 
     check_output(args.out, args.overwrite, inputs=(args.checkpoint,))
     model, class_names = load_model(args.checkpoint, args.model_type)

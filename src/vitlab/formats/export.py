@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from . import checkpoints, interop, official
-from .errors import ExportError
+from ..errors import ExportError
 from .files import atomic_write, atomic_write_dir
-from .model import VisionTransformer
+from ..model import VisionTransformer
 
 FORMATS = ("onnx", "torchscript", "safetensors", "npz", "timm", "hf")
 ONNX_OPSET = 18  # the dynamo exporter's lowest native opset; asking for less makes it convert down

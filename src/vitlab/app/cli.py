@@ -18,11 +18,12 @@ import tomllib
 import warnings
 from pathlib import Path
 
-from . import commands, export
-from .config import DATASETS, MODEL_OVERRIDES, ModelConfig, TrainConfig, field_type
-from .errors import ConfigError, VitlabError, VitlabWarning, torch_error_message
-from .runs import Stopped
-from .runtime import DEVICES_HELP, PRECISIONS, PRECISIONS_HELP
+from ..config import DATASETS, MODEL_OVERRIDES, ModelConfig, TrainConfig, field_type
+from ..errors import ConfigError, VitlabError, VitlabWarning, torch_error_message
+from ..formats import export
+from ..runs import Stopped
+from ..runtime import DEVICES_HELP, PRECISIONS, PRECISIONS_HELP
+from . import commands
 
 SOURCE_HELP = ("a run's checkpoint (.pt), a vitlab .safetensors file, an official checkpoint name or .npz file, a timm state dict "
                "(.safetensors, .bin, .pth), a transformers or timm folder, or hf-hub:ORG/NAME[@REVISION]")  # fmt: skip
@@ -49,7 +50,7 @@ def _field_flag(parser: argparse.ArgumentParser, cls, f: dataclasses.Field, dest
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    from .recipes import RECIPES
+    from ..recipes import RECIPES
 
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (src/vitlab/recipes.py)")
     parser.add_argument("--config", help="a JSON or TOML file of settings; flags override it")
@@ -83,7 +84,7 @@ def _flat(values: dict) -> dict:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Recipe < config file < flags, into one TrainConfig."""
-    from .recipes import RECIPES
+    from ..recipes import RECIPES
 
     flags = {k.removeprefix("model."): v for k, v in vars(args).items() if k not in ("command", "func", "recipe", "config", "debug")}
     values = _flat(RECIPES[args.recipe]) if getattr(args, "recipe", None) else {}
@@ -203,7 +204,7 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import keep_freed_memory
+    from .. import keep_freed_memory
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _one_line_warnings
     keep_freed_memory()  # a training step reuses the last one's memory instead of mapping it anew
     if debug:
-        from .fastpaths import describe
+        from ..fastpaths import describe
 
         print(describe(), file=sys.stderr)
     try:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, canonical_name, get_config
-from .errors import CheckpointError
+from ..config import ModelConfig, canonical_name, get_config
+from ..errors import CheckpointError
 from .files import atomic_write, cache_dir, download
-from .model import VisionTransformer, create_model
+from ..model import VisionTransformer, create_model
 
 # ---------------------------------------------------------------------------------------------
 # The official layout: our parameter name -> npz key, and how the array is laid out there.
@@ -162,7 +162,7 @@ def npz_budget(config: ModelConfig) -> int:
     """The most numbers an official file of `config`'s variant can hold: its model with the largest official head
     (ImageNet-21k's 21,843 classes), a pre-logits layer and a position table of 64 x 64 patches, counted on the meta
     device. A file claiming more is refused before any of it is read: memory stays within what such a model needs."""
-    from .model import count_parameters
+    from ..model import count_parameters
 
     with torch.device("meta"):
         largest = create_model(config.name, num_classes=max(config.num_classes, 21_843), representation_size=config.hidden_size,

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import resize, to_float
-from .data import IMAGE_EXTENSIONS
-from .model import VisionTransformer
-from .runtime import autocast
+from ..augment import resize, to_float
+from ..data import IMAGE_EXTENSIONS
+from ..model import VisionTransformer
+from ..runtime import autocast
 
 
 def preprocess(image: np.ndarray, img_size: int) -> torch.Tensor:

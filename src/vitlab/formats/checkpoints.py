@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from . import interop, official
-from .config import ModelConfig, get_config
-from .errors import CheckpointError, ConfigError
+from ..config import ModelConfig, get_config
+from ..errors import CheckpointError, ConfigError
 from .files import HUB_PREFIX, atomic_write, fetch_hub
-from .model import VisionTransformer
+from ..model import VisionTransformer
 
 # ---------------------------------------------------------------------------------------------
 # Loading into a model

@@ -1,0 +1,1 @@
+"""The application: the `vitlab` command, inference, attention rollout maps and the demo page."""
