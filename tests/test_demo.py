@@ -378,7 +378,7 @@ def test_the_written_space_runs_as_it_is(deep_run, tmp_path, capsys):
     assert sorted(p.name for p in (space / "examples").iterdir()) == ["00_0.png", "01_0.png", "02_0.png"]
     _, names = load_model(space / "model.safetensors")
     assert names == deep_run.class_names
-    assert (space / "vitlab" / "demo.py").read_text() == Path(demo.__file__).read_text()
+    assert (space / "vitlab" / "app" / "demo.py").read_text() == Path(demo.__file__).read_text()
     image = deep_run.data_dir / "cat" / "3.png"
     with recording_proxy() as proxy:
         env = {**server_env(proxy, pythonpath=False), "GRADIO_SERVER_PORT": str(free_port())}
