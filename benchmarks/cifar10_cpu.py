@@ -41,7 +41,9 @@ import numpy as np
 RECIPE = "scratch-cifar10-cpu"
 VAL_SPLIT = 0.1  # 5,000 of CIFAR-10's 50,000 training images
 EVALUATIONS = 6  # evaluations in a budgeted run, the last at the end: points on the accuracy curve
-EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one (forward only), at the same token count
+EVAL_COST = (
+    1 / 3
+)  # an evaluated image costs about a third of a trained one (forward only), at the same token count
 PROBE_CLASSES, PROBE_IMAGES_PER_CLASS = 10, 64  # the probe's throwaway folder of random images
 
 
@@ -57,12 +59,48 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def train_command(data_dir: Path, name: str, output_dir: Path, log_dir: Path, num_steps: int, eval_every: int, log_every: int,
-                  warmup_steps: int, extra: list[str]) -> list[str]:  # fmt: skip
-    return [sys.executable, "-m", "vitlab.app.cli", "train", "--recipe", RECIPE, "--name", name, "--dataset", "imagefolder",
-            "--data_dir", str(data_dir), "--val_split", str(VAL_SPLIT), "--device", "cpu", "--num_steps", str(num_steps),
-            "--eval_every", str(eval_every), "--log_every", str(log_every), "--warmup_steps", str(warmup_steps),
-            "--output_dir", str(output_dir), "--log_dir", str(log_dir), *extra]  # fmt: skip
+def train_command(
+    data_dir: Path,
+    name: str,
+    output_dir: Path,
+    log_dir: Path,
+    num_steps: int,
+    eval_every: int,
+    log_every: int,
+    warmup_steps: int,
+    extra: list[str],
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vitlab.app.cli",
+        "train",
+        "--recipe",
+        RECIPE,
+        "--name",
+        name,
+        "--dataset",
+        "imagefolder",
+        "--data_dir",
+        str(data_dir),
+        "--val_split",
+        str(VAL_SPLIT),
+        "--device",
+        "cpu",
+        "--num_steps",
+        str(num_steps),
+        "--eval_every",
+        str(eval_every),
+        "--log_every",
+        str(log_every),
+        "--warmup_steps",
+        str(warmup_steps),
+        "--output_dir",
+        str(output_dir),
+        "--log_dir",
+        str(log_dir),
+        *extra,
+    ]
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -71,7 +109,14 @@ def read_metrics(path: Path) -> list[dict]:
 
 def training_seconds(records: list[dict], step: int, batch: int) -> float | None:
     """Seconds since training started, at `step`, from its train/images_per_second record."""
-    speed = next((r["train/images_per_second"] for r in records if r["step"] == step and "train/images_per_second" in r), None)
+    speed = next(
+        (
+            r["train/images_per_second"]
+            for r in records
+            if r["step"] == step and "train/images_per_second" in r
+        ),
+        None,
+    )
     return step * batch / speed if speed else None
 
 
@@ -94,8 +139,20 @@ def probe_speed(data_dir: Path, steps: int, extra: list[str]) -> tuple[float, in
         for c in range(PROBE_CLASSES):
             (root / str(c)).mkdir(parents=True)
             for i in range(PROBE_IMAGES_PER_CLASS):
-                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / str(c) / f"{i}.png")
-        command = train_command(root, "probe", Path(tmp) / "output", Path(tmp) / "logs", 2 * half, 2 * half, half, 0, extra)
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(
+                    root / str(c) / f"{i}.png"
+                )
+        command = train_command(
+            root,
+            "probe",
+            Path(tmp) / "output",
+            Path(tmp) / "logs",
+            2 * half,
+            2 * half,
+            half,
+            0,
+            extra,
+        )
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"the probe failed:\n{done.stderr[-2000:]}")
@@ -108,11 +165,18 @@ def probe_speed(data_dir: Path, steps: int, extra: list[str]) -> tuple[float, in
 def kept_patches(extra: list[str]) -> float:
     """The share of patches training keeps (--patch_drop_rate among the flags, else the recipe's); evaluation keeps all."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--patch_drop_rate", "--patch-drop-rate", type=float, default=recipe_value("patch_drop_rate"))
+    parser.add_argument(
+        "--patch_drop_rate",
+        "--patch-drop-rate",
+        type=float,
+        default=recipe_value("patch_drop_rate"),
+    )
     return 1 - parser.parse_known_args(extra)[0].patch_drop_rate
 
 
-def steps_for_budget(budget_seconds: float, speed: float, batch: int, val_images: int, kept: float) -> int:
+def steps_for_budget(
+    budget_seconds: float, speed: float, batch: int, val_images: int, kept: float
+) -> int:
     eval_seconds = EVALUATIONS * val_images * EVAL_COST / kept / speed
     steps = math.floor((budget_seconds - eval_seconds) * speed / batch)
     if steps < 1:
@@ -123,17 +187,40 @@ def steps_for_budget(budget_seconds: float, speed: float, batch: int, val_images
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Any other flag is passed on to vitlab train.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any other flag is passed on to vitlab train.",
+    )
     parser.add_argument("data_dir", type=Path, help="a CIFAR-10 image folder, <class>/<image>")
-    parser.add_argument("--budget_minutes", type=float, default=28.0,
-                        help="training time to fill, excluding data loading and the probe (default 28: with them, about 30)")
-    parser.add_argument("--num_steps", type=int, help="train this many steps instead of filling a budget (no probe)")
-    parser.add_argument("--probe_steps", type=int, default=40, help="training steps of the probe; the second half is timed (default 40)")
+    parser.add_argument(
+        "--budget_minutes",
+        type=float,
+        default=28.0,
+        help="training time to fill, excluding data loading and the probe (default 28: with them, about 30)",
+    )
+    parser.add_argument(
+        "--num_steps", type=int, help="train this many steps instead of filling a budget (no probe)"
+    )
+    parser.add_argument(
+        "--probe_steps",
+        type=int,
+        default=40,
+        help="training steps of the probe; the second half is timed (default 40)",
+    )
     parser.add_argument("--name", help="the run's name (default: cifar10-cpu-<steps>)")
-    parser.add_argument("--output_dir", type=Path, default=Path("output"), help="vitlab train's --output_dir (default output)")
-    parser.add_argument("--log_dir", type=Path, default=Path("logs"), help="vitlab train's --log_dir (default logs)")
-    parser.add_argument("--json", type=Path, help="write the curve and the final numbers to this JSON file")
+    parser.add_argument(
+        "--output_dir",
+        type=Path,
+        default=Path("output"),
+        help="vitlab train's --output_dir (default output)",
+    )
+    parser.add_argument(
+        "--log_dir", type=Path, default=Path("logs"), help="vitlab train's --log_dir (default logs)"
+    )
+    parser.add_argument(
+        "--json", type=Path, help="write the curve and the final numbers to this JSON file"
+    )
     args, extra = parser.parse_known_args()
     if not args.data_dir.is_dir():
         raise SystemExit(f"{args.data_dir}: no such folder")
@@ -145,14 +232,30 @@ def main() -> None:
         steps = args.num_steps
     else:
         speed, batch = probe_speed(args.data_dir, args.probe_steps, extra)
-        steps = steps_for_budget(args.budget_minutes * 60, speed, batch, val_images, kept_patches(extra))
-        print(f"probe: {speed:.0f} training images/s -> {steps} steps of {batch} fill {args.budget_minutes:g} minutes "
-              f"with {EVALUATIONS} evaluations of {val_images} images")  # fmt: skip
-    log_every = 10 if steps >= 10 * EVALUATIONS else 1  # evaluations fall on logged steps, which carry the speed
+        steps = steps_for_budget(
+            args.budget_minutes * 60, speed, batch, val_images, kept_patches(extra)
+        )
+        print(
+            f"probe: {speed:.0f} training images/s -> {steps} steps of {batch} fill {args.budget_minutes:g} minutes "
+            f"with {EVALUATIONS} evaluations of {val_images} images"
+        )
+    log_every = (
+        10 if steps >= 10 * EVALUATIONS else 1
+    )  # evaluations fall on logged steps, which carry the speed
     eval_every = max(log_every, math.ceil(steps / EVALUATIONS / log_every) * log_every)
     warmup = round(steps * recipe_value("warmup_steps") / recipe_value("num_steps"))
     name = args.name or f"cifar10-cpu-{steps}"
-    command = train_command(args.data_dir, name, args.output_dir, args.log_dir, steps, eval_every, log_every, warmup, extra)
+    command = train_command(
+        args.data_dir,
+        name,
+        args.output_dir,
+        args.log_dir,
+        steps,
+        eval_every,
+        log_every,
+        warmup,
+        extra,
+    )
     print("vitlab " + " ".join(command[3:]), flush=True)
 
     started = time.perf_counter()
@@ -169,20 +272,44 @@ def main() -> None:
     out = args.output_dir / name
     records, batch = read_metrics(out / "metrics.jsonl"), run_batch(out)
     final = json.loads((out / "final_metrics.json").read_text())
-    curve = [{"step": r["step"], "val_accuracy": r["val/accuracy"], "training_seconds": training_seconds(records, r["step"], batch),
-              "seconds_since_launch": seen_at.get(r["step"])} for r in records if "val/accuracy" in r]  # fmt: skip
+    curve = [
+        {
+            "step": r["step"],
+            "val_accuracy": r["val/accuracy"],
+            "training_seconds": training_seconds(records, r["step"], batch),
+            "seconds_since_launch": seen_at.get(r["step"]),
+        }
+        for r in records
+        if "val/accuracy" in r
+    ]
 
     print(f"\n{'step':>6} {'training s':>11} {'since launch s':>15} {'val accuracy':>13}")
     for point in curve:
-        train_s = f"{point['training_seconds']:.0f}" if point["training_seconds"] is not None else "-"
-        launch_s = f"{point['seconds_since_launch']:.0f}" if point["seconds_since_launch"] is not None else "-"
+        train_s = (
+            f"{point['training_seconds']:.0f}" if point["training_seconds"] is not None else "-"
+        )
+        launch_s = (
+            f"{point['seconds_since_launch']:.0f}"
+            if point["seconds_since_launch"] is not None
+            else "-"
+        )
         print(f"{point['step']:>6} {train_s:>11} {launch_s:>15} {point['val_accuracy']:>13.4f}")
-    print(f"best validation accuracy {final['best_val_accuracy']:.4f} (step {final['best_step']} of {final['steps']}), "
-          f"wall time {wall:.0f} s (training {final['train_seconds']:.0f} s), {final['images_per_second']:.0f} training images/s")  # fmt: skip
+    print(
+        f"best validation accuracy {final['best_val_accuracy']:.4f} (step {final['best_step']} of {final['steps']}), "
+        f"wall time {wall:.0f} s (training {final['train_seconds']:.0f} s), {final['images_per_second']:.0f} training images/s"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        result = {"command": ["vitlab", *command[3:]], "threads_visible": len(os.sched_getaffinity(0)), "budget_minutes": None if args.num_steps else args.budget_minutes,
-                  "probe_images_per_second": speed, "num_steps": steps, "curve": curve, "final": final, "wall_seconds": wall}  # fmt: skip
+        result = {
+            "command": ["vitlab", *command[3:]],
+            "threads_visible": len(os.sched_getaffinity(0)),
+            "budget_minutes": None if args.num_steps else args.budget_minutes,
+            "probe_images_per_second": speed,
+            "num_steps": steps,
+            "curve": curve,
+            "final": final,
+            "wall_seconds": wall,
+        }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
 

@@ -42,7 +42,9 @@ import statistics
 import time
 from pathlib import Path
 
-import vitlab  # noqa: I001  before torch: vitlab turns torch's huge-page allocator on, as for `vitlab train`
+import vitlab  # before torch: vitlab turns torch's huge-page allocator on, as for `vitlab train`
+
+# isort: split
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,7 +57,9 @@ BATCH = 256
 MIN_SCALE = 0.05  # the tutorial's RandomResizedCrop scale=(0.05, 1.0)
 PAD = 4  # the usual 32 px CIFAR crop padding
 MEAN = STD = [0.5, 0.5, 0.5]  # the tutorial's Normalize: [0, 1] -> [-1, 1], as vitlab's to_float
-IN_FLIGHT_MULTIPLE = 4  # a worker DataLoader is timed for at least this many times the batches it has in flight
+IN_FLIGHT_MULTIPLE = (
+    4  # a worker DataLoader is timed for at least this many times the batches it has in flight
+)
 
 
 class Pipeline:
@@ -77,12 +81,16 @@ class Pipeline:
 class VitlabPipeline(Pipeline):
     """vitlab.data.TrainBatches over the whole dataset held as one uint8 tensor on the device."""
 
-    def __init__(self, data: ImageSet, size: int, device: torch.device, dtype: torch.dtype, kit: bool = False):
+    def __init__(
+        self, data: ImageSet, size: int, device: torch.device, dtype: torch.dtype, kit: bool = False
+    ):
         # fp32 batches for fp32 training; `vitlab train --precision bf16` takes its batches in bf16. With `kit`, also
         # the training kit's augmentations at DeiT's settings: RandAugment 2,9, random erasing 0.25, mixup 0.8 / CutMix 1.0.
         kind = "resized_crop" if size != 32 else "pad_crop"
         extra = dict(randaugment=(2, 9), random_erasing=0.25, mixup=0.8, cutmix=1.0) if kit else {}
-        augmentation = Augmentation(size, kind, MIN_SCALE, hflip=True, pad=PAD, dtype=dtype, **extra)
+        augmentation = Augmentation(
+            size, kind, MIN_SCALE, hflip=True, pad=PAD, dtype=dtype, **extra
+        )
         self.name = f"vitlab TrainBatches, {kind}{' + kit' if kit else ''}, {str(dtype).removeprefix('torch.')}"
         self.batches = TrainBatches(data, augmentation, BATCH, seed=0, device=device)(0, 2**62)
 
@@ -117,12 +125,20 @@ class TutorialPipeline(Pipeline):
         else:
             augment = [transforms.RandomResizedCrop((size, size), scale=(MIN_SCALE, 1.0))]
             self.name = f"torchvision PIL RandomResizedCrop, {workers} workers"
-        transform = transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(mean=MEAN, std=STD)])
+        transform = transforms.Compose(
+            [*augment, transforms.ToTensor(), transforms.Normalize(mean=MEAN, std=STD)]
+        )
         dataset = PILImages(data.images.numpy(), data.labels.numpy(), transform)
         # Shuffled epochs back to back, drawn lazily without end: no epoch restarts inside the timings.
         sampler = torch.utils.data.RandomSampler(dataset, num_samples=2**62)
-        self.loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers,
-                                                  drop_last=True, pin_memory=device.type == "cuda")  # fmt: skip
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=BATCH,
+            sampler=sampler,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+        )
         self.device, self.iterator = device, None
         self.in_flight = workers * self.loader.prefetch_factor if workers else 0
 
@@ -158,7 +174,9 @@ def seconds_for(pipeline, batches: int, device: torch.device) -> float:
     return seconds
 
 
-def compare(pipelines: list, rounds: int, min_seconds: float, warmup: int, device: torch.device) -> list[dict]:
+def compare(
+    pipelines: list, rounds: int, min_seconds: float, warmup: int, device: torch.device
+) -> list[dict]:
     """Median images/s of each pipeline over rounds, timed in turn in an order rotated every round."""
     counts = []
     for p in pipelines:
@@ -169,15 +187,24 @@ def compare(pipelines: list, rounds: int, min_seconds: float, warmup: int, devic
     for r in range(rounds):
         for i in [(r + k) % len(pipelines) for k in range(len(pipelines))]:
             rates[i].append(counts[i] * BATCH / seconds_for(pipelines[i], counts[i], device))
-    return [{"pipeline": p.name, "batches_per_measurement": n, "images_per_second": statistics.median(v), "rounds": v}
-            for p, n, v in zip(pipelines, counts, rates)]  # fmt: skip
+    return [
+        {
+            "pipeline": p.name,
+            "batches_per_measurement": n,
+            "images_per_second": statistics.median(v),
+            "rounds": v,
+        }
+        for p, n, v in zip(pipelines, counts, rates, strict=False)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # The 224 px crop alone
 
 
-def grid_sample_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:
+def grid_sample_crop(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor
+) -> torch.Tensor:
     """The same crop as one F.grid_sample (bilinear, align_corners=False, border), vitlab's former formulation."""
     B, _, H, W = images.shape
     top, left, h, w = boxes.to(images.device, images.dtype).unbind(1)
@@ -185,19 +212,29 @@ def grid_sample_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip:
     xs = (left[:, None] + steps * w[:, None]) / W * 2 - 1  # (B, size), in grid_sample's [-1, 1]
     ys = (top[:, None] + steps * h[:, None]) / H * 2 - 1
     xs = torch.where(flip.to(images.device)[:, None], xs.flip(1), xs)
-    grid = torch.stack([xs[:, None, :].expand(B, size, size), ys[:, :, None].expand(B, size, size)], dim=-1)
+    grid = torch.stack(
+        [xs[:, None, :].expand(B, size, size), ys[:, :, None].expand(B, size, size)], dim=-1
+    )
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def matmul_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:
+def matmul_crop(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor
+) -> torch.Tensor:
     """The same crop as two batched matmuls, out = Ry @ image @ Rx^T with per-sample tent matrices, vitlab's former formulation."""
     B, C, H, W = images.shape
     top, left, h, w = boxes.to(images.device, torch.float32).unbind(1)
     steps = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size
 
-    def tents(start: torch.Tensor, length: torch.Tensor, in_size: int) -> torch.Tensor:  # (B, size, in_size)
+    def tents(
+        start: torch.Tensor, length: torch.Tensor, in_size: int
+    ) -> torch.Tensor:  # (B, size, in_size)
         centres = (start[:, None] + steps * length[:, None] - 0.5).clamp(0, in_size - 1)
-        return (1 - (centres[..., None] - torch.arange(in_size, device=images.device)).abs()).clamp(min=0).to(images.dtype)
+        return (
+            (1 - (centres[..., None] - torch.arange(in_size, device=images.device)).abs())
+            .clamp(min=0)
+            .to(images.dtype)
+        )
 
     rows, cols = tents(top, h, H), tents(left, w, W)
     cols = torch.where(flip.to(images.device)[:, None, None], cols.flip(1), cols)
@@ -220,12 +257,18 @@ def crop_kernels(images: torch.Tensor, device: torch.device) -> tuple[list, floa
     flip = torch.rand(BATCH, generator=g) < 0.5
     size = 224
     ours = crop_and_resize(x, boxes, size, flip)
-    difference = max((ours - other(x, boxes, size, flip)).abs().max().item() for other in (matmul_crop, grid_sample_crop))
+    difference = max(
+        (ours - other(x, boxes, size, flip)).abs().max().item()
+        for other in (matmul_crop, grid_sample_crop)
+    )
     kernels = [
         Kernel("vitlab.data.crop_and_resize", lambda: crop_and_resize(x, boxes, size, flip)),
         Kernel("two batched matmuls", lambda: matmul_crop(x, boxes, size, flip)),
         Kernel("one F.grid_sample", lambda: grid_sample_crop(x, boxes, size, flip)),
-        Kernel("write a fresh output only", lambda: torch.empty(BATCH, 3, size, size, device=device).fill_(0.0)),
+        Kernel(
+            "write a fresh output only",
+            lambda: torch.empty(BATCH, 3, size, size, device=device).fill_(0.0),
+        ),
     ]
     return kernels, difference
 
@@ -237,17 +280,30 @@ def load_images(args: argparse.Namespace) -> tuple[ImageSet, str]:
     if args.data_dir:
         data = load_image_folder(args.data_dir)
         if data.images is None or tuple(data.images.shape[1:]) != (32, 32, 3):
-            raise SystemExit(f"{args.data_dir}: expected a folder of 32x32 images that fits in memory")
+            raise SystemExit(
+                f"{args.data_dir}: expected a folder of 32x32 images that fits in memory"
+            )
         return data, f"{len(data)} images from {args.data_dir}"
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.num_images, 32, 32, 3), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (args.num_images,), generator=g)
-    return ImageSet(labels, [str(i) for i in range(10)], images), f"{args.num_images} random 32x32 images"
+    return ImageSet(
+        labels, [str(i) for i in range(10)], images
+    ), f"{args.num_images} random 32x32 images"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", choices=[224, 32], default=[224, 32], help="output sizes (default: both)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        choices=[224, 32],
+        default=[224, 32],
+        help="output sizes (default: both)",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -256,65 +312,131 @@ def main() -> None:
         help="DataLoader workers of the tutorial's pipeline, one pipeline each; none given: vitlab's alone (default: 0 2)",
     )
     parser.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where batches must end up; auto: CUDA when present"
-    )
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads (default: all cores)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds; the median is reported (default 5)")
-    parser.add_argument("--min_seconds", type=float, default=2.0, help="each measurement lasts at least this long (default 2)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches per pipeline first (default 3)")
-    parser.add_argument("--num_images", type=int, default=5000, help="random images to generate (default 5000)")
-    parser.add_argument(
-        "--data_dir", help="a folder of 32x32 images, <class>/<image> (e.g. a CIFAR-10 image folder) instead of random ones"
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where batches must end up; auto: CUDA when present",
     )
     parser.add_argument(
-        "--kernels", action=argparse.BooleanOptionalAction, default=True, help="also time the 224 px crop alone (default: on)"
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch.set_num_threads (default: all cores)",
     )
-    parser.add_argument("--quick", action="store_true", help="3 rounds of about 0.3 s per pipeline, one warm-up batch")
-    parser.add_argument("--kit", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time vitlab's pipeline with RandAugment 2,9, random erasing and mixup/CutMix (default: on)")  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="timed rounds; the median is reported (default 5)"
+    )
+    parser.add_argument(
+        "--min_seconds",
+        type=float,
+        default=2.0,
+        help="each measurement lasts at least this long (default 2)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed batches per pipeline first (default 3)"
+    )
+    parser.add_argument(
+        "--num_images", type=int, default=5000, help="random images to generate (default 5000)"
+    )
+    parser.add_argument(
+        "--data_dir",
+        help="a folder of 32x32 images, <class>/<image> (e.g. a CIFAR-10 image folder) instead of random ones",
+    )
+    parser.add_argument(
+        "--kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the 224 px crop alone (default: on)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 rounds of about 0.3 s per pipeline, one warm-up batch",
+    )
+    parser.add_argument(
+        "--kit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time vitlab's pipeline with RandAugment 2,9, random erasing and mixup/CutMix (default: on)",
+    )
     parser.add_argument(
         "--keep_freed_memory",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="malloc keeps freed memory for reuse, as under the `vitlab` command (vitlab.keep_freed_memory) (default: on)",
     )
-    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], help="vitlab's batch precisions (default: fp32, and bf16 "
-                        "where the hardware runs it natively)")  # fmt: skip
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        help="vitlab's batch precisions (default: fp32, and bf16 "
+        "where the hardware runs it natively)",
+    )
     parser.add_argument("--json", type=Path, help="write every number to this JSON file")
     args = parser.parse_args()
     kept = args.keep_freed_memory and vitlab.keep_freed_memory()
     if args.quick:
         args.rounds, args.min_seconds, args.warmup = 3, 0.3, 1
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     torch.set_num_threads(args.threads)
     data, source = load_images(args)
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
     native = fastpaths.native_bf16(device)
-    print(f"{source}; batch {BATCH}; device {device}, {args.threads} threads, {platform.processor() or platform.machine()} "
-          f"({fastpaths.instruction_set()}, native bf16: {'yes' if native else 'no'}), torch {torch.__version__}, "
-          f"THP_MEM_ALLOC_ENABLE={thp}, freed memory kept for reuse: {kept}")  # fmt: skip
+    print(
+        f"{source}; batch {BATCH}; device {device}, {args.threads} threads, {platform.processor() or platform.machine()} "
+        f"({fastpaths.instruction_set()}, native bf16: {'yes' if native else 'no'}), torch {torch.__version__}, "
+        f"THP_MEM_ALLOC_ENABLE={thp}, freed memory kept for reuse: {kept}"
+    )
     if args.dtypes is None:
         args.dtypes = ["fp32", "bf16"] if native else ["fp32"]
         if not native:
-            print("bf16 batches left out: this device only emulates bf16; --dtypes fp32 bf16 to time them anyway")
-    result = {"source": source, "device": str(device), "threads": args.threads, "torch": torch.__version__, "THP_MEM_ALLOC_ENABLE": thp,
-              "freed_memory_kept": kept, "instruction_set": fastpaths.instruction_set(), "args": vars(args), "sizes": {}}  # fmt: skip
+            print(
+                "bf16 batches left out: this device only emulates bf16; --dtypes fp32 bf16 to time them anyway"
+            )
+    result = {
+        "source": source,
+        "device": str(device),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "THP_MEM_ALLOC_ENABLE": thp,
+        "freed_memory_kept": kept,
+        "instruction_set": fastpaths.instruction_set(),
+        "args": vars(args),
+        "sizes": {},
+    }
     for size in args.sizes:
-        ours = [VitlabPipeline(data, size, device, {"fp32": torch.float32, "bf16": torch.bfloat16}[d], kit) for d in args.dtypes
-                for kit in ((False, True) if args.kit else (False,))]  # fmt: skip
+        ours = [
+            VitlabPipeline(
+                data, size, device, {"fp32": torch.float32, "bf16": torch.bfloat16}[d], kit
+            )
+            for d in args.dtypes
+            for kit in ((False, True) if args.kit else (False,))
+        ]
         pipelines = ours + [TutorialPipeline(data, size, device, w) for w in args.workers]
         rows = compare(pipelines, args.rounds, args.min_seconds, args.warmup, device)
         tutorial_rows = rows[len(ours) :]
-        best_tutorial = max(tutorial_rows, key=lambda row: row["images_per_second"]) if tutorial_rows else None
+        best_tutorial = (
+            max(tutorial_rows, key=lambda row: row["images_per_second"]) if tutorial_rows else None
+        )
         print(f"\n{size} px: images/s, median of {args.rounds} rounds")
         for row in rows:
             print(f"  {row['pipeline']:<48}{row['images_per_second']:>10.0f}")
         entry = {"pipelines": rows}
         if best_tutorial:
-            ratios = {row["pipeline"]: row["images_per_second"] / best_tutorial["images_per_second"] for row in rows[: len(ours)]}
+            ratios = {
+                row["pipeline"]: row["images_per_second"] / best_tutorial["images_per_second"]
+                for row in rows[: len(ours)]
+            }
             entry["vitlab_vs_best_tutorial"] = ratios
-            print("  vitlab / best tutorial pipeline: " + ", ".join(f"{r:.1f}x ({name.removeprefix('vitlab TrainBatches, ')})"
-                                                                   for name, r in ratios.items()))  # fmt: skip
+            print(
+                "  vitlab / best tutorial pipeline: "
+                + ", ".join(
+                    f"{r:.1f}x ({name.removeprefix('vitlab TrainBatches, ')})"
+                    for name, r in ratios.items()
+                )
+            )
         result["sizes"][str(size)] = entry
     if args.kernels:
         kernels, difference = crop_kernels(data.images, device)

@@ -54,7 +54,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import vitlab  # noqa: I001  before torch: vitlab turns torch's huge-page allocator on, for every implementation alike
+import vitlab  # before torch: vitlab turns torch's huge-page allocator on, for every implementation alike
+
+# isort: split
 import torch
 import torch.nn.functional as F
 
@@ -67,7 +69,11 @@ TRAIN_FLOPS_FACTOR = 3  # a training step: the forward, and a backward of about 
 LEARNING_RATE = 1e-3  # any small value: the weights move, the work per step does not depend on it
 MOMENTUM = 0.9
 PEERS = ("timm", "torchvision", "transformers")
-IMPLEMENTATIONS = ("vitlab", "vitlab-tanh", *PEERS)  # vitlab-tanh: vitlab with the tanh GELU, for shapes with official weights
+IMPLEMENTATIONS = (
+    "vitlab",
+    "vitlab-tanh",
+    *PEERS,
+)  # vitlab-tanh: vitlab with the tanh GELU, for shapes with official weights
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -95,10 +101,17 @@ class Shape:
 
 
 SHAPES = {
-    "B/16": Shape("B/16", 224, 16, 768, 12, 12, 3072, 16, "ViT-B/16, the tutorial's fine-tuning shape", True),
-    "Ti/4-32": Shape("Ti/16", 32, 4, 192, 12, 3, 768, 256, "ViT-Ti at patch 4, training from scratch", False),
+    "B/16": Shape(
+        "B/16", 224, 16, 768, 12, 12, 3072, 16, "ViT-B/16, the tutorial's fine-tuning shape", True
+    ),
+    "Ti/4-32": Shape(
+        "Ti/16", 32, 4, 192, 12, 3, 768, 256, "ViT-Ti at patch 4, training from scratch", False
+    ),
 }
-SMOKE_CHANGES = {"depth": 1, "batch": 2}  # --smoke: the same code on tiny models, for a check of the plumbing
+SMOKE_CHANGES = {
+    "depth": 1,
+    "batch": 2,
+}  # --smoke: the same code on tiny models, for a check of the plumbing
 
 
 def forward_flops(s: Shape) -> float:
@@ -126,33 +139,76 @@ def build(impl: str, s: Shape):
         from vitlab import create_model
 
         gelu = "tanh" if impl == "vitlab-tanh" else "exact"
-        model = create_model(s.vitlab_variant, img_size=s.img_size, patch_size=s.patch_size, hidden_size=s.width, depth=s.depth,
-                             num_heads=s.heads, mlp_dim=s.mlp_dim, num_classes=NUM_CLASSES, dropout_rate=0.0, gelu=gelu)  # fmt: skip
-        return model, model, f"{gelu} GELU, attention_impl={model.config.attention_impl} (the fast paths line says which kernel)"
+        model = create_model(
+            s.vitlab_variant,
+            img_size=s.img_size,
+            patch_size=s.patch_size,
+            hidden_size=s.width,
+            depth=s.depth,
+            num_heads=s.heads,
+            mlp_dim=s.mlp_dim,
+            num_classes=NUM_CLASSES,
+            dropout_rate=0.0,
+            gelu=gelu,
+        )
+        return (
+            model,
+            model,
+            f"{gelu} GELU, attention_impl={model.config.attention_impl} (the fast paths line says which kernel)",
+        )
     if impl == "timm":
         from timm.models.vision_transformer import VisionTransformer
 
-        model = VisionTransformer(img_size=s.img_size, patch_size=s.patch_size, num_classes=NUM_CLASSES, embed_dim=s.width, depth=s.depth,
-                                  num_heads=s.heads, mlp_ratio=s.mlp_dim / s.width)  # fmt: skip
-        return model, model, "F.scaled_dot_product_attention" if model.blocks[0].attn.fused_attn else "explicit softmax"
+        model = VisionTransformer(
+            img_size=s.img_size,
+            patch_size=s.patch_size,
+            num_classes=NUM_CLASSES,
+            embed_dim=s.width,
+            depth=s.depth,
+            num_heads=s.heads,
+            mlp_ratio=s.mlp_dim / s.width,
+        )
+        return (
+            model,
+            model,
+            "F.scaled_dot_product_attention"
+            if model.blocks[0].attn.fused_attn
+            else "explicit softmax",
+        )
     if impl == "torchvision":
         from torchvision.models.vision_transformer import VisionTransformer
 
-        model = VisionTransformer(s.img_size, s.patch_size, s.depth, s.heads, s.width, s.mlp_dim, num_classes=NUM_CLASSES)
+        model = VisionTransformer(
+            s.img_size, s.patch_size, s.depth, s.heads, s.width, s.mlp_dim, num_classes=NUM_CLASSES
+        )
         return model, model, "nn.MultiheadAttention"
     if impl == "transformers":
         from transformers import ViTConfig, ViTForImageClassification
 
-        config = ViTConfig(hidden_size=s.width, num_hidden_layers=s.depth, num_attention_heads=s.heads, intermediate_size=s.mlp_dim,
-                           image_size=s.img_size, patch_size=s.patch_size, num_labels=NUM_CLASSES, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0)  # fmt: skip
+        config = ViTConfig(
+            hidden_size=s.width,
+            num_hidden_layers=s.depth,
+            num_attention_heads=s.heads,
+            intermediate_size=s.mlp_dim,
+            image_size=s.img_size,
+            patch_size=s.patch_size,
+            num_labels=NUM_CLASSES,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         model = ViTForImageClassification(config)
-        return model, lambda images: model(pixel_values=images).logits, f"attn_implementation={model.config._attn_implementation}"
+        return (
+            model,
+            lambda images: model(pixel_values=images).logits,
+            f"attn_implementation={model.config._attn_implementation}",
+        )
     raise ValueError(f"unknown implementation {impl!r}")
 
 
 def available(impl: str) -> bool:
-    return importlib.util.find_spec(impl.split("-")[0]) is not None  # each implementation is the package of its name
+    return (
+        importlib.util.find_spec(impl.split("-")[0]) is not None
+    )  # each implementation is the package of its name
 
 
 def timed_on(shape: Shape, impls: list[str]) -> list[str]:
@@ -169,9 +225,16 @@ class Runner:
         self.model.to(device)
         self.device = device
         g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(shape.batch, 3, shape.img_size, shape.img_size, generator=g).mul_(2).sub_(1).to(device)  # in [-1, 1]
+        self.images = (
+            torch.rand(shape.batch, 3, shape.img_size, shape.img_size, generator=g)
+            .mul_(2)
+            .sub_(1)
+            .to(device)
+        )  # in [-1, 1]
         self.labels = torch.randint(0, NUM_CLASSES, (shape.batch,), generator=g).to(device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM
+        )
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def infer(self, precision: str) -> None:
@@ -217,13 +280,25 @@ class Ceiling:
     def __init__(self, size: int, device: torch.device, min_seconds: float, dtypes: list[str]):
         g = torch.Generator().manual_seed(0)
         self.size, self.device = size, device
-        self.operands = {p: [torch.randn(size, size, generator=g).to(device, DTYPES[p]) for _ in range(2)] for p in dtypes}
+        self.operands = {
+            p: [torch.randn(size, size, generator=g).to(device, DTYPES[p]) for _ in range(2)]
+            for p in dtypes
+        }
         self.products = {p: {"torch.mm": torch.mm} for p in dtypes}
-        for p in dtypes:  # oneDNN wherever it runs correctly, whether or not vitlab's policy uses it on this CPU
+        for p in (
+            dtypes
+        ):  # oneDNN wherever it runs correctly, whether or not vitlab's policy uses it on this CPU
             if device.type == "cpu" and onednn_linear_works(DTYPES[p]):
-                self.products[p]["oneDNN"] = lambda a, b: onednn_linear(a, b, None)  # a @ b.T: as many FLOPs
-        self.repeats = {(p, lib): max(1, math.ceil(min_seconds / self._seconds(p, lib, 1)))  # the first call warms up
-                        for p in self.operands for lib in self.products[p]}  # fmt: skip
+                self.products[p]["oneDNN"] = lambda a, b: onednn_linear(
+                    a, b, None
+                )  # a @ b.T: as many FLOPs
+        self.repeats = {
+            (p, lib): max(
+                1, math.ceil(min_seconds / self._seconds(p, lib, 1))
+            )  # the first call warms up
+            for p in self.operands
+            for lib in self.products[p]
+        }
 
     def _seconds(self, precision: str, library: str, repeats: int) -> float:
         a, b = self.operands[precision]
@@ -237,8 +312,14 @@ class Ceiling:
 
     def gflops(self, precision: str) -> dict[str, float]:
         """GFLOP/s of each library's product."""
-        return {lib: 2 * self.size**3 * self.repeats[precision, lib] / self._seconds(precision, lib, self.repeats[precision, lib]) / 1e9
-                for lib in self.products[precision]}  # fmt: skip
+        return {
+            lib: 2
+            * self.size**3
+            * self.repeats[precision, lib]
+            / self._seconds(precision, lib, self.repeats[precision, lib])
+            / 1e9
+            for lib in self.products[precision]
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +327,11 @@ class Ceiling:
 
 
 def _status_kib(key: str) -> int:
-    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
+    return int(
+        re.search(
+            rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE
+        ).group(1)
+    )
 
 
 def memory_worker(request: dict) -> dict:
@@ -269,7 +354,9 @@ def memory_worker(request: dict) -> dict:
     elif Path("/proc/self/status").exists():  # Linux
         base = _status_kib("VmRSS") * 1024
         try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
+            Path("/proc/self/clear_refs").write_text(
+                "5"
+            )  # resets the peak resident set (VmHWM) to the current one
             method = "peak resident set (VmHWM, reset after creation) above the RSS after the model, optimizer and batch were created"
         except OSError:
             method = "peak resident set (VmHWM, not resettable here: may include creation) above the RSS after creation"
@@ -287,9 +374,20 @@ def memory_worker(request: dict) -> dict:
 
 
 def measure_memory(impl: str, shape: Shape, precision: str, args: argparse.Namespace) -> dict:
-    request = {"impl": impl, "shape": asdict(shape), "precision": precision, "device": args.device, "threads": args.threads}
+    request = {
+        "impl": impl,
+        "shape": asdict(shape),
+        "precision": precision,
+        "device": args.device,
+        "threads": args.threads,
+    }
     keep = "--keep_freed_memory" if args.keep_freed_memory else "--no-keep_freed_memory"
-    done = subprocess.run([sys.executable, __file__, keep, "--memory_worker", json.dumps(request)], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, __file__, keep, "--memory_worker", json.dumps(request)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -300,9 +398,18 @@ def measure_memory(impl: str, shape: Shape, precision: str, args: argparse.Names
 
 
 def environment(device: torch.device, threads: int, freed_memory_kept: bool) -> dict:
-    info = {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "freed_memory_kept": freed_memory_kept, "torch": torch.__version__, "python": platform.python_version(), "device": device.type, "threads": threads,
-            "cpu": platform.processor() or platform.machine(), "instruction_set": fastpaths.instruction_set(),
-            "native_bf16": fastpaths.native_bf16(device), "fast_paths": fastpaths.describe(device)}  # fmt: skip
+    info = {
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "freed_memory_kept": freed_memory_kept,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device.type,
+        "threads": threads,
+        "cpu": platform.processor() or platform.machine(),
+        "instruction_set": fastpaths.instruction_set(),
+        "native_bf16": fastpaths.native_bf16(device),
+        "fast_paths": fastpaths.describe(device),
+    }
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
@@ -319,14 +426,19 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     impls = [i for i in IMPLEMENTATIONS if available(i)]
     skipped = [i for i in IMPLEMENTATIONS if i not in impls]
-    shapes = {name: replace(SHAPES[name], **SMOKE_CHANGES) if args.smoke else SHAPES[name] for name in args.configs}
+    shapes = {
+        name: replace(SHAPES[name], **SMOKE_CHANGES) if args.smoke else SHAPES[name]
+        for name in args.configs
+    }
     print(
         f"device {device}, {args.threads} threads, torch {torch.__version__}, freed memory kept for reuse: {args.freed_memory_kept}"
         + (f"; not installed: {', '.join(skipped)}" if skipped else "")
     )
     print(fastpaths.describe(device))
     if args.skipped_bf16:
-        print(f"bf16 left out: {device.type} has no native bf16 here ({fastpaths.instruction_set()}), where a cell takes minutes; --dtypes fp32 bf16 to time it anyway")
+        print(
+            f"bf16 left out: {device.type} has no native bf16 here ({fastpaths.instruction_set()}), where a cell takes minutes; --dtypes fp32 bf16 to time it anyway"
+        )
     timed = cells_of(args.dtypes)
     if args.smoke:
         print("SMOKE RUN: tiny shapes, plumbing only; the numbers mean nothing")
@@ -339,12 +451,23 @@ def run(args: argparse.Namespace) -> dict:
             for cell in timed:
                 runner.seconds(cell, args.warmup)
         for cell in timed:  # as many iterations for every implementation, enough for the fastest to last min_seconds
-            fastest = min(runners[name, impl].seconds(cell, 1) for impl in timed_on(shape, impls)) if args.min_seconds > 0 else math.inf
+            fastest = (
+                min(runners[name, impl].seconds(cell, 1) for impl in timed_on(shape, impls))
+                if args.min_seconds > 0
+                else math.inf
+            )
             iterations[name, cell] = max(1, math.ceil(args.min_seconds / fastest))
-        print(f"built and warmed up {name}: {', '.join(f'{c} x{iterations[name, c]}' for c in timed)} per measurement")
+        print(
+            f"built and warmed up {name}: {', '.join(f'{c} x{iterations[name, c]}' for c in timed)} per measurement"
+        )
 
     ceiling_rounds = {p: [] for p in args.dtypes}
-    rates = {(name, impl, cell): [] for name, shape in shapes.items() for impl in timed_on(shape, impls) for cell in timed}
+    rates = {
+        (name, impl, cell): []
+        for name, shape in shapes.items()
+        for impl in timed_on(shape, impls)
+        for cell in timed
+    }
     for r in range(args.rounds):
         for precision, gflops in ceiling_rounds.items():
             gflops.append(ceiling.gflops(precision))
@@ -353,33 +476,66 @@ def run(args: argparse.Namespace) -> dict:
             for cell in timed:
                 for impl in timed_on(shape, order):
                     n = iterations[name, cell]
-                    rates[name, impl, cell].append(n * shape.batch / runners[name, impl].seconds(cell, n))
+                    rates[name, impl, cell].append(
+                        n * shape.batch / runners[name, impl].seconds(cell, n)
+                    )
         print(f"round {r + 1}/{args.rounds} done")
 
     ceilings = {}
     for p, rounds in ceiling_rounds.items():
-        by_library = {lib: {"gflops_median": statistics.median(r[lib] for r in rounds), "gflops_rounds": [r[lib] for r in rounds]}
-                      for lib in ceiling.products[p]}  # fmt: skip
+        by_library = {
+            lib: {
+                "gflops_median": statistics.median(r[lib] for r in rounds),
+                "gflops_rounds": [r[lib] for r in rounds],
+            }
+            for lib in ceiling.products[p]
+        }
         best = max(by_library, key=lambda lib: by_library[lib]["gflops_median"])
-        ceilings[p] = {"matmul_size": args.matmul_size, "gflops_median": by_library[best]["gflops_median"], "library": best, "by_library": by_library}
+        ceilings[p] = {
+            "matmul_size": args.matmul_size,
+            "gflops_median": by_library[best]["gflops_median"],
+            "library": best,
+            "by_library": by_library,
+        }
     peak = {p: c["gflops_median"] for p, c in ceilings.items()}
-    result = {"environment": environment(device, args.threads, args.freed_memory_kept), "args": vars(args), "smoke": args.smoke, "ceiling": ceilings, "configs": {}}
+    result = {
+        "environment": environment(device, args.threads, args.freed_memory_kept),
+        "args": vars(args),
+        "smoke": args.smoke,
+        "ceiling": ceilings,
+        "configs": {},
+    }
     for name, shape in shapes.items():
         flops = forward_flops(shape)
-        entry = {"shape": asdict(shape), "forward_gflop_per_image": flops / 1e9, "results": {}, "vitlab_vs_best_peer": {}, "memory": {}}
+        entry = {
+            "shape": asdict(shape),
+            "forward_gflop_per_image": flops / 1e9,
+            "results": {},
+            "vitlab_vs_best_peer": {},
+            "memory": {},
+        }
         for impl in timed_on(shape, impls):
             cells = {}
             for cell in timed:
                 mode, precision = cell.split()
                 median = statistics.median(rates[name, impl, cell])
                 cell_flops = flops * (TRAIN_FLOPS_FACTOR if mode == "train" else 1)
-                cells[cell] = {"images_per_second": median, "rounds": rates[name, impl, cell],
-                               "percent_of_flop_limit": 100 * median * cell_flops / (peak[precision] * 1e9)}  # fmt: skip
-            entry["results"][impl] = {"parameters": runners[name, impl].params, "attention": runners[name, impl].attention, "cells": cells}
+                cells[cell] = {
+                    "images_per_second": median,
+                    "rounds": rates[name, impl, cell],
+                    "percent_of_flop_limit": 100 * median * cell_flops / (peak[precision] * 1e9),
+                }
+            entry["results"][impl] = {
+                "parameters": runners[name, impl].params,
+                "attention": runners[name, impl].attention,
+                "cells": cells,
+            }
         peers = [i for i in impls if i in PEERS]
         if "vitlab" in impls and peers:
             for cell in timed:
-                best = max(peers, key=lambda i: entry["results"][i]["cells"][cell]["images_per_second"])
+                best = max(
+                    peers, key=lambda i: entry["results"][i]["cells"][cell]["images_per_second"]
+                )
                 ratio = (
                     entry["results"]["vitlab"]["cells"][cell]["images_per_second"]
                     / entry["results"][best]["cells"][cell]["images_per_second"]
@@ -390,7 +546,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.memory:
         for name, shape in shapes.items():
             for impl in timed_on(shape, impls):
-                result["configs"][name]["memory"][impl] = {p: measure_memory(impl, shape, p, args) for p in args.dtypes}
+                result["configs"][name]["memory"][impl] = {
+                    p: measure_memory(impl, shape, p, args) for p in args.dtypes
+                }
                 print(f"memory of {name} {impl} measured")
     return result
 
@@ -407,17 +565,28 @@ def print_report(result: dict) -> None:
     if result["smoke"]:
         print("SMOKE RUN: tiny shapes, plumbing only; the numbers mean nothing")
     env = result["environment"]
-    print(f"{env.get('gpu', env['cpu'])}, {env['threads']} threads, torch {env['torch']}, freed memory kept for reuse: {env['freed_memory_kept']}")
+    print(
+        f"{env.get('gpu', env['cpu'])}, {env['threads']} threads, torch {env['torch']}, freed memory kept for reuse: {env['freed_memory_kept']}"
+    )
+
     def describe(c: dict) -> str:
-        others = ", ".join(f"{lib} {v['gflops_median']:.0f}" for lib, v in c["by_library"].items() if lib != c["library"])
-        return f"{c['gflops_median']:.0f} GFLOP/s ({c['library']}" + (f"; {others})" if others else ")")
+        others = ", ".join(
+            f"{lib} {v['gflops_median']:.0f}"
+            for lib, v in c["by_library"].items()
+            if lib != c["library"]
+        )
+        return f"{c['gflops_median']:.0f} GFLOP/s ({c['library']}" + (
+            f"; {others})" if others else ")"
+        )
 
     first = next(iter(ceiling.values()))
     rounds = len(first["by_library"][first["library"]]["gflops_rounds"])
     timed = cells_of(list(ceiling))
-    print(f"ceiling ({first['matmul_size']}x{first['matmul_size']} matmul, the faster library, median of {rounds} rounds) on "
-          f"{env['instruction_set']} (native bf16: {'yes' if env['native_bf16'] else 'no'}): "
-          + ", ".join(f"{p} {describe(c)}" for p, c in ceiling.items()))
+    print(
+        f"ceiling ({first['matmul_size']}x{first['matmul_size']} matmul, the faster library, median of {rounds} rounds) on "
+        f"{env['instruction_set']} (native bf16: {'yes' if env['native_bf16'] else 'no'}): "
+        + ", ".join(f"{p} {describe(c)}" for p, c in ceiling.items())
+    )
     print(env["fast_paths"])
     print("images/s, median over rounds (percentage of the FLOP-bound limit the ceiling implies)")
     for name, entry in result["configs"].items():
@@ -429,40 +598,94 @@ def print_report(result: dict) -> None:
         )
         print(f"{'':<18}{'params':>12}" + "".join(f"{c:>20}" for c in timed))
         for impl, r in entry["results"].items():
-            row = "".join(f"{_figure(r['cells'][c]['images_per_second']):>12} ({r['cells'][c]['percent_of_flop_limit']:>3.0f}%)" for c in timed)
+            row = "".join(
+                f"{_figure(r['cells'][c]['images_per_second']):>12} ({r['cells'][c]['percent_of_flop_limit']:>3.0f}%)"
+                for c in timed
+            )
             print(f"{impl:<18}{r['parameters']:>12,}{row}   {r['attention']}")
         if entry["vitlab_vs_best_peer"]:
             vs = entry["vitlab_vs_best_peer"]
-            print(f"{'vitlab/best peer':<18}{'':>12}" + "".join(f"{vs[c]['ratio']:>7.2f}x {vs[c]['best_peer']:>12}" for c in timed))
+            print(
+                f"{'vitlab/best peer':<18}{'':>12}"
+                + "".join(f"{vs[c]['ratio']:>7.2f}x {vs[c]['best_peer']:>12}" for c in timed)
+            )
         if entry["memory"]:
-            methods = {m.get("method") for per in entry["memory"].values() for m in per.values() if "method" in m}
+            methods = {
+                m.get("method")
+                for per in entry["memory"].values()
+                for m in per.values()
+                if "method" in m
+            }
             print(f"peak memory of a training step, MiB ({'; '.join(sorted(methods))})")
             for impl, per in entry["memory"].items():
                 print(
                     f"{impl:<18}"
-                    + "".join(f"{p}: " + (f"{m['peak_mib']:>8.0f}" if "peak_mib" in m else m["error"]) + "   " for p, m in per.items())
+                    + "".join(
+                        f"{p}: "
+                        + (f"{m['peak_mib']:>8.0f}" if "peak_mib" in m else m["error"])
+                        + "   "
+                        for p, m in per.items()
+                    )
                 )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to run (default: all)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads (default: all cores)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds; the median is reported (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per cell before the rounds (default 2)")
-    parser.add_argument(
-        "--min_seconds", type=float, default=1.0, help="each measurement repeats a cell until the fastest implementation takes this long"
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--matmul_size", type=int, default=4096, help="side of the square matrices of the ceiling (default 4096)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(SHAPES),
+        default=list(SHAPES),
+        help="shapes to run (default: all)",
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch.set_num_threads (default: all cores)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="timed rounds; the median is reported (default 5)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed iterations per cell before the rounds (default 2)",
+    )
+    parser.add_argument(
+        "--min_seconds",
+        type=float,
+        default=1.0,
+        help="each measurement repeats a cell until the fastest implementation takes this long",
+    )
+    parser.add_argument(
+        "--matmul_size",
+        type=int,
+        default=4096,
+        help="side of the square matrices of the ceiling (default 4096)",
+    )
     parser.add_argument(
         "--memory",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="measure training memory in subprocesses (default: on, off with --quick)",
     )
-    parser.add_argument("--quick", action="store_true", help="Ti/4-32 only, 2 rounds of one iteration, one warm-up, no memory")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 round: checks that everything runs, measures nothing")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="Ti/4-32 only, 2 rounds of one iteration, one warm-up, no memory",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes, 1 round: checks that everything runs, measures nothing",
+    )
     parser.add_argument("--json", type=Path, help="write every number to this JSON file")
     parser.add_argument(
         "--keep_freed_memory",
@@ -471,8 +694,12 @@ def main() -> None:
         help="malloc keeps freed memory for reuse, as under the `vitlab` command (vitlab.keep_freed_memory), for every "
         "implementation alike (default: on)",
     )
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="precisions to time (default: fp32, and bf16 where the "
-                        "hardware runs it natively)")  # fmt: skip
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=list(DTYPES),
+        help="precisions to time (default: fp32, and bf16 where the hardware runs it natively)",
+    )
     parser.add_argument("--memory_worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.freed_memory_kept = args.keep_freed_memory and vitlab.keep_freed_memory()

@@ -32,7 +32,11 @@ def randomise_parameters(model: nn.Module, seed: int = 0, std: float = 0.02) -> 
     """Give every parameter seeded random values, so that nothing is trivially zero or one:
     norm scales 1 + N(0, std), everything else N(0, std) (head, class token, position embedding included)."""
     generator = torch.Generator().manual_seed(seed)
-    scales = {id(m.weight) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None}
+    scales = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None
+    }
     with torch.no_grad():
         for p in model.parameters():
             noise = torch.randn(p.shape, generator=generator, dtype=torch.float32) * std
@@ -58,14 +62,40 @@ def train_tiny(root: Path, **model_overrides) -> SimpleNamespace:
     for name in class_names:
         (data_dir / name).mkdir(parents=True)
         for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data_dir / name / f"{i}.png")
-    config = TrainConfig.from_dict({**dict(
-        name="tiny", dataset="imagefolder", data_dir=str(data_dir), model_type="Ti/16", patch_size=4, img_size=16, depth=1,
-        hidden_size=16, num_heads=2, mlp_dim=32, pretrained_dir="none", num_steps=3, train_batch_size=8, eval_every=3,
-        warmup_steps=0, device="cpu", output_dir=str(root), log_dir=str(root / "logs"), val_split=0.25, num_workers=0,
-    ), **model_overrides})  # fmt: skip
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                data_dir / name / f"{i}.png"
+            )
+    config = TrainConfig.from_dict(
+        {
+            **dict(
+                name="tiny",
+                dataset="imagefolder",
+                data_dir=str(data_dir),
+                model_type="Ti/16",
+                patch_size=4,
+                img_size=16,
+                depth=1,
+                hidden_size=16,
+                num_heads=2,
+                mlp_dim=32,
+                pretrained_dir="none",
+                num_steps=3,
+                train_batch_size=8,
+                eval_every=3,
+                warmup_steps=0,
+                device="cpu",
+                output_dir=str(root),
+                log_dir=str(root / "logs"),
+                val_split=0.25,
+                num_workers=0,
+            ),
+            **model_overrides,
+        }
+    )
     train(config)
-    return SimpleNamespace(checkpoint=root / "tiny" / "best.pt", data_dir=data_dir, class_names=class_names)
+    return SimpleNamespace(
+        checkpoint=root / "tiny" / "best.pt", data_dir=data_dir, class_names=class_names
+    )
 
 
 @pytest.fixture(scope="session")
@@ -172,4 +202,3 @@ def hub():
     """A local stand-in for the Hugging Face Hub (point HF_ENDPOINT at it): httpd.repos maps "ORG/NAME" to {file: bytes},
     served at revision main and httpd.commit; httpd.requests lists every request."""
     yield from _serve(_HubHandler, repos={}, commit=HUB_COMMIT)
-

@@ -18,7 +18,12 @@ import copy
 
 import torch
 
-UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
 
 # Vectorised tanh, erf and exp (SLEEF's, oneDNN's, the C library's) are each within a unit or two in the last place of
 # the exact value: two implementations of one elementwise function lie within this many units of each other.
@@ -63,14 +68,20 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound, msg: str 
     )
 
 
-def float32_rounding(module, *inputs, output=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def float32_rounding(
+    module, *inputs, output=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`module` on `inputs` in float32 and, as a float64 copy, in float64 (`output` picks the tensor from what it
     returns): (float32 result, float64 result, their elementwise distance). float64's own rounding is 2^-29 of
     float32's, so the distance is the rounding that float32 carries here, to that share."""
     output = output or (lambda out: out)
     with torch.no_grad():
         single = output(module(*inputs))
-        double = output(copy.deepcopy(module).double()(*(x.double() if x.is_floating_point() else x for x in inputs)))
+        double = output(
+            copy.deepcopy(module).double()(
+                *(x.double() if x.is_floating_point() else x for x in inputs)
+            )
+        )
     return single, double, (single.double() - double).abs()
 
 
@@ -87,12 +98,16 @@ def assert_same_function(ours, reference, *inputs, output=None, msg: str = "") -
     assert ours_rounding.max() <= SPREAD * reference_rounding.max(), (
         f"{msg}: float32 rounding {ours_rounding.max():.2e} against the reference's {reference_rounding.max():.2e}"
     )
-    print(f"{msg}: float32 rounding {ours_rounding.max():.1e} (reference {reference_rounding.max():.1e}), float64 "
-          f"difference {(got64 - expected64).abs().max():.1e}, float32 difference {(got - expected).abs().max():.1e}")
+    print(
+        f"{msg}: float32 rounding {ours_rounding.max():.1e} (reference {reference_rounding.max():.1e}), float64 "
+        f"difference {(got64 - expected64).abs().max():.1e}, float32 difference {(got - expected).abs().max():.1e}"
+    )
     return (got - expected).abs().max().item()
 
 
-def assert_within_float32_rounding(got: torch.Tensor, got64: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+def assert_within_float32_rounding(
+    got: torch.Tensor, got64: torch.Tensor, expected: torch.Tensor, msg: str = ""
+) -> None:
     """`expected` is another implementation's float32 result of the function that `got` (float32) and `got64` (its
     float64 copy) compute, with no float64 of its own (a file of logits): it lies within float32's rounding of the
     exact value, taken as SPREAD times ours (|got - got64|), and so within (1 + SPREAD) times that of `got`."""

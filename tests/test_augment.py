@@ -48,7 +48,10 @@ def test_crop_and_resize_takes_the_box():
     assert torch.equal(out[1], images[1, :, 0:4, 4:8])
 
 
-@pytest.mark.parametrize("shape", [(6, 3, 32, 32, 224), (5, 2, 20, 45, 17), (4, 1, 1, 9, 5), (3, 2, 9, 1, 6), (2, 3, 90, 60, 32)])
+@pytest.mark.parametrize(
+    "shape",
+    [(6, 3, 32, 32, 224), (5, 2, 20, 45, 17), (4, 1, 1, 9, 5), (3, 2, 9, 1, 6), (2, 3, 90, 60, 32)],
+)
 def test_crop_and_resize_samples_as_grid_sample(shape):
     # The reference: one grid_sample over an affine grid that maps the output onto the box, mirrored
     # where flipped. Covers up- and downsampling, non-square images and one-pixel-high or -wide ones.
@@ -64,11 +67,16 @@ def test_crop_and_resize_samples_as_grid_sample(shape):
     theta[:, 1, 1] = h / H
     theta[:, 1, 2] = (2 * top + h) / H - 1
     grid = F.affine_grid(theta, [B, C, size, size], align_corners=False)
-    expected = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    expected = F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     # Each side works out the sampling positions in float32 in its own way (a few roundings of positions up to the
     # image's side), which moves a value by at most that distance times the steepest step between neighbours, and
     # then sums at most two taps per direction (a W-term matmul of tents here).
-    largest, steepest = images.abs().max(), max(images.diff(dim=d).abs().max() if images.shape[d] > 1 else 0 for d in (2, 3))
+    largest, steepest = (
+        images.abs().max(),
+        max(images.diff(dim=d).abs().max() if images.shape[d] > 1 else 0 for d in (2, 3)),
+    )
     moved = float(ulps(torch.tensor(float(max(H, W))), torch.float32, 8)) * 2 * steepest
     bound = moved + sum_bound(W, largest) + sum_bound(4, largest)
     assert_within(crop_and_resize(images, boxes, size, flip), expected, bound, "fp32")
@@ -94,7 +102,9 @@ def test_resized_crop_boxes_lie_inside_and_respect_the_scale():
     ratio = w / h
     assert (ratio >= 0.75 * 0.85).all() and (ratio <= 4 / 3 * 1.15).all()
     # Deterministic per generator seed.
-    assert torch.equal(boxes, resized_crop_boxes(2000, H, W, scale, torch.Generator().manual_seed(0)))
+    assert torch.equal(
+        boxes, resized_crop_boxes(2000, H, W, scale, torch.Generator().manual_seed(0))
+    )
 
 
 def test_resized_crop_boxes_fall_back_to_the_centre_crop():
@@ -110,7 +120,9 @@ def test_pad_crop_at_offset_pad_is_identity():
     pad = 3
     centre = torch.full((4, 2), pad)
     assert torch.equal(pad_crop(images, pad, centre, torch.zeros(4, dtype=torch.bool)), images)
-    assert torch.equal(pad_crop(images, pad, centre, torch.ones(4, dtype=torch.bool)), images.flip(-1))
+    assert torch.equal(
+        pad_crop(images, pad, centre, torch.ones(4, dtype=torch.bool)), images.flip(-1)
+    )
     # Offset (0, 2*pad): shifted by pad pixels up-left / down-right into the reflected border.
     padded = torch.nn.functional.pad(images, (pad,) * 4, mode="reflect")
     offsets = torch.tensor([[0, 0], [2 * pad, 2 * pad], [0, 2 * pad], [1, 5]])
@@ -120,7 +132,12 @@ def test_pad_crop_at_offset_pad_is_identity():
 
 
 def test_to_float_normalises_to_minus_one_one():
-    x = torch.tensor([0, 255, 127], dtype=torch.uint8).reshape(1, 1, 3, 1).expand(1, 1, 3, 3).contiguous()
+    x = (
+        torch.tensor([0, 255, 127], dtype=torch.uint8)
+        .reshape(1, 1, 3, 1)
+        .expand(1, 1, 3, 3)
+        .contiguous()
+    )
     y = to_float(x)
     assert y.shape == (1, 3, 1, 3)
     for channel in range(3):  # (B, H=1, W=3, C=3) -> (B, C, H, W); pixel values along W
@@ -150,7 +167,6 @@ def test_bf16_augmentation_matches_fp32_to_bf16_precision(kind, size):
     assert_within(half, reference, ulps(torch.tensor(1.0), torch.bfloat16, 5 / 2))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # RandAugment, random erasing, mixup and CutMix
 
@@ -174,10 +190,15 @@ def one_op(name: str, x: torch.Tensor, magnitude: int, sign: int = 1) -> torch.T
     return randaugment(x, ops, torch.full_like(ops, sign), magnitude)
 
 
-@pytest.mark.parametrize("name, reference", [
-    ("brightness", lambda y, f: TF.adjust_brightness(y, f)), ("color", lambda y, f: TF.adjust_saturation(y, f)),
-    ("contrast", lambda y, f: TF.adjust_contrast(y, f)), ("sharpness", lambda y, f: TF.adjust_sharpness(y, f)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        ("brightness", lambda y, f: TF.adjust_brightness(y, f)),
+        ("color", lambda y, f: TF.adjust_saturation(y, f)),
+        ("contrast", lambda y, f: TF.adjust_contrast(y, f)),
+        ("sharpness", lambda y, f: TF.adjust_sharpness(y, f)),
+    ],
+)
 @pytest.mark.parametrize("sign", [1, -1])
 def test_colour_operations_are_torchvisions(name, reference, sign):
     # At magnitude 9 of 30 the factor is 1 +/- 0.9 * 9 / 30, as in torchvision's RandAugment.
@@ -191,10 +212,18 @@ def test_posterize_solarize_autocontrast_equalize_are_torchvisions():
     as_uint8 = (y * 255).round().to(torch.uint8)
     to_unit = lambda z: (z + 1) / 2  # noqa: E731
     bound = formula_bound(y)
-    assert_within(to_unit(one_op("posterize", as_uint8.float() / 127.5 - 1, 15)), TF.posterize(as_uint8, 6).float() / 255, bound)
+    assert_within(
+        to_unit(one_op("posterize", as_uint8.float() / 127.5 - 1, 15)),
+        TF.posterize(as_uint8, 6).float() / 255,
+        bound,
+    )
     assert_within(to_unit(one_op("solarize", x, 12)), TF.solarize(y, 1 - 12 / 30), bound)
     assert_within(to_unit(one_op("autocontrast", x, 5)), TF.autocontrast(y), bound)
-    assert_within(to_unit(one_op("equalize", as_uint8.float() / 127.5 - 1, 5)), TF.equalize(as_uint8).float() / 255, bound)
+    assert_within(
+        to_unit(one_op("equalize", as_uint8.float() / 127.5 - 1, 5)),
+        TF.equalize(as_uint8).float() / 255,
+        bound,
+    )
 
 
 @pytest.mark.parametrize("name", ["shear_x", "shear_y", "translate_x", "translate_y", "rotate"])
@@ -208,7 +237,9 @@ def test_geometric_operations_move_pixels_and_are_the_identity_at_magnitude_0(na
 
 def test_each_image_takes_its_own_operation_and_the_identity_changes_nothing():
     _, x = unit_images(batch=6)
-    ops = torch.tensor([[0, RANDAUGMENT_OPS.index("solarize"), 0, RANDAUGMENT_OPS.index("rotate"), 0, 0]])
+    ops = torch.tensor(
+        [[0, RANDAUGMENT_OPS.index("solarize"), 0, RANDAUGMENT_OPS.index("rotate"), 0, 0]]
+    )
     out = randaugment(x, ops, torch.ones_like(ops), 15)
     unchanged = ops[0] == 0
     assert torch.equal(out[unchanged], x[unchanged])
@@ -225,7 +256,9 @@ def test_random_erasing_boxes_one_colour_in_a_share_of_the_images():
     assert torch.equal(changed, boxes[:, 0].bool()) and 0.15 < changed.float().mean() < 0.35
     for i in changed.nonzero().flatten()[:20].tolist():
         top, left, h, w = (int(v) for v in boxes[i, 1:5])
-        assert 0.02 * 256 - 2 <= h * w <= 256 / 3 + 2 * 16  # the area's range, rounded and clipped to the image
+        assert (
+            0.02 * 256 - 2 <= h * w <= 256 / 3 + 2 * 16
+        )  # the area's range, rounded and clipped to the image
         region = out[i, :, top : top + h, left : left + w]
         torch.testing.assert_close(region, boxes[i, 5:8, None, None].expand_as(region))
 
@@ -233,7 +266,9 @@ def test_random_erasing_boxes_one_colour_in_a_share_of_the_images():
 def test_mixup_with_weight_one_is_the_identity_and_targets_are_one_hot():
     _, x = unit_images(batch=6)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    off = mix_params(3, 12, mixup=0.0, cutmix=0.0, switch_prob=0.5, generator=torch.Generator().manual_seed(0))
+    off = mix_params(
+        3, 12, mixup=0.0, cutmix=0.0, switch_prob=0.5, generator=torch.Generator().manual_seed(0)
+    )
     images, targets = mix(x, labels, off, 3)
     torch.testing.assert_close(images, x, rtol=0, atol=0)
     assert torch.equal(targets, F.one_hot(labels, 3).float())
@@ -242,20 +277,26 @@ def test_mixup_with_weight_one_is_the_identity_and_targets_are_one_hot():
 def test_mixup_blends_each_pair_and_its_labels_by_one_weight():
     _, x = unit_images(batch=8)
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    params = mix_params(4, 12, mixup=0.8, cutmix=0.0, switch_prob=0.5, generator=torch.Generator().manual_seed(2))
+    params = mix_params(
+        4, 12, mixup=0.8, cutmix=0.0, switch_prob=0.5, generator=torch.Generator().manual_seed(2)
+    )
     images, targets = mix(x, labels, params, 4)
     for pair in range(4):
         lam, (a, b) = params[pair, 0].item(), (2 * pair, 2 * pair + 1)
         torch.testing.assert_close(images[a], lam * x[a] + (1 - lam) * x[b])
         torch.testing.assert_close(images[b], lam * x[b] + (1 - lam) * x[a])
-        assert targets[a, labels[a]] == pytest.approx(lam) and targets[a, labels[b]] == pytest.approx(1 - lam)
+        assert targets[a, labels[a]] == pytest.approx(lam) and targets[
+            a, labels[b]
+        ] == pytest.approx(1 - lam)
     torch.testing.assert_close(targets.sum(1), torch.ones(8))
 
 
 def test_cutmix_pastes_the_partners_box_and_weighs_labels_by_its_area():
     _, x = unit_images(batch=8, size=16)
     labels = torch.arange(8) % 4
-    params = mix_params(4, 16, mixup=0.0, cutmix=1.0, switch_prob=0.5, generator=torch.Generator().manual_seed(3))
+    params = mix_params(
+        4, 16, mixup=0.0, cutmix=1.0, switch_prob=0.5, generator=torch.Generator().manual_seed(3)
+    )
     assert params[:, 1].bool().all()  # only CutMix on
     images, targets = mix(x, labels, params, 4)
     for pair in range(4):
@@ -263,7 +304,9 @@ def test_cutmix_pastes_the_partners_box_and_weighs_labels_by_its_area():
         a, b = 2 * pair, 2 * pair + 1
         inside = torch.zeros(16, 16, dtype=torch.bool)
         inside[top : top + h, left : left + w] = True
-        assert torch.equal(images[a][:, inside], x[b][:, inside]) and torch.equal(images[a][:, ~inside], x[a][:, ~inside])
+        assert torch.equal(images[a][:, inside], x[b][:, inside]) and torch.equal(
+            images[a][:, ~inside], x[a][:, ~inside]
+        )
         assert targets[a, labels[a]] == pytest.approx(1 - h * w / 256)
 
 
@@ -271,7 +314,9 @@ def test_mixing_a_slice_of_the_batch_equals_slicing_the_mixed_batch():
     # A process's share (or an accumulation step) of even length mixes the same pairs as the whole batch.
     _, x = unit_images(batch=8)
     labels = torch.arange(8) % 3
-    params = mix_params(4, 12, mixup=0.5, cutmix=1.0, switch_prob=0.5, generator=torch.Generator().manual_seed(4))
+    params = mix_params(
+        4, 12, mixup=0.5, cutmix=1.0, switch_prob=0.5, generator=torch.Generator().manual_seed(4)
+    )
     whole, whole_targets = mix(x, labels, params, 3)
     part, part_targets = mix(x[4:8], labels[4:8], params[2:4], 3)
     torch.testing.assert_close(part, whole[4:8], rtol=0, atol=0)
@@ -279,10 +324,17 @@ def test_mixing_a_slice_of_the_batch_equals_slicing_the_mixed_batch():
 
 
 def test_the_new_options_off_draw_and_compute_what_the_plain_augmentation_does():
-    images = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    images = torch.randint(
+        0, 256, (6, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
+    )
     plain = Augmentation(16, "pad_crop")
     params = plain.random_params(6, 16, 16, step_generator(1, 2))
     assert set(params) == {"flip", "offsets"}
-    with_off = Augmentation(16, "pad_crop", randaugment=None, random_erasing=0.0, mixup=0.0, cutmix=0.0)
-    torch.testing.assert_close(with_off.apply(images, with_off.random_params(6, 16, 16, step_generator(1, 2))), plain.apply(images, params))
+    with_off = Augmentation(
+        16, "pad_crop", randaugment=None, random_erasing=0.0, mixup=0.0, cutmix=0.0
+    )
+    torch.testing.assert_close(
+        with_off.apply(images, with_off.random_params(6, 16, 16, step_generator(1, 2))),
+        plain.apply(images, params),
+    )
     assert not with_off.mixes

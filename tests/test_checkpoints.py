@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from vitlab.formats import checkpoints
 from vitlab.errors import CheckpointError
+from vitlab.formats import checkpoints
 from vitlab.model import create_model
 
 
@@ -23,7 +23,9 @@ def state_equal(a: nn.Module, b: nn.Module) -> None:
 
 
 def test_safetensors_round_trip(tmp_path, randomise):
-    source = randomise(create_model("Ti/16", num_classes=3, img_size=32, depth=2, representation_size=24), seed=31)
+    source = randomise(
+        create_model("Ti/16", num_classes=3, img_size=32, depth=2, representation_size=24), seed=31
+    )
     names = ["cat", "dög", "fish 🐟"]
     path = tmp_path / "model.safetensors"
     checkpoints.save_safetensors(source, path, class_names=names)
@@ -54,20 +56,33 @@ def test_safetensors_bad_files(tmp_path):
 
 def test_training_checkpoint_round_trip(tmp_path, randomise):
     model = randomise(create_model("Ti/16", num_classes=10, img_size=32, depth=1), seed=41)
-    optimizer, scaler = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), torch.amp.GradScaler("cpu", enabled=False)
+    optimizer, scaler = (
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        torch.amp.GradScaler("cpu", enabled=False),
+    )
     model(torch.rand(2, 3, 32, 32)).sum().backward()
     optimizer.step()  # momentum buffers to save
     path = tmp_path / "deep" / "ckpt.pt"
     progress = {"step": 7, "best": {"accuracy": 0.5, "step": 6}}
-    checkpoints.save_training_checkpoint(path, model, ["c"] * 10, {"name": "x"}, optimizer, scaler, progress)
-    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]  # no temporary file left beside it
+    checkpoints.save_training_checkpoint(
+        path, model, ["c"] * 10, {"name": "x"}, optimizer, scaler, progress
+    )
+    assert [p.name for p in path.parent.iterdir()] == [
+        "ckpt.pt"
+    ]  # no temporary file left beside it
     read = checkpoints.read_checkpoint(path)
-    assert read["step"] == 7 and read["model_config"] == model.config.to_dict() and read["class_names"] == ["c"] * 10
+    assert (
+        read["step"] == 7
+        and read["model_config"] == model.config.to_dict()
+        and read["class_names"] == ["c"] * 10
+    )
     for key, value in model.state_dict().items():
         assert torch.equal(read["model"][key], value)
     fresh = create_model("Ti/16", num_classes=10, img_size=32, depth=1)
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
-    payload = checkpoints.restore_training_checkpoint(read, path, fresh, fresh_optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    payload = checkpoints.restore_training_checkpoint(
+        read, path, fresh, fresh_optimizer, torch.amp.GradScaler("cpu", enabled=False)
+    )
     assert payload["best"] == progress["best"] and payload["train_config"] == {"name": "x"}
     state_equal(fresh, model)
     restored = fresh_optimizer.state_dict()["state"]
@@ -75,20 +90,39 @@ def test_training_checkpoint_round_trip(tmp_path, randomise):
         assert torch.equal(restored[key]["momentum_buffer"], value["momentum_buffer"])
 
 
-@pytest.mark.parametrize("change", [{"gelu": "exact"}, {"num_heads": 6}, {"layer_norm_eps": 1e-12},
-                                    {"classifier": "gap", "final_norm": "after_pool"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"gelu": "exact"},
+        {"num_heads": 6},
+        {"layer_norm_eps": 1e-12},
+        {"classifier": "gap", "final_norm": "after_pool"},
+    ],
+)
 def test_weights_of_another_function_are_refused(change, tmp_path, randomise):
     # Heads and GELU form change what the weights compute, not their shapes: loading must not pass silently.
-    source = randomise(create_model("Ti/16", num_classes=10, img_size=32, depth=1, **change), seed=42)
+    source = randomise(
+        create_model("Ti/16", num_classes=10, img_size=32, depth=1, **change), seed=42
+    )
     pt, st = tmp_path / "run.pt", tmp_path / "run.safetensors"
     torch.save({"model": source.state_dict(), "model_config": source.config.to_dict()}, pt)
     checkpoints.save_safetensors(source, st)
     field, value = list(change.items())[-1]
-    shape = {k: v for k, v in change.items() if k == "classifier"}  # the same shapes, but for the function field
+    shape = {
+        k: v for k, v in change.items() if k == "classifier"
+    }  # the same shapes, but for the function field
     for path in (pt, st):
         with pytest.raises(CheckpointError, match=f"trained with --{field} {value}"):
-            checkpoints.load_pretrained(create_model("Ti/16", num_classes=10, img_size=32, depth=1, **shape), path, verbose=False)
-        same = checkpoints.load_pretrained(create_model("Ti/16", num_classes=10, img_size=32, depth=1, **change), path, verbose=False)
+            checkpoints.load_pretrained(
+                create_model("Ti/16", num_classes=10, img_size=32, depth=1, **shape),
+                path,
+                verbose=False,
+            )
+        same = checkpoints.load_pretrained(
+            create_model("Ti/16", num_classes=10, img_size=32, depth=1, **change),
+            path,
+            verbose=False,
+        )
         torch.testing.assert_close(same.state_dict(), source.state_dict())
 
 
@@ -132,8 +166,10 @@ def flip_bytes_in_largest_tensor(path, count: int = 16) -> None:
     with zipfile.ZipFile(path) as archive:
         member = max(archive.infolist(), key=lambda info: info.file_size)
     data = bytearray(path.read_bytes())
-    name_length, extra_length = int.from_bytes(data[member.header_offset + 26 : member.header_offset + 28], "little"), \
-        int.from_bytes(data[member.header_offset + 28 : member.header_offset + 30], "little")  # fmt: skip
+    name_length, extra_length = (
+        int.from_bytes(data[member.header_offset + 26 : member.header_offset + 28], "little"),
+        int.from_bytes(data[member.header_offset + 28 : member.header_offset + 30], "little"),
+    )
     start = member.header_offset + 30 + name_length + extra_length + member.compress_size // 2
     data[start : start + count] = bytes(255 - b for b in data[start : start + count])
     path.write_bytes(bytes(data))
@@ -151,21 +187,31 @@ def test_damaged_torch_files_are_refused_in_our_words(tmp_path, randomise):
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"truncated.pt: not a readable vitlab checkpoint \(not a complete torch zip archive"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"truncated.pt: not a readable vitlab checkpoint \(not a complete torch zip archive",
+    ):
         checkpoints.read_checkpoint(truncated)
 
     flipped = tmp_path / "flipped.pt"
     flipped.write_bytes(good.read_bytes())
     flip_bytes_in_largest_tensor(flipped)
-    with pytest.raises(CheckpointError, match=r"flipped.pt: corrupt: \S+ fails its CRC-32 check; nothing was loaded$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"flipped.pt: corrupt: \S+ fails its CRC-32 check; nothing was loaded$",
+    ):
         checkpoints.read_checkpoint(flipped)
 
     objects = tmp_path / "objects.pt"
-    torch.save({"model": _NotATensor(), "model_config": {}}, objects)  # a zip whose pickle holds a class instance
+    torch.save(
+        {"model": _NotATensor(), "model_config": {}}, objects
+    )  # a zip whose pickle holds a class instance
     with pytest.raises(CheckpointError) as info:
         checkpoints.read_checkpoint(objects)
     message = str(info.value)
-    assert message.endswith("it holds Python objects other than tensors, which vitlab refuses to load")
+    assert message.endswith(
+        "it holds Python objects other than tensors, which vitlab refuses to load"
+    )
     assert "weights_only" not in message and "\n" not in message
 
 
@@ -176,6 +222,8 @@ def test_a_damaged_safetensors_file_is_refused(tmp_path, randomise):
     data = bytearray(path.read_bytes())
     data[-4000:-3984] = bytes(255 - b for b in data[-4000:-3984])  # inside the last tensor's bytes
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt: its tensors do not match the checksum written with them; nothing was loaded"):
+    with pytest.raises(
+        CheckpointError,
+        match="corrupt: its tensors do not match the checksum written with them; nothing was loaded",
+    ):
         checkpoints.load_safetensors(path)
-

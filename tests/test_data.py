@@ -40,7 +40,9 @@ def make_image_folder(root, classes=CLASSES, per_class=12, size=16, seed=0, ext=
         folder = root / c
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.{ext}")
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                folder / f"{i:03d}.{ext}"
+            )
     return root
 
 
@@ -58,7 +60,11 @@ def test_class_folder_layout(tmp_path):
     root = make_image_folder(tmp_path / "flat", per_class=5, size=16)
     data = load_image_folder(root)
     assert data.class_names == list(CLASSES)
-    assert data.images is not None and data.images.shape == (15, 16, 16, 3) and data.images.dtype == torch.uint8
+    assert (
+        data.images is not None
+        and data.images.shape == (15, 16, 16, 3)
+        and data.images.dtype == torch.uint8
+    )
     assert data.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
     # The decoded pixels are the files' pixels.
     first = np.asarray(Image.open(root / "cat" / "000.png").convert("RGB"))
@@ -75,7 +81,9 @@ def test_train_and_val_layout(tmp_path, held_out):
     make_image_folder(tmp_path / held_out, per_class=2, seed=1)
     train, val, test = load_datasets("imagefolder", str(tmp_path), 0.0, seed=0)
     assert len(train) == 18 and test is None
-    assert len(val) == 6 and val.class_names == list(CLASSES)  # val_split 0: the held-out folder validates
+    assert len(val) == 6 and val.class_names == list(
+        CLASSES
+    )  # val_split 0: the held-out folder validates
     train, val, test = load_datasets("imagefolder", str(tmp_path), 1 / 6, seed=0)
     assert (len(train), len(val), len(test)) == (15, 3, 6)
 
@@ -109,7 +117,9 @@ def test_grayscale_palette_and_rgba_images_become_rgb(tmp_path):
         assert array.shape == (16, 16, 3) and array.dtype == np.uint8
         assert np.array_equal(array, np.asarray(image.convert("RGB")))
     gray_rgb = read_image(str(folder / "a_gray.png"))
-    assert np.array_equal(gray_rgb[..., 0], gray_rgb[..., 1]) and np.array_equal(gray_rgb[..., 0], np.asarray(gray))
+    assert np.array_equal(gray_rgb[..., 0], gray_rgb[..., 1]) and np.array_equal(
+        gray_rgb[..., 0], np.asarray(gray)
+    )
     data = load_image_folder(tmp_path / "modes")
     assert data.images.shape == (5, 16, 16, 3)
 
@@ -127,7 +137,10 @@ def png_claiming(path: Path, width: int, height: int) -> Path:
 
 def test_read_image_refuses_a_huge_image_from_its_header(tmp_path):
     path = png_claiming(tmp_path / "large.png", 9_000, 5_000)
-    with pytest.raises(DataError, match=r"large.png: 9000 x 5000 pixels, more than the 40,000,000 accepted; make it smaller"):
+    with pytest.raises(
+        DataError,
+        match=r"large.png: 9000 x 5000 pixels, more than the 40,000,000 accepted; make it smaller",
+    ):
         read_image(str(path), max_pixels=40_000_000)
 
 
@@ -168,7 +181,10 @@ def test_an_image_past_the_decompression_bomb_limit_is_refused_in_one_line(tmp_p
     bomb = png_claiming(tmp_path / "bomb.png", 15_000, 12_000)  # 180 megapixels
     with pytest.raises(DataError) as info:
         read_image(str(bomb))
-    assert str(info.value) == f"{bomb}: an image of more than 179 megapixels, refused (a decompression bomb, or a photo to downscale first)"
+    assert (
+        str(info.value)
+        == f"{bomb}: an image of more than 179 megapixels, refused (a decompression bomb, or a photo to downscale first)"
+    )
 
 
 @pytest.mark.parametrize("ext", ["jpg", "png"])
@@ -190,7 +206,9 @@ def test_a_truncated_jpeg_in_a_streamed_folder_is_named_before_training(tmp_path
     root = make_image_folder(tmp_path / "cut", per_class=3, ext="jpg")
     truncated = root / "dog" / "zz_cut.jpg"
     whole = tmp_path / "whole.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole, quality=95)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        whole, quality=95
+    )
     truncated.write_bytes(whole.read_bytes()[:1500])
     with pytest.raises(DataError) as info:
         load_image_folder(root)
@@ -205,7 +223,9 @@ def test_an_image_that_goes_bad_mid_run_is_named_in_one_line(tmp_path, monkeypat
     (root / "cat" / "000.png").write_bytes(b"overwritten since the run began")
     with pytest.raises(DataError) as info:
         list(eval_batches(data, 16, 8, torch.device("cpu"), num_workers=workers))
-    assert str(info.value).startswith(f"{root / 'cat' / '000.png'}: not a readable image") and "\n" not in str(info.value)
+    assert str(info.value).startswith(
+        f"{root / 'cat' / '000.png'}: not a readable image"
+    ) and "\n" not in str(info.value)
 
 
 def test_empty_class_folders_are_named_and_one_class_does_not_train(tmp_path):
@@ -215,8 +235,12 @@ def test_empty_class_folders_are_named_and_one_class_does_not_train(tmp_path):
         load_image_folder(root)
     only = tmp_path / "only"
     make_image_folder(only, classes=("cat",), per_class=4)
-    assert load_image_folder(only).class_names == ["cat"]  # a folder to evaluate on may hold one class ...
-    with pytest.raises(DataError, match="one class \\(cat\\); a classifier needs at least 2 classes to train on"):
+    assert load_image_folder(only).class_names == [
+        "cat"
+    ]  # a folder to evaluate on may hold one class ...
+    with pytest.raises(
+        DataError, match="one class \\(cat\\); a classifier needs at least 2 classes to train on"
+    ):
         load_datasets("imagefolder", str(only), 0.25, 0)  # ... a training set may not
 
 
@@ -264,11 +288,18 @@ def test_process_slices_equal_the_whole_batch(kind):
         for world in (2, 4):
             local = 8 // world
             for rank in range(world):
-                xr, yr = TrainBatches(data, aug, 8, seed=3, device=cpu, rank=rank, world_size=world).get(step)
+                xr, yr = TrainBatches(
+                    data, aug, 8, seed=3, device=cpu, rank=rank, world_size=world
+                ).get(step)
                 # Per-image weights alike; the crop's W-term column matmul and two-tap rows, blocked otherwise for
                 # another batch size, on pixels in [-1, 1].
                 bound = sum_bound(8, 1.0) + sum_bound(2, 1.0)
-                assert_within(xr, x[rank * local : (rank + 1) * local], bound, f"{kind}, rank {rank} of {world}")
+                assert_within(
+                    xr,
+                    x[rank * local : (rank + 1) * local],
+                    bound,
+                    f"{kind}, rank {rank} of {world}",
+                )
                 assert torch.equal(yr, y[rank * local : (rank + 1) * local])
     # The generator loop gives the same batches as get().
     for step, (xs, ys) in enumerate(whole(0, 3)):
@@ -303,16 +334,20 @@ def test_streaming_gives_the_same_batches_shapes_and_labels(tmp_path, monkeypatc
     mem_batches = list(TrainBatches(memory, aug, 8, seed=5, device=cpu, num_workers=0)(2, 6))
     stream_batches = list(TrainBatches(streamed, aug, 8, seed=5, device=cpu, num_workers=0)(2, 6))
     assert len(mem_batches) == len(stream_batches) == 4
-    for (xm, ym), (xs, ys) in zip(mem_batches, stream_batches):
+    for (xm, ym), (xs, ys) in zip(mem_batches, stream_batches, strict=False):
         assert xs.shape == xm.shape == (8, 3, 12, 12) and xs.dtype == torch.float32
         assert torch.equal(ys, ym)
         assert xs.min() >= -1.0 - 1e-6 and xs.max() <= 1.0 + 1e-6
     # A process's share of a streamed batch is the same images as in memory.
-    rank1 = next(TrainBatches(streamed, aug, 8, seed=5, device=cpu, rank=1, world_size=2, num_workers=0)(2, 3))
+    rank1 = next(
+        TrainBatches(streamed, aug, 8, seed=5, device=cpu, rank=1, world_size=2, num_workers=0)(
+            2, 3
+        )
+    )
     assert torch.equal(rank1[1], mem_batches[0][1][4:])
     # Streamed batches are reproducible (seeded per image, not by the worker).
     again = list(TrainBatches(streamed, aug, 8, seed=5, device=cpu, num_workers=0)(2, 6))
-    for (xa, _), (xb, _) in zip(again, stream_batches):
+    for (xa, _), (xb, _) in zip(again, stream_batches, strict=False):
         assert torch.equal(xa, xb)
 
 
@@ -322,14 +357,17 @@ def test_streaming_without_resizing_equals_memory(tmp_path, monkeypatch):
     # Native size, no flips: nothing random, so both paths give the same pixels. (With flips they
     # differ: streaming draws each image's choices from its own seed, memory from the batch's.)
     aug = Augmentation(16, "none", hflip=False)
-    for (xm, ym), (xs, ys) in zip(TrainBatches(memory, aug, 8, 1, cpu, num_workers=0)(0, 3),
-                                  TrainBatches(streamed, aug, 8, 1, cpu, num_workers=0)(0, 3)):  # fmt: skip
+    for (xm, ym), (xs, ys) in zip(
+        TrainBatches(memory, aug, 8, 1, cpu, num_workers=0)(0, 3),
+        TrainBatches(streamed, aug, 8, 1, cpu, num_workers=0)(0, 3),
+        strict=False,
+    ):
         assert torch.equal(ym, ys)
         assert torch.equal(xs, xm)
     mem_eval = list(eval_batches(memory, 16, 5, cpu, rank=1, world_size=2, num_workers=0))
     stream_eval = list(eval_batches(streamed, 16, 5, cpu, rank=1, world_size=2, num_workers=0))
     assert [len(y) for _, y in mem_eval] == [len(y) for _, y in stream_eval] == [5, 5, 2]
-    for (xm, ym), (xs, ys) in zip(mem_eval, stream_eval):
+    for (xm, ym), (xs, ys) in zip(mem_eval, stream_eval, strict=False):
         assert torch.equal(ym, ys)
         assert torch.equal(xs, xm)
 
@@ -349,12 +387,18 @@ def test_eval_shards_cover_every_image_once(tmp_path):
 
 
 def test_split_validation_is_deterministic_disjoint_and_complete():
-    data = ImageSet(torch.arange(50), ["x"], torch.arange(50).view(50, 1, 1, 1).expand(50, 1, 1, 3).to(torch.uint8))
+    data = ImageSet(
+        torch.arange(50),
+        ["x"],
+        torch.arange(50).view(50, 1, 1, 1).expand(50, 1, 1, 3).to(torch.uint8),
+    )
     train, val = split_validation(data, 0.2, seed=4)
     assert len(val) == 10 and len(train) == 40
     t, v = set(train.labels.tolist()), set(val.labels.tolist())
     assert not (t & v) and t | v == set(range(50))
-    assert torch.equal(train.images[:, 0, 0, 0].long(), train.labels)  # images move with their labels
+    assert torch.equal(
+        train.images[:, 0, 0, 0].long(), train.labels
+    )  # images move with their labels
     train2, val2 = split_validation(data, 0.2, seed=4)
     assert torch.equal(val.labels, val2.labels) and torch.equal(train.labels, train2.labels)
     _, val3 = split_validation(data, 0.2, seed=5)
@@ -373,5 +417,3 @@ def test_split_validation_refuses_an_empty_side():
 def test_unknown_dataset_is_refused(tmp_path):
     with pytest.raises(DataError, match="unknown dataset"):
         load_datasets("mnist", str(tmp_path), 0.1, seed=0)
-
-

@@ -28,13 +28,13 @@ from conftest import REPO, train_tiny
 from PIL import Image
 
 from vitlab.app import demo
-from vitlab.app.rollout import attention_map
-from vitlab.formats.checkpoints import load_model, read_checkpoint
 from vitlab.app.cli import main
-from vitlab.data import ImageSet, read_image
 from vitlab.app.demo import Demo, find_examples, read_upload, render, shrink
-from vitlab.errors import ConfigError, DataError, VitlabError
 from vitlab.app.inference import predict, preprocess
+from vitlab.app.rollout import attention_map
+from vitlab.data import ImageSet, read_image
+from vitlab.errors import ConfigError, DataError, VitlabError
+from vitlab.formats.checkpoints import load_model, read_checkpoint
 from vitlab.model import count_parameters
 
 CPU = torch.device("cpu")
@@ -55,7 +55,21 @@ def one_error_line(capsys) -> str:
 def predicted(checkpoint, image, capsys) -> dict:
     """`vitlab predict --json`'s top classes of one image, in fp32 on the CPU like the served page."""
     capsys.readouterr()
-    assert main(["predict", str(checkpoint), str(image), "--json", "--precision", "fp32", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(checkpoint),
+                str(image),
+                "--json",
+                "--precision",
+                "fp32",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return json.loads(capsys.readouterr().out)[0]["top_k"]
 
 
@@ -71,19 +85,28 @@ def test_one_forward_pass_gives_the_prediction_and_every_map(deep_run):
     model.forward = lambda *args, **kwargs: calls.append(kwargs) or forward(*args, **kwargs)
     image = read_image(str(deep_run.data_dir / "dog" / "1.png"))
     explained = page.explain(image)
-    overlays = {(name, opacity): render(explained, name, opacity) for name in page.map_names for opacity in (0.0, 0.5, 1.0)}
+    overlays = {
+        (name, opacity): render(explained, name, opacity)
+        for name in page.map_names
+        for opacity in (0.0, 0.5, 1.0)
+    }
     assert calls == [{"return_attention": True}]  # the controls redraw from the cache
     assert list(explained.maps) == page.map_names == ["rollout", "layer 1", "layer 2"]
     images = preprocess(image, model.config.img_size)[None]
     _, attentions = forward(images, return_attention=True)
     for i, name in enumerate(page.map_names):
-        torch.testing.assert_close(explained.maps[name], attention_map(attentions, True, None if i == 0 else i - 1)[0])
+        torch.testing.assert_close(
+            explained.maps[name], attention_map(attentions, True, None if i == 0 else i - 1)[0]
+        )
     expected = predict(model, images, names, 2, CPU, "fp32")[0]
     assert [(c, i) for c, i, _ in explained.top] == [(c, i) for c, i, _ in expected]
     np.testing.assert_allclose([p for *_, p in explained.top], [p for *_, p in expected], atol=1e-5)
     assert np.array_equal(overlays["rollout", 0.0], image)  # opacity 0: the image alone
     assert not np.array_equal(overlays["rollout", 1.0], overlays["layer 1", 1.0])
-    assert f"{count_parameters(model):,} parameters · cpu · fp32" in page.describe() and "last prediction" not in page.describe()
+    assert (
+        f"{count_parameters(model):,} parameters · cpu · fp32" in page.describe()
+        and "last prediction" not in page.describe()
+    )
     assert page.describe(0.012).endswith(" · last prediction 12 ms")
 
 
@@ -95,7 +118,9 @@ def test_the_overlay_is_drawn_on_the_image_shrunk_never_enlarged():
 
 def test_controls_outside_the_page_choices_are_refused(deep_run):
     model, names = load_model(deep_run.checkpoint)
-    explained = Demo(model, names, CPU, "fp32", top_k=3).explain(read_image(str(deep_run.data_dir / "cat" / "0.png")))
+    explained = Demo(model, names, CPU, "fp32", top_k=3).explain(
+        read_image(str(deep_run.data_dir / "cat" / "0.png"))
+    )
     with pytest.raises(DataError, match=r"map 'layer 3': choose rollout, layer 1, layer 2"):
         render(explained, "layer 3", 0.5)
     with pytest.raises(DataError, match="opacity 1.5: choose a value from 0 to 1"):
@@ -122,7 +147,9 @@ def test_bad_uploads_are_one_line_naming_the_file_as_the_user_did(tmp_path, monk
     text.write_text("hello, not an image\n")
     with pytest.raises(DataError) as refused:
         read_upload({"path": str(text), "orig_name": "notes.png"})
-    assert str(refused.value).startswith("notes.png: not a readable image") and str(tmp_path) not in str(refused.value)
+    assert str(refused.value).startswith("notes.png: not a readable image") and str(
+        tmp_path
+    ) not in str(refused.value)
     monkeypatch.setattr(demo, "MAX_PIXELS", 100)
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "big.png")
     with pytest.raises(DataError, match=r"^photo.png: 16 x 16 pixels, more than the 100 accepted"):
@@ -146,10 +173,16 @@ def test_the_page_fetches_no_url_given_as_its_image(deep_run, tmp_path, monkeypa
         return str(tmp_path / "fetched.png")
 
     monkeypatch.setattr(processing_utils, "async_ssrf_protected_download", async_download)
-    monkeypatch.setattr(processing_utils, "save_url_to_cache", lambda url, cache_dir: fetched.append(url) or str(tmp_path / "f.png"))
+    monkeypatch.setattr(
+        processing_utils,
+        "save_url_to_cache",
+        lambda url, cache_dir: fetched.append(url) or str(tmp_path / "f.png"),
+    )
     model, names = load_model(deep_run.checkpoint)
     page = demo.build_page(Demo(model, names, CPU, "fp32", top_k=2), "tiny", [])
-    image = next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == "image")
+    image = next(
+        block for block in page.blocks.values() if getattr(block, "elem_id", None) == "image"
+    )
     for url in ("http://example.com/cat.png", "HTTPS://example.com/cat.png"):
         with pytest.raises(gr.Error, match="images come from uploads only"):
             image.move_resource_to_block_cache(url)
@@ -158,7 +191,10 @@ def test_the_page_fetches_no_url_given_as_its_image(deep_run, tmp_path, monkeypa
     assert fetched == []
     upload = tmp_path / "upload.png"
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(upload)
-    assert Path(asyncio.run(image.async_move_resource_to_block_cache(str(upload)))).read_bytes() == upload.read_bytes()
+    assert (
+        Path(asyncio.run(image.async_move_resource_to_block_cache(str(upload)))).read_bytes()
+        == upload.read_bytes()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,28 +205,48 @@ def test_examples_from_a_folder_or_the_runs_own_images(deep_run, tmp_path, capsy
     files = find_examples(deep_run.data_dir, deep_run.checkpoint, tmp_path)
     assert len(files) == demo.MAX_EXAMPLES and all(f.endswith(".png") for f in files)
     files = find_examples(None, deep_run.checkpoint, tmp_path)
-    assert [Path(f).relative_to(deep_run.data_dir).as_posix() for f in files] == ["cat/0.png", "dog/0.png", "fish/0.png"]
+    assert [Path(f).relative_to(deep_run.data_dir).as_posix() for f in files] == [
+        "cat/0.png",
+        "dog/0.png",
+        "fish/0.png",
+    ]
     assert "3 examples (the run's image folder" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"--examples .*empty: no images in this folder"):
         find_examples(tmp_path / "empty", deep_run.checkpoint, tmp_path)
 
 
-def test_examples_of_a_cifar_run_are_written_from_its_test_split(deep_run, tmp_path, monkeypatch, capsys):
+def test_examples_of_a_cifar_run_are_written_from_its_test_split(
+    deep_run, tmp_path, monkeypatch, capsys
+):
     payload = read_checkpoint(deep_run.checkpoint)
-    payload["train_config"] = {**payload["train_config"], "dataset": "cifar10", "data_dir": str(tmp_path / "data")}
+    payload["train_config"] = {
+        **payload["train_config"],
+        "dataset": "cifar10",
+        "data_dir": str(tmp_path / "data"),
+    }
     torch.save(payload, tmp_path / "cifar.pt")
     monkeypatch.setattr(demo, "cifar_on_disk", lambda name, root: False)
     assert find_examples(None, tmp_path / "cifar.pt", tmp_path) == []
-    assert f"no examples (the run's cifar10 is not at {tmp_path / 'data'}" in capsys.readouterr().out
-    images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    assert (
+        f"no examples (the run's cifar10 is not at {tmp_path / 'data'}" in capsys.readouterr().out
+    )
+    images = torch.from_numpy(
+        np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    )
     test_split = ImageSet(torch.tensor([1, 0, 0, 1]), ["airplane", "automobile"], images)
     monkeypatch.setattr(demo, "cifar_on_disk", lambda name, root: True)
-    monkeypatch.setattr(demo, "load_cifar", lambda name, root, train: test_split if name == "cifar10" and not train else None)
+    monkeypatch.setattr(
+        demo,
+        "load_cifar",
+        lambda name, root, train: test_split if name == "cifar10" and not train else None,
+    )
     (tmp_path / "scratch").mkdir()
     files = find_examples(None, tmp_path / "cifar.pt", tmp_path / "scratch")
     assert [Path(f).name for f in files] == ["0_airplane.png", "1_automobile.png"]
-    assert np.array_equal(read_image(files[0]), images[1].numpy()) and np.array_equal(read_image(files[1]), images[0].numpy())
+    assert np.array_equal(read_image(files[0]), images[1].numpy()) and np.array_equal(
+        read_image(files[1]), images[0].numpy()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,16 +257,28 @@ def test_without_gradio_the_command_says_how_to_install_it(deep_run, tmp_path, m
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
     for extra in ([], ["--write-space", str(tmp_path / "space")]):
         assert main(["demo", str(deep_run.checkpoint), *extra]) == 1
-        assert one_error_line(capsys) == "vitlab demo: error: the demo needs Gradio: pip install 'vitlab[demo]'"
+        assert (
+            one_error_line(capsys)
+            == "vitlab demo: error: the demo needs Gradio: pip install 'vitlab[demo]'"
+        )
     assert not (tmp_path / "space").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--port", "0"], "--port 0: choose a port from 1 to 65535"),
-    (["--top_k", "0"], "--top_k must be positive"),
-    (["--write-space", "SPACE", "--share"], "--write-space: a Space chooses its own address and is public"),
-    (["--write-space", "SPACE", "--port", "8000"], "--write-space: a Space chooses its own address and is public"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "0"], "--port 0: choose a port from 1 to 65535"),
+        (["--top_k", "0"], "--top_k must be positive"),
+        (
+            ["--write-space", "SPACE", "--share"],
+            "--write-space: a Space chooses its own address and is public",
+        ),
+        (
+            ["--write-space", "SPACE", "--port", "8000"],
+            "--write-space: a Space chooses its own address and is public",
+        ),
+    ],
+)
 def test_bad_flags_are_one_line(flags, message, deep_run, tmp_path, capsys):
     flags = [str(tmp_path / "space") if f == "SPACE" else f for f in flags]
     assert main(["demo", str(deep_run.checkpoint), *flags]) == 2
@@ -233,7 +301,10 @@ def test_a_space_needs_vitlab_installed_to_name_its_requirements(monkeypatch):
         raise demo.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(demo.metadata, "requires", not_installed)
-    with pytest.raises(VitlabError, match=r"^--write-space reads vitlab's dependencies from its installation: pip install -e \.$"):
+    with pytest.raises(
+        VitlabError,
+        match=r"^--write-space reads vitlab's dependencies from its installation: pip install -e \.$",
+    ):
         demo.vitlab_requirements()
 
 
@@ -276,7 +347,11 @@ def recording_proxy():
 def server_env(proxy, pythonpath: bool = True) -> dict:
     """This environment for a server: one thread, vitlab from this checkout (or not), every outgoing request sent to
     `proxy` except those to 127.0.0.1."""
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+    }
     env.pop("PYTHONPATH", None)
     if pythonpath:
         env["PYTHONPATH"] = str(REPO / "src")
@@ -310,17 +385,45 @@ def served(deep_run, tmp_path_factory):
     """`vitlab demo` on the two-layer run, in fp32 on the CPU, with its outgoing requests recorded."""
     pytest.importorskip("gradio")
     folder = tmp_path_factory.mktemp("served")
-    argv = [sys.executable, "-m", "vitlab.app.cli", "demo", str(deep_run.checkpoint), "--port", str(free_port()), "--device", "cpu",
-            "--precision", "fp32"]  # fmt: skip
-    with recording_proxy() as proxy, running(argv, folder, server_env(proxy), folder / "server.log") as url:
-        yield SimpleNamespace(url=url, run=deep_run, log=folder / "server.log", proxy=proxy, folder=folder)
+    argv = [
+        sys.executable,
+        "-m",
+        "vitlab.app.cli",
+        "demo",
+        str(deep_run.checkpoint),
+        "--port",
+        str(free_port()),
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+    ]
+    with (
+        recording_proxy() as proxy,
+        running(argv, folder, server_env(proxy), folder / "server.log") as url,
+    ):
+        yield SimpleNamespace(
+            url=url, run=deep_run, log=folder / "server.log", proxy=proxy, folder=folder
+        )
 
 
 def test_a_port_in_use_is_one_line(served):
     port = urlparse(served.url).port
-    argv = [sys.executable, "-m", "vitlab.app.cli", "demo", str(served.run.checkpoint), "--port", str(port), "--device", "cpu"]
+    argv = [
+        sys.executable,
+        "-m",
+        "vitlab.app.cli",
+        "demo",
+        str(served.run.checkpoint),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
     with recording_proxy() as proxy:
-        done = subprocess.run(argv, env=server_env(proxy), capture_output=True, text=True, timeout=300, check=False)
+        done = subprocess.run(
+            argv, env=server_env(proxy), capture_output=True, text=True, timeout=300, check=False
+        )
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"vitlab demo: error: cannot serve on 127.0.0.1:{port} (")
@@ -344,10 +447,16 @@ def test_the_api_endpoint_through_gradio_client(served, capsys):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    client = Client(served.url, verbose=False, analytics_enabled=False, download_files=str(served.folder))
-    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/predict"]
+    client = Client(
+        served.url, verbose=False, analytics_enabled=False, download_files=str(served.folder)
+    )
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == [
+        "/predict"
+    ]
     image = served.run.data_dir / "fish" / "2.png"
-    label, overlay_file, info = client.predict(handle_file(str(image)), "layer 2", 0.0, api_name="/predict")
+    label, overlay_file, info = client.predict(
+        handle_file(str(image)), "layer 2", 0.0, api_name="/predict"
+    )
     expected = predicted(served.run.checkpoint, image, capsys)
     assert label["label"] == expected[0]["class"]
     got = {c["label"]: c["confidence"] for c in label["confidences"]}
@@ -368,14 +477,42 @@ def test_the_written_space_runs_as_it_is(deep_run, tmp_path, capsys):
     from gradio_client import Client, handle_file
 
     space = tmp_path / "space"
-    assert main(["demo", str(deep_run.checkpoint), "--write-space", str(space), "--top_k", "2", "--precision", "fp32"]) == 0
-    assert sorted(p.name for p in space.iterdir()) == ["README.md", "app.py", "examples", "model.safetensors", "requirements.txt",
-                                                       "vitlab"]  # fmt: skip
+    assert (
+        main(
+            [
+                "demo",
+                str(deep_run.checkpoint),
+                "--write-space",
+                str(space),
+                "--top_k",
+                "2",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in space.iterdir()) == [
+        "README.md",
+        "app.py",
+        "examples",
+        "model.safetensors",
+        "requirements.txt",
+        "vitlab",
+    ]
     readme = (space / "README.md").read_text()
-    assert readme.startswith("---\n") and "\nsdk: gradio\n" in readme and f"\nsdk_version: {gradio.__version__}\n" in readme
+    assert (
+        readme.startswith("---\n")
+        and "\nsdk: gradio\n" in readme
+        and f"\nsdk_version: {gradio.__version__}\n" in readme
+    )
     assert "\napp_file: app.py\n" in readme.split("---")[1]
     assert any(r.startswith("torch") for r in (space / "requirements.txt").read_text().splitlines())
-    assert sorted(p.name for p in (space / "examples").iterdir()) == ["00_0.png", "01_0.png", "02_0.png"]
+    assert sorted(p.name for p in (space / "examples").iterdir()) == [
+        "00_0.png",
+        "01_0.png",
+        "02_0.png",
+    ]
     _, names = load_model(space / "model.safetensors")
     assert names == deep_run.class_names
     assert (space / "vitlab" / "app" / "demo.py").read_text() == Path(demo.__file__).read_text()
@@ -383,8 +520,9 @@ def test_the_written_space_runs_as_it_is(deep_run, tmp_path, capsys):
     with recording_proxy() as proxy:
         env = {**server_env(proxy, pythonpath=False), "GRADIO_SERVER_PORT": str(free_port())}
         with running([sys.executable, "app.py"], space, env, tmp_path / "space.log") as url:
-            label, _, _ = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path)).predict(
-                handle_file(str(image)), "rollout", 0.5, api_name="/predict")  # fmt: skip
+            label, _, _ = Client(
+                url, verbose=False, analytics_enabled=False, download_files=str(tmp_path)
+            ).predict(handle_file(str(image)), "rollout", 0.5, api_name="/predict")
         assert proxy.requests == []
     expected = predicted(deep_run.checkpoint, image, capsys)
     assert [c["label"] for c in label["confidences"]] == [e["class"] for e in expected[:2]]
@@ -405,9 +543,19 @@ def browser(served):
         pytest.skip("no Chromium here: apt-get install -y chromium chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", f"--user-data-dir={served.folder / 'chromium'}",
-                 "--window-size=1280,900", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={served.folder / 'chromium'}",
+        "--window-size=1280,900",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     chrome = webdriver.Chrome(service=webdriver.ChromeService(driver), options=options)
@@ -423,14 +571,23 @@ def outside_requests(chrome) -> list[str]:
     for entry in chrome.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         if message["method"] in ("Network.requestWillBeSent", "Network.webSocketCreated"):
-            urls.append(message["params"].get("request", {}).get("url") or message["params"].get("url"))
-    return [u for u in urls if urlparse(u).scheme in ("http", "https", "ws", "wss") and urlparse(u).hostname != "127.0.0.1"]
+            urls.append(
+                message["params"].get("request", {}).get("url") or message["params"].get("url")
+            )
+    return [
+        u
+        for u in urls
+        if urlparse(u).scheme in ("http", "https", "ws", "wss")
+        and urlparse(u).hostname != "127.0.0.1"
+    ]
 
 
 def wait_for(chrome, condition, what: str):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(chrome, 60, poll_frequency=0.1).until(lambda _: condition(), message=f"waited for {what}")
+    return WebDriverWait(chrome, 60, poll_frequency=0.1).until(
+        lambda _: condition(), message=f"waited for {what}"
+    )
 
 
 def test_the_page_predicts_as_predict_does_and_redraws_the_map(browser, served, capsys):
@@ -439,20 +596,38 @@ def test_the_page_predicts_as_predict_does_and_redraws_the_map(browser, served, 
     chrome = browser
     chrome.get(served.url)
     image = served.run.data_dir / "dog" / "5.png"
-    wait_for(chrome, lambda: chrome.find_elements(By.CSS_SELECTOR, "#image input[type=file]"), "the page")
+    wait_for(
+        chrome, lambda: chrome.find_elements(By.CSS_SELECTOR, "#image input[type=file]"), "the page"
+    )
     chrome.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(image))
-    top = wait_for(chrome, lambda: chrome.find_elements(By.CSS_SELECTOR, "#label meter"), "the top classes")[0]
+    top = wait_for(
+        chrome, lambda: chrome.find_elements(By.CSS_SELECTOR, "#label meter"), "the top classes"
+    )[0]
     expected = predicted(served.run.checkpoint, image, capsys)[0]
-    assert chrome.find_element(By.CSS_SELECTOR, "#label [data-testid=label-output-value]").text == expected["class"]
+    assert (
+        chrome.find_element(By.CSS_SELECTOR, "#label [data-testid=label-output-value]").text
+        == expected["class"]
+    )
     assert top.get_attribute("aria-label") == expected["class"]
     assert float(top.get_attribute("value")) == pytest.approx(expected["probability"], abs=1e-5)
     shown = chrome.find_element(By.CSS_SELECTOR, "#label dd").text
     assert shown == f"{int(expected['probability'] * 100 + 0.5)}%"  # as the page rounds it
     assert "last prediction" in chrome.find_element(By.ID, "model-info").text
-    rollout = wait_for(chrome, lambda: chrome.find_element(By.CSS_SELECTOR, "#overlay img").get_attribute("src"), "the overlay")
+    rollout = wait_for(
+        chrome,
+        lambda: chrome.find_element(By.CSS_SELECTOR, "#overlay img").get_attribute("src"),
+        "the overlay",
+    )
     chrome.find_element(By.CSS_SELECTOR, "#map label[data-testid='layer 1-radio-label']").click()
-    layer = wait_for(chrome, lambda: (src := chrome.find_element(By.CSS_SELECTOR, "#overlay img").get_attribute("src")) != rollout
-                     and src, "the overlay of layer 1")  # fmt: skip
+    layer = wait_for(
+        chrome,
+        lambda: (
+            (src := chrome.find_element(By.CSS_SELECTOR, "#overlay img").get_attribute("src"))
+            != rollout
+            and src
+        ),
+        "the overlay of layer 1",
+    )
     assert not np.array_equal(fetched_image(rollout), fetched_image(layer))
     screenshot = served.folder / "demo.png"
     chrome.save_screenshot(str(screenshot))
@@ -469,20 +644,36 @@ def test_the_page_says_what_is_wrong_with_a_file(browser, served):
     notes, broken = bad_files(served.folder)
 
     def upload(path: Path):
-        wait_for(chrome, lambda: chrome.find_elements(By.CSS_SELECTOR, "#image input[type=file]"), "the upload field")
+        wait_for(
+            chrome,
+            lambda: chrome.find_elements(By.CSS_SELECTOR, "#image input[type=file]"),
+            "the upload field",
+        )
         chrome.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(path))
 
     def says(message: str):
-        wait_for(chrome, lambda: any(message in t.text for t in chrome.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")),
-                 f"the message {message!r}")  # fmt: skip
+        wait_for(
+            chrome,
+            lambda: any(
+                message in t.text
+                for t in chrome.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")
+            ),
+            f"the message {message!r}",
+        )
 
     upload(notes)
     says("Invalid file type: notes.txt")  # refused by the page itself
     upload(served.run.data_dir / "cat" / "4.png")
-    wait_for(chrome, lambda: chrome.find_elements(By.CSS_SELECTOR, "#label meter"), "the top classes")
+    wait_for(
+        chrome, lambda: chrome.find_elements(By.CSS_SELECTOR, "#label meter"), "the top classes"
+    )
     upload(broken)  # over the last image: the server refuses it and the last results go
     says("broken.png: not a readable image")
-    wait_for(chrome, lambda: not chrome.find_elements(By.CSS_SELECTOR, "#label meter, #overlay img"), "the last results to go")
+    wait_for(
+        chrome,
+        lambda: not chrome.find_elements(By.CSS_SELECTOR, "#label meter, #overlay img"),
+        "the last results to go",
+    )
     assert outside_requests(chrome) == []
     assert "Traceback" not in served.log.read_text()
 

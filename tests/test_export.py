@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from vitlab.formats import checkpoints, official
 from vitlab.app.cli import main
+from vitlab.formats import checkpoints, official
 from vitlab.formats.checkpoints import load_model
 from vitlab.model import VisionTransformer, create_model
 
@@ -32,13 +32,18 @@ def test_onnx_export_matches_pytorch_at_any_batch_size(tiny_run, trained, tmp_pa
     assert main(["export", str(tiny_run.checkpoint), "--format", "onnx", "--out", str(path)]) == 0
     assert "max |difference|" in capsys.readouterr().out
     model, names = trained
-    assert json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["class_names"]) == names
+    assert (
+        json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["class_names"])
+        == names
+    )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert isinstance(session.get_inputs()[0].shape[0], str)  # a named, dynamic batch axis
     for batch in (1, 5):
         (got,) = session.run(None, {"images": images(batch).numpy()})
         with torch.no_grad():
-            torch.testing.assert_close(torch.from_numpy(got), model(images(batch)), atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                torch.from_numpy(got), model(images(batch)), atol=1e-4, rtol=0
+            )
 
 
 def test_onnx_export_that_differs_is_refused(tiny_run, tmp_path, capsys, monkeypatch):
@@ -56,9 +61,23 @@ def test_onnx_export_that_differs_is_refused(tiny_run, tmp_path, capsys, monkeyp
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
 
 
-def test_onnx_export_without_onnxruntime_says_what_to_install(tiny_run, tmp_path, capsys, monkeypatch):
+def test_onnx_export_without_onnxruntime_says_what_to_install(
+    tiny_run, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
-    assert main(["export", str(tiny_run.checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 1
+    assert (
+        main(
+            [
+                "export",
+                str(tiny_run.checkpoint),
+                "--format",
+                "onnx",
+                "--out",
+                str(tmp_path / "m.onnx"),
+            ]
+        )
+        == 1
+    )
     line = capsys.readouterr().err.strip().splitlines()
     assert len(line) == 1 and "vitlab[export]" in line[0]
     assert list(tmp_path.iterdir()) == []
@@ -67,7 +86,10 @@ def test_onnx_export_without_onnxruntime_says_what_to_install(tiny_run, tmp_path
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_runs_without_vitlab_code(tiny_run, trained, tmp_path):
     path = tmp_path / "model.pt"
-    assert main(["export", str(tiny_run.checkpoint), "--format", "torchscript", "--out", str(path)]) == 0
+    assert (
+        main(["export", str(tiny_run.checkpoint), "--format", "torchscript", "--out", str(path)])
+        == 0
+    )
     extra = {"class_names.json": ""}
     scripted = torch.jit.load(str(path), _extra_files=extra)
     model, names = trained
@@ -79,7 +101,10 @@ def test_torchscript_export_runs_without_vitlab_code(tiny_run, trained, tmp_path
 
 def test_safetensors_export_reloads_with_config_and_names(tiny_run, trained, tmp_path):
     path = tmp_path / "model.safetensors"
-    assert main(["export", str(tiny_run.checkpoint), "--format", "safetensors", "--out", str(path)]) == 0
+    assert (
+        main(["export", str(tiny_run.checkpoint), "--format", "safetensors", "--out", str(path)])
+        == 0
+    )
     reloaded, names = load_model(path)
     model, expected_names = trained
     assert names == expected_names and reloaded.config == model.config
@@ -92,7 +117,10 @@ def test_npz_export_is_the_official_layout(tiny_run, trained, tmp_path, capsys):
     assert main(["export", str(tiny_run.checkpoint), "--format", "npz", "--out", str(path)]) == 0
     assert "class names" in capsys.readouterr().out  # says what the layout cannot hold
     model, _ = trained
-    assert "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel" in official.read_npz(path)
+    assert (
+        "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
+        in official.read_npz(path)
+    )
     reloaded = official.load_official(VisionTransformer(model.config), path, verbose=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images(2)), model(images(2)))
@@ -100,7 +128,17 @@ def test_npz_export_is_the_official_layout(tiny_run, trained, tmp_path, capsys):
 
 def test_npz_export_of_an_exact_gelu_model_is_refused(tmp_path, capsys):
     # The layout carries weights only, read back as the tanh GELU: an exact-GELU model would reload as another function.
-    model = create_model("Ti/16", patch_size=4, img_size=16, depth=1, hidden_size=16, num_heads=2, mlp_dim=32, num_classes=3, gelu="exact")
+    model = create_model(
+        "Ti/16",
+        patch_size=4,
+        img_size=16,
+        depth=1,
+        hidden_size=16,
+        num_heads=2,
+        mlp_dim=32,
+        num_classes=3,
+        gelu="exact",
+    )
     source = tmp_path / "exact.safetensors"
     checkpoints.save_safetensors(model, source, ["a", "b", "c"])
     out = tmp_path / "model.npz"

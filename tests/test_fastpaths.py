@@ -18,7 +18,11 @@ from vitlab.model import create_model
 
 from rounding import ELEMENTWISE_ULPS, assert_within, sum_bound, ulps
 
-AVX2_IMITATION = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+AVX2_IMITATION = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +40,10 @@ def force_policy_on(monkeypatch):
     monkeypatch.setattr(fastpaths, "wanted", lambda path: True)
 
 
-GELU_SLOPE, GELU_CURVATURE = 1.129, 0.798  # max |gelu'| and |gelu''| over the reals, both forms (computed in float64)
+GELU_SLOPE, GELU_CURVATURE = (
+    1.129,
+    0.798,
+)  # max |gelu'| and |gelu''| over the reals, both forms (computed in float64)
 
 
 def linear_rounding_bounds(x, weight, bias, grad_out, gelu, dtype):
@@ -56,7 +63,9 @@ def linear_rounding_bounds(x, weight, bias, grad_out, gelu, dtype):
     else:
         out = F.gelu(pre, approximate=gelu)
         # The GELU of inputs that differ, by implementations within a few units of its exact value.
-        out_bound = GELU_SLOPE * pre_bound + rounded(out) + ulps(out, torch.float32, ELEMENTWISE_ULPS)
+        out_bound = (
+            GELU_SLOPE * pre_bound + rounded(out) + ulps(out, torch.float32, ELEMENTWISE_ULPS)
+        )
         slope = torch.autograd.functional.jacobian(lambda t: F.gelu(t, approximate=gelu).sum(), pre)
         grad_pre = grad_out * slope
         grad_pre_bound = grad_out.abs() * GELU_CURVATURE * pre_bound + rounded(grad_pre)
@@ -66,8 +75,12 @@ def linear_rounding_bounds(x, weight, bias, grad_out, gelu, dtype):
     grad_w = tokens.T @ x_flat
     grad_b = tokens.sum(0)
     bounds = (
-        bound_flat @ weight.abs() + sum_bound(weight.shape[0], tokens.abs() @ weight.abs()) + rounded(grad_x),
-        bound_flat.T @ x_flat.abs() + sum_bound(tokens.shape[0], tokens.abs().T @ x_flat.abs()) + rounded(grad_w),
+        bound_flat @ weight.abs()
+        + sum_bound(weight.shape[0], tokens.abs() @ weight.abs())
+        + rounded(grad_x),
+        bound_flat.T @ x_flat.abs()
+        + sum_bound(tokens.shape[0], tokens.abs().T @ x_flat.abs())
+        + rounded(grad_w),
         bound_flat.sum(0) + sum_bound(tokens.shape[0], tokens.abs().sum(0)) + rounded(grad_b),
     )
     return out_bound, (bounds[0].reshape(x.shape), *bounds[1:])
@@ -84,7 +97,9 @@ def test_linear_equals_nn_linear_forward_and_backward(gelu, precision, policy, m
     torch.manual_seed(0)
     layer = Linear(48, 80, gelu=gelu)
     x = torch.randn(3, 9, 48, requires_grad=True)
-    grad_out = torch.randn(80, 9, 3).permute(2, 1, 0)  # (3, 9, 80), not contiguous, as autograd may pass it
+    grad_out = torch.randn(80, 9, 3).permute(
+        2, 1, 0
+    )  # (3, 9, 80), not contiguous, as autograd may pass it
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         got = layer(x)
         expected = F.linear(x, layer.weight, layer.bias)
@@ -93,13 +108,19 @@ def test_linear_equals_nn_linear_forward_and_backward(gelu, precision, policy, m
             inferred = layer(x)
     want = torch.bfloat16 if precision == "bf16" else torch.float32
     assert got.dtype == inferred.dtype == expected.dtype == want
-    out_bound, grad_bounds = linear_rounding_bounds(x, layer.weight, layer.bias, grad_out, gelu, want)
+    out_bound, grad_bounds = linear_rounding_bounds(
+        x, layer.weight, layer.bias, grad_out, gelu, want
+    )
     assert_within(got, expected, out_bound, "training output")
     assert_within(inferred, expected, out_bound, "inference output")
     grads = torch.autograd.grad(got, (x, layer.weight, layer.bias), grad_out)
     expected_grads = torch.autograd.grad(expected, (x, layer.weight, layer.bias), grad_out)
-    for name, g, e, bound in zip(("input", "weight", "bias"), grads, expected_grads, grad_bounds):
-        assert g.dtype == e.dtype == torch.float32  # fp32 gradients for the fp32 parameters, as autocast gives
+    for name, g, e, bound in zip(
+        ("input", "weight", "bias"), grads, expected_grads, grad_bounds, strict=False
+    ):
+        assert (
+            g.dtype == e.dtype == torch.float32
+        )  # fp32 gradients for the fp32 parameters, as autocast gives
         assert_within(g, e, bound, f"{name} gradient")
 
 
@@ -107,12 +128,18 @@ def test_the_rounding_bounds_tell_a_wrong_linear_layer_apart():
     # The bounds above are tight enough to fail the errors a fast path could make: the other GELU form, a bias lost.
     torch.manual_seed(0)
     x, weight, bias = torch.randn(3, 9, 48), torch.randn(80, 48) / 7, torch.randn(80) / 7
-    out_bound, _ = linear_rounding_bounds(x, weight, bias, torch.randn(3, 9, 80), "tanh", torch.float32)
+    out_bound, _ = linear_rounding_bounds(
+        x, weight, bias, torch.randn(3, 9, 80), "tanh", torch.float32
+    )
     pre = F.linear(x, weight, bias)
     with pytest.raises(AssertionError):
         assert_within(F.gelu(pre), F.gelu(pre, approximate="tanh"), out_bound)
     with pytest.raises(AssertionError):
-        assert_within(F.gelu(F.linear(x, weight), approximate="tanh"), F.gelu(pre, approximate="tanh"), out_bound)
+        assert_within(
+            F.gelu(F.linear(x, weight), approximate="tanh"),
+            F.gelu(pre, approximate="tanh"),
+            out_bound,
+        )
 
 
 def test_linear_runs_through_onednn_where_it_is_on_and_f_linear_elsewhere():
@@ -130,8 +157,18 @@ def test_linear_runs_through_onednn_where_it_is_on_and_f_linear_elsewhere():
 
 def small_model(**overrides):
     torch.manual_seed(0)
-    model = create_model("Ti/16", img_size=16, patch_size=4, depth=2, hidden_size=32, num_heads=2, mlp_dim=64, num_classes=5,
-                         dropout_rate=0.0, **overrides)  # fmt: skip
+    model = create_model(
+        "Ti/16",
+        img_size=16,
+        patch_size=4,
+        depth=2,
+        hidden_size=32,
+        num_heads=2,
+        mlp_dim=64,
+        num_classes=5,
+        dropout_rate=0.0,
+        **overrides,
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -159,25 +196,33 @@ def assert_same_as_plain(model, precision, monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_linear_path_that_raises_is_off_and_the_model_computes_as_plain_torch(precision, monkeypatch):
+def test_a_linear_path_that_raises_is_off_and_the_model_computes_as_plain_torch(
+    precision, monkeypatch
+):
     force_policy_on(monkeypatch)
 
     def broken(*args, **kwargs):
-        raise RuntimeError("could not create a primitive descriptor for the inner product forward propagation primitive")
+        raise RuntimeError(
+            "could not create a primitive descriptor for the inner product forward propagation primitive"
+        )
 
     monkeypatch.setattr(fastpaths, "onednn_linear", broken)
     model = small_model(attention_impl="sdpa")
     assert_same_as_plain(model, precision, monkeypatch)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     assert fastpaths.ONEDNN_LINEAR.verdicts[(dtype, None)] is False
-    assert "could not create a primitive descriptor" in fastpaths.ONEDNN_LINEAR.reasons[(dtype, None)]
+    assert (
+        "could not create a primitive descriptor" in fastpaths.ONEDNN_LINEAR.reasons[(dtype, None)]
+    )
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_linear_path_that_answers_wrongly_is_off(precision, monkeypatch):
     force_policy_on(monkeypatch)
 
-    def wrong(x, weight, bias, gelu=None):  # a tenth too large: beyond float tolerance in fp32 and bf16 alike
+    def wrong(
+        x, weight, bias, gelu=None
+    ):  # a tenth too large: beyond float tolerance in fp32 and bf16 alike
         y = F.linear(x, weight, bias)
         return (y if gelu is None else F.gelu(y, approximate=gelu)) * 1.1
 
@@ -227,7 +272,9 @@ def test_vitlab_fastpaths_off_turns_every_path_off(monkeypatch):
     assert type(layer(torch.randn(4, 16, requires_grad=True)).grad_fn).__name__ == "AddmmBackward0"
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="an x86 CPU's instruction sets")
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="an x86 CPU's instruction sets"
+)
 def test_an_imitated_avx2_cpu_has_no_native_bf16_and_no_onednn_layers_yet_runs_bf16():
     # What an AVX2 machine reports: bf16 is emulated there, so `auto` precision picks fp32, and the policy turns the
     # oneDNN layers off; an explicit bf16 run still works (oneDNN refuses bf16 primitives at AVX2: the check catches it).
@@ -240,7 +287,9 @@ def test_an_imitated_avx2_cpu_has_no_native_bf16_and_no_onednn_layers_yet_runs_b
         "print(fastpaths.instruction_set(), fastpaths.native_bf16(torch.device('cpu')), fastpaths.wanted('onednn_linear'), y.dtype)\n"
     )
     env = {**os.environ, **AVX2_IMITATION}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert done.stdout.split() == ["AVX2", "False", "False", "torch.bfloat16"]
 
 
@@ -253,13 +302,22 @@ def test_importing_vitlab_turns_on_huge_pages_unless_the_user_chose(preset, expe
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     if preset is not None:
         env["THP_MEM_ALLOC_ENABLE"] = preset
-    code = "import os, vitlab, torch; torch.ones(1 << 20); print(os.environ['THP_MEM_ALLOC_ENABLE'])"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    code = (
+        "import os, vitlab, torch; torch.ones(1 << 20); print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert done.stdout.strip() == expected
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
-@pytest.mark.parametrize("keep, env, expect_kept", [(False, {}, False), (True, {}, True), (True, {"MALLOC_TRIM_THRESHOLD_": "131072"}, False)])
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
+)
+@pytest.mark.parametrize(
+    "keep, env, expect_kept",
+    [(False, {}, False), (True, {}, True), (True, {"MALLOC_TRIM_THRESHOLD_": "131072"}, False)],
+)
 def test_keep_freed_memory_reuses_freed_blocks_unless_the_user_set_malloc(keep, env, expect_kept):
     # A 64 MiB tensor made and freed ten times. By default glibc maps each anew and unmaps it when freed, so every
     # one is faulted in again (at least 32 faults on huge pages, 16,384 on 4 KiB ones); kept, once the heap has
@@ -276,9 +334,17 @@ def test_keep_freed_memory_reuses_freed_blocks_unless_the_user_set_malloc(keep, 
         "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
         "print(kept, *faults)\n"
     )
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"
+    }
     env = {**clean, "THP_MEM_ALLOC_ENABLE": "1", **env}
-    done = subprocess.run([sys.executable, "-c", code, "keep" if keep else "default"], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "keep" if keep else "default"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     kept, *faults = done.stdout.split()
     assert kept == str(expect_kept)
     last = sum(int(f) for f in faults[-4:])

@@ -7,14 +7,17 @@ import socket
 
 import pytest
 
-from vitlab.formats import files
 from vitlab.errors import CheckpointError
+from vitlab.formats import files
 
 
 def test_download_complete(server, tmp_path):
     httpd, base = server
     destination = tmp_path / "cache" / "file.npz"
-    assert files.download(f"{base}/files/file.npz", destination, progress=False, timeout=10) == destination
+    assert (
+        files.download(f"{base}/files/file.npz", destination, progress=False, timeout=10)
+        == destination
+    )
     assert destination.read_bytes() == httpd.payload
     assert sorted(p.name for p in destination.parent.iterdir()) == ["file.npz"]
     assert httpd.requests == ["/files/file.npz"]
@@ -60,7 +63,6 @@ def test_download_unreachable(tmp_path):
         files.download(url, destination, progress=False, timeout=10)
     assert url in str(info.value) and str(destination) in str(info.value)
     assert list(tmp_path.iterdir()) == []
-
 
 
 def test_atomic_write_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):

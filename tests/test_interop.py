@@ -15,16 +15,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vitlab.formats import interop
-from vitlab.formats.checkpoints import load_model, load_pretrained, save_safetensors
 from vitlab.app.cli import main
 from vitlab.errors import CheckpointError
+from vitlab.formats import interop
+from vitlab.formats.checkpoints import load_model, load_pretrained, save_safetensors
 from vitlab.model import create_model
 
 from rounding import assert_same_function
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def no_progress_bars():
@@ -79,23 +80,44 @@ def state_equal(a: nn.Module, b: nn.Module) -> None:
 TIMM_CASES = {
     "B/16-shaped, 2 layers": ("vit_base_patch16_224", 64, {"depth": 2}),
     "Ti/16": ("vit_tiny_patch16_224", 64, {}),
-    "gap with fc_norm": ("vit_tiny_patch16_224", 64, {"depth": 2, "class_token": False, "global_pool": "avg"}),
-    "gap, norm before pooling": ("vit_tiny_patch16_224", 64, {"depth": 2, "class_token": False, "global_pool": "avg", "fc_norm": False}),
+    "gap with fc_norm": (
+        "vit_tiny_patch16_224",
+        64,
+        {"depth": 2, "class_token": False, "global_pool": "avg"},
+    ),
+    "gap, norm before pooling": (
+        "vit_tiny_patch16_224",
+        64,
+        {"depth": 2, "class_token": False, "global_pool": "avg", "fc_norm": False},
+    ),
     "hybrid R50+B/16, 1 layer": ("vit_base_r50_s16_224", 64, {"depth": 1}),
-    "tanh GELU, no qkv bias": ("vit_small_patch16_224", 32, {"depth": 2, "act_layer": "gelu_tanh", "qkv_bias": False}),
+    "tanh GELU, no qkv bias": (
+        "vit_small_patch16_224",
+        32,
+        {"depth": 2, "act_layer": "gelu_tanh", "qkv_bias": False},
+    ),
 }
 
 
 def timm_model(arch: str, size: int, randomise, seed: int = 0, **kwargs) -> nn.Module:
-    return randomise(timm.create_model(arch, pretrained=False, num_classes=7, img_size=size, **kwargs), seed=seed).eval()
+    return randomise(
+        timm.create_model(arch, pretrained=False, num_classes=7, img_size=size, **kwargs), seed=seed
+    ).eval()
 
 
 @pytest.mark.parametrize("case", list(TIMM_CASES))
 def test_timm_state_dict_gives_timms_logits(case, tmp_path, randomise):
     arch, size, kwargs = TIMM_CASES[case]
     reference = timm_model(arch, size, randomise, **kwargs)
-    if "act_layer" in kwargs:  # the weights do not say the GELU form: a save_for_hf folder's config.json does
-        timm.models.save_for_hf(reference, tmp_path / "folder", safe_serialization=True, model_config={"label_names": list("abcdefg")})
+    if (
+        "act_layer" in kwargs
+    ):  # the weights do not say the GELU form: a save_for_hf folder's config.json does
+        timm.models.save_for_hf(
+            reference,
+            tmp_path / "folder",
+            safe_serialization=True,
+            model_config={"label_names": list("abcdefg")},
+        )
         ours, names = load_model(tmp_path / "folder")
         assert names == list("abcdefg") and ours.config.gelu == "tanh"
     else:
@@ -108,7 +130,10 @@ def test_timm_state_dict_gives_timms_logits(case, tmp_path, randomise):
 def test_timm_torch_file_and_model_type(tmp_path, randomise):
     reference = timm_model("vit_small_patch16_224", 32, randomise, depth=2)
     torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
-    torch.save({"state_dict": {"module." + k: v for k, v in reference.state_dict().items()}, "epoch": 3}, tmp_path / "train.pth.tar")
+    torch.save(
+        {"state_dict": {"module." + k: v for k, v in reference.state_dict().items()}, "epoch": 3},
+        tmp_path / "train.pth.tar",
+    )
     for path in (tmp_path / "pytorch_model.bin", tmp_path / "train.pth.tar"):
         ours, _ = load_model(path, model_type="S/16")
         assert ours.config.num_heads == 6 and ours.config.depth == 2 and ours.config.img_size == 32
@@ -118,25 +143,50 @@ def test_timm_torch_file_and_model_type(tmp_path, randomise):
 
 
 def test_timm_width_of_no_variant_needs_its_heads(tmp_path, randomise):
-    reference = timm_model("vit_tiny_patch16_224", 32, randomise, depth=1, embed_dim=96, num_heads=4)
+    reference = timm_model(
+        "vit_tiny_patch16_224", 32, randomise, depth=1, embed_dim=96, num_heads=4
+    )
     save_file(reference.state_dict(), tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="width of 96 is no vitlab variant's.*--model_type"):
         load_model(tmp_path / "model.safetensors")
     # fine-tuning takes the heads from the model it loads into
-    model = load_pretrained(create_model("Ti/16", num_classes=7, img_size=32, depth=1, hidden_size=96, num_heads=4, mlp_dim=384,
-                                         gelu="exact", dropout_rate=0.0), tmp_path / "model.safetensors", verbose=False)  # fmt: skip
+    model = load_pretrained(
+        create_model(
+            "Ti/16",
+            num_classes=7,
+            img_size=32,
+            depth=1,
+            hidden_size=96,
+            num_heads=4,
+            mlp_dim=384,
+            gelu="exact",
+            dropout_rate=0.0,
+        ),
+        tmp_path / "model.safetensors",
+        verbose=False,
+    )
     assert_parity(model.eval(), reference, 32, "timm width 96, heads from the model")
 
 
 def test_timm_file_fine_tunes_with_a_new_head(tmp_path, randomise, capsys):
     reference = timm_model("vit_tiny_patch16_224", 32, randomise, depth=1)
     save_file(reference.state_dict(), tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="trained with --gelu exact"):  # timm computes the exact GELU; vitlab's default is tanh
-        load_pretrained(create_model("Ti/16", num_classes=3, img_size=32, depth=1), tmp_path / "model.safetensors")
-    model = load_pretrained(create_model("Ti/16", num_classes=3, img_size=32, depth=1, gelu="exact"), tmp_path / "model.safetensors")
+    with pytest.raises(
+        CheckpointError, match="trained with --gelu exact"
+    ):  # timm computes the exact GELU; vitlab's default is tanh
+        load_pretrained(
+            create_model("Ti/16", num_classes=3, img_size=32, depth=1),
+            tmp_path / "model.safetensors",
+        )
+    model = load_pretrained(
+        create_model("Ti/16", num_classes=3, img_size=32, depth=1, gelu="exact"),
+        tmp_path / "model.safetensors",
+    )
     assert "head replaced by a zero-initialised head of 3 classes" in capsys.readouterr().out
     assert model.head.weight.abs().sum() == 0
-    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, reference.blocks[0].attn.qkv.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.blocks[0].attn.qkv.weight, reference.blocks[0].attn.qkv.weight, rtol=0, atol=0
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,8 +194,15 @@ def test_timm_file_fine_tunes_with_a_new_head(tmp_path, randomise, capsys):
 
 
 def hf_config(**overrides):
-    values = dict(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768, image_size=32, patch_size=16,
-                  id2label={i: f"label {i}" for i in range(5)})  # fmt: skip
+    values = dict(
+        hidden_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=768,
+        image_size=32,
+        patch_size=16,
+        id2label={i: f"label {i}" for i in range(5)},
+    )
     return transformers.ViTConfig(**{**values, **overrides})
 
 
@@ -155,9 +212,17 @@ def hf_model(randomise, cls=None, seed: int = 0, **overrides):
 
 
 HF_CASES = {
-    "B/16-shaped, 2 layers": {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072},
+    "B/16-shaped, 2 layers": {
+        "hidden_size": 768,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
     "Ti/16 (12 layers)": {"num_hidden_layers": 12},
-    "tanh GELU, no qkv bias, eps 1e-6": {"hidden_act": "gelu_pytorch_tanh", "qkv_bias": False, "layer_norm_eps": 1e-6},
+    "tanh GELU, no qkv bias, eps 1e-6": {
+        "hidden_act": "gelu_pytorch_tanh",
+        "qkv_bias": False,
+        "layer_norm_eps": 1e-6,
+    },
 }
 
 
@@ -174,7 +239,9 @@ def test_transformers_folder_gives_transformers_logits(case, tmp_path, randomise
 def test_transformers_weights_file_and_pytorch_model_bin(tmp_path, randomise):
     reference = hf_model(randomise)
     reference.save_pretrained(tmp_path / "folder")
-    ours, _ = load_model(tmp_path / "folder" / "model.safetensors")  # the file, its config.json beside it
+    ours, _ = load_model(
+        tmp_path / "folder" / "model.safetensors"
+    )  # the file, its config.json beside it
     assert_parity(ours, reference, 32, "transformers model.safetensors", output=LOGITS)
     # older Hub repositories hold pytorch_model.bin, the same keys pickled (transformers 4's safe_serialization=False)
     legacy = tmp_path / "legacy"
@@ -190,13 +257,31 @@ def test_transformers_vitmodel_pooler_is_the_pre_logits_layer(tmp_path, randomis
     reference.save_pretrained(tmp_path / "folder")
     assert main(["predict", str(tmp_path / "folder"), "x.png"]) == 1
     assert "holds no classification head" in one_error_line(capsys)
-    model = create_model("Ti/16", num_classes=4, img_size=32, depth=2, gelu="exact", layer_norm_eps=1e-12, representation_size=192)
+    model = create_model(
+        "Ti/16",
+        num_classes=4,
+        img_size=32,
+        depth=2,
+        gelu="exact",
+        layer_norm_eps=1e-12,
+        representation_size=192,
+    )
     load_pretrained(model, tmp_path / "folder", verbose=False).eval()
     model.head = nn.Identity()  # the model's output is then the pre-logits layer's
-    assert_parity(model, reference, 32, "transformers ViTModel pooler (pre-logits)", output=lambda out: out.pooler_output)
-    plain = create_model("Ti/16", num_classes=4, img_size=32, depth=2, gelu="exact", layer_norm_eps=1e-12)
+    assert_parity(
+        model,
+        reference,
+        32,
+        "transformers ViTModel pooler (pre-logits)",
+        output=lambda out: out.pooler_output,
+    )
+    plain = create_model(
+        "Ti/16", num_classes=4, img_size=32, depth=2, gelu="exact", layer_norm_eps=1e-12
+    )
     load_pretrained(plain, tmp_path / "folder")
-    assert "pre-logits layer dropped" in capsys.readouterr().out and not isinstance(plain.pre_logits, nn.Sequential)
+    assert "pre-logits layer dropped" in capsys.readouterr().out and not isinstance(
+        plain.pre_logits, nn.Sequential
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,17 +289,36 @@ def test_transformers_vitmodel_pooler_is_the_pre_logits_layer(tmp_path, randomis
 
 ROUND_TRIP_MODELS = {
     "tanh, class token": dict(name="Ti/16", img_size=32, depth=2),
-    "exact GELU, gap after pooling, eps 1e-12": dict(name="S/16", img_size=32, depth=1, classifier="gap", final_norm="after_pool",
-                                                     gelu="exact", layer_norm_eps=1e-12),  # fmt: skip
-    "gap before pooling, patch 8, width 96": dict(name="Ti/16", img_size=32, depth=1, patch_size=8, hidden_size=96, num_heads=4,
-                                                  mlp_dim=200, classifier="gap"),  # fmt: skip
+    "exact GELU, gap after pooling, eps 1e-12": dict(
+        name="S/16",
+        img_size=32,
+        depth=1,
+        classifier="gap",
+        final_norm="after_pool",
+        gelu="exact",
+        layer_norm_eps=1e-12,
+    ),
+    "gap before pooling, patch 8, width 96": dict(
+        name="Ti/16",
+        img_size=32,
+        depth=1,
+        patch_size=8,
+        hidden_size=96,
+        num_heads=4,
+        mlp_dim=200,
+        classifier="gap",
+    ),
     "hybrid, timm's stem": dict(name="R50+B/16", img_size=64, depth=1, stem_norm="timm"),
 }
 
 
 def vitlab_source(tmp_path, randomise, spec: dict, names: list[str]):
     spec = dict(spec)
-    model = randomise(create_model(spec.pop("name"), num_classes=len(names), dropout_rate=0.0, **spec), seed=5, std=0.05).eval()
+    model = randomise(
+        create_model(spec.pop("name"), num_classes=len(names), dropout_rate=0.0, **spec),
+        seed=5,
+        std=0.05,
+    ).eval()
     path = tmp_path / "source.safetensors"
     save_safetensors(model, path, names)
     return model, path
@@ -227,31 +331,50 @@ def test_vitlab_timm_vitlab_is_bit_exact(case, tmp_path, randomise, capsys):
     out = tmp_path / "timm.safetensors"
     assert main(["export", str(source), "--format", "timm", "--out", str(out)]) == 0
     line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith(f"timm {timm.__version__}: timm.create_model(") and "max |difference|" in line
+    assert (
+        line.startswith(f"timm {timm.__version__}: timm.create_model(")
+        and "max |difference|" in line
+    )
     print(f"export timm {case}: {line.rsplit(': ', 1)[-1]}")
     back, back_names = load_model(out)
     assert back_names == names and back.config == model.config
     state_equal(back, model)
     # the file is timm's own layout: the keys of timm's model, whose loader (the call printed) gives the same logits
     name, kwargs = interop.timm_args(model.config)
-    assert f"timm.create_model({name!r}, pretrained=True, " in line and interop.format_args(kwargs) in line
-    reference = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(out), "num_classes": len(names)}, **kwargs)
+    assert (
+        f"timm.create_model({name!r}, pretrained=True, " in line
+        and interop.format_args(kwargs) in line
+    )
+    reference = timm.create_model(
+        name,
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(out), "num_classes": len(names)},
+        **kwargs,
+    )
     assert set(load_file(out)) == set(reference.state_dict())
     assert_parity(model, reference.eval(), model.config.img_size, f"vitlab -> timm {case}")
 
 
 @pytest.mark.parametrize("case", ["tanh, class token", "exact GELU, eps 1e-12"])
 def test_vitlab_hf_vitlab_is_bit_exact(case, tmp_path, randomise, capsys):
-    spec = dict(name="Ti/16", img_size=32, depth=2) if case.startswith("tanh") else dict(name="B/16", img_size=32, depth=1, gelu="exact",
-                                                                                         layer_norm_eps=1e-12)  # fmt: skip
+    spec = (
+        dict(name="Ti/16", img_size=32, depth=2)
+        if case.startswith("tanh")
+        else dict(name="B/16", img_size=32, depth=1, gelu="exact", layer_norm_eps=1e-12)
+    )
     names = ["cat", "dög", "fish 🐟"]
     model, source = vitlab_source(tmp_path, randomise, spec, names)
     out = tmp_path / "hf"
     assert main(["export", str(source), "--format", "hf", "--out", str(out)]) == 0
     line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith(f"transformers {transformers.__version__}: ViTForImageClassification.from_pretrained(")
+    assert line.startswith(
+        f"transformers {transformers.__version__}: ViTForImageClassification.from_pretrained("
+    )
     print(f"export hf {case}: {line.rsplit(': ', 1)[-1]}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "source.safetensors"]  # no temporary folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "hf",
+        "source.safetensors",
+    ]  # no temporary folder left
     back, back_names = load_model(out)
     assert back_names == names
     assert back.config.replace(name=model.config.name) == model.config
@@ -305,11 +428,20 @@ TIMM_REFUSALS = {
     "pre_norm": ({"pre_norm": True}, "pre_norm"),
     "RMSNorm": ({"norm_layer": "rmsnorm"}, "norm other than LayerNorm"),
     "map pooling": ({"global_pool": "map"}, "global_pool 'map'"),
-    "average pooling beside a class token": ({"global_pool": "avg"}, "fc_norm beside a class token"),
+    "average pooling beside a class token": (
+        {"global_pool": "avg"},
+        "fc_norm beside a class token",
+    ),
     "rectangular grid": ({"size": (32, 48)}, "not a square grid"),
-    "ImageNet mean and std": ({"config": _with("pretrained_cfg", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])}, "mean and std"),
+    "ImageNet mean and std": (
+        {"config": _with("pretrained_cfg", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])},
+        "mean and std",
+    ),
     "another activation": ({"config": _with("model_args", act_layer="silu")}, "act_layer 'silu'"),
-    "avg pooling in config with class token": ({"config": lambda c: {**c, "global_pool": "avg"}}, "global_pool 'avg'"),
+    "avg pooling in config with class token": (
+        {"config": lambda c: {**c, "global_pool": "avg"}},
+        "global_pool 'avg'",
+    ),
 }
 
 
@@ -325,11 +457,17 @@ def test_timm_refusals(case, tmp_path, randomise, capsys):
 def test_timm_head_of_another_shape_is_refused(tmp_path, randomise, capsys):
     path = timm_file(tmp_path, randomise)
     state = load_file(path)
-    state.update({"head.fc." + k[5:]: state.pop(k) for k in ("head.weight", "head.bias")})  # an MLP head's names
+    state.update(
+        {"head.fc." + k[5:]: state.pop(k) for k in ("head.weight", "head.bias")}
+    )  # an MLP head's names
     save_file(state, path)
     assert main(["predict", str(path), "x.png"]) == 1
     line = one_error_line(capsys)
-    assert str(path) in line and "unexpected keys head.fc.bias, head.fc.weight: vitlab's ViT has no such parameters" in line
+    assert (
+        str(path) in line
+        and "unexpected keys head.fc.bias, head.fc.weight: vitlab's ViT has no such parameters"
+        in line
+    )
 
 
 HF_REFUSALS = {
@@ -353,34 +491,60 @@ def test_transformers_config_refusals(case, tmp_path, randomise, capsys):
 
 
 def test_transformers_file_refusals(tmp_path, randomise, capsys):
-    hf_model(randomise, transformers.ViTModel, num_hidden_layers=1, pooler_act="relu").save_pretrained(tmp_path / "relu")
+    hf_model(
+        randomise, transformers.ViTModel, num_hidden_layers=1, pooler_act="relu"
+    ).save_pretrained(tmp_path / "relu")
     with pytest.raises(CheckpointError, match="pooler_act 'relu'"):
-        load_pretrained(create_model("Ti/16", img_size=32, depth=1, representation_size=192), tmp_path / "relu")
+        load_pretrained(
+            create_model("Ti/16", img_size=32, depth=1, representation_size=192), tmp_path / "relu"
+        )
     hf_model(randomise, num_hidden_layers=1).save_pretrained(tmp_path / "hf")
-    transformers.ViTImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(tmp_path / "hf")
+    transformers.ViTImageProcessor(
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+    ).save_pretrained(tmp_path / "hf")
     with pytest.raises(CheckpointError, match="preprocessor_config.json image_mean and image_std"):
         load_model(tmp_path / "hf")
     alone = tmp_path / "alone"
     alone.mkdir()
     (alone / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
-    for path, expected in ((alone / "model.safetensors", "need the config.json"), (alone, "a folder without config.json")):
+    for path, expected in (
+        (alone / "model.safetensors", "need the config.json"),
+        (alone, "a folder without config.json"),
+    ):
         assert main(["predict", str(path), "x.png"]) == 1
         assert expected in one_error_line(capsys)
     (alone / "config.json").write_text("{}")
     (alone / "model.safetensors").unlink()
     assert main(["predict", str(alone), "x.png"]) == 1
     assert "no model.safetensors or pytorch_model.bin" in one_error_line(capsys)
-    assert main(["predict", str(tmp_path / "relu" / "config.json"), "x.png"]) == 1  # a JSON file is no checkpoint
+    assert (
+        main(["predict", str(tmp_path / "relu" / "config.json"), "x.png"]) == 1
+    )  # a JSON file is no checkpoint
     assert "not a readable checkpoint" in one_error_line(capsys)
 
 
 EXPORT_REFUSALS = {
-    ("timm", "pre-logits"): (dict(representation_size=24), "no pre-logits layer (representation_size)"),
-    ("timm", "official hybrid stem"): (dict(name="R50+B/16", img_size=64, hidden_size=768, num_heads=12), "stem_norm flax"),
-    ("timm", "hybrid timm lacks"): (dict(name="R50+B/16", img_size=64, hidden_size=768, num_heads=12, resnet_layers=(1,)), "no hybrid"),
+    ("timm", "pre-logits"): (
+        dict(representation_size=24),
+        "no pre-logits layer (representation_size)",
+    ),
+    ("timm", "official hybrid stem"): (
+        dict(name="R50+B/16", img_size=64, hidden_size=768, num_heads=12),
+        "stem_norm flax",
+    ),
+    ("timm", "hybrid timm lacks"): (
+        dict(name="R50+B/16", img_size=64, hidden_size=768, num_heads=12, resnet_layers=(1,)),
+        "no hybrid",
+    ),
     ("hf", "average pooling"): (dict(classifier="gap"), "classifier gap"),
-    ("hf", "pre-logits"): (dict(representation_size=24), "no pre-logits layer (representation_size)"),
-    ("hf", "hybrid"): (dict(name="R50+B/16", img_size=64, hidden_size=768, num_heads=12), "no ResNet stem"),
+    ("hf", "pre-logits"): (
+        dict(representation_size=24),
+        "no pre-logits layer (representation_size)",
+    ),
+    ("hf", "hybrid"): (
+        dict(name="R50+B/16", img_size=64, hidden_size=768, num_heads=12),
+        "no ResNet stem",
+    ),
     ("npz", "eps 1e-12"): (dict(layer_norm_eps=1e-12), "layer_norm_eps 1e-06"),
     ("npz", "fc_norm"): (dict(classifier="gap", final_norm="after_pool"), "final_norm before_pool"),
 }
@@ -389,11 +553,22 @@ EXPORT_REFUSALS = {
 @pytest.mark.parametrize("fmt,case", list(EXPORT_REFUSALS))
 def test_export_refusals_write_nothing(fmt, case, tmp_path, capsys):
     changes, expected = EXPORT_REFUSALS[(fmt, case)]
-    spec = {"name": "Ti/16", "img_size": 32, "depth": 1, "hidden_size": 48, "num_heads": 3, "mlp_dim": 96, **changes}
+    spec = {
+        "name": "Ti/16",
+        "img_size": 32,
+        "depth": 1,
+        "hidden_size": 48,
+        "num_heads": 3,
+        "mlp_dim": 96,
+        **changes,
+    }
     model = create_model(spec.pop("name"), num_classes=3, **spec)
     save_safetensors(model, tmp_path / "source.safetensors", ["a", "b", "c"])
     out = tmp_path / f"out.{fmt}"
-    assert main(["export", str(tmp_path / "source.safetensors"), "--format", fmt, "--out", str(out)]) == 1
+    assert (
+        main(["export", str(tmp_path / "source.safetensors"), "--format", fmt, "--out", str(out)])
+        == 1
+    )
     assert expected in one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
 
@@ -402,7 +577,20 @@ def test_hf_export_will_not_replace_a_foreign_folder(tiny_run, tmp_path, capsys)
     (tmp_path / "mine.txt").write_text("keep")
     assert main(["export", str(tiny_run.checkpoint), "--format", "hf", "--out", str(tmp_path)]) == 2
     assert "already exists" in one_error_line(capsys)
-    assert main(["export", str(tiny_run.checkpoint), "--format", "hf", "--out", str(tmp_path), "--overwrite"]) == 1  # even so
+    assert (
+        main(
+            [
+                "export",
+                str(tiny_run.checkpoint),
+                "--format",
+                "hf",
+                "--out",
+                str(tmp_path),
+                "--overwrite",
+            ]
+        )
+        == 1
+    )  # even so
     assert "not a folder this export wrote" in one_error_line(capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
@@ -416,14 +604,19 @@ def test_hf_export_that_differs_is_refused(tiny_run, tmp_path, capsys, monkeypat
         return out
 
     monkeypatch.setattr(transformers.ViTForImageClassification, "forward", off)
-    assert main(["export", str(tiny_run.checkpoint), "--format", "hf", "--out", str(tmp_path / "hf")]) == 1
+    assert (
+        main(["export", str(tiny_run.checkpoint), "--format", "hf", "--out", str(tmp_path / "hf")])
+        == 1
+    )
     line = one_error_line(capsys)
     assert "1.00e-03" in line and "not written" in line
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("fmt,library", [("timm", "timm"), ("hf", "transformers")])
-def test_export_without_the_library_is_written_unchecked(fmt, library, tiny_run, tmp_path, capsys, monkeypatch):
+def test_export_without_the_library_is_written_unchecked(
+    fmt, library, tiny_run, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setitem(sys.modules, library, None)  # makes `import` fail
     out = tmp_path / "out"
     assert main(["export", str(tiny_run.checkpoint), "--format", fmt, "--out", str(out)]) == 0
@@ -433,12 +626,29 @@ def test_export_without_the_library_is_written_unchecked(fmt, library, tiny_run,
 
 def test_export_the_library_cannot_load_is_refused(tiny_run, tmp_path, capsys, monkeypatch):
     def fails(*args, **kwargs):
-        raise TypeError("VisionTransformer.__init__() got an unexpected keyword argument 'fc_norm'")  # an older timm
+        raise TypeError(
+            "VisionTransformer.__init__() got an unexpected keyword argument 'fc_norm'"
+        )  # an older timm
 
     monkeypatch.setattr(timm, "create_model", fails)
-    assert main(["export", str(tiny_run.checkpoint), "--format", "timm", "--out", str(tmp_path / "t.safetensors")]) == 1
+    assert (
+        main(
+            [
+                "export",
+                str(tiny_run.checkpoint),
+                "--format",
+                "timm",
+                "--out",
+                str(tmp_path / "t.safetensors"),
+            ]
+        )
+        == 1
+    )
     line = one_error_line(capsys)
-    assert f"timm {timm.__version__} could not load the export (TypeError: " in line and "not written" in line
+    assert (
+        f"timm {timm.__version__} could not load the export (TypeError: " in line
+        and "not written" in line
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -456,42 +666,78 @@ def vitlab_processes(commands: list[list[str]], env: dict[str, str]) -> list[dic
         "    results.append({'code': code, 'out': out.getvalue(), 'err': err.getvalue()})\nprint(json.dumps(results))\n"
     )
     hub_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    hub_env.update(PYTHONPATH=str(REPO / "src"), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", **env)
-    run = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], env=hub_env, capture_output=True, text=True, timeout=600)
+    hub_env.update(
+        PYTHONPATH=str(REPO / "src"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        **env,
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(commands)],
+        env=hub_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def top_k(results: dict) -> list[tuple[str, float]]:
-    return [(entry["class"], entry["probability"]) for entry in json.loads(results["out"])[0]["top_k"]]
+    return [
+        (entry["class"], entry["probability"]) for entry in json.loads(results["out"])[0]["top_k"]
+    ]
 
 
 def test_predict_hf_hub_names_through_the_hub_then_offline(hub, tmp_path, randomise):
     from PIL import Image
 
-    from vitlab.data import read_image
     from vitlab.app.inference import preprocess
+    from vitlab.data import read_image
 
     httpd, url = hub
     hf = hf_model(randomise, seed=1)
     hf.save_pretrained(tmp_path / "hf")
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "hf")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "hf"
+    )
     tm = timm_model("vit_tiny_patch16_224", 32, randomise, seed=2, depth=1)
-    timm.models.save_for_hf(tm, tmp_path / "timm", safe_serialization=False, model_config={"label_names": list("abcdefg")})
-    httpd.repos.update({
-        "acme/vit-hf": {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()},  # config.json, model.safetensors, preprocessor
-        "timm/vit-timm": {p.name: p.read_bytes() for p in (tmp_path / "timm").iterdir()},  # config.json, pytorch_model.bin only
-        "acme/no-weights": {"config.json": (tmp_path / "hf" / "config.json").read_bytes()},
-    })  # fmt: skip
+    timm.models.save_for_hf(
+        tm,
+        tmp_path / "timm",
+        safe_serialization=False,
+        model_config={"label_names": list("abcdefg")},
+    )
+    httpd.repos.update(
+        {
+            "acme/vit-hf": {
+                p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()
+            },  # config.json, model.safetensors, preprocessor
+            "timm/vit-timm": {
+                p.name: p.read_bytes() for p in (tmp_path / "timm").iterdir()
+            },  # config.json, pytorch_model.bin only
+            "acme/no-weights": {"config.json": (tmp_path / "hf" / "config.json").read_bytes()},
+        }
+    )
     image = tmp_path / "cat.png"
-    Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()).save(image)
+    Image.fromarray(
+        torch.randint(
+            0, 256, (40, 48, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+        ).numpy()
+    ).save(image)
     predict = ["predict", "--json", "--top_k", "3", "--device", "cpu", "--precision", "fp32"]
     env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf_home")}
-    online = vitlab_processes([
-        [*predict, "hf-hub:acme/vit-hf", str(image)], [*predict, f"hf-hub:timm/vit-timm@{httpd.commit}", str(image)],
-        ["download", "hf-hub:acme/vit-hf"], [*predict, "hf-hub:acme/absent", str(image)],
-        [*predict, "hf-hub:acme/no-weights", str(image)], [*predict, "hf-hub:acme/vit-hf@v9", str(image)],
-    ], env)  # fmt: skip
+    online = vitlab_processes(
+        [
+            [*predict, "hf-hub:acme/vit-hf", str(image)],
+            [*predict, f"hf-hub:timm/vit-timm@{httpd.commit}", str(image)],
+            ["download", "hf-hub:acme/vit-hf"],
+            [*predict, "hf-hub:acme/absent", str(image)],
+            [*predict, "hf-hub:acme/no-weights", str(image)],
+            [*predict, "hf-hub:acme/vit-hf@v9", str(image)],
+        ],
+        env,
+    )
     assert [r["code"] for r in online] == [0, 0, 0, 1, 1, 1], online
     x = preprocess(read_image(str(image)), 32)[None]
     with torch.no_grad():
@@ -499,10 +745,16 @@ def test_predict_hf_hub_names_through_the_hub_then_offline(hub, tmp_path, random
             probabilities, index = logits.softmax(-1)[0].topk(3)
             names = hf.config.id2label if result is online[0] else dict(enumerate("abcdefg"))
             assert [n for n, _ in top_k(result)] == [names[i] for i in index.tolist()]
-            torch.testing.assert_close(torch.tensor([p for _, p in top_k(result)]), probabilities, rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                torch.tensor([p for _, p in top_k(result)]), probabilities, rtol=0, atol=1e-5
+            )
     snapshot = tmp_path / "hf_home" / "hub" / "models--acme--vit-hf" / "snapshots" / httpd.commit
     assert online[2]["out"].strip() == str(snapshot)
-    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in snapshot.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     errors = [r["err"].strip().splitlines() for r in online[3:]]
     assert all(len(e) == 1 for e in errors), errors
     assert "hf-hub:acme/absent: config.json:" in errors[0][0]
@@ -511,8 +763,13 @@ def test_predict_hf_hub_names_through_the_hub_then_offline(hub, tmp_path, random
     assert all(r.startswith(("HEAD /", "GET /")) for r in httpd.requests)  # every request came here
 
     httpd.requests.clear()
-    offline = vitlab_processes([[*predict, "hf-hub:acme/vit-hf", str(image)], [*predict, "hf-hub:acme/never-fetched", str(image)]],
-                               {**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    offline = vitlab_processes(
+        [
+            [*predict, "hf-hub:acme/vit-hf", str(image)],
+            [*predict, "hf-hub:acme/never-fetched", str(image)],
+        ],
+        {**env, "HF_HUB_OFFLINE": "1"},
+    )
     assert offline[0]["code"] == 0 and top_k(offline[0]) == top_k(online[0])
     assert offline[1]["code"] == 1 and len(offline[1]["err"].strip().splitlines()) == 1
     assert "hf-hub:acme/never-fetched: config.json" in offline[1]["err"]
@@ -525,5 +782,11 @@ def test_hf_hub_names_without_huggingface_hub_say_what_to_install(monkeypatch, c
     assert "pip install 'vitlab[hub]'" in one_error_line(capsys)
     assert main(["download", "--list"]) == 0
     listing = capsys.readouterr().out
-    assert "official checkpoints, from https://storage.googleapis.com/vit_models/" in listing and "augreg-B_16-224" in listing
-    assert "hf-hub:ORG/NAME[@REVISION], from the Hugging Face Hub (needs huggingface_hub: pip install 'vitlab[hub]')" in listing
+    assert (
+        "official checkpoints, from https://storage.googleapis.com/vit_models/" in listing
+        and "augreg-B_16-224" in listing
+    )
+    assert (
+        "hf-hub:ORG/NAME[@REVISION], from the Hugging Face Hub (needs huggingface_hub: pip install 'vitlab[hub]')"
+        in listing
+    )

@@ -8,12 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitlab.formats import official
 from vitlab.config import LEGACY_NAMES, VARIANTS, ModelConfig, all_names, canonical_name, get_config
 from vitlab.fastpaths import Linear
+from vitlab.formats import official
 from vitlab.model import _factor, _pad_same, count_parameters, create_model, sincos_2d
 
-from rounding import ELEMENTWISE_ULPS, assert_within, assert_within_float32_rounding, float32_rounding, sum_bound, ulps
+from rounding import (
+    ELEMENTWISE_ULPS,
+    assert_within,
+    assert_within_float32_rounding,
+    float32_rounding,
+    sum_bound,
+    ulps,
+)
 
 # Parameter counts at 10 classes and 224 px (the tutorial's table; both spellings give the same).
 EXPECTED_PARAMETERS = {
@@ -24,15 +31,21 @@ EXPECTED_PARAMETERS = {
     "ViT-H_14": 630_777_610,
     "R50-ViT-B_16": 97_897_802,
 }
-EXPECTED_BY_SHORT_NAME = {LEGACY_NAMES[legacy]: count for legacy, count in EXPECTED_PARAMETERS.items()}
+EXPECTED_BY_SHORT_NAME = {
+    LEGACY_NAMES[legacy]: count for legacy, count in EXPECTED_PARAMETERS.items()
+}
 
 
 def plain_vit_parameters(config: ModelConfig) -> int:
     """Parameter count of a non-hybrid ViT, from the architecture alone (independent of the model code)."""
     D, P, M, C = config.hidden_size, config.patch_size, config.mlp_dim, config.num_classes
     patch_embed = 3 * P * P * D + D
-    tokens = config.num_tokens * D + (D if config.classifier == "token" else 0)  # position embeddings + class token
-    block = 2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * M + M) + (M * D + D)  # 2 LN, qkv, out, MLP
+    tokens = config.num_tokens * D + (
+        D if config.classifier == "token" else 0
+    )  # position embeddings + class token
+    block = (
+        2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * M + M) + (M * D + D)
+    )  # 2 LN, qkv, out, MLP
     rep = config.representation_size
     pre_logits = D * rep + rep if rep else 0
     head = (rep or D) * C + C
@@ -116,7 +129,10 @@ def test_token_count_follows_config():
         (get_config("Ti/16", img_size=32, patch_size=4), 8 * 8 + 1),
         (get_config("Ti/16", img_size=64, classifier="gap"), 4 * 4),
         (get_config("R50+B/16", img_size=64), 4 * 4 + 1),
-        (get_config("R50+B/16", img_size=72), 5 * 5 + 1),  # 72 -> 36 -> 18 -> 9 -> 5 with 'SAME' rounding up
+        (
+            get_config("R50+B/16", img_size=72),
+            5 * 5 + 1,
+        ),  # 72 -> 36 -> 18 -> 9 -> 5 with 'SAME' rounding up
         (get_config("B/16", img_size=384), 24 * 24 + 1),
     ]
     for config, tokens in cases:
@@ -145,27 +161,52 @@ def test_gelu_form_follows_config():
         with torch.no_grad():  # inference: GELU fused into the matmul on x86 CPUs
             assert_within(_as_gelu(fc1, probe), expected, bound, f"{form}, inference")
         assert_within(_as_gelu(fc1, probe.requires_grad_()), expected, bound, f"{form}, training")
-    assert (F.gelu(probe, approximate="tanh") - F.gelu(probe)).abs().max() > 100 * bound.max()  # the bound tells them apart
+    assert (
+        F.gelu(probe, approximate="tanh") - F.gelu(probe)
+    ).abs().max() > 100 * bound.max()  # the bound tells them apart
     assert get_config("B/16").gelu == "tanh"  # the official weights' form is the default
-    old = {k: v for k, v in get_config("Ti/16").to_dict().items() if k != "gelu"}  # a config saved before the field
+    old = {
+        k: v for k, v in get_config("Ti/16").to_dict().items() if k != "gelu"
+    }  # a config saved before the field
     assert ModelConfig.from_dict(old).gelu == "tanh"
 
 
 def test_layer_norm_eps_and_final_norm_follow_config(randomise):
-    model = randomise(create_model("Ti/16", img_size=32, depth=1, classifier="gap", layer_norm_eps=1e-12)).eval()
+    model = randomise(
+        create_model("Ti/16", img_size=32, depth=1, classifier="gap", layer_norm_eps=1e-12)
+    ).eval()
     assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-12}
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    after = create_model("Ti/16", img_size=32, depth=1, classifier="gap", layer_norm_eps=1e-12, final_norm="after_pool").eval()
+    after = create_model(
+        "Ti/16",
+        img_size=32,
+        depth=1,
+        classifier="gap",
+        layer_norm_eps=1e-12,
+        final_norm="after_pool",
+    ).eval()
     after.load_state_dict(model.state_dict())
     with torch.no_grad():
         tokens = model.blocks[0](model.embed(x))[0]
-        assert torch.equal(model(x), model.head(model.norm(tokens).mean(dim=1)))  # the official order, same kernels
+        assert torch.equal(
+            model(x), model.head(model.norm(tokens).mean(dim=1))
+        )  # the official order, same kernels
         assert torch.equal(after(x), model.head(model.norm(tokens.mean(dim=1))))  # timm's fc_norm
         assert (after(x) - model(x)).abs().max() > 1e-3
-    old = {k: v for k, v in get_config("Ti/16").to_dict().items() if k not in ("layer_norm_eps", "final_norm", "stem_norm")}
-    assert ModelConfig.from_dict(old) == get_config("Ti/16")  # a config saved before the fields: the official function
+    old = {
+        k: v
+        for k, v in get_config("Ti/16").to_dict().items()
+        if k not in ("layer_norm_eps", "final_norm", "stem_norm")
+    }
+    assert ModelConfig.from_dict(old) == get_config(
+        "Ti/16"
+    )  # a config saved before the fields: the official function
     default = get_config("Ti/16")
-    assert (default.layer_norm_eps, default.final_norm, default.stem_norm) == (1e-6, "before_pool", "flax")
+    assert (default.layer_norm_eps, default.final_norm, default.stem_norm) == (
+        1e-6,
+        "before_pool",
+        "flax",
+    )
 
 
 def test_sincos_2d_table():
@@ -175,13 +216,24 @@ def test_sincos_2d_table():
     rows = []
     for y in range(3):
         for x in range(3):
-            rows.append(np.concatenate([np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)]))
+            rows.append(
+                np.concatenate(
+                    [np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)]
+                )
+            )
     np.testing.assert_allclose(sincos_2d(3, 8).numpy(), np.array(rows), atol=1e-7)
 
 
 @pytest.mark.parametrize("classifier", ["token", "gap"])
 def test_sincos2d_position_init(classifier):
-    model = create_model("Ti/16", img_size=32, patch_size=8, depth=1, classifier=classifier, pos_embed_init="sincos2d")
+    model = create_model(
+        "Ti/16",
+        img_size=32,
+        patch_size=8,
+        depth=1,
+        classifier=classifier,
+        pos_embed_init="sincos2d",
+    )
     table = sincos_2d(4, 192)
     if classifier == "token":
         assert model.pos_embed[0, 0].abs().sum() == 0  # the class token has no position
@@ -201,7 +253,12 @@ def test_factor_is_the_best_low_rank_split():
     left, right = _factor(product, 4)
     assert left.shape == right.shape == (4, 12)
     best = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]  # the same factors, multiplied in another order
-    assert_within(left.T @ right, best, sum_bound(4, left.abs().T @ right.abs()) + ulps(best, torch.float32, 2), "rank 4")
+    assert_within(
+        left.T @ right,
+        best,
+        sum_bound(4, left.abs().T @ right.abs()) + ulps(best, torch.float32, 2),
+        "rank 4",
+    )
 
 
 def _attention_products(model, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +272,9 @@ def _attention_products(model, block: int = 0) -> tuple[torch.Tensor, torch.Tens
 def test_mimetic_attention_init():
     torch.manual_seed(0)
     D = 192
-    config = dict(img_size=32, patch_size=4, depth=2, num_heads=6, classifier="gap", pos_embed_init="sincos2d")
+    config = dict(
+        img_size=32, patch_size=4, depth=2, num_heads=6, classifier="gap", pos_embed_init="sincos2d"
+    )
     model = create_model("Ti/16", attention_init="mimetic", **config)
     qk, vo = _attention_products(model)
     off = ~torch.eye(D, dtype=torch.bool)
@@ -235,8 +294,16 @@ def test_mimetic_attention_init():
 @pytest.mark.parametrize("classifier", ["token", "gap"])
 def test_patch_dropout_keeps_a_random_share_of_patches_in_training_only(classifier):
     torch.manual_seed(0)
-    model = create_model("Ti/16", img_size=32, patch_size=4, depth=1, classifier=classifier, patch_drop_rate=0.75, num_classes=3,
-                         dropout_rate=0.0)
+    model = create_model(
+        "Ti/16",
+        img_size=32,
+        patch_size=4,
+        depth=1,
+        classifier=classifier,
+        patch_drop_rate=0.75,
+        num_classes=3,
+        dropout_rate=0.0,
+    )
     images = torch.randn(4, 3, 32, 32)
     full = model.eval().embed(images)  # every token, positions added
     prefix = 1 if classifier == "token" else 0
@@ -253,24 +320,37 @@ def test_patch_dropout_keeps_a_random_share_of_patches_in_training_only(classifi
     assert model(images).shape == (4, 3)  # trains on the kept tokens
     plain = create_model(model.config.replace(patch_drop_rate=0.0))
     plain.load_state_dict(model.state_dict())
-    torch.testing.assert_close(model.eval()(images), plain.eval()(images), rtol=0, atol=0)  # evaluation sees every patch
+    torch.testing.assert_close(
+        model.eval()(images), plain.eval()(images), rtol=0, atol=0
+    )  # evaluation sees every patch
 
 
 @pytest.mark.parametrize("classifier", ["token", "gap"])
 def test_bf16_autocast_keeps_a_bf16_residual_stream(classifier, randomise):
     # The stream between blocks stays bf16 under bf16 autocast (no casts around every matmul), fp32 otherwise,
     # and the bf16 logits stay those of fp32 to bf16's precision.
-    model = randomise(create_model("Ti/16", img_size=32, patch_size=4, depth=3, num_classes=10, classifier=classifier), seed=4).eval()
+    model = randomise(
+        create_model(
+            "Ti/16", img_size=32, patch_size=4, depth=3, num_classes=10, classifier=classifier
+        ),
+        seed=4,
+    ).eval()
     dtypes = []
-    model.blocks[1].register_forward_hook(lambda module, inputs, output: dtypes.append(inputs[0].dtype))
+    model.blocks[1].register_forward_hook(
+        lambda module, inputs, output: dtypes.append(inputs[0].dtype)
+    )
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
     exact = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = model(x)
     assert dtypes == [torch.float32, torch.bfloat16]
-    torch.testing.assert_close(half.float(), exact, rtol=0, atol=0.02 * exact.abs().max().item())  # measured: 0.008
+    torch.testing.assert_close(
+        half.float(), exact, rtol=0, atol=0.02 * exact.abs().max().item()
+    )  # measured: 0.008
     half.float().sum().backward()
-    assert model.pos_embed.grad.dtype == torch.float32 and torch.isfinite(model.pos_embed.grad).all()
+    assert (
+        model.pos_embed.grad.dtype == torch.float32 and torch.isfinite(model.pos_embed.grad).all()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +360,15 @@ def test_bf16_autocast_keeps_a_bf16_residual_stream(classifier, randomise):
 @pytest.mark.parametrize("classifier", ["token", "gap"])
 @pytest.mark.parametrize("impl", ["sdpa", "math", "auto"])
 def test_return_attention(classifier, impl, randomise):
-    model = create_model("Ti/16", img_size=32, patch_size=8, depth=2, num_classes=5, classifier=classifier, attention_impl=impl)
+    model = create_model(
+        "Ti/16",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        num_classes=5,
+        classifier=classifier,
+        attention_impl=impl,
+    )
     randomise(model, seed=3)
     model.eval()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
@@ -295,18 +383,29 @@ def test_return_attention(classifier, impl, randomise):
         assert (weights >= 0).all()
         # Each weight exp(s) / sum exp(s) within a few units of its own size, and the row's sum of `tokens` terms:
         ones = torch.ones(2, 3, tokens)
-        assert_within(weights.sum(-1), ones, sum_bound(tokens, ones) + ulps(ones, torch.float32, ELEMENTWISE_ULPS), "rows")
+        assert_within(
+            weights.sum(-1),
+            ones,
+            sum_bound(tokens, ones) + ulps(ones, torch.float32, ELEMENTWISE_ULPS),
+            "rows",
+        )
 
     # The first layer's maps are softmax(q k^T / sqrt(head_dim)) of the normalised embeddings.
     block = model.blocks[0]
     with torch.no_grad():
         h = block.norm1(model.embed(x))
-        q, k, _ = block.attn.qkv(h).view(2, tokens, 3, 3, 64).unbind(2)  # (B, T, heads, head_dim) each
+        q, k, _ = (
+            block.attn.qkv(h).view(2, tokens, 3, 3, 64).unbind(2)
+        )  # (B, T, heads, head_dim) each
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k).div(8.0)  # 1/sqrt(64), exact
         expected = scores.softmax(-1)
         # Scores of 64 terms summed in other orders; softmax moves each weight w by at most 2 w max|score change|.
-        score_bound = sum_bound(64, torch.einsum("bqhd,bkhd->bhqk", q.abs(), k.abs()).div(8.0)).amax(-1, keepdim=True)
-        bound = 2 * expected.double() * score_bound + ulps(expected, torch.float32, ELEMENTWISE_ULPS)
+        score_bound = sum_bound(
+            64, torch.einsum("bqhd,bkhd->bhqk", q.abs(), k.abs()).div(8.0)
+        ).amax(-1, keepdim=True)
+        bound = 2 * expected.double() * score_bound + ulps(
+            expected, torch.float32, ELEMENTWISE_ULPS
+        )
     assert_within(attention[0], expected, bound, "the first layer's maps")
     # The maps of the two layers are not the same thing twice.
     assert (attention[0] - attention[1]).abs().max() > 1e-3
@@ -388,16 +487,22 @@ def test_golden_official_ti16(shared_dir):
     expected = torch.from_numpy(np.load(ref / "ti16_224_logits.npy"))
     assert logits.shape == expected.shape == (2, 10)
     assert expected.abs().max() > 0.1  # the reference is not trivially zero
-    assert_within_float32_rounding(logits, logits64, expected, "the official logits")  # measured: 5e-7, rounding 4e-7
+    assert_within_float32_rounding(
+        logits, logits64, expected, "the official logits"
+    )  # measured: 5e-7, rounding 4e-7
     assert (logits - expected).abs().max() <= 1e-5  # the formats table's figure
     # The reference tells the GELU forms apart: the exact (erf) one is out of tolerance, and is Flax's own exact form.
     exact = torch.from_numpy(np.load(ref / "ti16_224_logits_exact_gelu.npy"))
     assert (logits - exact).abs().max() > 1e-5
     exact_model = create_model("Ti/16", num_classes=10, img_size=224, gelu="exact").eval()
     exact_model.load_state_dict(model.state_dict())
-    assert_within_float32_rounding(*float32_rounding(exact_model, x)[:2], exact, "the official exact-GELU logits")
+    assert_within_float32_rounding(
+        *float32_rounding(exact_model, x)[:2], exact, "the official exact-GELU logits"
+    )
     # transformers' google/vit-* configs compute these weights with the exact GELU and eps 1e-12 (measured: 2.4e-4 away)
-    transformers_form = create_model("Ti/16", num_classes=10, img_size=224, gelu="exact", layer_norm_eps=1e-12).eval()
+    transformers_form = create_model(
+        "Ti/16", num_classes=10, img_size=224, gelu="exact", layer_norm_eps=1e-12
+    ).eval()
     transformers_form.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert (transformers_form(x) - expected).abs().max() > 1e-4
@@ -419,7 +524,11 @@ def test_pad_same_pads_after_on_even_sizes():
     assert odd[..., 1:8, 1:8].eq(0).all()
     root = _pad_same(torch.zeros(1, 1, 224, 224), 7, 2, value=1.0)
     assert root.shape == (1, 1, 229, 229)
-    assert root[..., :2, :].eq(1).all() and root[..., 2, 2:226].eq(0).all() and root[..., 226:, :].eq(1).all()
+    assert (
+        root[..., :2, :].eq(1).all()
+        and root[..., 2, 2:226].eq(0).all()
+        and root[..., 226:, :].eq(1).all()
+    )
     assert _pad_same(torch.zeros(1, 1, 5, 6), 1, 1).shape == (1, 1, 5, 6)
     # Non-square: each axis by its own side (height 8 -> (0, 1), width 7 -> (1, 1)).
     assert _pad_same(torch.zeros(1, 1, 8, 7), 3, 2).shape == (1, 1, 9, 9)
@@ -454,8 +563,21 @@ def test_hybrid_stem_max_pool_is_tf_same(randomise):
 
 
 def test_drop_path_grows_with_depth_and_is_the_identity_at_evaluation(randomise):
-    model = randomise(create_model("Ti/16", img_size=16, patch_size=4, depth=4, num_classes=3, drop_path_rate=0.3, dropout_rate=0.0), seed=7)
-    assert [getattr(b.drop_path, "rate", 0.0) for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    model = randomise(
+        create_model(
+            "Ti/16",
+            img_size=16,
+            patch_size=4,
+            depth=4,
+            num_classes=3,
+            drop_path_rate=0.3,
+            dropout_rate=0.0,
+        ),
+        seed=7,
+    )
+    assert [getattr(b.drop_path, "rate", 0.0) for b in model.blocks] == pytest.approx(
+        [0.0, 0.1, 0.2, 0.3]
+    )
     plain = create_model(model.config.replace(drop_path_rate=0.0))
     plain.load_state_dict(model.state_dict())
     x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(8)) * 2 - 1
@@ -471,7 +593,18 @@ def test_drop_path_grows_with_depth_and_is_the_identity_at_evaluation(randomise)
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(randomise):
     # Recomputing each block in the backward replays its dropout masks: the same function, less memory.
-    model = randomise(create_model("Ti/16", img_size=16, patch_size=4, depth=3, num_classes=3, dropout_rate=0.1, drop_path_rate=0.2), seed=9)
+    model = randomise(
+        create_model(
+            "Ti/16",
+            img_size=16,
+            patch_size=4,
+            depth=3,
+            num_classes=3,
+            dropout_rate=0.1,
+            drop_path_rate=0.2,
+        ),
+        seed=9,
+    )
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(10)) * 2 - 1
     results = []
     for checkpointing in (False, True):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.formats import official
 from vitlab.errors import CheckpointError
+from vitlab.formats import official
 from vitlab.formats.official import load_official, resize_pos_embed, save_npz
 from vitlab.model import create_model
 
@@ -50,26 +50,39 @@ def state_equal(a: nn.Module, b: nn.Module) -> None:
 def zoom_resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1, **_):
     """The official resize (vit_jax/checkpoint.py), written here for timm: the class token kept apart,
     the square grid zoomed with scipy.ndimage.zoom(order=1)."""
-    prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:].detach().cpu().numpy()
+    prefix, grid = (
+        posemb[:, :num_prefix_tokens],
+        posemb[0, num_prefix_tokens:].detach().cpu().numpy(),
+    )
     old = round(float(np.sqrt(grid.shape[0])))
     assert old * old == grid.shape[0]
     grid = grid.reshape(old, old, -1)
     grid = scipy.ndimage.zoom(grid, (new_size[0] / old, new_size[1] / old, 1), order=1)
     assert grid.shape[:2] == tuple(new_size)
-    grid = torch.from_numpy(np.ascontiguousarray(grid)).reshape(1, -1, grid.shape[-1]).to(posemb.dtype)
+    grid = (
+        torch.from_numpy(np.ascontiguousarray(grid)).reshape(1, -1, grid.shape[-1]).to(posemb.dtype)
+    )
     return torch.cat([prefix, grid], dim=1)
 
 
 def timm_vit(name: str, img_size: int, **kwargs) -> nn.Module:
-    model = timm.create_model(name, pretrained=False, num_classes=10, img_size=img_size, act_layer="gelu_tanh", **kwargs)
+    model = timm.create_model(
+        name, pretrained=False, num_classes=10, img_size=img_size, act_layer="gelu_tanh", **kwargs
+    )
     # The official conventions must be timm's too, or the comparison means nothing.
     assert model.norm.eps == 1e-6 and model.blocks[0].norm1.eps == 1e-6
     probe = torch.linspace(-3, 3, 61)
-    torch.testing.assert_close(model.blocks[0].mlp.act(probe), F.gelu(probe, approximate="tanh"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.blocks[0].mlp.act(probe), F.gelu(probe, approximate="tanh"), rtol=0, atol=0
+    )
     return model.eval()
 
 
-TIMM_NAMES = {"Ti/16": "vit_tiny_patch16_224", "S/16": "vit_small_patch16_224", "B/16": "vit_base_patch16_224"}
+TIMM_NAMES = {
+    "Ti/16": "vit_tiny_patch16_224",
+    "S/16": "vit_small_patch16_224",
+    "B/16": "vit_base_patch16_224",
+}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +126,12 @@ def test_parity_with_timm(variant, resolution, official_files, monkeypatch):
     if resolution != 224:
         # Both resize as scipy does, each rounding the result to float32 once: within one unit of each other. Then the
         # networks are compared on the same table, as one function.
-        assert_within(ours.pos_embed, reference.pos_embed, ulps(ours.pos_embed, torch.float32), "resized table")
+        assert_within(
+            ours.pos_embed,
+            reference.pos_embed,
+            ulps(ours.pos_embed, torch.float32),
+            "resized table",
+        )
         with torch.no_grad():
             reference.pos_embed.copy_(ours.pos_embed)
     x = images(resolution)
@@ -121,7 +139,10 @@ def test_parity_with_timm(variant, resolution, official_files, monkeypatch):
         expected, got = reference(x), ours(x)
     assert got.shape == (2, 10)
     assert expected.abs().max() > 0.1  # the logits are not trivially zero
-    assert assert_same_function(ours, reference, x, msg=f"timm {variant} at {resolution} px") <= PARITY_ATOL
+    assert (
+        assert_same_function(ours, reference, x, msg=f"timm {variant} at {resolution} px")
+        <= PARITY_ATOL
+    )
 
 
 def test_parity_fails_when_key_and_value_are_swapped(official_files, tmp_path):
@@ -142,7 +163,9 @@ def test_parity_fails_when_key_and_value_are_swapped(official_files, tmp_path):
     with torch.no_grad():
         assert max_diff(source(x), reference(x)) > 100 * PARITY_ATOL
         # ... and our reader of the swapped file agrees with timm's, not with the source model.
-        ours = load_official(create_model("Ti/16", num_classes=10, img_size=224).eval(), swapped, verbose=False)
+        ours = load_official(
+            create_model("Ti/16", num_classes=10, img_size=224).eval(), swapped, verbose=False
+        )
     assert assert_same_function(ours, reference, x, msg="swapped key and value") <= PARITY_ATOL
 
 
@@ -151,7 +174,9 @@ def test_parity_fails_with_timm_default_resampler(official_files):
     _, path = official_files("Ti/16")
     reference = timm_vit("vit_tiny_patch16_224", 160)
     timm_vit_module._load_weights(reference, str(path))
-    ours = load_official(create_model("Ti/16", num_classes=10, img_size=160).eval(), path, verbose=False)
+    ours = load_official(
+        create_model("Ti/16", num_classes=10, img_size=160).eval(), path, verbose=False
+    )
     with torch.no_grad():
         assert max_diff(ours(images(160)), reference(images(160))) > 10 * PARITY_ATOL
 
@@ -161,7 +186,9 @@ def _official_std_conv_forward(self, x):
     if self.same_pad:
         x = timm.layers.padding.pad_same(x, self.kernel_size, self.stride, self.dilation)
     w = self.weight
-    w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True, unbiased=False) + 1e-5)
+    w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (
+        w.std(dim=(1, 2, 3), keepdim=True, unbiased=False) + 1e-5
+    )
     return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -175,11 +202,18 @@ def test_hybrid_parity_with_timm(resolution, tmp_path, monkeypatch, randomise):
     save_npz(ours, path)
 
     reference = timm.create_model(
-        "vit_base_r50_s16_224", pretrained=False, num_classes=10, img_size=resolution, depth=2, act_layer="gelu_tanh"
+        "vit_base_r50_s16_224",
+        pretrained=False,
+        num_classes=10,
+        img_size=resolution,
+        depth=2,
+        act_layer="gelu_tanh",
     ).eval()
     group_norms = [m for m in reference.modules() if isinstance(m, nn.GroupNorm)]
     std_convs = [m for m in reference.modules() if isinstance(m, std_conv.StdConv2dSame)]
-    assert len(group_norms) == len(std_convs) == 1 + 3 * (3 + 4 + 9) + 3  # root, 3 per unit, 3 projections
+    assert (
+        len(group_norms) == len(std_convs) == 1 + 3 * (3 + 4 + 9) + 3
+    )  # root, 3 per unit, 3 projections
     for m in group_norms:
         m.eps = 1e-6
     timm_vit_module._load_weights(reference, str(path))
@@ -200,7 +234,9 @@ def test_hybrid_parity_with_timm(resolution, tmp_path, monkeypatch, randomise):
 @pytest.mark.parametrize("prefix", [1, 0])
 def test_resize_pos_embed_is_scipy_zoom(old, new, prefix):
     D = 8
-    pos = torch.randn(1, prefix + old * old, D, generator=torch.Generator().manual_seed(old * 100 + new))
+    pos = torch.randn(
+        1, prefix + old * old, D, generator=torch.Generator().manual_seed(old * 100 + new)
+    )
     got = resize_pos_embed(pos, (new, new), prefix)
     assert got.shape == (1, prefix + new * new, D) and got.dtype == pos.dtype
     grid = pos[0, prefix:].numpy().astype(np.float64).reshape(old, old, D)
@@ -209,7 +245,9 @@ def test_resize_pos_embed_is_scipy_zoom(old, new, prefix):
     # Interpolated in float64 as scipy does, then rounded once to float32: within that rounding of scipy's.
     zoomed = torch.from_numpy(zoomed.reshape(new * new, D))
     assert_within(got[0, prefix:], zoomed, ulps(zoomed, torch.float32), f"{old} -> {new}")
-    assert torch.equal(got[:, :prefix], pos[:, :prefix])  # the class token is kept, not interpolated
+    assert torch.equal(
+        got[:, :prefix], pos[:, :prefix]
+    )  # the class token is kept, not interpolated
     if old == new:
         assert torch.equal(got, pos)
 
@@ -237,14 +275,16 @@ def test_npz_round_trip_is_bitwise(key, tmp_path, randomise):
     path = tmp_path / "model.npz"
     save_npz(source, path)
     target = randomise(create_model(name, num_classes=10, **overrides), seed=22)
-    for p, q in zip(source.parameters(), target.parameters()):
+    for p, q in zip(source.parameters(), target.parameters(), strict=False):
         assert not torch.equal(p, q)
     assert load_official(target, path, verbose=False) is target
     state_equal(source, target)
 
 
 def test_npz_layout_is_the_official_one(tmp_path, randomise):
-    model = randomise(create_model("Ti/16", num_classes=10, img_size=32, depth=1, representation_size=48), seed=23)
+    model = randomise(
+        create_model("Ti/16", num_classes=10, img_size=32, depth=1, representation_size=48), seed=23
+    )
     path = tmp_path / "ti.npz"
     save_npz(model, path)
     with np.load(path, allow_pickle=False) as data:
@@ -254,16 +294,28 @@ def test_npz_layout_is_the_official_one(tmp_path, randomise):
     assert shapes["embedding/kernel"] == (16, 16, 3, 192)
     assert shapes["cls"] == (1, 1, 192)
     assert shapes["Transformer/posembed_input/pos_embedding"] == (1, 5, 192)
-    assert shapes["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"] == (192, 3, 64)
+    assert shapes["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"] == (
+        192,
+        3,
+        64,
+    )
     assert shapes["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/value/bias"] == (3, 64)
-    assert shapes["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/out/kernel"] == (3, 64, 192)
+    assert shapes["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/out/kernel"] == (
+        3,
+        64,
+        192,
+    )
     assert shapes["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"] == (192, 768)
     assert shapes["Transformer/encoderblock_0/LayerNorm_2/scale"] == (192,)
     assert shapes["pre_logits/kernel"] == (192, 48)
     assert shapes["head/kernel"] == (48, 10)
     # kernels are (in, out): query output unit (head 1, dim 5) reads the input through this column
-    np.testing.assert_array_equal(query[:, 1, 5], model.blocks[0].attn.qkv.weight[64 + 5].detach().numpy())
-    np.testing.assert_array_equal(embedding[:, :, 2, 7], model.patch_embed.weight[7, 2].detach().numpy())
+    np.testing.assert_array_equal(
+        query[:, 1, 5], model.blocks[0].attn.qkv.weight[64 + 5].detach().numpy()
+    )
+    np.testing.assert_array_equal(
+        embedding[:, :, 2, 7], model.patch_embed.weight[7, 2].detach().numpy()
+    )
 
 
 def test_golden_file_round_trips_unchanged(shared_dir, tmp_path):
@@ -287,7 +339,10 @@ def test_golden_file_round_trips_unchanged(shared_dir, tmp_path):
 @pytest.fixture
 def pretrained_21k(tmp_path, randomise):
     """A 21k-style file: more classes than the task, and a pre-logits layer."""
-    model = randomise(create_model("Ti/16", num_classes=21, img_size=32, depth=2, representation_size=192), seed=51)
+    model = randomise(
+        create_model("Ti/16", num_classes=21, img_size=32, depth=2, representation_size=192),
+        seed=51,
+    )
     path = tmp_path / "i21k.npz"
     save_npz(model, path)
     return model, path
@@ -298,7 +353,9 @@ def test_21k_file_into_a_10_class_model(pretrained_21k, randomise, capsys):
     target = randomise(create_model("Ti/16", num_classes=10, img_size=32, depth=2), seed=52)
     load_official(target, path, verbose=True)
     assert not isinstance(target.pre_logits, nn.Sequential)
-    assert torch.equal(target.head.weight, torch.zeros(10, 192)) and torch.equal(target.head.bias, torch.zeros(10))
+    assert torch.equal(target.head.weight, torch.zeros(10, 192)) and torch.equal(
+        target.head.bias, torch.zeros(10)
+    )
     theirs = source.state_dict()
     for key, value in target.state_dict().items():
         if not key.startswith("head."):
@@ -309,7 +366,10 @@ def test_21k_file_into_a_10_class_model(pretrained_21k, randomise, capsys):
 
 def test_same_class_count_keeps_the_head(pretrained_21k, randomise):
     source, path = pretrained_21k
-    target = randomise(create_model("Ti/16", num_classes=21, img_size=32, depth=2, representation_size=192), seed=53)
+    target = randomise(
+        create_model("Ti/16", num_classes=21, img_size=32, depth=2, representation_size=192),
+        seed=53,
+    )
     load_official(target, path, verbose=False)
     state_equal(source, target)  # head and pre-logits kept
 
@@ -317,14 +377,20 @@ def test_same_class_count_keeps_the_head(pretrained_21k, randomise):
     save_npz(plain, path.with_name("plain.npz"))
     again = randomise(create_model("Ti/16", num_classes=10, img_size=32, depth=1), seed=55)
     load_official(again, path.with_name("plain.npz"), verbose=False)
-    assert torch.equal(again.head.weight, plain.head.weight) and torch.equal(again.head.bias, plain.head.bias)
+    assert torch.equal(again.head.weight, plain.head.weight) and torch.equal(
+        again.head.bias, plain.head.bias
+    )
 
 
 def test_model_with_representation_needs_pre_logits(tmp_path):
     path = tmp_path / "plain.npz"
     save_npz(create_model("Ti/16", num_classes=10, img_size=32, depth=1), path)
     with pytest.raises(CheckpointError, match="pre_logits/kernel"):
-        load_official(create_model("Ti/16", num_classes=10, img_size=32, depth=1, representation_size=192), path, verbose=False)
+        load_official(
+            create_model("Ti/16", num_classes=10, img_size=32, depth=1, representation_size=192),
+            path,
+            verbose=False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +411,14 @@ def fresh_small():
     return create_model("Ti/16", num_classes=10, img_size=32, depth=2)
 
 
-@pytest.mark.parametrize("change", [{"gelu": "exact"}, {"layer_norm_eps": 1e-12}, {"classifier": "gap", "final_norm": "after_pool"}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"gelu": "exact"},
+        {"layer_norm_eps": 1e-12},
+        {"classifier": "gap", "final_norm": "after_pool"},
+    ],
+)
 def test_model_that_computes_otherwise_is_refused(change, tmp_path):
     # The .npz holds weights only; the official code computes them with flax's eps, the tanh GELU and the norm before pooling.
     shape = {k: v for k, v in change.items() if k == "classifier"}
@@ -353,7 +426,9 @@ def test_model_that_computes_otherwise_is_refused(change, tmp_path):
     save_npz(create_model("testing", num_classes=3, img_size=32, **shape), path)
     field, value = list(change.items())[-1]
     with pytest.raises(CheckpointError, match=f"this model differs \\({field}\\); pass --{field} "):
-        load_official(create_model("testing", num_classes=3, img_size=32, **change), path, verbose=False)
+        load_official(
+            create_model("testing", num_classes=3, img_size=32, **change), path, verbose=False
+        )
 
 
 def test_missing_file(tmp_path):
@@ -414,7 +489,10 @@ def test_missing_attention_key(small_file, tmp_path):
     del arrays["Transformer/encoderblock_1/MultiHeadDotProductAttention_1/value/bias"]
     path = tmp_path / "missing.npz"
     np.savez(path, **arrays)
-    with pytest.raises(CheckpointError, match="missing key .*encoderblock_1/MultiHeadDotProductAttention_1/value/bias"):
+    with pytest.raises(
+        CheckpointError,
+        match="missing key .*encoderblock_1/MultiHeadDotProductAttention_1/value/bias",
+    ):
         load_official(fresh_small(), path)
 
 
@@ -438,7 +516,10 @@ def test_shape_of_another_variant(tmp_path):
     save_npz(create_model("S/16", num_classes=10, img_size=32, depth=2), path)
     target = fresh_small()
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"embedding/kernel has shape \(384, 3, 16, 16\), Ti/16 needs \(192, 3, 16, 16\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"embedding/kernel has shape \(384, 3, 16, 16\), Ti/16 needs \(192, 3, 16, 16\)",
+    ):
         load_official(target, path)
     for key, value in target.state_dict().items():  # a refused file changes nothing
         assert torch.equal(value, before[key]), key
@@ -495,12 +576,17 @@ def test_big_vision_layout_loads_like_the_original(tmp_path, randomise):
             renamed["opt/target/" + key] = value
             continue
         name = match.group(2)
-        for old, new in (("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0"), ("LayerNorm_2", "LayerNorm_1"),
-                         ("MlpBlock_3", "MlpBlock_0")):  # fmt: skip
+        for old, new in (
+            ("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0"),
+            ("LayerNorm_2", "LayerNorm_1"),
+            ("MlpBlock_3", "MlpBlock_0"),
+        ):
             name = name.replace(old, new)
         blocks.setdefault(name, {})[int(match.group(1))] = value
     for name, per_block in blocks.items():
-        renamed["opt/target/Transformer/encoderblock/" + name] = np.stack([per_block[i] for i in sorted(per_block)])
+        renamed["opt/target/Transformer/encoderblock/" + name] = np.stack(
+            [per_block[i] for i in sorted(per_block)]
+        )
     path = tmp_path / "big_vision.npz"
     np.savez(path, **renamed)
     loaded = load_official(create_model(source.config), path, verbose=False)
@@ -510,12 +596,30 @@ def test_big_vision_layout_loads_like_the_original(tmp_path, randomise):
 
 def test_an_npz_of_another_head_count_or_gelu_is_refused(tmp_path, randomise):
     # Heads and the GELU form change what the weights compute, not their shapes: refused, as for vitlab's own files.
-    source = randomise(create_model("Ti/16", num_classes=10, img_size=32, depth=1), seed=61)  # 3 heads, tanh GELU
+    source = randomise(
+        create_model("Ti/16", num_classes=10, img_size=32, depth=1), seed=61
+    )  # 3 heads, tanh GELU
     path = tmp_path / "ti.npz"
     save_npz(source, path)
-    with pytest.raises(CheckpointError, match=r"ti.npz: its model has 3 attention heads, this one 6; pass --num_heads 3$"):
-        load_official(create_model("Ti/16", num_classes=10, img_size=32, depth=1, num_heads=6), path, verbose=False)
-    with pytest.raises(CheckpointError, match=r"official weights compute with --gelu tanh; this model differs \(gelu\); pass --gelu tanh"):
-        load_official(create_model("Ti/16", num_classes=10, img_size=32, depth=1, gelu="exact"), path, verbose=False)
-    same = load_official(create_model("Ti/16", num_classes=10, img_size=32, depth=1), path, verbose=False)
+    with pytest.raises(
+        CheckpointError,
+        match=r"ti.npz: its model has 3 attention heads, this one 6; pass --num_heads 3$",
+    ):
+        load_official(
+            create_model("Ti/16", num_classes=10, img_size=32, depth=1, num_heads=6),
+            path,
+            verbose=False,
+        )
+    with pytest.raises(
+        CheckpointError,
+        match=r"official weights compute with --gelu tanh; this model differs \(gelu\); pass --gelu tanh",
+    ):
+        load_official(
+            create_model("Ti/16", num_classes=10, img_size=32, depth=1, gelu="exact"),
+            path,
+            verbose=False,
+        )
+    same = load_official(
+        create_model("Ti/16", num_classes=10, img_size=32, depth=1), path, verbose=False
+    )
     torch.testing.assert_close(same.state_dict(), source.state_dict(), rtol=0, atol=0)

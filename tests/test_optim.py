@@ -13,21 +13,32 @@ from vitlab.config import TrainConfig
 from vitlab.model import VisionTransformer
 from vitlab.optim import configure_optimizer, freeze, lr_factor, set_learning_rate
 
-TINY = dict(model_type="Ti/16", patch_size=4, img_size=16, depth=1, hidden_size=16, num_heads=2, mlp_dim=32, pretrained_dir="none")
+TINY = dict(
+    model_type="Ti/16",
+    patch_size=4,
+    img_size=16,
+    depth=1,
+    hidden_size=16,
+    num_heads=2,
+    mlp_dim=32,
+    pretrained_dir="none",
+)
 
 
 def _one_step(model: VisionTransformer, optimizer: torch.optim.Optimizer, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
-    images, labels = torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    images, labels = (
+        torch.randn(8, 3, 16, 16, generator=generator),
+        torch.randint(0, 3, (8,), generator=generator),
+    )
     optimizer.zero_grad()
     torch.nn.functional.cross_entropy(model(images), labels).backward()
     optimizer.step()
 
 
-
 def test_lr_factor_cosine():
     warmup, total = 10, 110
-    f = lambda step: lr_factor(step, warmup, total, "cosine")
+    f = lambda step: lr_factor(step, warmup, total, "cosine")  # noqa: E731  a one-line helper
     assert f(0) == 0.0
     assert f(5) == pytest.approx(0.5)
     assert f(1) == pytest.approx(0.1)
@@ -42,7 +53,7 @@ def test_lr_factor_cosine():
 
 def test_lr_factor_linear():
     warmup, total = 10, 110
-    f = lambda step: lr_factor(step, warmup, total, "linear")
+    f = lambda step: lr_factor(step, warmup, total, "linear")  # noqa: E731  a one-line helper
     assert f(0) == 0.0
     assert f(5) == pytest.approx(0.5)
     assert f(10) == pytest.approx(1.0)
@@ -63,39 +74,59 @@ def test_lr_factor_without_warmup():
 
 def tiny_model() -> VisionTransformer:
     torch.manual_seed(0)
-    return VisionTransformer(TrainConfig.from_dict(dict(name="x", **TINY, dropout_rate=0.0)).model_config(3))
+    return VisionTransformer(
+        TrainConfig.from_dict(dict(name="x", **TINY, dropout_rate=0.0)).model_config(3)
+    )
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny_model()
-    optimizer = configure_optimizer(model, TrainConfig(name="x", optimizer="muon", weight_decay=0.05))
+    optimizer = configure_optimizer(
+        model, TrainConfig(name="x", optimizer="muon", weight_decay=0.05)
+    )
     muon, adamw = optimizer.parts["muon"], optimizer.parts["adamw"]
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
-    assert in_muon == {id(p) for name, p in model.named_parameters() if name.startswith("blocks.") and p.ndim == 2}
+    assert in_muon == {
+        id(p) for name, p in model.named_parameters() if name.startswith("blocks.") and p.ndim == 2
+    }
     decayed, undecayed = ({id(p) for p in g["params"]} for g in adamw.param_groups)
-    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0] and muon.param_groups[0]["weight_decay"] == 0.05
-    assert {id(model.head.weight), id(model.patch_embed.weight)} <= decayed and id(model.pos_embed) in undecayed
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0] and muon.param_groups[0][
+        "weight_decay"
+    ] == 0.05
+    assert {id(model.head.weight), id(model.patch_embed.weight)} <= decayed and id(
+        model.pos_embed
+    ) in undecayed
     everything = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert sorted(everything) == sorted(id(p) for p in model.parameters())  # each parameter once
     torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)  # one schedule moves both
-    assert {g["lr"] for part in (muon, adamw) for g in part.param_groups} == {0.5 * TrainConfig().learning_rate}
+    assert {g["lr"] for part in (muon, adamw) for g in part.param_groups} == {
+        0.5 * TrainConfig().learning_rate
+    }
 
 
 def test_adamw_decays_matrices_but_not_positions_class_token_norms_or_biases():
     model = tiny_model()
-    decayed, undecayed = configure_optimizer(model, TrainConfig(name="x", optimizer="adamw", weight_decay=0.05)).param_groups
+    decayed, undecayed = configure_optimizer(
+        model, TrainConfig(name="x", optimizer="adamw", weight_decay=0.05)
+    ).param_groups
     names = {id(p): name for name, p in model.named_parameters()}
     assert decayed["weight_decay"] == 0.05 and undecayed["weight_decay"] == 0.0
-    assert {names[id(p)] for p in undecayed["params"]} == {n for n, p in model.named_parameters() if p.ndim < 2} | {"cls_token", "pos_embed"}
+    assert {names[id(p)] for p in undecayed["params"]} == {
+        n for n, p in model.named_parameters() if p.ndim < 2
+    } | {"cls_token", "pos_embed"}
     assert all(names[id(p)].endswith("weight") for p in decayed["params"])
 
 
 def test_muon_updates_are_orthogonalised():
     model = tiny_model()
-    optimizer = configure_optimizer(model, TrainConfig(name="x", optimizer="muon", learning_rate=1.0, weight_decay=0.0))
+    optimizer = configure_optimizer(
+        model, TrainConfig(name="x", optimizer="muon", learning_rate=1.0, weight_decay=0.0)
+    )
     generator = torch.Generator().manual_seed(0)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=generator) * torch.logspace(-2, 0, p.shape[-1])  # singular values 0.01 to 1
+        p.grad = torch.randn(p.shape, generator=generator) * torch.logspace(
+            -2, 0, p.shape[-1]
+        )  # singular values 0.01 to 1
     weight = model.blocks[0].mlp.fc1.weight  # (32, 16)
     before = weight.detach().clone()
     optimizer.step()
@@ -117,16 +148,19 @@ def test_combined_optimizer_state_round_trip(tmp_path):
     restored.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
     for m, o in ((model, optimizer), (copy, restored)):
         _one_step(m, o, seed=3)
-    for (name, a), b in zip(model.state_dict().items(), copy.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), copy.state_dict().values(), strict=False):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="optimizer state for"):
-        restored.load_state_dict(configure_optimizer(tiny_model(), TrainConfig(name="x", optimizer="adamw")).state_dict())
-
+        restored.load_state_dict(
+            configure_optimizer(tiny_model(), TrainConfig(name="x", optimizer="adamw")).state_dict()
+        )
 
 
 def test_layer_decay_scales_each_layers_learning_rate():
     model = tiny_model()  # depth 1: embeddings are layer 0, the block 1, the rest 2
-    config = TrainConfig.from_dict(dict(name="x", optimizer="adamw", layer_decay=0.5, weight_decay=0.05))
+    config = TrainConfig.from_dict(
+        dict(name="x", optimizer="adamw", layer_decay=0.5, weight_decay=0.05)
+    )
     optimizer = configure_optimizer(model, config)
     scale_of = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
     assert scale_of[id(model.pos_embed)] == scale_of[id(model.patch_embed.weight)] == 0.25
@@ -135,10 +169,15 @@ def test_layer_decay_scales_each_layers_learning_rate():
     set_learning_rate(optimizer, config, config.warmup_steps)  # the peak
     lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert lrs[id(model.pos_embed)] == pytest.approx(0.25 * config.learning_rate)
-    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}  # decay still by kind within each layer
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {
+        0.0,
+        0.05,
+    }  # decay still by kind within each layer
 
 
-@pytest.mark.parametrize("what, trained", [("all-but-head", {"head.weight", "head.bias"}), ("backbone", None)])
+@pytest.mark.parametrize(
+    "what, trained", [("all-but-head", {"head.weight", "head.bias"}), ("backbone", None)]
+)
 def test_freezing_leaves_parameters_out_of_the_optimizer_and_unchanged(what, trained):
     model = tiny_model()
     freeze(model, what)
@@ -147,7 +186,9 @@ def test_freezing_leaves_parameters_out_of_the_optimizer_and_unchanged(what, tra
         trained = {n for n, _ in model.named_parameters() if not n.startswith("patch_embed.")}
     assert names == trained
     optimizer = configure_optimizer(model, TrainConfig.from_dict(dict(name="x", learning_rate=0.5)))
-    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         model.head.weight.normal_()  # a head that passes gradients back

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from vitlab.app import rollout as rollout_module
-from vitlab.app.rollout import attention_map, draw_attention, overlay, patch_relevance, rollout
 from vitlab.app.cli import main
+from vitlab.app.rollout import attention_map, draw_attention, overlay, patch_relevance, rollout
 from vitlab.model import create_model
 
 
@@ -37,8 +37,12 @@ def test_rollout_averages_heads_and_multiplies_later_layers_on_the_left():
 
 def test_patch_relevance_class_token_row_or_mean_of_rows():
     matrix = torch.arange(9.0).reshape(1, 3, 3)
-    torch.testing.assert_close(patch_relevance(matrix, has_class_token=True), torch.tensor([[1.0, 2.0]]))
-    torch.testing.assert_close(patch_relevance(matrix, has_class_token=False), torch.tensor([[3.0, 4.0, 5.0]]))
+    torch.testing.assert_close(
+        patch_relevance(matrix, has_class_token=True), torch.tensor([[1.0, 2.0]])
+    )
+    torch.testing.assert_close(
+        patch_relevance(matrix, has_class_token=False), torch.tensor([[3.0, 4.0, 5.0]])
+    )
 
 
 def looking_at(patch: int, classifier: str):
@@ -48,8 +52,17 @@ def looking_at(patch: int, classifier: str):
     is [1, -1, 0, 0], every other token [0, 0, 1, -1]. Queries are a constant 10 * [1, -1, 0, 0] and
     keys the normalised token, so only the chosen patch scores (about 14 against 0). The attention
     output and the MLP write nothing back, so every layer sees the same tokens."""
-    model = create_model("testing", hidden_size=4, num_heads=1, mlp_dim=4, depth=3, patch_size=4, img_size=16,
-                         num_classes=3, classifier=classifier).eval()  # fmt: skip
+    model = create_model(
+        "testing",
+        hidden_size=4,
+        num_heads=1,
+        mlp_dim=4,
+        depth=3,
+        patch_size=4,
+        img_size=16,
+        num_classes=3,
+        classifier=classifier,
+    ).eval()
     prefix = 1 if classifier == "token" else 0
     with torch.no_grad():
         for p in model.parameters():
@@ -69,7 +82,9 @@ def looking_at(patch: int, classifier: str):
 def test_map_peaks_on_the_patch_the_model_looks_at(patch, classifier):
     model = looking_at(patch, classifier)
     _, attentions = model(torch.zeros(1, 3, 16, 16), return_attention=True)
-    assert attentions[0][0, 0, -1].argmax() == patch + (classifier == "token")  # the construction works
+    assert attentions[0][0, 0, -1].argmax() == patch + (
+        classifier == "token"
+    )  # the construction works
     for layer in (None, 0, 2):
         grid_map = attention_map(attentions, classifier == "token", layer)
         assert grid_map.shape == (1, 4, 4)
@@ -83,14 +98,20 @@ def test_overlay_blends_the_coloured_map_over_the_image():
     assert np.array_equal(overlay(image, grid_map, 0.0), image)
     coloured = overlay(image, grid_map, 1.0)
     assert coloured.shape == image.shape and coloured.dtype == np.uint8
-    assert np.array_equal(coloured[29, 0], [0, 0, 128]) and coloured[11, 25, 0] > 100 and coloured[11, 25, 2] == 0
+    assert (
+        np.array_equal(coloured[29, 0], [0, 0, 128])
+        and coloured[11, 25, 0] > 100
+        and coloured[11, 25, 2] == 0
+    )
     half = overlay(image, grid_map, 0.5).astype(int)
     assert np.abs(half - (image.astype(int) + coloured.astype(int)) / 2).max() <= 1
 
 
 def test_draw_attention_writes_a_png(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-    draw_attention(image, torch.rand(4, 4), "predicted: cat (50.0%)", "attention rollout", tmp_path / "a.png")
+    draw_attention(
+        image, torch.rand(4, 4), "predicted: cat (50.0%)", "attention rollout", tmp_path / "a.png"
+    )
     with Image.open(tmp_path / "a.png") as png:
         assert png.format == "PNG" and png.size[0] > png.size[1] > 100
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary file left
@@ -103,12 +124,30 @@ def test_draw_attention_writes_a_png(tmp_path):
 def test_attention_command_on_the_built_model_finds_its_patch(tmp_path, monkeypatch):
     model = looking_at(9, "token")
     checkpoint = tmp_path / "looking.pt"
-    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(), "class_names": ["a", "b", "c"]}, checkpoint)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_config": model.config.to_dict(),
+            "class_names": ["a", "b", "c"],
+        },
+        checkpoint,
+    )
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "image.png")
     drawn = {}
-    monkeypatch.setattr(rollout_module, "draw_attention", lambda image, grid_map, *rest: drawn.update(image=image, grid_map=grid_map))
-    assert main(["attention", str(checkpoint), str(tmp_path / "image.png"), "--precision", "fp32"]) == 0
-    assert drawn["image"].shape == (64, 64, 3)  # drawn over the image as given, not the model's input
+    monkeypatch.setattr(
+        rollout_module,
+        "draw_attention",
+        lambda image, grid_map, *rest: drawn.update(image=image, grid_map=grid_map),
+    )
+    assert (
+        main(["attention", str(checkpoint), str(tmp_path / "image.png"), "--precision", "fp32"])
+        == 0
+    )
+    assert drawn["image"].shape == (
+        64,
+        64,
+        3,
+    )  # drawn over the image as given, not the model's input
     assert int(drawn["grid_map"].flatten().argmax()) == 9
 
 
@@ -117,7 +156,20 @@ def test_attention_command_writes_pngs(tiny_run, tmp_path, capsys):
     image.write_bytes((tiny_run.data_dir / "cat" / "0.png").read_bytes())
     assert main(["attention", str(tiny_run.checkpoint), str(image)]) == 0
     assert "predicted: " in capsys.readouterr().out
-    assert main(["attention", str(tiny_run.checkpoint), str(image), "--layer", "1", "--out", str(tmp_path / "out" / "l1.png")]) == 0
+    assert (
+        main(
+            [
+                "attention",
+                str(tiny_run.checkpoint),
+                str(image),
+                "--layer",
+                "1",
+                "--out",
+                str(tmp_path / "out" / "l1.png"),
+            ]
+        )
+        == 0
+    )
     for path in (tmp_path / "cat_attention.png", tmp_path / "out" / "l1.png"):
         with Image.open(path) as png:
             png.verify()
@@ -129,7 +181,18 @@ def test_attention_command_errors_are_one_line(tiny_run, tmp_path, capsys):
     assert main(["attention", str(tiny_run.checkpoint), str(bad)]) == 1
     line = capsys.readouterr().err.strip().splitlines()
     assert len(line) == 1 and str(bad) in line[0]
-    assert main(["attention", str(tiny_run.checkpoint), str(tiny_run.data_dir / "cat" / "0.png"), "--layer", "2"]) == 2
+    assert (
+        main(
+            [
+                "attention",
+                str(tiny_run.checkpoint),
+                str(tiny_run.data_dir / "cat" / "0.png"),
+                "--layer",
+                "2",
+            ]
+        )
+        == 2
+    )
     line = capsys.readouterr().err.strip().splitlines()
     assert len(line) == 1 and "numbered 1 to 1" in line[0]
     assert not list(tmp_path.glob("*_attention*.png"))

@@ -8,9 +8,8 @@ import warnings
 import pytest
 import torch
 
-from vitlab.app import commands
-
 from vitlab import runtime
+from vitlab.app import commands
 from vitlab.app.cli import main
 from vitlab.errors import ConfigError, VitlabError, VitlabWarning, torch_error_message
 from vitlab.runtime import resolve_device, resolve_precision
@@ -18,7 +17,11 @@ from vitlab.runtime import resolve_device, resolve_precision
 
 def test_devices():
     assert resolve_device("cpu") == torch.device("cpu")
-    expected = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    expected = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     assert resolve_device("auto") == expected
     for bad in ("tpu", "gpu", "cuda:x"):
         with pytest.raises(ConfigError, match=f"--device {bad!r}: choose auto"):
@@ -35,14 +38,16 @@ def test_cuda_without_a_gpu_is_refused(name):
 def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch):
     cpu = torch.device("cpu")
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+        monkeypatch.setattr(runtime, "native_bf16", lambda device: native)  # noqa: B023  called in this iteration
         assert resolve_precision("auto", cpu) == expected
     assert resolve_precision("fp32", cpu) == "fp32"
 
 
 def test_bf16_where_it_is_emulated_runs_with_a_warning(monkeypatch):
     monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
-    with pytest.warns(VitlabWarning, match=r"bf16 is emulated on this CPU \(\w+\), many times slower than fp32"):
+    with pytest.warns(
+        VitlabWarning, match=r"bf16 is emulated on this CPU \(\w+\), many times slower than fp32"
+    ):
         assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
     with warnings.catch_warnings():
@@ -61,15 +66,30 @@ def test_fp16_needs_cuda_and_unknown_precisions_are_refused():
     "error, expected",
     [
         (MemoryError(), "out of memory"),
-        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out of memory"),
-        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate 1 bytes."),
-         "out of memory"),
-        (RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'"), "torch has no Half kernel for addmm_impl_cpu_ on this device"),
-        (RuntimeError("could not create a primitive descriptor for the inner product forward propagation primitive"), "oneDNN cannot"),
+        (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+            "out of memory",
+        ),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate 1 bytes."
+            ),
+            "out of memory",
+        ),
+        (
+            RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'"),
+            "torch has no Half kernel for addmm_impl_cpu_ on this device",
+        ),
+        (
+            RuntimeError(
+                "could not create a primitive descriptor for the inner product forward propagation primitive"
+            ),
+            "oneDNN cannot",
+        ),
         (RuntimeError("shape '[2, 3]' is invalid for input of size 7"), None),
         (KeyError("model"), None),
     ],
-)  # fmt: skip
+)
 def test_torch_errors_the_user_caused_become_one_line_and_others_stay_bugs(error, expected):
     message = torch_error_message(error)
     if expected is None:
@@ -113,7 +133,9 @@ def test_debug_shows_the_traceback_and_the_fast_paths(how, monkeypatch, capsys):
     argv = {"flag before": ("--debug",), "flag after": ("--debug",), "environment": ()}[how]
     if how == "environment":
         monkeypatch.setenv("VITLAB_DEBUG", "1")
-    monkeypatch.setattr(commands, "cmd_models", failing_models(VitlabError("output/x: no such run")))
+    monkeypatch.setattr(
+        commands, "cmd_models", failing_models(VitlabError("output/x: no such run"))
+    )
     capsys.readouterr()
     with pytest.raises(VitlabError):
         main([*argv, "models"] if how == "flag before" else ["models", *argv])

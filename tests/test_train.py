@@ -21,30 +21,46 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlab.formats import checkpoints
-
 from vitlab import fastpaths
 from vitlab import train as vtrain
-from vitlab.formats.checkpoints import CheckpointError, read_checkpoint
 from vitlab.app.cli import build_parser, main, train_config_from_args
 from vitlab.config import ModelConfig, TrainConfig, field_type
-from vitlab.errors import ConfigError
 from vitlab.data import eval_batches, load_image_folder
+from vitlab.errors import ConfigError, TrainingError
 from vitlab.evaluate import evaluate
+from vitlab.formats import checkpoints
+from vitlab.formats.checkpoints import CheckpointError, read_checkpoint
 from vitlab.model import VisionTransformer
-from vitlab.errors import TrainingError
 from vitlab.optim import lr_factor
 from vitlab.train import resolve_pretrained, train
 
 from rounding import assert_within, sum_bound, ulps
 
 CLASSES = ["cat", "dog", "eel"]
-TINY = dict(model_type="Ti/16", patch_size=4, img_size=16, depth=1, hidden_size=16, num_heads=2, mlp_dim=32, pretrained_dir="none")
-RUN_FILES = {"config.json", "best.pt", "last.pt", "metrics.jsonl", "final_metrics.json", ".lock"}  # .lock: held while the run runs
+TINY = dict(
+    model_type="Ti/16",
+    patch_size=4,
+    img_size=16,
+    depth=1,
+    hidden_size=16,
+    num_heads=2,
+    mlp_dim=32,
+    pretrained_dir="none",
+)
+RUN_FILES = {
+    "config.json",
+    "best.pt",
+    "last.pt",
+    "metrics.jsonl",
+    "final_metrics.json",
+    ".lock",
+}  # .lock: held while the run runs
 SUBPROCESS_TIMEOUT = 300
 
 
-def make_image_folder(root: Path, per_class: int = 12, size: int = 16, seed: int = 0, ext: str = "png") -> Path:
+def make_image_folder(
+    root: Path, per_class: int = 12, size: int = 16, seed: int = 0, ext: str = "png"
+) -> Path:
     """`root/<class>/<i>.<ext>`: random images whose mean colour depends on the class, so there is something to learn."""
     rng = np.random.default_rng(seed)
     for label, name in enumerate(CLASSES):
@@ -67,7 +83,11 @@ TINY_FLAGS = flags(**TINY)
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
@@ -79,9 +99,23 @@ def _single_process(monkeypatch):
 
 
 def tiny_config(tmp_path: Path, name: str, data_dir: Path, **changes) -> TrainConfig:
-    values = dict(TINY, name=name, dataset="imagefolder", data_dir=str(data_dir), output_dir=str(tmp_path / "output"),
-                  log_dir=str(tmp_path / "logs"), device="cpu", train_batch_size=8, num_steps=6, eval_every=3,
-                  warmup_steps=2, learning_rate=0.05, val_split=0.25, dropout_rate=0.0, num_workers=0)  # fmt: skip
+    values = dict(
+        TINY,
+        name=name,
+        dataset="imagefolder",
+        data_dir=str(data_dir),
+        output_dir=str(tmp_path / "output"),
+        log_dir=str(tmp_path / "logs"),
+        device="cpu",
+        train_batch_size=8,
+        num_steps=6,
+        eval_every=3,
+        warmup_steps=2,
+        learning_rate=0.05,
+        val_split=0.25,
+        dropout_rate=0.0,
+        num_workers=0,
+    )
     values.update(changes)
     return TrainConfig.from_dict(values)
 
@@ -94,8 +128,15 @@ def reordered_training_bound(config: TrainConfig):
     than the whole: the assumption on which this bound rests)."""
     model = config.model_config(3)
     terms = config.train_batch_size * ((model.img_size // model.patch_size) ** 2 + 1)
-    update = config.learning_rate / (1 - config.momentum) * config.train_batch_size * config.max_grad_norm
-    return lambda weight: ulps(weight, torch.float32, config.num_steps) + sum_bound(terms, config.num_steps * update)
+    update = (
+        config.learning_rate
+        / (1 - config.momentum)
+        * config.train_batch_size
+        * config.max_grad_norm
+    )
+    return lambda weight: (
+        ulps(weight, torch.float32, config.num_steps) + sum_bound(terms, config.num_steps * update)
+    )
 
 
 def model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -129,16 +170,48 @@ def parse(argv: list[str]) -> TrainConfig:
 
 
 def test_seed_command_line_has_the_seeds_defaults():
-    config = parse(["train", "--name", "cifar10-100_500", "--dataset", "cifar10", "--model_type", "ViT-B_16", "--num_steps", "100"])
-    expected = dict(name="cifar10-100_500", dataset="cifar10", model_type="ViT-B_16", num_steps=100, img_size=224,
-                    train_batch_size=512, eval_batch_size=64, eval_every=100, learning_rate=3e-2, weight_decay=0.0,
-                    decay_type="cosine", warmup_steps=500, max_grad_norm=1.0, local_rank=-1, seed=42,
-                    gradient_accumulation_steps=1, fp16=False, fp16_opt_level="O2", loss_scale=0.0, output_dir="output")  # fmt: skip
+    config = parse(
+        [
+            "train",
+            "--name",
+            "cifar10-100_500",
+            "--dataset",
+            "cifar10",
+            "--model_type",
+            "ViT-B_16",
+            "--num_steps",
+            "100",
+        ]
+    )
+    expected = dict(
+        name="cifar10-100_500",
+        dataset="cifar10",
+        model_type="ViT-B_16",
+        num_steps=100,
+        img_size=224,
+        train_batch_size=512,
+        eval_batch_size=64,
+        eval_every=100,
+        learning_rate=3e-2,
+        weight_decay=0.0,
+        decay_type="cosine",
+        warmup_steps=500,
+        max_grad_norm=1.0,
+        local_rank=-1,
+        seed=42,
+        gradient_accumulation_steps=1,
+        fp16=False,
+        fp16_opt_level="O2",
+        loss_scale=0.0,
+        output_dir="output",
+    )
     for key, value in expected.items():
         assert getattr(config, key) == value, key
         assert type(getattr(config, key)) is type(value), key
     config.validate()
-    assert config == TrainConfig(name="cifar10-100_500", num_steps=100)  # every other setting is the default
+    assert config == TrainConfig(
+        name="cifar10-100_500", num_steps=100
+    )  # every other setting is the default
 
 
 def test_the_vitlab_command_keeps_freed_memory_for_reuse(monkeypatch):
@@ -152,20 +225,48 @@ def test_the_vitlab_command_keeps_freed_memory_for_reuse(monkeypatch):
 
 
 def test_dashed_spellings_and_local_rank():
-    config = parse([
-        "train", "--name", "x", "--train-batch-size", "8", "--eval-batch-size", "4", "--gradient-accumulation-steps", "2",
-        "--learning-rate", "0.1", "--decay-type", "linear", "--warmup-steps", "3", "--fp16-opt-level", "O1",
-        "--loss-scale", "128", "--no-hflip",
-    ])  # fmt: skip
-    assert (config.train_batch_size, config.eval_batch_size, config.gradient_accumulation_steps) == (8, 4, 2)
+    config = parse(
+        [
+            "train",
+            "--name",
+            "x",
+            "--train-batch-size",
+            "8",
+            "--eval-batch-size",
+            "4",
+            "--gradient-accumulation-steps",
+            "2",
+            "--learning-rate",
+            "0.1",
+            "--decay-type",
+            "linear",
+            "--warmup-steps",
+            "3",
+            "--fp16-opt-level",
+            "O1",
+            "--loss-scale",
+            "128",
+            "--no-hflip",
+        ]
+    )
+    assert (
+        config.train_batch_size,
+        config.eval_batch_size,
+        config.gradient_accumulation_steps,
+    ) == (8, 4, 2)
     assert (config.learning_rate, config.decay_type, config.warmup_steps) == (0.1, "linear", 3)
     assert (config.fp16_opt_level, config.loss_scale, config.hflip) == ("O1", 128.0, False)
     assert parse(["train", "--name", "x", "--local_rank", "0"]).local_rank == 0
     assert parse(["train", "--name", "x", "--local-rank", "0"]).local_rank == 0
-    assert parse(["train", "--name", "x", "--local-rank=1"]).local_rank == 1  # torch.distributed.launch's spelling
+    assert (
+        parse(["train", "--name", "x", "--local-rank=1"]).local_rank == 1
+    )  # torch.distributed.launch's spelling
     assert parse(["train", "--name", "x", "--fp16"]).fp16 is True
     assert parse(["train", "--name", "x", "--fp16"]).effective_precision() == "fp16"
-    assert parse(["train", "--name", "x", "--fp16", "--fp16_opt_level", "O0"]).effective_precision() == "fp32"
+    assert (
+        parse(["train", "--name", "x", "--fp16", "--fp16_opt_level", "O0"]).effective_precision()
+        == "fp32"
+    )
 
 
 def test_resume_flag_forms():
@@ -176,13 +277,47 @@ def test_resume_flag_forms():
 
 
 def test_model_override_flags_reach_the_model_config():
-    config = parse(["train", "--name", "x", "--model_type", "Ti/16", "--img_size", "32", "--patch-size", "4", "--gelu", "exact",
-                    "--pos-embed-init", "sincos2d", "--classifier", "gap", "--patch-drop-rate", "0.5", "--attention-init", "mimetic",
-                    "--layer_norm_eps", "1e-12", "--final-norm", "after_pool", "--stem_norm", "timm"])  # fmt: skip
+    config = parse(
+        [
+            "train",
+            "--name",
+            "x",
+            "--model_type",
+            "Ti/16",
+            "--img_size",
+            "32",
+            "--patch-size",
+            "4",
+            "--gelu",
+            "exact",
+            "--pos-embed-init",
+            "sincos2d",
+            "--classifier",
+            "gap",
+            "--patch-drop-rate",
+            "0.5",
+            "--attention-init",
+            "mimetic",
+            "--layer_norm_eps",
+            "1e-12",
+            "--final-norm",
+            "after_pool",
+            "--stem_norm",
+            "timm",
+        ]
+    )
     model_config = config.model_config(num_classes=10)
-    assert (model_config.patch_size, model_config.gelu, model_config.pos_embed_init) == (4, "exact", "sincos2d")
+    assert (model_config.patch_size, model_config.gelu, model_config.pos_embed_init) == (
+        4,
+        "exact",
+        "sincos2d",
+    )
     assert (model_config.patch_drop_rate, model_config.attention_init) == (0.5, "mimetic")
-    assert (model_config.layer_norm_eps, model_config.final_norm, model_config.stem_norm) == (1e-12, "after_pool", "timm")
+    assert (model_config.layer_norm_eps, model_config.final_norm, model_config.stem_norm) == (
+        1e-12,
+        "after_pool",
+        "timm",
+    )
     assert TrainConfig().model_config(10).gelu == "tanh"  # the official weights' form unless asked
 
 
@@ -190,10 +325,22 @@ def test_model_override_flags_reach_the_model_config():
 def test_precedence_recipe_then_config_file_then_flags(tmp_path, kind):
     path = tmp_path / f"settings.{kind}"
     if kind == "json":
-        path.write_text(json.dumps({"num_steps": 50, "learning_rate": 0.1, "adam_betas": [0.7, 0.8], "seed": 7}))
+        path.write_text(
+            json.dumps({"num_steps": 50, "learning_rate": 0.1, "adam_betas": [0.7, 0.8], "seed": 7})
+        )
     else:
         path.write_text("num_steps = 50\nlearning_rate = 0.1\nadam_betas = [0.7, 0.8]\nseed = 7\n")
-    argv = ["train", "--name", "p", "--recipe", "finetune-cifar10", "--config", str(path), "--learning_rate", "0.2"]
+    argv = [
+        "train",
+        "--name",
+        "p",
+        "--recipe",
+        "finetune-cifar10",
+        "--config",
+        str(path),
+        "--learning_rate",
+        "0.2",
+    ]
     config = parse(argv)
     assert config.warmup_steps == 100 and config.train_batch_size == 512  # the recipe's, untouched
     assert config.num_steps == 50 and config.seed == 7  # the file over the recipe
@@ -209,7 +356,9 @@ def test_precedence_recipe_then_config_file_then_flags(tmp_path, kind):
 def test_pretrained_auto_prefers_the_seeds_checkpoint_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = TrainConfig(name="x", model_type="ViT-B_16")
-    assert resolve_pretrained(config) == "ViT-B_16"  # the official ImageNet-21k file, by name (no download here)
+    assert (
+        resolve_pretrained(config) == "ViT-B_16"
+    )  # the official ImageNet-21k file, by name (no download here)
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "ViT-B_16.npz").write_bytes(b"")
     assert resolve_pretrained(config) == str(Path("checkpoint") / "ViT-B_16.npz")
@@ -225,7 +374,14 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     data = make_image_folder(tmp_path / "data")
     states = {}
     for accum in (1, 4):
-        config = tiny_config(tmp_path, f"accum{accum}", data, gradient_accumulation_steps=accum, num_steps=5, eval_every=5)
+        config = tiny_config(
+            tmp_path,
+            f"accum{accum}",
+            data,
+            gradient_accumulation_steps=accum,
+            num_steps=5,
+            eval_every=5,
+        )
         train(config)
         states[accum] = model_state(tmp_path / "output" / config.name / "last.pt")
     torch.manual_seed(42)  # the run's own initialisation, to show the runs moved the weights
@@ -240,9 +396,19 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 4. Resume after a kill: bit-exact, and a kill while saving leaves last.pt whole
 
-RESUME_FLAGS = TINY_FLAGS + flags(dataset="imagefolder", data_dir="data", device="cpu", train_batch_size=8, num_steps=16,
-                                  eval_every=2, log_every=1, warmup_steps=3, learning_rate=0.05, val_split=0.25,
-                                  num_workers=0)  # dropout stays at the variant's 0.1: the resumed RNG must match  # fmt: skip
+RESUME_FLAGS = TINY_FLAGS + flags(
+    dataset="imagefolder",
+    data_dir="data",
+    device="cpu",
+    train_batch_size=8,
+    num_steps=16,
+    eval_every=2,
+    log_every=1,
+    warmup_steps=3,
+    learning_rate=0.05,
+    val_split=0.25,
+    num_workers=0,
+)  # dropout stays at the variant's 0.1: the resumed RNG must match
 
 # Runs `vitlab train` with each step slowed down, so that the parent can kill it part-way.
 SLOW_STEPS = """
@@ -293,10 +459,20 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def train_subprocess(cwd: Path, args: list[str], code: str | None = None, **popen) -> subprocess.Popen:
+def train_subprocess(
+    cwd: Path, args: list[str], code: str | None = None, **popen
+) -> subprocess.Popen:
     head = [sys.executable, "-c", code] if code else [sys.executable, "-m", "vitlab.app.cli"]
-    return subprocess.Popen(head + ["train", *args], cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint, **popen)  # fmt: skip
+    return subprocess.Popen(
+        head + ["train", *args],
+        cwd=cwd,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+        **popen,
+    )
 
 
 def default_sigint() -> None:
@@ -326,13 +502,18 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def assert_same_final_state(work: Path, name: str) -> None:
-    ref, run = read_checkpoint(work / "output" / "ref" / "last.pt"), read_checkpoint(work / "output" / name / "last.pt")
+    ref, run = (
+        read_checkpoint(work / "output" / "ref" / "last.pt"),
+        read_checkpoint(work / "output" / name / "last.pt"),
+    )
     assert run["step"] == ref["step"] == 16
     assert ref["model"].keys() == run["model"].keys()
     for key in ref["model"]:
         assert torch.equal(run["model"][key], ref["model"][key]), key
     assert run["best"] == ref["best"]
-    assert losses(work / "output" / name) == losses(work / "output" / "ref")  # the log replays from the checkpoint
+    assert losses(work / "output" / name) == losses(
+        work / "output" / "ref"
+    )  # the log replays from the checkpoint
     assert [s for s, _ in losses(work / "output" / name)] == list(range(1, 17))
     ref_final = json.loads((work / "output" / "ref" / "final_metrics.json").read_text())
     run_final = json.loads((work / "output" / name / "final_metrics.json").read_text())
@@ -349,7 +530,9 @@ def test_resume_after_sigkill_is_bit_exact(resume_workdir):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     rc, _, err = finish(process)
-    assert rc == -signal.SIGKILL, f"the run ended before it could be killed (rc {rc}):\n{err[-3000:]}"
+    assert rc == -signal.SIGKILL, (
+        f"the run ended before it could be killed (rc {rc}):\n{err[-3000:]}"
+    )
     killed_at = read_checkpoint(last)["step"]
     assert 2 <= killed_at < 16
     assert not (work / "output" / "run" / "final_metrics.json").exists()
@@ -365,23 +548,38 @@ def test_sigterm_or_ctrl_c_saves_at_the_step_boundary_and_resume_is_bit_exact(re
     # What SLURM and Kubernetes send before they preempt a job, to a real process: the step in progress ends, last.pt
     # is written at that step (not the last evaluation's), one line says so, and the exit status is 128 + the signal.
     work, name = resume_workdir, f"stop-{how.name.lower()}"
-    process = train_subprocess(work, ["--name", name, *RESUME_FLAGS, "--eval_every", "5"], code=SLOW_STEPS)
+    process = train_subprocess(
+        work, ["--name", name, *RESUME_FLAGS, "--eval_every", "5"], code=SLOW_STEPS
+    )
     wait_for(work / "output" / name / "metrics.jsonl", process)
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT
-    while len(losses(work / "output" / name)) < 6 and process.poll() is None and time.monotonic() < deadline:
+    while (
+        len(losses(work / "output" / name)) < 6
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     process.send_signal(how)
     rc, _, err = finish(process)
     assert rc == 128 + how, f"the run ended before it could be stopped (rc {rc}):\n{err[-3000:]}"
     stopped_at = read_checkpoint(work / "output" / name / "last.pt")["step"]
-    assert 6 <= stopped_at < 16 and stopped_at % 5, stopped_at  # saved at the signal's step, not at an evaluation
+    assert 6 <= stopped_at < 16 and stopped_at % 5, (
+        stopped_at
+    )  # saved at the signal's step, not at an evaluation
     last = [line for line in err.splitlines() if line.strip()][-1]
-    assert last == (f"vitlab train: stopped by {how.name} at step {stopped_at}; saved {Path('output') / name / 'last.pt'}: "
-                    "--resume continues the run")  # fmt: skip
-    rc, out, err = finish(train_subprocess(work, ["--name", name, *RESUME_FLAGS, "--eval_every", "5", "--resume"]))
+    assert last == (
+        f"vitlab train: stopped by {how.name} at step {stopped_at}; saved {Path('output') / name / 'last.pt'}: "
+        "--resume continues the run"
+    )
+    rc, out, err = finish(
+        train_subprocess(work, ["--name", name, *RESUME_FLAGS, "--eval_every", "5", "--resume"])
+    )
     assert rc == 0, err[-3000:]
     assert f"resuming from step {stopped_at}" in out
-    ref, run = read_checkpoint(work / "output" / "ref" / "last.pt"), read_checkpoint(work / "output" / name / "last.pt")
+    ref, run = (
+        read_checkpoint(work / "output" / "ref" / "last.pt"),
+        read_checkpoint(work / "output" / name / "last.pt"),
+    )
     for key in ref["model"]:
         assert torch.equal(run["model"][key], ref["model"][key]), key
     assert losses(work / "output" / name) == losses(work / "output" / "ref")
@@ -390,7 +588,9 @@ def test_sigterm_or_ctrl_c_saves_at_the_step_boundary_and_resume_is_bit_exact(re
 def test_kill_while_saving_leaves_last_pt_whole(resume_workdir):
     work = resume_workdir
     out_dir = work / "output" / "run2"
-    rc, _, err = finish(train_subprocess(work, ["--name", "run2", *RESUME_FLAGS], code=KILL_WHILE_SAVING))
+    rc, _, err = finish(
+        train_subprocess(work, ["--name", "run2", *RESUME_FLAGS], code=KILL_WHILE_SAVING)
+    )
     assert rc == -signal.SIGKILL, err[-3000:]
     strays = sorted(out_dir.glob(".last.pt.*"))
     assert len(strays) == 1  # the half-written temporary file ...
@@ -400,11 +600,15 @@ def test_kill_while_saving_leaves_last_pt_whole(resume_workdir):
     assert state["step"] == 2
     assert read_checkpoint(out_dir / "best.pt")["step"] in (2, 4)
 
-    rc, out, err = finish(train_subprocess(work, ["--name", "run2", *RESUME_FLAGS, "--resume", "output/run2/last.pt"]))
+    rc, out, err = finish(
+        train_subprocess(work, ["--name", "run2", *RESUME_FLAGS, "--resume", "output/run2/last.pt"])
+    )
     assert rc == 0, err[-3000:]
     assert "resuming from step 2" in out
     assert_same_final_state(work, "run2")
-    assert {p.name for p in out_dir.iterdir() if not p.name.startswith(".")} == RUN_FILES - {".lock"}
+    assert {p.name for p in out_dir.iterdir() if not p.name.startswith(".")} == RUN_FILES - {
+        ".lock"
+    }
 
 
 def wait_for(path: Path, process: subprocess.Popen) -> None:
@@ -417,7 +621,9 @@ def make_mixed_size_folder(root: Path) -> Path:
     """An image folder whose images differ in size: it streams through DataLoader workers, as a large one does."""
     make_image_folder(root)
     for i, name in enumerate(CLASSES):
-        Image.fromarray(np.full((20 + i, 18, 3), 40 * i, dtype=np.uint8)).save(root / name / "odd.png")
+        Image.fromarray(np.full((20 + i, 18, 3), 40 * i, dtype=np.uint8)).save(
+            root / name / "odd.png"
+        )
     return root
 
 
@@ -427,7 +633,11 @@ def streaming_workdir(tmp_path_factory):
     work = tmp_path_factory.mktemp("streaming")
     make_mixed_size_folder(work / "data")
     for workers in (0, 2):
-        rc, _, err = finish(train_subprocess(work, ["--name", f"ref{workers}", *RESUME_FLAGS, "--num_workers", str(workers)]))
+        rc, _, err = finish(
+            train_subprocess(
+                work, ["--name", f"ref{workers}", *RESUME_FLAGS, "--num_workers", str(workers)]
+            )
+        )
         assert rc == 0, err[-3000:]
     return work
 
@@ -442,13 +652,18 @@ def test_resume_on_the_streaming_path_is_bit_exact(streaming_workdir, workers, h
     wait_for(work / "output" / name / "last.pt", process)
     process.send_signal(how)
     rc, _, err = finish(process)
-    assert rc == (130 if how == signal.SIGINT else -signal.SIGKILL), f"the run ended before it could be stopped (rc {rc}):\n{err[-3000:]}"
+    assert rc == (130 if how == signal.SIGINT else -signal.SIGKILL), (
+        f"the run ended before it could be stopped (rc {rc}):\n{err[-3000:]}"
+    )
     killed_at = read_checkpoint(work / "output" / name / "last.pt")["step"]
     assert 2 <= killed_at < 16
     rc, out, err = finish(train_subprocess(work, [*argv, "--resume"]))
     assert rc == 0, err[-3000:]
     assert f"resuming from step {killed_at}" in out
-    ref, run = read_checkpoint(work / "output" / f"ref{workers}" / "last.pt"), read_checkpoint(work / "output" / name / "last.pt")
+    ref, run = (
+        read_checkpoint(work / "output" / f"ref{workers}" / "last.pt"),
+        read_checkpoint(work / "output" / name / "last.pt"),
+    )
     for key in ref["model"]:
         assert torch.equal(run["model"][key], ref["model"][key]), key
     assert losses(work / "output" / name) == losses(work / "output" / f"ref{workers}")
@@ -459,7 +674,11 @@ def test_resume_on_the_streaming_path_is_bit_exact(streaming_workdir, workers, h
 
 
 def digests(run_dir: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir()) if p.name != ".lock"}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.iterdir())
+        if p.name != ".lock"
+    }
 
 
 @pytest.mark.parametrize("finished", [True, False])
@@ -508,11 +727,19 @@ def test_a_second_live_run_on_the_same_name_is_refused(tmp_path):
     assert json.loads((tmp_path / "output" / "same" / "config.json").read_text())["seed"] == 42
 
 
-@pytest.mark.parametrize("change, named", [(["--seed", "7"], "--seed 42, this one 7"), (["--train_batch_size", "4"], "--train_batch_size 8"),
-                                           (["--learning_rate", "0.1"], "--learning_rate 0.05, this one 0.1"),
-                                           (["--patch_drop_rate", "0.25"], "--patch_drop_rate the variant's, this one 0.25")])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (["--seed", "7"], "--seed 42, this one 7"),
+        (["--train_batch_size", "4"], "--train_batch_size 8"),
+        (["--learning_rate", "0.1"], "--learning_rate 0.05, this one 0.1"),
+        (["--patch_drop_rate", "0.25"], "--patch_drop_rate the variant's, this one 0.25"),
+    ],
+)
 def test_resume_with_a_setting_that_changes_the_run_is_refused(data_dir, capsys, change, named):
-    argv = base_argv(data_dir, "--num_steps", "4", "--eval_every", "2", "--learning_rate", "0.05", "--seed", "42")
+    argv = base_argv(
+        data_dir, "--num_steps", "4", "--eval_every", "2", "--learning_rate", "0.05", "--seed", "42"
+    )
     assert run_cli([*argv, "--num_steps", "2"], capsys)[0] == 0
     rc, _, err = run_cli([*argv, "--resume", *change], capsys)
     assert rc == 2
@@ -525,7 +752,10 @@ def test_a_corrupt_checkpoint_is_refused_for_fine_tuning_and_resuming(data_dir, 
     assert run_cli(base_argv(data_dir, "--num_steps", "2"), capsys)[0] == 0
     last = Path("output") / "x" / "last.pt"
     flip_bytes_in_largest_tensor(last)
-    for argv in (base_argv(data_dir, "--resume", name="x"), base_argv(data_dir, "--pretrained_dir", str(last), name="y")):
+    for argv in (
+        base_argv(data_dir, "--resume", name="x"),
+        base_argv(data_dir, "--pretrained_dir", str(last), name="y"),
+    ):
         rc, _, err = run_cli(argv, capsys)
         assert rc == 1
         assert f"{last}: corrupt:" in one_error_line(err)
@@ -537,29 +767,67 @@ def test_resume_with_more_steps_warns_in_one_line_and_goes_on(data_dir, capsys):
     rc, out, err = run_cli([*argv, "--num_steps", "4", "--resume"], capsys)
     assert rc == 0, err
     warning = [line for line in err.splitlines() if line.startswith("vitlab: warning:")]
-    assert warning == ["vitlab: warning: --num_steps 4: the run was set for 2 steps; the schedule is recomputed for the new length "
-                       "from step 2 on"]  # fmt: skip
+    assert warning == [
+        "vitlab: warning: --num_steps 4: the run was set for 2 steps; the schedule is recomputed for the new length "
+        "from step 2 on"
+    ]
     assert read_checkpoint(Path("output") / "x" / "last.pt")["step"] == 4
 
 
 # ---------------------------------------------------------------------------------------------
 # 4c. The training kit: EMA, and resume with every option on
 
-KIT_FLAGS = ["--randaugment", "2,9", "--mixup", "0.8", "--cutmix", "1.0", "--random_erasing", "0.25", "--drop_path", "0.1",
-             "--ema", "0.9", "--layer_decay", "0.75", "--label_smoothing", "0.1"]  # fmt: skip
+KIT_FLAGS = [
+    "--randaugment",
+    "2,9",
+    "--mixup",
+    "0.8",
+    "--cutmix",
+    "1.0",
+    "--random_erasing",
+    "0.25",
+    "--drop_path",
+    "0.1",
+    "--ema",
+    "0.9",
+    "--layer_decay",
+    "0.75",
+    "--label_smoothing",
+    "0.1",
+]
 
 
-def test_ema_with_decay_0_is_the_weights_and_is_what_evaluation_and_the_commands_use(data_dir, capsys):
-    assert run_cli(base_argv(data_dir, "--num_steps", "3", "--eval_every", "3", "--ema", "1e-12"), capsys)[0] == 0
+def test_ema_with_decay_0_is_the_weights_and_is_what_evaluation_and_the_commands_use(
+    data_dir, capsys
+):
+    assert (
+        run_cli(
+            base_argv(data_dir, "--num_steps", "3", "--eval_every", "3", "--ema", "1e-12"), capsys
+        )[0]
+        == 0
+    )
     last = read_checkpoint(Path("output") / "x" / "last.pt")
     for key, value in last["model"].items():
         # ema = d ema + (1 - d) w with d = 1e-12: w to one rounding, and d ema beside it
-        assert_within(last["ema"][key], value, ulps(value, torch.float32) + 1e-12 * last["ema"][key].abs(), key)
-    assert run_cli(base_argv(data_dir, "--num_steps", "3", "--eval_every", "3", "--ema", "0.9", name="y"), capsys)[0] == 0
+        assert_within(
+            last["ema"][key],
+            value,
+            ulps(value, torch.float32) + 1e-12 * last["ema"][key].abs(),
+            key,
+        )
+    assert (
+        run_cli(
+            base_argv(data_dir, "--num_steps", "3", "--eval_every", "3", "--ema", "0.9", name="y"),
+            capsys,
+        )[0]
+        == 0
+    )
     best = read_checkpoint(Path("output") / "y" / "best.pt")
     assert any(not torch.equal(best["ema"][k], best["model"][k]) for k in best["model"])
     model, _ = checkpoints.load_model(Path("output") / "y" / "best.pt")
-    assert all(torch.equal(v, best["ema"][k]) for k, v in model.state_dict().items())  # the weights evaluation chose it by
+    assert all(
+        torch.equal(v, best["ema"][k]) for k, v in model.state_dict().items()
+    )  # the weights evaluation chose it by
 
 
 def test_resume_with_every_option_of_the_kit_is_bit_exact(tmp_path):
@@ -573,7 +841,10 @@ def test_resume_with_every_option_of_the_kit_is_bit_exact(tmp_path):
     assert finish(process)[0] == -signal.SIGKILL
     rc, _, err = finish(train_subprocess(tmp_path, ["--name", "run", *argv, "--resume"]))
     assert rc == 0, err[-3000:]
-    ref, run = read_checkpoint(tmp_path / "output" / "ref" / "last.pt"), read_checkpoint(tmp_path / "output" / "run" / "last.pt")
+    ref, run = (
+        read_checkpoint(tmp_path / "output" / "ref" / "last.pt"),
+        read_checkpoint(tmp_path / "output" / "run" / "last.pt"),
+    )
     for part in ("model", "ema"):
         for key in ref[part]:
             assert torch.equal(run[part][key], ref[part][key]), (part, key)
@@ -590,15 +861,51 @@ def gloo_runs(tmp_path_factory):
     each (`torchrun --standalone --nproc_per_node 2 -m vitlab.app.cli train ...`), total batch 8 in both."""
     tmp_path = tmp_path_factory.mktemp("gloo")
     data = make_image_folder(tmp_path / "data")
-    common = dict(num_steps=6, eval_every=3, warmup_steps=2, learning_rate=0.05, val_split=0.25, dropout_rate=0.0, log_every=1)
+    common = dict(
+        num_steps=6,
+        eval_every=3,
+        warmup_steps=2,
+        learning_rate=0.05,
+        val_split=0.25,
+        dropout_rate=0.0,
+        log_every=1,
+    )
     single_final = train(tiny_config(tmp_path, "single", data, **common))
-    args = TINY_FLAGS + flags(name="dist", dataset="imagefolder", data_dir=str(data), device="cpu", train_batch_size=8,
-                              gradient_accumulation_steps=2, num_workers=0, output_dir=str(tmp_path / "output"),
-                              log_dir=str(tmp_path / "logs"), **common)  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitlab.app.cli", "train", *args]
+    args = TINY_FLAGS + flags(
+        name="dist",
+        dataset="imagefolder",
+        data_dir=str(data),
+        device="cpu",
+        train_batch_size=8,
+        gradient_accumulation_steps=2,
+        num_workers=0,
+        output_dir=str(tmp_path / "output"),
+        log_dir=str(tmp_path / "logs"),
+        **common,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vitlab.app.cli",
+        "train",
+        *args,
+    ]
     work = tmp_path / "cwd"
     work.mkdir()
-    result = subprocess.run(command, check=False, cwd=work, env=clean_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    result = subprocess.run(
+        command,
+        check=False,
+        cwd=work,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     return SimpleNamespace(root=tmp_path, work=work, result=result, single_final=single_final)
 
 
@@ -610,20 +917,35 @@ def test_two_process_gloo_run_exits_cleanly(gloo_runs):
 def test_two_process_gloo_run_equals_one_process(gloo_runs):
     out = gloo_runs.root / "output"
     assert (out / "dist" / "final_metrics.json").exists(), gloo_runs.result.stderr[-4000:]
-    dist_state, single_state = model_state(out / "dist" / "last.pt"), model_state(out / "single" / "last.pt")
+    dist_state, single_state = (
+        model_state(out / "dist" / "last.pt"),
+        model_state(out / "single" / "last.pt"),
+    )
     assert dist_state.keys() == single_state.keys()
-    bound = reordered_training_bound(tiny_config(gloo_runs.root, "bound", gloo_runs.root, num_steps=6, learning_rate=0.05))
+    bound = reordered_training_bound(
+        tiny_config(gloo_runs.root, "bound", gloo_runs.root, num_steps=6, learning_rate=0.05)
+    )
     for key in single_state:
         assert_within(dist_state[key], single_state[key], bound(single_state[key]), key)
     dist_final = json.loads((out / "dist" / "final_metrics.json").read_text())
-    assert dist_final["best_val_accuracy"] == pytest.approx(gloo_runs.single_final["best_val_accuracy"])
-    assert dist_final["best_step"] == gloo_runs.single_final["best_step"] and dist_final["steps"] == 6
+    assert dist_final["best_val_accuracy"] == pytest.approx(
+        gloo_runs.single_final["best_val_accuracy"]
+    )
+    assert (
+        dist_final["best_step"] == gloo_runs.single_final["best_step"] and dist_final["steps"] == 6
+    )
     # Only rank 0 writes: one set of run files, one event file, nothing in the working folder.
     assert {p.name for p in (out / "dist").iterdir()} == RUN_FILES
-    assert [p.name for p in (gloo_runs.root / "logs" / "dist").iterdir() if p.name != ".lock"][0].startswith("events.out.tfevents")
-    assert len(list((gloo_runs.root / "logs" / "dist").iterdir())) == 2  # and the lock, held while the run runs
+    assert [p.name for p in (gloo_runs.root / "logs" / "dist").iterdir() if p.name != ".lock"][
+        0
+    ].startswith("events.out.tfevents")
+    assert (
+        len(list((gloo_runs.root / "logs" / "dist").iterdir())) == 2
+    )  # and the lock, held while the run runs
     assert list(gloo_runs.work.iterdir()) == []
-    assert [s for s, _ in losses(out / "dist")] == list(range(1, 7))  # one record per step, not one per process
+    assert [s for s, _ in losses(out / "dist")] == list(
+        range(1, 7)
+    )  # one record per step, not one per process
 
 
 def test_two_process_gloo_run_logs_the_loss_of_the_whole_batch(gloo_runs):
@@ -631,7 +953,9 @@ def test_two_process_gloo_run_logs_the_loss_of_the_whole_batch(gloo_runs):
     out = gloo_runs.root / "output"
     dist_losses, single_losses = losses(out / "dist"), losses(out / "single")
     assert [s for s, _ in dist_losses] == [s for s, _ in single_losses] == list(range(1, 7))
-    assert [v for _, v in dist_losses] == pytest.approx([v for _, v in single_losses], rel=1e-5, abs=1e-6)
+    assert [v for _, v in dist_losses] == pytest.approx(
+        [v for _, v in single_losses], rel=1e-5, abs=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,8 +970,25 @@ def data_dir(tmp_path, monkeypatch):
 
 def base_argv(data: Path, *extra: str, name: str | None = "x") -> list[str]:
     argv = ["train"] + (["--name", name] if name else [])
-    argv += ["--dataset", "imagefolder", "--data_dir", str(data), *TINY_FLAGS, "--device", "cpu", "--num_steps", "2",
-             "--eval_every", "2", "--train_batch_size", "8", "--val_split", "0.25", "--num_workers", "0"]  # fmt: skip
+    argv += [
+        "--dataset",
+        "imagefolder",
+        "--data_dir",
+        str(data),
+        *TINY_FLAGS,
+        "--device",
+        "cpu",
+        "--num_steps",
+        "2",
+        "--eval_every",
+        "2",
+        "--train_batch_size",
+        "8",
+        "--val_split",
+        "0.25",
+        "--num_workers",
+        "0",
+    ]
     return argv + list(extra)
 
 
@@ -663,7 +1004,9 @@ def test_cli_names_a_file_that_is_not_an_image(data_dir, capsys):
 def test_resume_with_another_head_count_is_refused(data_dir, capsys):
     # A run resumed with other heads would load its weights cleanly (same shapes) and train another function.
     assert run_cli(base_argv(data_dir, "--num_heads", "1"), capsys)[0] == 0
-    rc, _, err = run_cli(base_argv(data_dir, "--num_heads", "2", "--num_steps", "4", "--resume"), capsys)
+    rc, _, err = run_cli(
+        base_argv(data_dir, "--num_heads", "2", "--num_steps", "4", "--resume"), capsys
+    )
     assert rc != 0
     assert "trained with --num_heads 1" in one_error_line(err)
 
@@ -672,21 +1015,54 @@ def test_from_scratch_recipe_trains(tmp_path, monkeypatch, capsys):
     # The CPU recipe whole (Muon, mimetic init, patch dropout, precision auto, pad-crop) for two steps on 32 px images.
     monkeypatch.chdir(tmp_path)
     make_image_folder(tmp_path / "data", size=32)
-    rc, out, err = run_cli(["train", "--recipe", "scratch-cifar10-cpu", "--name", "scratch", "--dataset", "imagefolder",
-                          "--data_dir", "data", "--device", "cpu", "--num_steps", "2", "--warmup_steps", "1", "--eval_every", "2",
-                          "--train_batch_size", "8", "--eval_batch_size", "9", "--val_split", "0.25"], capsys)  # fmt: skip
+    rc, out, err = run_cli(
+        [
+            "train",
+            "--recipe",
+            "scratch-cifar10-cpu",
+            "--name",
+            "scratch",
+            "--dataset",
+            "imagefolder",
+            "--data_dir",
+            "data",
+            "--device",
+            "cpu",
+            "--num_steps",
+            "2",
+            "--warmup_steps",
+            "1",
+            "--eval_every",
+            "2",
+            "--train_batch_size",
+            "8",
+            "--eval_batch_size",
+            "9",
+            "--val_split",
+            "0.25",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     config = json.loads((tmp_path / "output" / "scratch" / "config.json").read_text())
-    assert (config["optimizer"], config["model"]["attention_init"], config["precision"]) == ("muon", "mimetic", "auto")
+    assert (config["optimizer"], config["model"]["attention_init"], config["precision"]) == (
+        "muon",
+        "mimetic",
+        "auto",
+    )
     native = fastpaths.native_bf16(torch.device("cpu"))
-    assert f"device cpu, precision {'bf16' if native else 'fp32'};" in out  # auto: bf16 only where it is native
+    assert (
+        f"device cpu, precision {'bf16' if native else 'fp32'};" in out
+    )  # auto: bf16 only where it is native
     state = read_checkpoint(tmp_path / "output" / "scratch" / "last.pt")
     assert set(state["optimizer"]) == {"muon", "adamw"} and state["step"] == 2
 
 
 def test_resume_with_another_optimizer_is_refused(data_dir, capsys):
     assert run_cli(base_argv(data_dir, "--optimizer", "muon"), capsys)[0] == 0
-    rc, _, err = run_cli(base_argv(data_dir, "--optimizer", "adamw", "--num_steps", "4", "--resume"), capsys)
+    rc, _, err = run_cli(
+        base_argv(data_dir, "--optimizer", "adamw", "--num_steps", "4", "--resume"), capsys
+    )
     assert rc != 0
     assert "used --optimizer muon, this one adamw" in one_error_line(err)
 
@@ -702,10 +1078,18 @@ def test_cli_refuses_an_empty_folder(tmp_path, monkeypatch, capsys):
 def test_training_on_a_folder_of_mixed_modes_and_formats(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=4)
     rng = np.random.default_rng(5)
-    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(data / "cat" / "gray.png")
-    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P").save(data / "dog" / "palette.png")
-    Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), mode="RGBA").save(data / "eel" / "alpha.png")
-    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / "eel" / "photo.jpeg")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(
+        data / "cat" / "gray.png"
+    )
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P").save(
+        data / "dog" / "palette.png"
+    )
+    Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), mode="RGBA").save(
+        data / "eel" / "alpha.png"
+    )
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+        data / "eel" / "photo.jpeg"
+    )
     final = train(tiny_config(tmp_path, "modes", data, num_steps=2, eval_every=2))
     assert final["steps"] == 2
     assert read_checkpoint(tmp_path / "output" / "modes" / "last.pt")["class_names"] == CLASSES
@@ -717,7 +1101,10 @@ def test_training_on_a_folder_of_mixed_modes_and_formats(tmp_path):
 REFUSALS = {
     "missing-name": (["--name", None], "--name is required"),
     "bad-decay-type": (["--decay_type", "exponential"], "decay_type"),
-    "batch-not-divisible": (["--train_batch_size", "10", "--gradient_accumulation_steps", "4"], "--train_batch_size 10"),
+    "batch-not-divisible": (
+        ["--train_batch_size", "10", "--gradient_accumulation_steps", "4"],
+        "--train_batch_size 10",
+    ),
     "unknown-model": (["--model_type", "ViT-Q_99"], "ViT-Q_99"),
     "missing-pretrained": (["--pretrained_dir", "nowhere/ViT-B_16.npz"], "nowhere/ViT-B_16.npz"),
     "fp16-opt-level-O3": (["--fp16_opt_level", "O3"], "O3"),
@@ -735,7 +1122,10 @@ REFUSALS = {
     "wrong-type-in-config": (["--config", "{string}"], "label_smoothing must be float"),
     "log-every-0": (["--log_every", "0"], "--log_every must be positive"),
     "label-smoothing-2": (["--label_smoothing", "2"], "--label_smoothing must be in [0, 1)"),
-    "img-size-not-a-multiple-of-the-patch": (["--img_size", "30"], "img_size 30 is not a multiple of patch_size 4: the last 2 rows"),
+    "img-size-not-a-multiple-of-the-patch": (
+        ["--img_size", "30"],
+        "img_size 30 is not a multiple of patch_size 4: the last 2 rows",
+    ),
     "resume-and-overwrite": (["--resume", "--overwrite"], "pass one"),
     "randaugment-not-n-m": (["--randaugment", "two"], "--randaugment 'two': expected N,M"),
     "randaugment-magnitude-31": (["--randaugment", "2,31"], "M in 0..30"),
@@ -744,22 +1134,41 @@ REFUSALS = {
     "layer-decay-0": (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
     "freeze-what": (["--freeze", "everything"], "everything"),
     "dropout-2": (["--dropout_rate", "2.0"], "dropout_rate must be in [0, 1), got 2.0"),
-    "attention-dropout-negative": (["--attention_dropout_rate", "-0.1"], "attention_dropout_rate must be in [0, 1), got -0.1"),
-    "adam-betas-over-1": (["--optimizer", "adamw", "--adam_betas", "0.9", "5"], "--adam_betas must be in [0, 1), got (0.9, 5.0)"),
+    "attention-dropout-negative": (
+        ["--attention_dropout_rate", "-0.1"],
+        "attention_dropout_rate must be in [0, 1), got -0.1",
+    ),
+    "adam-betas-over-1": (
+        ["--optimizer", "adamw", "--adam_betas", "0.9", "5"],
+        "--adam_betas must be in [0, 1), got (0.9, 5.0)",
+    ),
     "momentum-1": (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
-    "dropout-2-in-a-config-file": (["--config", "{dropout}"], "dropout_rate must be in [0, 1), got 2"),
+    "dropout-2-in-a-config-file": (
+        ["--config", "{dropout}"],
+        "dropout_rate must be in [0, 1), got 2",
+    ),
     "num-workers-negative": (["--num_workers", "-1"], "--num_workers must be 0 or more, got -1"),
 }
 # The exit status: 2 for a bad flag or setting (as argparse's own refusals), 1 for a file or folder that cannot be used.
-FILE_REFUSALS = {"missing-pretrained", "resume-missing-file", "resume-without-last", "missing-data-dir"}
+FILE_REFUSALS = {
+    "missing-pretrained",
+    "resume-missing-file",
+    "resume-without-last",
+    "missing-data-dir",
+}
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refused_input_gives_one_clear_line(case, data_dir, capsys):
     extra, expected = REFUSALS[case]
-    files = {"{json}": ("bad.json", '{"num_steps": 5,'), "{toml}": ("bad.toml", "num_steps = = 5\n"),
-             "{list}": ("list.json", "[1, 2]"), "{unknown}": ("unknown.json", '{"nmu_steps": 5}'),
-             "{string}": ("string.json", '{"label_smoothing": "high"}'), "{dropout}": ("dropout.json", '{"dropout_rate": 2}')}  # fmt: skip
+    files = {
+        "{json}": ("bad.json", '{"num_steps": 5,'),
+        "{toml}": ("bad.toml", "num_steps = = 5\n"),
+        "{list}": ("list.json", "[1, 2]"),
+        "{unknown}": ("unknown.json", '{"nmu_steps": 5}'),
+        "{string}": ("string.json", '{"label_smoothing": "high"}'),
+        "{dropout}": ("dropout.json", '{"dropout_rate": 2}'),
+    }
     extra = list(extra)
     for i, value in enumerate(extra):
         if value in files:
@@ -787,32 +1196,50 @@ def test_every_setting_is_checked_against_its_range_in_the_python_api_too():
         TrainConfig(name="x", eval_batch_size=0).validate()
     # Each range is declared once, beside its default: every numeric field of both configs has one.
     for cls in (ModelConfig, TrainConfig):
-        numeric = [f for f in dataclasses.fields(cls) if field_type(cls, f.name)[0] in (int, float) or float in field_type(cls, f.name)[1]]
+        numeric = [
+            f
+            for f in dataclasses.fields(cls)
+            if field_type(cls, f.name)[0] in (int, float) or float in field_type(cls, f.name)[1]
+        ]
         assert [f.name for f in numeric if f.metadata.get("valid") is None] == []
 
 
 @pytest.mark.parametrize("name", ["../escape", "/abs/path", ".", "..", "team/run1"])
-def test_a_run_name_is_one_folder_name_checked_before_anything_is_written(name, tmp_path, monkeypatch, capsys):
+def test_a_run_name_is_one_folder_name_checked_before_anything_is_written(
+    name, tmp_path, monkeypatch, capsys
+):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     data = make_image_folder(tmp_path / "data")
-    (work / "output" / "other").mkdir(parents=True)  # another run's folder, which "." would have moved aside
+    (work / "output" / "other").mkdir(
+        parents=True
+    )  # another run's folder, which "." would have moved aside
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     rc, _, err = run_cli(base_argv(data, "--overwrite", name=name), capsys)
     assert rc == 2
     assert "a run's name is one folder name" in one_error_line(err)
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, nothing moved
+    assert (
+        sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    )  # nothing written, nothing moved
 
 
 def test_the_log_folder_is_the_runs_too(tmp_path):
     # Two runs of one name under different --output_dir share logs/<name>: the second is refused while the first runs,
     # with or without --overwrite (which would move the live run's logs aside), and the first's logs are its own.
     make_image_folder(tmp_path / "data")
-    first = train_subprocess(tmp_path, ["--name", "same", *RESUME_FLAGS, "--output_dir", "out1"], code=HOLD_AT_STEP_4)
+    first = train_subprocess(
+        tmp_path, ["--name", "same", *RESUME_FLAGS, "--output_dir", "out1"], code=HOLD_AT_STEP_4
+    )
     wait_for(tmp_path / "held", first)
-    refused = [finish(train_subprocess(tmp_path, ["--name", "same", *RESUME_FLAGS, "--output_dir", "out2", *extra]))
-               for extra in ([], ["--overwrite"])]  # fmt: skip
+    refused = [
+        finish(
+            train_subprocess(
+                tmp_path, ["--name", "same", *RESUME_FLAGS, "--output_dir", "out2", *extra]
+            )
+        )
+        for extra in ([], ["--overwrite"])
+    ]
     (tmp_path / "release").touch()
     rc, _, err = finish(first)
     assert rc == 0, err[-3000:]
@@ -855,8 +1282,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_dir, capsys, 
     def save_training_checkpoint(path, model, *args):
         real_save(path, model, *args)
         if Path(path).name == "last.pt":
-            saved[read_checkpoint(path)["step"]] = (hashlib.sha256(Path(path).read_bytes()).hexdigest(),
-                                                    {k: v.clone() for k, v in model.state_dict().items()})  # fmt: skip
+            saved[read_checkpoint(path)["step"]] = (
+                hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+                {k: v.clone() for k, v in model.state_dict().items()},
+            )
 
     monkeypatch.setattr(vtrain, "F", SimpleNamespace(cross_entropy=cross_entropy))
     monkeypatch.setattr(checkpoints, "save_training_checkpoint", save_training_checkpoint)
@@ -894,15 +1323,24 @@ def test_diverging_run_keeps_a_finite_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim.SGD, "step", step)
     data = make_image_folder(tmp_path / "data")
-    config = tiny_config(tmp_path, "diverge", data, max_grad_norm=0.0, warmup_steps=0, num_steps=30, eval_every=1)
-    with pytest.raises(TrainingError, match="weights became non-finite at step 3; stopped, the last good checkpoint .* [(]step 2[)] is kept"):
+    config = tiny_config(
+        tmp_path, "diverge", data, max_grad_norm=0.0, warmup_steps=0, num_steps=30, eval_every=1
+    )
+    with pytest.raises(
+        TrainingError,
+        match="weights became non-finite at step 3; stopped, the last good checkpoint .* [(]step 2[)] is kept",
+    ):
         train(config)
     state = read_checkpoint(tmp_path / "output" / "diverge" / "last.pt")
     bad = [k for k, v in state["model"].items() if not torch.isfinite(v).all()]
-    assert state["step"] == 2 and not bad, f"last.pt (step {state['step']}) holds non-finite weights: {bad}"
+    assert state["step"] == 2 and not bad, (
+        f"last.pt (step {state['step']}) holds non-finite weights: {bad}"
+    )
 
 
-def test_a_run_that_goes_non_finite_before_its_first_checkpoint_names_no_file(tmp_path, monkeypatch):
+def test_a_run_that_goes_non_finite_before_its_first_checkpoint_names_no_file(
+    tmp_path, monkeypatch
+):
     real_step = torch.optim.SGD.step
 
     def step(self, *args, **kwargs):
@@ -916,7 +1354,9 @@ def test_a_run_that_goes_non_finite_before_its_first_checkpoint_names_no_file(tm
     config = tiny_config(tmp_path, "nan", data, num_steps=6, eval_every=3)
     with pytest.raises(TrainingError) as raised:
         train(config)
-    assert "no checkpoint was saved before it" in str(raised.value) and "last.pt" not in str(raised.value)
+    assert "no checkpoint was saved before it" in str(raised.value) and "last.pt" not in str(
+        raised.value
+    )
     assert not (tmp_path / "output" / "nan" / "last.pt").exists()
 
 
@@ -929,7 +1369,9 @@ def read_events(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
     events = EventAccumulator(str(log_dir))
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -940,7 +1382,9 @@ def test_outputs_of_a_run_with_held_out_validation_and_a_val_folder(tmp_path):
     root = tmp_path / "data"
     make_image_folder(root / "train", per_class=12, seed=0)
     make_image_folder(root / "val", per_class=4, seed=1)
-    config = tiny_config(tmp_path, "outs", root, num_steps=6, eval_every=3, log_every=2, learning_rate=0.1)
+    config = tiny_config(
+        tmp_path, "outs", root, num_steps=6, eval_every=3, log_every=2, learning_rate=0.1
+    )
     final = train(config)
     run_dir = tmp_path / "output" / "outs"
     assert {p.name for p in run_dir.iterdir()} == RUN_FILES  # no temporary files left behind
@@ -963,7 +1407,9 @@ def test_outputs_of_a_run_with_held_out_validation_and_a_val_folder(tmp_path):
     model.load_state_dict(best["model"])
     test_set = load_image_folder(root / "val", CLASSES)
     cpu = torch.device("cpu")
-    expected = evaluate(model, eval_batches(test_set, 16, 64, cpu, num_workers=0), 3, cpu, progress=False)
+    expected = evaluate(
+        model, eval_batches(test_set, 16, 64, cpu, num_workers=0), 3, cpu, progress=False
+    )
     assert final["test_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
     assert final["test_loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert expected["count"] == 12
@@ -976,7 +1422,9 @@ def test_outputs_of_a_run_with_held_out_validation_and_a_val_folder(tmp_path):
     assert [r["step"] for r in records if "val/accuracy" in r] == [3, 6]
     assert [r["step"] for r in records if "test/accuracy" in r] == [6]
     assert by_step[6]["test/accuracy"] == pytest.approx(final["test_accuracy"])
-    assert max(r["val/accuracy"] for r in records if "val/accuracy" in r) == pytest.approx(final["best_val_accuracy"])
+    assert max(r["val/accuracy"] for r in records if "val/accuracy" in r) == pytest.approx(
+        final["best_val_accuracy"]
+    )
     for step in (2, 4, 6):  # the learning rate of each step's update
         assert by_step[step]["train/lr"] == pytest.approx(0.1 * lr_factor(step - 1, 2, 6, "cosine"))
 
@@ -984,16 +1432,24 @@ def test_outputs_of_a_run_with_held_out_validation_and_a_val_folder(tmp_path):
     for tag in ("train/loss", "train/lr", "val/accuracy", "val/loss", "test/accuracy"):
         assert tag in events, tag
     assert [s for s, _ in events["train/loss"]] == [2, 4, 6]
-    assert [v for _, v in events["train/loss"]] == pytest.approx([by_step[s]["train/loss"] for s in (2, 4, 6)], rel=1e-6)
+    assert [v for _, v in events["train/loss"]] == pytest.approx(
+        [by_step[s]["train/loss"] for s in (2, 4, 6)], rel=1e-6
+    )
     assert [s for s, _ in events["val/accuracy"]] == [3, 6]
-    assert [v for _, v in events["train/lr"]] == pytest.approx([by_step[s]["train/lr"] for s in (2, 4, 6)], rel=1e-6)
+    assert [v for _, v in events["train/lr"]] == pytest.approx(
+        [by_step[s]["train/lr"] for s in (2, 4, 6)], rel=1e-6
+    )
 
 
 def test_val_split_zero_validates_on_the_val_folder_as_test(tmp_path):
     root = tmp_path / "data"
     make_image_folder(root / "train", per_class=8, seed=0)
     make_image_folder(root / "val", per_class=4, seed=1)
-    final = train(tiny_config(tmp_path, "seedlike", root, val_split=0.0, num_steps=4, eval_every=2, log_every=1))
+    final = train(
+        tiny_config(
+            tmp_path, "seedlike", root, val_split=0.0, num_steps=4, eval_every=2, log_every=1
+        )
+    )
     run_dir = tmp_path / "output" / "seedlike"
     assert {p.name for p in run_dir.iterdir()} == RUN_FILES
     records = read_metrics(run_dir)
@@ -1018,7 +1474,9 @@ def test_resume_from_another_run_that_never_improves_still_tests(tmp_path):
     state = read_checkpoint(first)
     state["best"] = {"accuracy": 2.0, "step": state["step"]}  # a best no later evaluation can beat
     torch.save(state, first)
-    final = train(tiny_config(tmp_path, "second", layout, val_split=0.25, num_steps=9, resume=str(first)))
+    final = train(
+        tiny_config(tmp_path, "second", layout, val_split=0.25, num_steps=9, resume=str(first))
+    )
     assert not (tmp_path / "output" / "second" / "best.pt").exists()
     assert 0.0 <= final["test_accuracy"] <= 1.0
     assert (tmp_path / "output" / "second" / "final_metrics.json").exists()

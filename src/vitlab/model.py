@@ -30,36 +30,54 @@ def _lecun_normal_(weight: torch.Tensor) -> None:
 
 
 def _factor(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(left, right), each (rank, D), with left.T @ right the best rank-`rank` approximation of `product` (D, D)."""
+    """(left, right), each (rank, D), with left.T @ right the best rank-`rank` approximation of
+    `product` (D, D)."""
     U, S, Vh = torch.linalg.svd(product)
     root = S[:rank].sqrt()[:, None]
     return root * U[:, :rank].T, root * Vh[:rank]
 
 
 @torch.no_grad()
-def mimetic_init_(attention: "Attention", qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)) -> None:
-    """Mimetic initialisation (Trockman & Kolter, 2023, "Mimetic Initialization of Self-Attention Layers"): each
-    head's query-key product W_q^T W_k = a Z + b I and the value-projection product W_v^T W_o = a Z - b I, with
-    Z ~ N(0, 1/D) and (a, b) = `qk`, `vo` (the paper's 0.7, 0.7 and 0.4, 0.4). Attention then starts out favouring
-    tokens like the query, which with 2-D position embeddings means nearby patches: the local mixing a
-    convolution has by design and a ViT otherwise spends many epochs learning."""
+def mimetic_init_(
+    attention: Attention,
+    qk: tuple[float, float] = (0.7, 0.7),
+    vo: tuple[float, float] = (0.4, 0.4),
+) -> None:
+    """Mimetic initialisation (Trockman & Kolter, 2023, "Mimetic Initialization of Self-Attention
+    Layers"): each head's query-key product W_q^T W_k = a Z + b I and the value-projection product
+    W_v^T W_o = a Z - b I, with Z ~ N(0, 1/D) and (a, b) = `qk`, `vo` (the paper's 0.7, 0.7 and 0.4,
+    0.4). Attention then starts out favouring tokens like the query, which with 2-D position
+    embeddings means nearby patches: the local mixing a convolution has by design and a ViT
+    otherwise spends many epochs learning."""
     D, heads = attention.proj.weight.shape[0], attention.num_heads
     eye = torch.eye(D)
-    w_q, w_k, w_v = attention.qkv.weight.chunk(3)  # each (D, D): x @ w.T; rows of one head are contiguous
+    w_q, w_k, w_v = attention.qkv.weight.chunk(
+        3
+    )  # each (D, D): x @ w.T; rows of one head are contiguous
     for h in range(heads):
         rows = slice(h * attention.head_dim, (h + 1) * attention.head_dim)
-        left, right = _factor(qk[0] * torch.randn(D, D) / math.sqrt(D) + qk[1] * eye, attention.head_dim)
+        left, right = _factor(
+            qk[0] * torch.randn(D, D) / math.sqrt(D) + qk[1] * eye, attention.head_dim
+        )
         w_q[rows], w_k[rows] = left, right
     left, right = _factor(vo[0] * torch.randn(D, D) / math.sqrt(D) - vo[1] * eye, D)
     w_v.copy_(left)
-    attention.proj.weight.copy_(right.T)  # proj computes y @ proj.weight.T, so W_v^T proj.weight^T = left^T right
+    attention.proj.weight.copy_(
+        right.T
+    )  # proj computes y @ proj.weight.T, so W_v^T proj.weight^T = left^T right
 
 
 def sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> torch.Tensor:
-    """(grid*grid, width) position table of big_vision's `posemb_sincos_2d`: sin and cos of x, then of y,
-    each at width/4 frequencies from 1 down to 1/temperature."""
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
-    omega = 1.0 / temperature ** (torch.arange(width // 4, dtype=torch.float64) / max(1, width // 4 - 1))
+    """(grid*grid, width) position table of big_vision's `posemb_sincos_2d`: sin and cos of x, then
+    of y, each at width/4 frequencies from 1 down to 1/temperature."""
+    y, x = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64),
+        torch.arange(grid, dtype=torch.float64),
+        indexing="ij",
+    )
+    omega = 1.0 / temperature ** (
+        torch.arange(width // 4, dtype=torch.float64) / max(1, width // 4 - 1)
+    )
     x, y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega  # (grid*grid, width/4)
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
 
@@ -74,17 +92,27 @@ def _pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> 
 
 
 class StdConv2d(nn.Conv2d):
-    """BiT's weight-standardised convolution, per output channel: (w - mean) / (std + 1e-5) in the official
-    code (`norm="flax"`), (w - mean) / sqrt(var + 1e-8) in timm's hybrids (`norm="timm"`)."""
+    """BiT's weight-standardised convolution, per output channel: (w - mean) / (std + 1e-5) in the
+    official code (`norm="flax"`), (w - mean) / sqrt(var + 1e-8) in timm's hybrids
+    (`norm="timm"`)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, norm: str = "flax"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        norm: str = "flax",
+    ):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding=0, bias=False)
         self.norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.norm == "timm":  # timm's own computation, for its rounding too
-            w = F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=1e-8).reshape_as(w)
+            w = F.batch_norm(
+                w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=1e-8
+            ).reshape_as(w)
         else:
             mean = w.mean(dim=(1, 2, 3), keepdim=True)
             std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
@@ -134,9 +162,17 @@ class ResNetStem(nn.Module):
         stages, in_channels = [], width
         for i, units in enumerate(layers):
             features = width * 2**i
-            stage = nn.Sequential(*(
-                ResidualUnit(in_channels if u == 0 else features * 4, features, 2 if (u == 0 and i > 0) else 1, norm) for u in range(units)
-            ))  # fmt: skip
+            stage = nn.Sequential(
+                *(
+                    ResidualUnit(
+                        in_channels if u == 0 else features * 4,
+                        features,
+                        2 if (u == 0 and i > 0) else 1,
+                        norm,
+                    )
+                    for u in range(units)
+                )
+            )
             stages.append(stage)
             in_channels = features * 4
         self.stages = nn.Sequential(*stages)
@@ -144,7 +180,9 @@ class ResNetStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.gn_root(self.conv_root(x)))
-        x = F.max_pool2d(_pad_same(x, 3, 2, value=float("-inf")), 3, 2)  # 'SAME': padding never wins the max
+        x = F.max_pool2d(
+            _pad_same(x, 3, 2, value=float("-inf")), 3, 2
+        )  # 'SAME': padding never wins the max
         return self.stages(x)
 
 
@@ -153,23 +191,35 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.hidden_size // config.num_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # query, key, value fused: one matmul
+        self.qkv = nn.Linear(
+            config.hidden_size, 3 * config.hidden_size
+        )  # query, key, value fused: one matmul
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout_rate = config.attention_dropout_rate
         self.attn_drop = nn.Dropout(config.attention_dropout_rate)
         self.impl = config.attention_impl
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, head_dim)
+        qkv = (
+            self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (3, B, heads, T, head_dim)
         q, k, v = qkv.unbind(0)
         weights = None
-        if need_weights or use_explicit_attention(q, self.impl):  # the formula itself, where asked or faster here
-            weights = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
+        if need_weights or use_explicit_attention(
+            q, self.impl
+        ):  # the formula itself, where asked or faster here
+            weights = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(
+                dim=-1
+            )  # (B, heads, T, T)
             out = self.attn_drop(weights) @ v
         else:  # the same by torch's fused kernel
             dropout_p = self.attention_dropout_rate if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, T, head_dim)
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p
+            )  # (B, heads, T, head_dim)
         return self.proj(out.transpose(1, 2).reshape(B, T, C)), weights if need_weights else None
 
 
@@ -177,7 +227,9 @@ class Mlp(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.mlp_dim)
-        self.act = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")  # tanh: flax's, the released weights'
+        self.act = nn.GELU(
+            approximate="tanh" if config.gelu == "tanh" else "none"
+        )  # tanh: flax's, the released weights'
         self.fc2 = nn.Linear(config.mlp_dim, config.hidden_size)
         self.drop = nn.Dropout(config.dropout_rate)
 
@@ -186,8 +238,9 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth (Huang et al., 2016): in training, each sample's residual branch is dropped with probability
-    `rate` and the kept ones scaled by 1 / (1 - rate); at evaluation the identity."""
+    """Stochastic depth (Huang et al., 2016): in training, each sample's residual branch is dropped
+    with probability `rate` and the kept ones scaled by 1 / (1 - rate); at evaluation the
+    identity."""
 
     def __init__(self, rate: float):
         super().__init__()
@@ -213,7 +266,9 @@ class Block(nn.Module):
         self.mlp = Mlp(config)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, weights = self.attn(self.norm1(x), need_weights)
         x = x + self.drop_path(self.drop(y))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
@@ -231,18 +286,29 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         D = config.hidden_size
-        self.stem = ResNetStem(config.resnet_layers, config.resnet_width_factor, config.stem_norm) if config.is_hybrid else nn.Identity()
+        self.stem = (
+            ResNetStem(config.resnet_layers, config.resnet_width_factor, config.stem_norm)
+            if config.is_hybrid
+            else nn.Identity()
+        )
         in_channels = self.stem.out_channels if config.is_hybrid else 3
         kernel = config.patch_size // config.stem_stride
         self.patch_embed = nn.Conv2d(in_channels, D, kernel, kernel)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if config.classifier == "token" else None
+        self.cls_token = (
+            nn.Parameter(torch.zeros(1, 1, D)) if config.classifier == "token" else None
+        )
         self.pos_embed = nn.Parameter(torch.empty(1, config.num_tokens, D))
         self.pos_drop = nn.Dropout(config.dropout_rate)
-        # Stochastic depth grows linearly with depth, 0 at the first block (DeiT; timm's drop_path_rate)
+        # Stochastic depth grows linearly with depth, 0 at the first block (DeiT; timm's
+        # drop_path_rate)
         rates = [config.drop_path_rate * i / max(1, config.depth - 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
-        self.grad_checkpointing = False  # recompute each block in the backward instead of keeping its activations
-        self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)  # flax's 1e-6; torch's 1e-5 moves B/16 logits by about 2e-3
+        self.grad_checkpointing = (
+            False  # recompute each block in the backward instead of keeping its activations
+        )
+        self.norm = nn.LayerNorm(
+            D, eps=config.layer_norm_eps
+        )  # flax's 1e-6; torch's 1e-5 moves B/16 logits by about 2e-3
         self.norm_tokens = config.final_norm == "before_pool"
         if config.representation_size:
             self.pre_logits = nn.Sequential(nn.Linear(D, config.representation_size), nn.Tanh())
@@ -250,11 +316,14 @@ class VisionTransformer(nn.Module):
             self.pre_logits = nn.Identity()
         self.head = nn.Linear(config.representation_size or D, config.num_classes)
         self.reset_parameters()
-        fuse_linear_layers(self.blocks)  # the CPU fast paths (fastpaths.py): the same parameters, the same results
+        fuse_linear_layers(
+            self.blocks
+        )  # the CPU fast paths (fastpaths.py): the same parameters, the same results
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The official initialisation (flax defaults of `models_vit.py`); the head starts at zero."""
+        """The official initialisation (flax defaults of `models_vit.py`); the head starts at
+        zero."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 _lecun_normal_(module.weight)
@@ -274,7 +343,9 @@ class VisionTransformer(nn.Module):
                 nn.init.normal_(fc.bias, std=1e-6)
         if self.config.pos_embed_init == "sincos2d":
             self.pos_embed.zero_()  # the class token's position stays zero
-            self.pos_embed[0, self.config.num_tokens - self.config.grid_size**2 :] = sincos_2d(self.config.grid_size, self.config.hidden_size)
+            self.pos_embed[0, self.config.num_tokens - self.config.grid_size**2 :] = sincos_2d(
+                self.config.grid_size, self.config.hidden_size
+            )
         else:
             nn.init.normal_(self.pos_embed, std=0.02)
         if isinstance(self.pre_logits, nn.Sequential):
@@ -285,22 +356,29 @@ class VisionTransformer(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.config.img_size, self.config.img_size):
-            raise DataError(f"input of {tuple(images.shape[-2:])} px; this model was built for {self.config.img_size}x{self.config.img_size} px")
+            raise DataError(
+                f"input of {tuple(images.shape[-2:])} px; this model was built for "
+                f"{self.config.img_size}x{self.config.img_size} px"
+            )
         x = self.patch_embed(self.stem(images))  # (B, D, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, D)
-        # Under bf16 autocast the patch embedding is bf16, and so stays the residual stream: an fp32 stream would
-        # be cast to bf16 before every matmul and back after, forward and backward. fp16's narrow range keeps fp32.
+        # Under bf16 autocast the patch embedding is bf16, and so stays the residual stream: an fp32
+        # stream would be cast to bf16 before every matmul and back after, forward and backward.
+        # fp16's narrow range keeps fp32.
         x = x.to(torch.bfloat16 if x.dtype == torch.bfloat16 else self.pos_embed.dtype)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)  # (B, tokens, D)
+            x = torch.cat(
+                [self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1
+            )  # (B, tokens, D)
         x = x + self.pos_embed.to(x.dtype)
         if self.training and self.config.patch_drop_rate > 0:
             x = self.drop_patches(x)
         return self.pos_drop(x)
 
     def drop_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """A random share of each image's patch tokens, positions already added; the class token is always kept.
-        PatchDropout (Liu et al., 2022): a training step costs about that share of a full one."""
+        """A random share of each image's patch tokens, positions already added; the class token is
+        always kept. PatchDropout (Liu et al., 2022): a training step costs about that share of a
+        full one."""
         prefix = 0 if self.cls_token is None else 1
         B, N, D = x.shape[0], x.shape[1] - prefix, x.shape[2]
         keep = max(1, round(N * (1 - self.config.patch_drop_rate)))
@@ -313,8 +391,15 @@ class VisionTransformer(nn.Module):
         x = self.embed(images)
         attention = []
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled() and not return_attention:
-                x, weights = checkpoint(block, x, use_reentrant=False)  # the RNG state is replayed: same dropout masks
+            if (
+                self.grad_checkpointing
+                and self.training
+                and torch.is_grad_enabled()
+                and not return_attention
+            ):
+                x, weights = checkpoint(
+                    block, x, use_reentrant=False
+                )  # the RNG state is replayed: same dropout masks
             else:
                 x, weights = block(x, need_weights=return_attention)
             attention.append(weights)
@@ -329,9 +414,14 @@ class VisionTransformer(nn.Module):
 
 def create_model(name: str | ModelConfig = "B/16", **overrides) -> VisionTransformer:
     """Build a variant by either spelling, any field overridden:
-    `create_model("ViT-B_16", num_classes=10, img_size=224)`, `create_model("Ti/16", patch_size=4, img_size=32)`.
+    `create_model("ViT-B_16", num_classes=10, img_size=224)`, `create_model("Ti/16", patch_size=4,
+    img_size=32)`.
     """
-    config = name.replace(**overrides) if isinstance(name, ModelConfig) else get_config(name, **overrides)
+    config = (
+        name.replace(**overrides)
+        if isinstance(name, ModelConfig)
+        else get_config(name, **overrides)
+    )
     return VisionTransformer(config)
 
 

@@ -1,7 +1,8 @@
-"""A run's folders and what guards them: output/<name> and logs/<name> claimed by one live run (a lock in each),
-an earlier run never replaced unless asked, a resume refused where it would change the run's course, the metrics
-log replayed from a checkpoint, and the signals a scheduler sends before it preempts a job turned into a stop at
-the next step boundary. `train.py` is the training itself."""
+"""A run's folders and what guards them: output/<name> and logs/<name> claimed by one live run (a
+lock in each), an earlier run never replaced unless asked, a resume refused where it would change
+the run's course, the metrics log replayed from a checkpoint, and the signals a scheduler sends
+before it preempts a job turned into a stop at the next step boundary. `train.py` is the training
+itself."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from .errors import CheckpointError, ConfigError, VitlabError, VitlabWarning
 
 
 def claim_run_directory(config: TrainConfig) -> list:
-    """output/<name> and logs/<name> for this run alone: a lock in each that a second live run on either cannot take
-    (released by the kernel when this process ends, however it ends), and no finished or interrupted run replaced
-    unless --resume continues it or --overwrite moves it aside. Returns the open lock files."""
+    """output/<name> and logs/<name> for this run alone: a lock in each that a second live run on
+    either cannot take (released by the kernel when this process ends, however it ends), and no
+    finished or interrupted run replaced unless --resume continues it or --overwrite moves it aside.
+    Returns the open lock files."""
     out_dir = Path(config.output_dir) / config.name
     folders = (out_dir, Path(config.log_dir) / config.name)
     locks = _lock_all(folders)
@@ -32,15 +34,19 @@ def claim_run_directory(config: TrainConfig) -> list:
     if held and not config.resume:
         if not config.overwrite:
             release(locks)
-            raise ConfigError(f"{out_dir} holds a run ({', '.join(held)}); --resume continues it, --overwrite moves it aside and "
-                              "starts afresh, or choose another --name")  # fmt: skip
+            raise ConfigError(
+                f"{out_dir} holds a run ({', '.join(held)}); --resume continues it, --overwrite "
+                "moves it aside and starts afresh, or choose another --name"
+            )
         aside = f"{config.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
         for folder in folders:  # moved with their locks held (a lock follows its file), then locked anew where they were
             folder.rename(folder.with_name(aside))
             print(f"moved the earlier run's {folder} aside to {folder.with_name(aside)}")
         release(locks)
         locks = _lock_all(folders)
-    for stray in out_dir.glob(".*.pt.*.tmp"):  # left by a run of this name killed while saving; none is running now
+    for stray in out_dir.glob(
+        ".*.pt.*.tmp"
+    ):  # left by a run of this name killed while saving; none is running now
         stray.unlink()
     return locks
 
@@ -73,7 +79,10 @@ def _lock(out_dir: Path):
         lock.seek(0)
         holder = lock.read().strip() or "another process"
         lock.close()
-        raise ConfigError(f"{out_dir} is in use by a run still going ({holder}); wait for it to end, or choose another --name") from None
+        raise ConfigError(
+            f"{out_dir} is in use by a run still going ({holder}); wait for it to end, or choose "
+            "another --name"
+        ) from None
     lock.seek(0)
     lock.truncate()
     lock.write(f"process {os.getpid()} on {socket.gethostname()}")
@@ -82,40 +91,72 @@ def _lock(out_dir: Path):
 
 
 def check_resume(payload: dict, config: TrainConfig, precision: str, path: Path) -> None:
-    """Refuse to resume with a setting that changes the run's course (its seed, batch, schedule, optimizer, augmentation,
-    model: config.py marks them resume="same"); a longer or shorter --num_steps, or another precision where `auto` picked
-    differently on this machine, continue with a warning."""
+    """Refuse to resume with a setting that changes the run's course (its seed, batch, schedule,
+    optimizer, augmentation, model: config.py marks them resume="same"); a longer or shorter
+    --num_steps, or another precision where `auto` picked differently on this machine, continue with
+    a warning."""
     try:
         theirs = TrainConfig.from_dict(payload["train_config"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: its training settings are unreadable ({e})") from None
-    differ = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume") == "same" and getattr(theirs, f.name) != getattr(config, f.name)]
-    shown = [(f"--{key}", theirs.model.get(key, "the variant's"), config.model.get(key, "the variant's"))
-             for key in sorted(set(theirs.model) | set(config.model)) if theirs.model.get(key) != config.model.get(key)]  # fmt: skip
-    shown += [(f"--{name}", getattr(theirs, name), getattr(config, name)) for name in differ if name != "model"]
+    differ = [
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.metadata.get("resume") == "same" and getattr(theirs, f.name) != getattr(config, f.name)
+    ]
+    shown = [
+        (f"--{key}", theirs.model.get(key, "the variant's"), config.model.get(key, "the variant's"))
+        for key in sorted(set(theirs.model) | set(config.model))
+        if theirs.model.get(key) != config.model.get(key)
+    ]
+    shown += [
+        (f"--{name}", getattr(theirs, name), getattr(config, name))
+        for name in differ
+        if name != "model"
+    ]
     if shown:
         said = "; ".join(f"{flag} {a}, this one {b}" for flag, a, b in shown)
-        raise ConfigError(f"{path}: its run used {said}; resuming needs the run's own settings (or start afresh with --overwrite)")
+        raise ConfigError(
+            f"{path}: its run used {said}; resuming needs the run's own settings (or start afresh "
+            "with --overwrite)"
+        )
     if theirs.num_steps != config.num_steps:
-        warnings.warn(f"--num_steps {config.num_steps}: the run was set for {theirs.num_steps} steps; the schedule is recomputed for "
-                      f"the new length from step {payload['step']} on", VitlabWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"--num_steps {config.num_steps}: the run was set for {theirs.num_steps} steps; the "
+            f"schedule is recomputed for the new length from step {payload['step']} on",
+            VitlabWarning,
+            stacklevel=2,
+        )
     if payload.get("precision", precision) != precision:
-        warnings.warn(f"the run trained in {payload['precision']} and goes on in {precision} here (--precision {config.precision} "
-                      "resolves by machine): it will not be bit-exact with an uninterrupted run", VitlabWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"the run trained in {payload['precision']} and goes on in {precision} here "
+            f"(--precision {config.precision} resolves by machine): it will not be bit-exact with "
+            "an uninterrupted run",
+            VitlabWarning,
+            stacklevel=2,
+        )
 
 
 class MetricsLog:
-    """Rank 0's records: TensorBoard scalars under logs/<name>, the same as JSON lines in output/<name>/metrics.jsonl."""
+    """Rank 0's records: TensorBoard scalars under logs/<name>, the same as JSON lines in
+    output/<name>/metrics.jsonl."""
 
     def __init__(self, config: TrainConfig, out_dir: Path):
-        self.path, self.log_dir, self.writer = out_dir / "metrics.jsonl", Path(config.log_dir) / config.name, None
+        self.path, self.log_dir, self.writer = (
+            out_dir / "metrics.jsonl",
+            Path(config.log_dir) / config.name,
+            None,
+        )
 
     def start(self, step: int) -> None:
-        """A resumed run replays what came after its checkpoint: the records past `step` go, in both logs."""
+        """A resumed run replays what came after its checkpoint: the records past `step` go, in both
+        logs."""
         from torch.utils.tensorboard import SummaryWriter
 
         if step > 0 and self.path.exists():
-            kept_lines = [line for line in self.path.read_text().splitlines() if _record_step(line) <= step]
+            kept_lines = [
+                line for line in self.path.read_text().splitlines() if _record_step(line) <= step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept_lines))
         elif self.path.exists():
             self.path.unlink()
@@ -141,8 +182,10 @@ def _record_step(line: str) -> float:
 # ---------------------------------------------------------------------------------------------
 # Stopping at a step boundary
 
+
 class Stopped(VitlabError):
-    """The run stopped on a signal at a step boundary, its last.pt saved there; exits 128 + the signal's number."""
+    """The run stopped on a signal at a step boundary, its last.pt saved there; exits 128 + the
+    signal's number."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -150,10 +193,11 @@ class Stopped(VitlabError):
 
 
 class StopSignals:
-    """SIGTERM (what SLURM and Kubernetes send before they preempt a job) and Ctrl-C (SIGINT), caught while the loop
-    runs: `received` says which came, and the loop stops at the next step boundary, saving there. A second signal
-    stops at once (KeyboardInterrupt). A signal the process was started to ignore stays ignored (a job started in the
-    background ignores Ctrl-C, as its shell intends); outside the main thread nothing is installed."""
+    """SIGTERM (what SLURM and Kubernetes send before they preempt a job) and Ctrl-C (SIGINT),
+    caught while the loop runs: `received` says which came, and the loop stops at the next step
+    boundary, saving there. A second signal stops at once (KeyboardInterrupt). A signal the process
+    was started to ignore stays ignored (a job started in the background ignores Ctrl-C, as its
+    shell intends); outside the main thread nothing is installed."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

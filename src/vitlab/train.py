@@ -1,11 +1,13 @@
-"""The training loop: fine-tuning as the tutorial did it (SGD, warmup then cosine or linear decay, gradient clipping,
-accumulation, mixed precision, DistributedDataParallel), plus training from scratch, held-out validation, a guard
-against non-finite values, atomic checkpoints and bit-exact resume.
+"""The training loop: fine-tuning as the tutorial did it (SGD, warmup then cosine or linear decay,
+gradient clipping, accumulation, mixed precision, DistributedDataParallel), plus training from
+scratch, held-out validation, a guard against non-finite values, atomic checkpoints and bit-exact
+resume.
 
-`train(config)` reads top to bottom: set up (`Job`: what stays fixed), start or resume (`TrainState`: what a
-resumed run restores), then one step per batch, evaluating and saving every `eval_every` steps, then the test.
-Every random choice comes from (seed, step): the batches and their augmentation (data.py) and, reseeded at each
-step, dropout; so a resumed run takes exactly the steps the uninterrupted run would have taken.
+`train(config)` reads top to bottom: set up (`Job`: what stays fixed), start or resume
+(`TrainState`: what a resumed run restores), then one step per batch, evaluating and saving every
+`eval_every` steps, then the test. Every random choice comes from (seed, step): the batches and
+their augmentation (data.py) and, reseeded at each step, dropout; so a resumed run takes exactly the
+steps the uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -23,21 +25,22 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .formats import checkpoints, official
 from .config import ModelConfig, TrainConfig, canonical_name, legacy_name
 from .data import Augmentation, ImageSet, TrainBatches, eval_batches, load_datasets
 from .errors import TrainingError
 from .evaluate import evaluate
 from .fastpaths import describe
+from .formats import checkpoints, official
 from .model import VisionTransformer
 from .optim import configure_optimizer, freeze, set_learning_rate
-from .runs import MetricsLog, StopSignals, Stopped, check_resume, claim_run_directory, release
+from .runs import MetricsLog, Stopped, StopSignals, check_resume, claim_run_directory, release
 from .runtime import Processes, autocast, resolve_precision
 
 
 @dataclass
 class TrainState:
-    """What a resumed run restores besides the weights and the optimizer: where the run is and its best so far."""
+    """What a resumed run restores besides the weights and the optimizer: where the run is and its
+    best so far."""
 
     step: int = 0
     best_accuracy: float = -1.0
@@ -59,7 +62,9 @@ class Job:
     val_data: ImageSet
     test_data: ImageSet | None
     model: VisionTransformer  # the weights
-    train_model: torch.nn.Module  # the same model, compiled and/or wrapped for DDP: what forward passes go through
+    train_model: (
+        torch.nn.Module
+    )  # the same model, compiled and/or wrapped for DDP: what forward passes go through
     ema: AveragedModel | None  # the moving average of the weights (--ema), which evaluation uses
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -76,30 +81,53 @@ class Job:
 
 
 def train(config: TrainConfig) -> dict:
-    """Run a whole training job; returns the final metrics (also saved as output/<name>/final_metrics.json)."""
+    """Run a whole training job; returns the final metrics (also saved as
+    output/<name>/final_metrics.json)."""
     processes, locks = Processes(config.device, config.local_rank), []
     try:
         config.validate(processes.world_size)
         locks = claim_run_directory(config) if processes.is_main else []  # before any slow set-up
         job = set_up(config, processes)
         state = start(job)
-        batches = TrainBatches(job.train_data, augmentation(job), config.train_batch_size, config.seed, processes.device,
-                               processes.rank, processes.world_size, config.num_workers)  # fmt: skip
-        bar = tqdm(total=config.num_steps, initial=state.step, desc="train", unit="step", disable=not processes.is_main, dynamic_ncols=True)
+        batches = TrainBatches(
+            job.train_data,
+            augmentation(job),
+            config.train_batch_size,
+            config.seed,
+            processes.device,
+            processes.rank,
+            processes.world_size,
+            config.num_workers,
+        )
+        bar = tqdm(
+            total=config.num_steps,
+            initial=state.step,
+            desc="train",
+            unit="step",
+            disable=not processes.is_main,
+            dynamic_ncols=True,
+        )
         job.train_model.train()
         started, images_seen = time.perf_counter(), 0
         with bar, StopSignals() as stops:
             for images, labels in batches(state.step, config.num_steps):
                 lr = set_learning_rate(job.optimizer, config, state.step)
-                torch.manual_seed(config.seed * 1_000_003 + state.step * 1_009 + processes.rank + 7)  # this step's dropout
+                torch.manual_seed(
+                    config.seed * 1_000_003 + state.step * 1_009 + processes.rank + 7
+                )  # this step's dropout
                 loss = train_step(job, images, labels, state)
                 state.step += 1
                 images_seen += config.train_batch_size
                 speed = images_seen / (time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.1f}")
-                if job.log and (state.step % config.log_every == 0 or state.step == config.num_steps):
-                    job.log.write(state.step, **{"train/loss": loss, "train/lr": lr, "train/images_per_second": speed})
+                if job.log and (
+                    state.step % config.log_every == 0 or state.step == config.num_steps
+                ):
+                    job.log.write(
+                        state.step,
+                        **{"train/loss": loss, "train/lr": lr, "train/images_per_second": speed},
+                    )
                 if state.step % config.eval_every == 0 or state.step == config.num_steps:
                     evaluate_and_save(job, state, bar)
                 stop = processes.agree(stops.received)  # every process stops at the same step
@@ -117,28 +145,54 @@ def train(config: TrainConfig) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Set-up
 
+
 def set_up(config: TrainConfig, processes: Processes) -> Job:
-    precision = resolve_precision(config.effective_precision(), processes.device)  # refuses fp16 without CUDA now
+    precision = resolve_precision(
+        config.effective_precision(), processes.device
+    )  # refuses fp16 without CUDA now
     scaler = make_scaler(config, precision, processes.device)
     torch.manual_seed(config.seed)  # the initialisation
     with processes.main_first():  # rank 0 downloads first
-        train_data, val_data, test_data = load_datasets(config.dataset, config.data_dir, config.val_split, config.seed)
-        model = build_model(config, len(train_data.class_names), verbose=processes.is_main).to(processes.device)
+        train_data, val_data, test_data = load_datasets(
+            config.dataset, config.data_dir, config.val_split, config.seed
+        )
+        model = build_model(config, len(train_data.class_names), verbose=processes.is_main).to(
+            processes.device
+        )
     freeze(model, config.freeze)
     model.grad_checkpointing = config.grad_checkpointing
     optimizer = configure_optimizer(model, config)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema > 0 else None
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+        if config.ema > 0
+        else None
+    )
     train_model = torch.compile(model) if config.compile else model
     if processes.distributed:
         ids = [processes.device.index] if processes.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
     out_dir = Path(config.output_dir) / config.name
     log = MetricsLog(config, out_dir) if processes.is_main else None
-    return Job(config, processes, precision, train_data, val_data, test_data, model, train_model, ema, optimizer, scaler, out_dir, log)
+    return Job(
+        config,
+        processes,
+        precision,
+        train_data,
+        val_data,
+        test_data,
+        model,
+        train_model,
+        ema,
+        optimizer,
+        scaler,
+        out_dir,
+        log,
+    )
 
 
 def resolve_pretrained(config: TrainConfig) -> str | None:
-    """What --pretrained_dir names: a file path, an official checkpoint name, or None for from scratch."""
+    """What --pretrained_dir names: a file path, an official checkpoint name, or None for from
+    scratch."""
     source = config.pretrained_dir
     if source.lower() == "none":
         return None
@@ -148,7 +202,10 @@ def resolve_pretrained(config: TrainConfig) -> str | None:
             return str(local)
         name = official.default_checkpoint(canonical_name(config.model_type))
         if name is None:
-            raise TrainingError(f"no official checkpoint for {config.model_type}; pass --pretrained_dir FILE or --pretrained_dir none")
+            raise TrainingError(
+                f"no official checkpoint for {config.model_type}; pass --pretrained_dir FILE or "
+                "--pretrained_dir none"
+            )
         return name
     return source
 
@@ -165,7 +222,9 @@ def build_model(config: TrainConfig, num_classes: int, verbose: bool) -> VisionT
 
 def make_scaler(config: TrainConfig, precision: str, device: torch.device) -> torch.amp.GradScaler:
     if precision == "fp16" and config.loss_scale > 0:
-        return torch.amp.GradScaler(device.type, init_scale=config.loss_scale)  # kept static by update(new_scale)
+        return torch.amp.GradScaler(
+            device.type, init_scale=config.loss_scale
+        )  # kept static by update(new_scale)
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
@@ -173,28 +232,45 @@ def augmentation(job: Job) -> Augmentation:
     """The training augmentation, producing batches in the dtype the model computes in."""
     config = job.config
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
-    return Augmentation(config.img_size, config.augment, config.min_scale, config.hflip, dtype=dtype, randaugment=config.randaugment_ops(),
-                        random_erasing=config.random_erasing, mixup=config.mixup, cutmix=config.cutmix,
-                        cutmix_switch_prob=config.mixup_switch_prob)  # fmt: skip
+    return Augmentation(
+        config.img_size,
+        config.augment,
+        config.min_scale,
+        config.hflip,
+        dtype=dtype,
+        randaugment=config.randaugment_ops(),
+        random_erasing=config.random_erasing,
+        mixup=config.mixup,
+        cutmix=config.cutmix,
+        cutmix_switch_prob=config.mixup_switch_prob,
+    )
 
 
 def start(job: Job) -> TrainState:
-    """A fresh state, or the state of the checkpoint --resume names (weights, optimizer and scaler restored too)."""
+    """A fresh state, or the state of the checkpoint --resume names (weights, optimizer and scaler
+    restored too)."""
     config, state = job.config, TrainState()
     if config.resume:
         path = job.out_dir / "last.pt" if config.resume == "last" else Path(config.resume)
         payload = checkpoints.read_checkpoint(path)
         if "train_config" in payload:
-            checkpoints.check_same_function(ModelConfig.from_dict(payload["model_config"]), job.model.config, path)
+            checkpoints.check_same_function(
+                ModelConfig.from_dict(payload["model_config"]), job.model.config, path
+            )
             check_resume(payload, config, job.precision, path)
-        checkpoints.restore_training_checkpoint(payload, path, job.model, job.optimizer, job.scaler, job.ema)
+        checkpoints.restore_training_checkpoint(
+            payload, path, job.model, job.optimizer, job.scaler, job.ema
+        )
         best = payload["best"]
         state = TrainState(payload["step"], best["accuracy"], best["step"], payload["step"])
     if job.processes.is_main:
         if config.resume:
             print(f"resuming from step {state.step} ({path})")
         print(json.dumps(config.to_dict(), indent=2))
-        print(f"device {job.processes.device}, precision {job.precision}; {describe(job.processes.device)}")
+        print(
+            f"device {job.processes.device}, precision {job.precision}; "
+            f"{describe(job.processes.device)}"
+        )
         (job.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         job.log.start(state.step)
     return state
@@ -203,33 +279,49 @@ def start(job: Job) -> TrainState:
 # ---------------------------------------------------------------------------------------------
 # A step, an evaluation, the end
 
+
 def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor, state: TrainState) -> float:
-    """One update from this process's share of the batch, split into accumulation steps; returns the loss of the
-    whole batch (averaged over processes). A non-finite loss or gradient stops the run (fp16's scaler skips steps
-    with overflowing gradients by design)."""
+    """One update from this process's share of the batch, split into accumulation steps; returns the
+    loss of the whole batch (averaged over processes). A non-finite loss or gradient stops the run
+    (fp16's scaler skips steps with overflowing gradients by design)."""
     config, processes = job.config, job.processes
     accum = config.gradient_accumulation_steps
     micro = len(images) // accum
     loss_sum = torch.zeros((), device=processes.device)
     for i in range(accum):
         x, y = images[i * micro : (i + 1) * micro], labels[i * micro : (i + 1) * micro]
-        sync = i == accum - 1 or not processes.distributed  # DDP all-reduces gradients on the last micro-batch only
-        with (contextlib.nullcontext() if sync else job.train_model.no_sync()), autocast(processes.device, job.precision):
+        sync = (
+            i == accum - 1 or not processes.distributed
+        )  # DDP all-reduces gradients on the last micro-batch only
+        with (
+            contextlib.nullcontext() if sync else job.train_model.no_sync(),
+            autocast(processes.device, job.precision),
+        ):
             logits = job.train_model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing) / accum
+            loss = (
+                F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing) / accum
+            )
         job.scaler.scale(loss).backward()
         loss_sum += loss.detach()
     if processes.distributed:
         torch.distributed.all_reduce(loss_sum)
         loss_sum /= processes.world_size
     job.scaler.unscale_(job.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        job.model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+    )
     loss_value = loss_sum.item()
     if not math.isfinite(loss_value) or (job.precision != "fp16" and not torch.isfinite(grad_norm)):
-        what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm.item()}"
+        what = (
+            f"loss is {loss_value}"
+            if not math.isfinite(loss_value)
+            else f"gradient norm is {grad_norm.item()}"
+        )
         raise TrainingError(f"{what} at step {state.step + 1}; stopped, {kept(job, state)}")
     job.scaler.step(job.optimizer)
-    job.scaler.update(config.loss_scale if job.precision == "fp16" and config.loss_scale > 0 else None)
+    job.scaler.update(
+        config.loss_scale if job.precision == "fp16" and config.loss_scale > 0 else None
+    )
     job.optimizer.zero_grad(set_to_none=True)
     if job.ema is not None:
         job.ema.update_parameters(job.model)
@@ -241,65 +333,119 @@ def kept(job: Job, state: TrainState) -> str:
     last = job.out_dir / "last.pt"
     if state.saved_step and last.is_file():
         return f"the last good checkpoint {last} (step {state.saved_step}) is kept"
-    return f"no checkpoint was saved before it (the first is written at step {job.config.eval_every})"
+    return (
+        f"no checkpoint was saved before it (the first is written at step {job.config.eval_every})"
+    )
 
 
 def save_last(job: Job, state: TrainState, names: tuple[str, ...] = ("last.pt",)) -> None:
-    """The run's state as `names` in its folder (rank 0 writes), for --resume to continue bit-exact from this step."""
+    """The run's state as `names` in its folder (rank 0 writes), for --resume to continue bit-exact
+    from this step."""
     if job.processes.is_main:
         for name in names:
-            checkpoints.save_training_checkpoint(job.out_dir / name, job.model, job.class_names, job.config.to_dict(), job.optimizer,
-                                                 job.scaler, {**state.progress(), "precision": job.precision}, job.ema)  # fmt: skip
+            checkpoints.save_training_checkpoint(
+                job.out_dir / name,
+                job.model,
+                job.class_names,
+                job.config.to_dict(),
+                job.optimizer,
+                job.scaler,
+                {**state.progress(), "precision": job.precision},
+                job.ema,
+            )
     state.saved_step = state.step
 
 
 def stop_at_step_boundary(job: Job, state: TrainState, signum: int) -> None:
-    """A signal came (SIGTERM before a preemption, Ctrl-C): last.pt at this step, then a one-line stop."""
+    """A signal came (SIGTERM before a preemption, Ctrl-C): last.pt at this step, then a one-line
+    stop."""
     if not all(torch.isfinite(p).all() for p in job.model.parameters()):
-        raise TrainingError(f"stopped by {signal.Signals(signum).name} at step {state.step} with non-finite weights; {kept(job, state)}")
+        raise TrainingError(
+            f"stopped by {signal.Signals(signum).name} at step {state.step} with non-finite "
+            f"weights; {kept(job, state)}"
+        )
     save_last(job, state)
-    raise Stopped(f"stopped by {signal.Signals(signum).name} at step {state.step}; saved {job.out_dir / 'last.pt'}: --resume "
-                  "continues the run", signum)  # fmt: skip
+    raise Stopped(
+        f"stopped by {signal.Signals(signum).name} at step {state.step}; saved "
+        f"{job.out_dir / 'last.pt'}: --resume continues the run",
+        signum,
+    )
 
 
 def evaluate_on(job: Job, data: ImageSet) -> dict:
     config, processes = job.config, job.processes
-    shards = eval_batches(data, config.img_size, config.eval_batch_size, processes.device, processes.rank, processes.world_size,
-                          config.num_workers)  # fmt: skip
+    shards = eval_batches(
+        data,
+        config.img_size,
+        config.eval_batch_size,
+        processes.device,
+        processes.rank,
+        processes.world_size,
+        config.num_workers,
+    )
     total = math.ceil(len(data) / processes.world_size / config.eval_batch_size)
-    return evaluate(job.eval_model, shards, len(job.class_names), processes.device, job.precision, total, processes.is_main,
-                    processes.distributed)  # fmt: skip
+    return evaluate(
+        job.eval_model,
+        shards,
+        len(job.class_names),
+        processes.device,
+        job.precision,
+        total,
+        processes.is_main,
+        processes.distributed,
+    )
 
 
 def evaluate_and_save(job: Job, state: TrainState, bar) -> None:
-    """Validation accuracy now; best.pt if it is the best so far, and last.pt, unless the weights went non-finite."""
+    """Validation accuracy now; best.pt if it is the best so far, and last.pt, unless the weights
+    went non-finite."""
     if not all(torch.isfinite(p).all() for p in job.model.parameters()):
-        raise TrainingError(f"weights became non-finite at step {state.step}; stopped, {kept(job, state)}")
+        raise TrainingError(
+            f"weights became non-finite at step {state.step}; stopped, {kept(job, state)}"
+        )
     result = evaluate_on(job, job.val_data)
     improved = result["accuracy"] > state.best_accuracy
     if improved:
         state.best_accuracy, state.best_step = result["accuracy"], state.step
     if job.processes.is_main:
         tag = "test" if job.config.val_split == 0 else "val"
-        job.log.write(state.step, **{f"{tag}/loss": result["loss"], f"{tag}/accuracy": result["accuracy"]})
-        bar.write(f"step {state.step}: {tag} accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
-                  f"(best {state.best_accuracy:.4f} at step {state.best_step})")  # fmt: skip
+        job.log.write(
+            state.step, **{f"{tag}/loss": result["loss"], f"{tag}/accuracy": result["accuracy"]}
+        )
+        bar.write(
+            f"step {state.step}: {tag} accuracy {result['accuracy']:.4f}, loss "
+            f"{result['loss']:.4f} (best {state.best_accuracy:.4f} at step {state.best_step})"
+        )
     save_last(job, state, ("best.pt", "last.pt") if improved else ("last.pt",))
 
 
 def finish(job: Job, state: TrainState, seconds: float, images_seen: int) -> dict:
     """Final metrics; the test split, if held apart, evaluated once on the best checkpoint."""
-    final = {"best_val_accuracy": state.best_accuracy, "best_step": state.best_step, "steps": state.step,
-             "train_seconds": seconds, "images_per_second": images_seen / seconds if seconds else 0.0}  # fmt: skip
+    final = {
+        "best_val_accuracy": state.best_accuracy,
+        "best_step": state.best_step,
+        "steps": state.step,
+        "train_seconds": seconds,
+        "images_per_second": images_seen / seconds if seconds else 0.0,
+    }
     if job.config.val_split == 0:
         final["test_accuracy"] = state.best_accuracy
     elif job.test_data is not None:
         load_best(job)
         test = evaluate_on(job, job.test_data)
-        final.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_top5_accuracy=test["top5_accuracy"])
+        final.update(
+            test_accuracy=test["accuracy"],
+            test_loss=test["loss"],
+            test_top5_accuracy=test["top5_accuracy"],
+        )
         if job.log:
-            job.log.write(state.step, **{"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
-            print(f"test accuracy of the best checkpoint (step {state.best_step}): {test['accuracy']:.4f}")
+            job.log.write(
+                state.step, **{"test/accuracy": test["accuracy"], "test/loss": test["loss"]}
+            )
+            print(
+                f"test accuracy of the best checkpoint (step {state.best_step}): "
+                f"{test['accuracy']:.4f}"
+            )
     if job.log:
         (job.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
         job.log.close()
@@ -308,10 +454,15 @@ def finish(job: Job, state: TrainState, seconds: float, images_seen: int) -> dic
 
 
 def load_best(job: Job) -> None:
-    """The weights of this run's best.pt, on every process. A run resumed from another run's checkpoint that never
-    beat that run's best has no best.pt of its own: its test is of the weights it ends with."""
+    """The weights of this run's best.pt, on every process. A run resumed from another run's
+    checkpoint that never beat that run's best has no best.pt of its own: its test is of the weights
+    it ends with."""
     best_path = job.out_dir / "best.pt"
-    best = checkpoints.read_checkpoint(best_path) if job.processes.is_main and best_path.is_file() else None
+    best = (
+        checkpoints.read_checkpoint(best_path)
+        if job.processes.is_main and best_path.is_file()
+        else None
+    )
     if job.processes.distributed:
         holder = [best]
         torch.distributed.broadcast_object_list(holder, src=0)

@@ -1,10 +1,11 @@
 """The `vitlab` command: its parser, and the one rule for failures.
 
-A bad input is one line on stderr and a non-zero exit: 2 for a bad flag or setting (argparse's own refusals
-included), 1 for anything else the user can fix (a missing or corrupt file, a dataset, a run that cannot go on,
-torch out of memory), 130 when interrupted (Ctrl-C) and 143 on SIGTERM: `train` then saves last.pt at the step
-boundary first. A bug in vitlab keeps its traceback, and `--debug` (or VITLAB_DEBUG=1)
-shows every traceback and the fast paths in use. The commands themselves are in `commands.py`.
+A bad input is one line on stderr and a non-zero exit: 2 for a bad flag or setting (argparse's own
+refusals included), 1 for anything else the user can fix (a missing or corrupt file, a dataset, a
+run that cannot go on, torch out of memory), 130 when interrupted (Ctrl-C) and 143 on SIGTERM:
+`train` then saves last.pt at the step boundary first. A bug in vitlab keeps its traceback, and
+`--debug` (or VITLAB_DEBUG=1) shows every traceback and the fast paths in use. The commands
+themselves are in `commands.py`.
 """
 
 from __future__ import annotations
@@ -25,34 +26,65 @@ from ..runs import Stopped
 from ..runtime import DEVICES_HELP, PRECISIONS, PRECISIONS_HELP
 from . import commands
 
-SOURCE_HELP = ("a run's checkpoint (.pt), a vitlab .safetensors file, an official checkpoint name or .npz file, a timm state dict "
-               "(.safetensors, .bin, .pth), a transformers or timm folder, or hf-hub:ORG/NAME[@REVISION]")  # fmt: skip
+SOURCE_HELP = (
+    "a run's checkpoint (.pt), a vitlab .safetensors file, an official checkpoint name or .npz "
+    "file, a timm state dict (.safetensors, .bin, .pth), a transformers or timm folder, or "
+    "hf-hub:ORG/NAME[@REVISION]"
+)
 
 
 # ---------------------------------------------------------------------------------------------
-# vitlab train: every TrainConfig field and every overridable ModelConfig field is a flag, in the tutorial's spelling
-# and dashed, with the field's help and choices; defaults stay unset here, so that recipe < config file < flags.
+# vitlab train: every TrainConfig field and every overridable ModelConfig field is a flag, in the
+# tutorial's spelling and dashed, with the field's help and choices; defaults stay unset here, so
+# that recipe < config file < flags.
 
-def _field_flag(parser: argparse.ArgumentParser, cls, f: dataclasses.Field, dest: str, default) -> None:
+
+def _field_flag(
+    parser: argparse.ArgumentParser, cls, f: dataclasses.Field, dest: str, default
+) -> None:
     meta = f.metadata
-    flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []) + list(meta.get("aliases", ()))
-    shown = "" if f.name == "name" else f" (default: {'the variant' if dest.startswith('model.') else default})"
+    flags = (
+        [f"--{f.name}"]
+        + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        + list(meta.get("aliases", ()))
+    )
+    shown = (
+        ""
+        if f.name == "name"
+        else f" (default: {'the variant' if dest.startswith('model.') else default})"
+    )
     kwargs = dict(dest=dest, default=argparse.SUPPRESS, help=meta["help"] + shown)
     kind, args, _ = field_type(cls, f.name)
     if kind is bool:
         parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
     elif "nargs" in meta:
         item = float if float in args else str
-        parser.add_argument(*flags, type=item, nargs=meta["nargs"], const=meta.get("const"), metavar=meta.get("metavar"), **kwargs)
+        parser.add_argument(
+            *flags,
+            type=item,
+            nargs=meta["nargs"],
+            const=meta.get("const"),
+            metavar=meta.get("metavar"),
+            **kwargs,
+        )
     else:
-        parser.add_argument(*flags, type=kind if kind in (int, float) else str, choices=meta.get("choices"),
-                            metavar=None if meta.get("choices") else f.name.upper(), **kwargs)  # fmt: skip
+        parser.add_argument(
+            *flags,
+            type=kind if kind in (int, float) else str,
+            choices=meta.get("choices"),
+            metavar=None if meta.get("choices") else f.name.upper(),
+            **kwargs,
+        )
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     from ..recipes import RECIPES
 
-    parser.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (src/vitlab/recipes.py)")
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="start from a named recipe (src/vitlab/recipes.py)",
+    )
     parser.add_argument("--config", help="a JSON or TOML file of settings; flags override it")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -70,14 +102,17 @@ def _read_config_file(path: str) -> dict:
         text = file.read_text()
         values = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--config {path}: not valid {'TOML' if file.suffix == '.toml' else 'JSON'} ({e})") from None
+        raise ConfigError(
+            f"--config {path}: not valid {'TOML' if file.suffix == '.toml' else 'JSON'} ({e})"
+        ) from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a table of settings")
     return values
 
 
 def _flat(values: dict) -> dict:
-    """Settings with the model overrides at the top level, as flags give them (`patch_size`, not `model.patch_size`)."""
+    """Settings with the model overrides at the top level, as flags give them (`patch_size`, not
+    `model.patch_size`)."""
     values = dict(values)
     return {**values, **(values.pop("model", None) or {})}
 
@@ -86,7 +121,11 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Recipe < config file < flags, into one TrainConfig."""
     from ..recipes import RECIPES
 
-    flags = {k.removeprefix("model."): v for k, v in vars(args).items() if k not in ("command", "func", "recipe", "config", "debug")}
+    flags = {
+        k.removeprefix("model."): v
+        for k, v in vars(args).items()
+        if k not in ("command", "func", "recipe", "config", "debug")
+    }
     values = _flat(RECIPES[args.recipe]) if getattr(args, "recipe", None) else {}
     if getattr(args, "config", None):
         values.update(_flat(_read_config_file(args.config)))
@@ -99,34 +138,67 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # The other commands' flags
 
+
 def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=SOURCE_HELP)
-    p.add_argument("--model_type", "--model-type", help="the variant of an official .npz file or a timm state dict (which do "
-                   "not say it), e.g. B/16 (`vitlab models`)")  # fmt: skip
+    p.add_argument(
+        "--model_type",
+        "--model-type",
+        help="the variant of an official .npz file or a timm state dict (which do "
+        "not say it), e.g. B/16 (`vitlab models`)",
+    )
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=f"{DEVICES_HELP} (default: auto)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"{PRECISIONS_HELP} (default: auto)")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help=f"{PRECISIONS_HELP} (default: auto)"
+    )
 
 
 def _add_inference_commands(sub) -> None:
-    p = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix on a test set")
+    p = sub.add_parser(
+        "eval", help="accuracy, per-class accuracy and confusion matrix on a test set"
+    )
     _add_source(p)
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="(default: cifar10, its test split)")
-    p.add_argument("--data_dir", "--data-dir", default="data", help="CIFAR download folder, or the image folder's root "
-                   "(<root>/<class>/<image>; its val/ or test/ subfolder when present) (default: data)")  # fmt: skip
-    p.add_argument("--out", help="folder for the JSON and PNG (default: beside the checkpoint file, else ./eval)")
-    p.add_argument("--overwrite", action="store_true", help="replace the JSON and PNG if it exists (never the command's own input)")
+    p.add_argument(
+        "--dataset", choices=DATASETS, default="cifar10", help="(default: cifar10, its test split)"
+    )
+    p.add_argument(
+        "--data_dir",
+        "--data-dir",
+        default="data",
+        help="CIFAR download folder, or the image folder's root "
+        "(<root>/<class>/<image>; its val/ or test/ subfolder when present) (default: data)",
+    )
+    p.add_argument(
+        "--out",
+        help="folder for the JSON and PNG (default: beside the checkpoint file, else ./eval)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the JSON and PNG if it exists (never the command's own input)",
+    )
     p.add_argument("--batch_size", "--batch-size", type=int, default=64, help="(default: 64)")
-    p.add_argument("--num_workers", "--num-workers", type=int, default=2, help="decoding workers for folders streamed from disk (default: 2)")
+    p.add_argument(
+        "--num_workers",
+        "--num-workers",
+        type=int,
+        default=2,
+        help="decoding workers for folders streamed from disk (default: 2)",
+    )
     _add_runtime(p)
     p.set_defaults(func=commands.cmd_eval)
 
     p = sub.add_parser("predict", help="the most probable classes of images")
     _add_source(p)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders searched recursively")
-    p.add_argument("--top_k", "--top-k", type=int, default=5, help="classes shown per image (default: 5)")
+    p.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files, or folders searched recursively"
+    )
+    p.add_argument(
+        "--top_k", "--top-k", type=int, default=5, help="classes shown per image (default: 5)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--batch_size", "--batch-size", type=int, default=32, help="(default: 32)")
     _add_runtime(p)
@@ -135,31 +207,68 @@ def _add_inference_commands(sub) -> None:
     p = sub.add_parser("attention", help="attention rollout over an image, drawn as a PNG")
     _add_source(p)
     p.add_argument("image", help="an image file")
-    p.add_argument("--out", help="the PNG to write (default: <image stem>_attention.png beside the image)")
-    p.add_argument("--overwrite", action="store_true", help="replace the PNG if it exists (never the command's own input)")
-    p.add_argument("--layer", type=int, help="show layer N's own attention (1 = first), heads averaged, instead of the rollout")
+    p.add_argument(
+        "--out", help="the PNG to write (default: <image stem>_attention.png beside the image)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the PNG if it exists (never the command's own input)",
+    )
+    p.add_argument(
+        "--layer",
+        type=int,
+        help="show layer N's own attention (1 = first), heads averaged, instead of the rollout",
+    )
     _add_runtime(p)
     p.set_defaults(func=commands.cmd_attention)
 
-    p = sub.add_parser("demo", help="a web page to try the model: top classes and attention (pip install 'vitlab[demo]')")
+    p = sub.add_parser(
+        "demo",
+        help="a web page to try the model: top classes and attention (pip install 'vitlab[demo]')",
+    )
     _add_source(p)
-    p.add_argument("--examples", metavar="DIR", help="example images (default: a few of the run's own dataset, where it is here)")
-    p.add_argument("--host", default="127.0.0.1", help="the address to serve on; 0.0.0.0 opens it to your network "
-                   "(default: 127.0.0.1, this machine only)")  # fmt: skip
+    p.add_argument(
+        "--examples",
+        metavar="DIR",
+        help="example images (default: a few of the run's own dataset, where it is here)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to serve on; 0.0.0.0 opens it to your network "
+        "(default: 127.0.0.1, this machine only)",
+    )
     p.add_argument("--port", type=int, default=7860, help="(default: 7860)")
-    p.add_argument("--share", action="store_true", help="also a public link through Gradio's share servers (off by default)")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="also a public link through Gradio's share servers (off by default)",
+    )
     p.add_argument("--top_k", "--top-k", type=int, default=5, help="classes shown (default: 5)")
-    p.add_argument("--write_space", "--write-space", metavar="DIR", help="write the page as a Hugging Face Space into DIR "
-                   "(app.py, requirements.txt, README.md, the model) instead of serving it")  # fmt: skip
+    p.add_argument(
+        "--write_space",
+        "--write-space",
+        metavar="DIR",
+        help="write the page as a Hugging Face Space into DIR "
+        "(app.py, requirements.txt, README.md, the model) instead of serving it",
+    )
     _add_runtime(p)
     p.set_defaults(func=commands.cmd_demo)
 
-    p = sub.add_parser("export", help="write the model as ONNX, TorchScript, safetensors, official .npz, a timm state dict or a "
-                       "transformers folder")  # fmt: skip
+    p = sub.add_parser(
+        "export",
+        help="write the model as ONNX, TorchScript, safetensors, official .npz, a timm state "
+        "dict or a transformers folder",
+    )
     _add_source(p)
     p.add_argument("--format", required=True, choices=export.FORMATS)
     p.add_argument("--out", required=True, help="the file to write (for hf: the folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the command's own input)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it exists (never the command's own input)",
+    )
     p.set_defaults(func=commands.cmd_export)
 
 
@@ -171,22 +280,40 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vitlab", description="Vision Transformers: models, official checkpoints, training.")
-    parser.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors, and the fast paths in use "
-                        "(also VITLAB_DEBUG=1)")  # fmt: skip
+    parser = _Parser(
+        prog="vitlab", description="Vision Transformers: models, official checkpoints, training."
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="full tracebacks instead of one-line errors, and the fast paths in use "
+        "(also VITLAB_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("models", help="list the model variants with their shapes and parameter counts")
+    p = sub.add_parser(
+        "models", help="list the model variants with their shapes and parameter counts"
+    )
     p.set_defaults(func=commands.cmd_models)
-    p = sub.add_parser("download", help="fetch official checkpoints or Hub repositories into their caches")
-    p.add_argument("names", nargs="*", help="official checkpoint names or hf-hub:ORG/NAME (see --list)")
-    p.add_argument("--list", action="store_true", help="list the official checkpoints and the other sources")
+    p = sub.add_parser(
+        "download", help="fetch official checkpoints or Hub repositories into their caches"
+    )
+    p.add_argument(
+        "names", nargs="*", help="official checkpoint names or hf-hub:ORG/NAME (see --list)"
+    )
+    p.add_argument(
+        "--list", action="store_true", help="list the official checkpoints and the other sources"
+    )
     p.set_defaults(func=commands.cmd_download)
-    p = sub.add_parser("train", help="fine-tune or train from scratch (the tutorial's train.py flags)")
+    p = sub.add_parser(
+        "train", help="fine-tune or train from scratch (the tutorial's train.py flags)"
+    )
     _add_train_flags(p)
     p.set_defaults(func=lambda args: commands.cmd_train(train_config_from_args(args)))
     _add_inference_commands(sub)
     for command in sub.choices.values():  # --debug before or after the command
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
 
 
@@ -209,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        print(f"vitlab {args.command}: error: unrecognized arguments: {' '.join(unknown)} (see --help)", file=sys.stderr)
+        print(
+            f"vitlab {args.command}: error: unrecognized arguments: {' '.join(unknown)} (see "
+            "--help)",
+            file=sys.stderr,
+        )
         return 2
     debug = getattr(args, "debug", False) or os.environ.get("VITLAB_DEBUG", "") not in ("", "0")
     warnings.showwarning = _one_line_warnings

@@ -1,4 +1,5 @@
-"""What each `vitlab` command does, given its parsed flags (the parser and the error rule are in `cli.py`)."""
+"""What each `vitlab` command does, given its parsed flags (the parser and the error rule are in
+`cli.py`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..formats import official
-from ..formats.checkpoints import load_model
 from ..config import VARIANTS, TrainConfig, legacy_name
 from ..data import DataError, read_image
 from ..errors import ConfigError
+from ..formats import official
+from ..formats.checkpoints import load_model
 from ..formats.files import HUB_PREFIX, atomic_write, cache_dir, check_output, fetch_hub
 from ..runtime import resolve_device, resolve_precision
 
@@ -23,15 +24,41 @@ from ..runtime import resolve_device, resolve_precision
 def cmd_models(args: argparse.Namespace) -> int:
     from ..model import count_parameters, create_model
 
-    rows = [("name", "legacy name", "patch", "width", "depth", "heads", "MLP", "params (10 classes, 224 px)")]
+    rows = [
+        (
+            "name",
+            "legacy name",
+            "patch",
+            "width",
+            "depth",
+            "heads",
+            "MLP",
+            "params (10 classes, 224 px)",
+        )
+    ]
     for name, config in VARIANTS.items():
         with torch.device("meta"):  # counts without allocating weights
             params = count_parameters(create_model(name, num_classes=10, img_size=224))
-        rows.append((name, legacy_name(name) if legacy_name(name) != name else "", str(config.patch_size), str(config.hidden_size),
-                     str(config.depth), str(config.num_heads), str(config.mlp_dim), f"{params:,}"))  # fmt: skip
+        rows.append(
+            (
+                name,
+                legacy_name(name) if legacy_name(name) != name else "",
+                str(config.patch_size),
+                str(config.hidden_size),
+                str(config.depth),
+                str(config.num_heads),
+                str(config.mlp_dim),
+                f"{params:,}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                cell.ljust(w) if i < 2 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=False))
+            )
+        )
     return 0
 
 
@@ -39,12 +66,17 @@ def cmd_download(args: argparse.Namespace) -> int:
     if args.list or not args.names:
         print(f"official checkpoints, from {official.base_url()} (cached in {cache_dir()}):")
         for name, entry in official.OFFICIAL_CHECKPOINTS.items():
-            print(f"  {name:<20} {entry.variant:<9} {entry.num_classes:>6} classes  {entry.img_size} px  {entry.description}")
+            print(
+                f"  {name:<20} {entry.variant:<9} {entry.num_classes:>6} classes  "
+                f"{entry.img_size} px  {entry.description}"
+            )
         print(_hub_sources())
         return 0
     for name in args.names:
         if name not in official.OFFICIAL_CHECKPOINTS and not name.startswith(HUB_PREFIX):
-            raise ConfigError(f"unknown checkpoint {name!r}; `vitlab download --list` shows the names")
+            raise ConfigError(
+                f"unknown checkpoint {name!r}; `vitlab download --list` shows the names"
+            )
     for name in args.names:
         print(fetch_hub(name) if name.startswith(HUB_PREFIX) else official.fetch_official(name))
     return 0
@@ -56,12 +88,18 @@ def _hub_sources() -> str:
 
         where, note = f"from {constants.ENDPOINT} (cached in {constants.HF_HUB_CACHE})", ""
     except ImportError:
-        where, note = "from the Hugging Face Hub", " (needs huggingface_hub: pip install 'vitlab[hub]')"
-    return (f"Hub repositories, as {HUB_PREFIX}ORG/NAME[@REVISION], {where}{note}:\n"
-            f"  transformers ViTs        e.g. {HUB_PREFIX}google/vit-base-patch16-224\n"
-            f"  timm ViTs                e.g. {HUB_PREFIX}timm/vit_base_patch16_224.augreg2_in21k_ft_in1k\n"
-            "local files: a run's .pt, vitlab .safetensors, official .npz (with --model_type), timm state dicts (.safetensors, "
-            ".bin, .pth), transformers and timm folders")  # fmt: skip
+        where, note = (
+            "from the Hugging Face Hub",
+            " (needs huggingface_hub: pip install 'vitlab[hub]')",
+        )
+    return (
+        f"Hub repositories, as {HUB_PREFIX}ORG/NAME[@REVISION], {where}{note}:\n"
+        f"  transformers ViTs        e.g. {HUB_PREFIX}google/vit-base-patch16-224\n"
+        "  timm ViTs                e.g. "
+        f"{HUB_PREFIX}timm/vit_base_patch16_224.augreg2_in21k_ft_in1k\n"
+        "local files: a run's .pt, vitlab .safetensors, official .npz (with --model_type), timm "
+        "state dicts (.safetensors, .bin, .pth), transformers and timm folders"
+    )
 
 
 def cmd_train(config: TrainConfig) -> int:
@@ -93,14 +131,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     data = load_test_split(args.dataset, args.data_dir, class_names)
-    print(f"evaluating {args.checkpoint} on {args.dataset} {args.data_dir} ({len(data)} images), {device.type}, {precision}")
-    batches = eval_batches(data, model.config.img_size, args.batch_size, device, num_workers=args.num_workers)
-    metrics = evaluate(model.to(device), batches, len(class_names), device, precision, total=math.ceil(len(data) / args.batch_size))
+    print(
+        f"evaluating {args.checkpoint} on {args.dataset} {args.data_dir} ({len(data)} images), "
+        f"{device.type}, {precision}"
+    )
+    batches = eval_batches(
+        data, model.config.img_size, args.batch_size, device, num_workers=args.num_workers
+    )
+    metrics = evaluate(
+        model.to(device),
+        batches,
+        len(class_names),
+        device,
+        precision,
+        total=math.ceil(len(data) / args.batch_size),
+    )
     print(format_report(metrics, class_names))
-    report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "data_dir": str(args.data_dir), "device": device.type,
-              "precision": precision, "class_names": class_names, **metrics}  # fmt: skip
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "dataset": args.dataset,
+        "data_dir": str(args.data_dir),
+        "device": device.type,
+        "precision": precision,
+        "class_names": class_names,
+        **metrics,
+    }
     atomic_write(json_path, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
-    draw_confusion(metrics["confusion"], class_names, f"{source.name} on {args.dataset}: top-1 {metrics['accuracy']:.2%}", png_path)
+    draw_confusion(
+        metrics["confusion"],
+        class_names,
+        f"{source.name} on {args.dataset}: top-1 {metrics['accuracy']:.2%}",
+        png_path,
+    )
     print(f"wrote {json_path} and {png_path}")
     return 0
 
@@ -118,26 +180,50 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"vitlab predict: skipped {problem}", file=sys.stderr)
     failed, results = len(problems), []
     # A bar on stderr where there is more than one batch (the table or JSON on stdout stays clean).
-    bar = tqdm(total=len(files), desc="predict", unit="image", disable=len(files) <= args.batch_size, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(files),
+        desc="predict",
+        unit="image",
+        disable=len(files) <= args.batch_size,
+        dynamic_ncols=True,
+    )
     for start in range(0, len(files), args.batch_size):
         kept, images = [], []
         for path in files[start : start + args.batch_size]:
             try:
-                images.append(preprocess(read_image(str(path), model.config.img_size), model.config.img_size))
+                images.append(
+                    preprocess(read_image(str(path), model.config.img_size), model.config.img_size)
+                )
                 kept.append(path)
-            except DataError as e:  # reported and skipped; the other images still get their predictions
+            except (
+                DataError
+            ) as e:  # reported and skipped; the other images still get their predictions
                 bar.write(f"vitlab predict: skipped {e}", file=sys.stderr)
                 failed += 1
         bar.update(len(files[start : start + args.batch_size]))
         if not kept:
             continue
-        for path, top in zip(kept, predict(model, torch.stack(images), class_names, args.top_k, device, precision)):
+        for path, top in zip(
+            kept,
+            predict(model, torch.stack(images), class_names, args.top_k, device, precision),
+            strict=False,
+        ):
             if args.json:
-                results.append({"image": str(path), "top_k": [{"class": c, "index": i, "probability": p} for c, i, p in top]})
+                results.append(
+                    {
+                        "image": str(path),
+                        "top_k": [{"class": c, "index": i, "probability": p} for c, i, p in top],
+                    }
+                )
             else:
                 width = max(len(c) for c, _, _ in top)
                 print(str(path))
-                print("\n".join(f"  {rank:>2}  {c:<{width}}  {p:>7.2%}" for rank, (c, _, p) in enumerate(top, start=1)))
+                print(
+                    "\n".join(
+                        f"  {rank:>2}  {c:<{width}}  {p:>7.2%}"
+                        for rank, (c, _, p) in enumerate(top, start=1)
+                    )
+                )
     bar.close()
     if args.json:
         print(json.dumps(results, indent=2))
@@ -145,11 +231,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from .rollout import attention_map, draw_attention
     from .inference import predict_with_attention, preprocess
+    from .rollout import attention_map, draw_attention
 
     suffix = "" if args.layer is None else f"_layer{args.layer}"
-    out = Path(args.out) if args.out else Path(args.image).with_name(f"{Path(args.image).stem}_attention{suffix}.png")
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(args.image).with_name(f"{Path(args.image).stem}_attention{suffix}.png")
+    )
     check_output(out, args.overwrite, inputs=(args.image, args.checkpoint))
     model, class_names = load_model(args.checkpoint, args.model_type)
     depth = model.config.depth
@@ -157,13 +247,21 @@ def cmd_attention(args: argparse.Namespace) -> int:
         raise ConfigError(f"--layer {args.layer}: the model's layers are numbered 1 to {depth}")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    image = read_image(args.image, max(model.config.img_size, 512))  # drawn at most a few hundred pixels wide
-    logits, attentions = predict_with_attention(model.to(device), preprocess(image, model.config.img_size)[None], device, precision)
+    image = read_image(
+        args.image, max(model.config.img_size, 512)
+    )  # drawn at most a few hundred pixels wide
+    logits, attentions = predict_with_attention(
+        model.to(device), preprocess(image, model.config.img_size)[None], device, precision
+    )
     probabilities = logits.float().softmax(dim=-1)[0]
     best = int(probabilities.argmax())
     layer = None if args.layer is None else args.layer - 1
     grid_map = attention_map(attentions, model.config.classifier == "token", layer)[0]
-    what = f"attention rollout over {depth} layers" if layer is None else f"layer {args.layer} attention, heads averaged"
+    what = (
+        f"attention rollout over {depth} layers"
+        if layer is None
+        else f"layer {args.layer} attention, heads averaged"
+    )
     title = f"predicted: {class_names[best]} ({probabilities[best]:.1%})"
     draw_attention(image, grid_map, title, what, out)
     print(f"{args.image}: {title}; wrote {out}")
@@ -188,10 +286,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _positive(args, "top_k")
     if args.write_space:
         if args.share or args.host != "127.0.0.1" or args.port != 7860:
-            raise ConfigError("--write-space: a Space chooses its own address and is public; leave out --host, --port and --share")
-        write_space(args.write_space, args.checkpoint, args.model_type, args.examples, args.top_k, args.device, args.precision)
+            raise ConfigError(
+                "--write-space: a Space chooses its own address and is public; leave out --host, "
+                "--port and --share"
+            )
+        write_space(
+            args.write_space,
+            args.checkpoint,
+            args.model_type,
+            args.examples,
+            args.top_k,
+            args.device,
+            args.precision,
+        )
         return 0
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: choose a port from 1 to 65535")
-    serve(args.checkpoint, args.model_type, args.examples, args.host, args.port, args.share, args.top_k, args.device, args.precision)
+    serve(
+        args.checkpoint,
+        args.model_type,
+        args.examples,
+        args.host,
+        args.port,
+        args.share,
+        args.top_k,
+        args.device,
+        args.precision,
+    )
     return 0

@@ -1,10 +1,13 @@
-"""`vitlab demo`: a web page (Gradio) to try a model: an image in, its top classes and where the model looked out.
+"""`vitlab demo`: a web page (Gradio) to try a model: an image in, its top classes and where the
+model looked out.
 
-One forward pass per image gives the prediction and every layer's attention; the maps are computed then and kept in
-the page's session, so the map and opacity controls redraw the overlay without running the model again.
-Offline and private by default: the server binds 127.0.0.1, makes no share link unless asked, sends no analytics,
-and the page loads nothing from the internet (system fonts; Gradio's scripts come from this server).
-`write_space` writes the same page as a Hugging Face Space: app.py, requirements.txt, README.md, the model, vitlab.
+One forward pass per image gives the prediction and every layer's attention; the maps are computed
+then and kept in the page's session, so the map and opacity controls redraw the overlay without
+running the model again. Offline and private by default: the server binds 127.0.0.1, makes no share
+link unless asked, sends no analytics, and the page loads nothing from the internet (system fonts;
+Gradio's scripts come from this server).
+`write_space` writes the same page as a Hugging Face Space: app.py, requirements.txt, README.md, the
+model, vitlab.
 """
 
 from __future__ import annotations
@@ -22,26 +25,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .rollout import attention_map, overlay
-from ..formats.checkpoints import load_model, read_checkpoint, save_safetensors
 from ..data import cifar_on_disk, held_out_folder, load_cifar, read_image
 from ..errors import ConfigError, DataError, VitlabError
-from .inference import list_images, predict_with_attention, preprocess, top_classes
+from ..formats.checkpoints import load_model, read_checkpoint, save_safetensors
 from ..model import VisionTransformer, count_parameters
+from .inference import list_images, predict_with_attention, preprocess, top_classes
+from .rollout import attention_map, overlay
 
 INSTALL = "pip install 'vitlab[demo]'"
-MAX_PIXELS = 40_000_000  # an upload above 40 megapixels is refused before it is decoded (120 MB as RGB)
+MAX_PIXELS = (
+    40_000_000  # an upload above 40 megapixels is refused before it is decoded (120 MB as RGB)
+)
 MAX_UPLOAD = "50mb"  # the browser refuses larger files before sending them
 DISPLAY_SIDE = 512  # overlays are drawn on the image shrunk to this longest side, so that a redraw takes milliseconds
 MAX_EXAMPLES = 8
 IMAGE_HEIGHT = 320  # pixels on the page, whatever the image's own size
 ROLLOUT = "rollout"
-SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")  # nothing to download, unlike a web font
+SYSTEM_FONTS = (
+    "ui-sans-serif",
+    "system-ui",
+    "sans-serif",
+)  # nothing to download, unlike a web font
 SYSTEM_MONO_FONTS = ("ui-monospace", "Consolas", "monospace")
 
 
 def import_gradio():
-    """Gradio, with its analytics off before it loads; without it, a one-line VitlabError that says how to install it."""
+    """Gradio, with its analytics off before it loads; without it, a one-line VitlabError that says
+    how to install it."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     try:
         import gradio
@@ -53,25 +63,38 @@ def import_gradio():
 # ---------------------------------------------------------------------------------------------
 # The model, run once per image
 
+
 @dataclass
 class Explained:
     """One image's forward pass: what the page shows and every map the controls can choose."""
 
-    image: np.ndarray  # uint8 (H, W, 3), at most DISPLAY_SIDE on its longest side: what the overlay is drawn on
+    image: (
+        np.ndarray
+    )  # uint8 (H, W, 3), at most DISPLAY_SIDE on its longest side: what the overlay is drawn on
     maps: dict[str, torch.Tensor]  # "rollout", "layer 1", ...: (grid, grid) relevance of each patch
     top: list[tuple[str, int, float]]  # (class name, index, probability), most probable first
     seconds: float  # the forward pass and the maps
 
 
 class Demo:
-    """A model ready to explain images on a device, in a precision, and the line that describes it."""
+    """A model ready to explain images on a device, in a precision, and the line that describes
+    it."""
 
-    def __init__(self, model: VisionTransformer, class_names: list[str], device: torch.device, precision: str, top_k: int):
+    def __init__(
+        self,
+        model: VisionTransformer,
+        class_names: list[str],
+        device: torch.device,
+        precision: str,
+        top_k: int,
+    ):
         self.model, self.class_names = model.to(device), class_names
         self.device, self.precision, self.top_k = device, precision, top_k
         self.map_names = [ROLLOUT] + [f"layer {i}" for i in range(1, model.config.depth + 1)]
         size = model.config.img_size
-        predict_with_attention(self.model, torch.zeros(1, 3, size, size), device, precision)  # the first call's set-up, not timed
+        predict_with_attention(
+            self.model, torch.zeros(1, 3, size, size), device, precision
+        )  # the first call's set-up, not timed
 
     def explain(self, image: np.ndarray) -> Explained:
         """The top classes and every attention map of one uint8 RGB image, from one forward pass."""
@@ -80,14 +103,20 @@ class Demo:
         logits, attentions = predict_with_attention(self.model, images, self.device, self.precision)
         has_class_token = self.model.config.classifier == "token"
         maps = {ROLLOUT: attention_map(attentions, has_class_token)[0].cpu()}
-        maps |= {f"layer {i + 1}": attention_map(attentions, has_class_token, i)[0].cpu() for i in range(len(attentions))}
+        maps |= {
+            f"layer {i + 1}": attention_map(attentions, has_class_token, i)[0].cpu()
+            for i in range(len(attentions))
+        }
         top = top_classes(logits, self.class_names, self.top_k)[0]
         return Explained(shrink(image, DISPLAY_SIDE), maps, top, time.perf_counter() - start)
 
     def describe(self, seconds: float | None = None) -> str:
         c = self.model.config
-        line = (f"**{c.name}** (patch {c.patch_size}, depth {c.depth}, width {c.hidden_size}) · {len(self.class_names)} classes · "
-                f"{c.img_size} px · {count_parameters(self.model):,} parameters · {self.device.type} · {self.precision}")  # fmt: skip
+        line = (
+            f"**{c.name}** (patch {c.patch_size}, depth {c.depth}, width {c.hidden_size}) · "
+            f"{len(self.class_names)} classes · {c.img_size} px · "
+            f"{count_parameters(self.model):,} parameters · {self.device.type} · {self.precision}"
+        )
         return line + ("" if seconds is None else f" · last prediction {seconds * 1000:.0f} ms")
 
 
@@ -113,9 +142,10 @@ def render(explained: Explained, map_name: str, opacity: float) -> np.ndarray:
 
 
 def read_upload(upload: dict, size: int | None = None) -> np.ndarray:
-    """An uploaded file (Gradio's file data) as uint8 RGB, grey, palette and alpha converted, a large photo decoded
-    smaller as `predict` decodes it for a model of `size` px; a file that is no image, or too large an image, is a
-    DataError that names the file as the user did, not by its place on the server."""
+    """An uploaded file (Gradio's file data) as uint8 RGB, grey, palette and alpha converted, a
+    large photo decoded smaller as `predict` decodes it for a model of `size` px; a file that is no
+    image, or too large an image, is a DataError that names the file as the user did, not by its
+    place on the server."""
     path, name = upload.get("path"), upload.get("orig_name") or "the upload"
     if not path:
         raise DataError(f"{name}: no file came with this upload")
@@ -128,8 +158,10 @@ def read_upload(upload: dict, size: int | None = None) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The page
 
+
 def build_page(demo: Demo, title: str, examples: list[str]):
-    """The Blocks page: the image and its overlay side by side, the map and opacity controls, the top classes."""
+    """The Blocks page: the image and its overlay side by side, the map and opacity controls, the
+    top classes."""
     gr = import_gradio()
     with gr.Blocks(title=f"vitlab · {title}", analytics_enabled=False) as page:
         gr.Markdown(f"## vitlab · {html.escape(title)}")
@@ -137,30 +169,52 @@ def build_page(demo: Demo, title: str, examples: list[str]):
         cached = gr.State(None)
         with gr.Row():
             with gr.Column():
-                image = uploads_only(gr, gr.Image(label="image", sources=["upload", "webcam", "clipboard"], height=IMAGE_HEIGHT,
-                                                  elem_id="image"))  # fmt: skip
+                image = uploads_only(
+                    gr,
+                    gr.Image(
+                        label="image",
+                        sources=["upload", "webcam", "clipboard"],
+                        height=IMAGE_HEIGHT,
+                        elem_id="image",
+                    ),
+                )
                 if examples:
                     gr.Examples(examples, inputs=image, label="examples", cache_examples=False)
             with gr.Column():
-                shown = gr.Image(label="attention", format="png", interactive=False, height=IMAGE_HEIGHT,
-                                 buttons=["download", "fullscreen"], elem_id="overlay")  # fmt: skip
+                shown = gr.Image(
+                    label="attention",
+                    format="png",
+                    interactive=False,
+                    height=IMAGE_HEIGHT,
+                    buttons=["download", "fullscreen"],
+                    elem_id="overlay",
+                )
                 with gr.Row():
                     choice = gr.Radio(demo.map_names, value=ROLLOUT, label="map", elem_id="map")
-                    opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="opacity", elem_id="opacity")
+                    opacity = gr.Slider(
+                        0, 1, value=0.5, step=0.05, label="opacity", elem_id="opacity"
+                    )
             label = gr.Label(num_top_classes=demo.top_k, label="top classes", elem_id="label")
         _connect(gr, demo, (image, choice, opacity), (label, shown, info, cached))
     return page
 
 
 def uploads_only(gr, image):
-    """`image` made to refuse a URL given as its value. Gradio's API takes an http(s) URL for an image and fetches it
-    on the server before the page's function sees it; this page's images come from uploads, the webcam and the
-    clipboard only, so that it fetches nothing from the internet."""
-    fetch, fetch_async = image.move_resource_to_block_cache, image.async_move_resource_to_block_cache
+    """`image` made to refuse a URL given as its value. Gradio's API takes an http(s) URL for an
+    image and fetches it on the server before the page's function sees it; this page's images come
+    from uploads, the webcam and the clipboard only, so that it fetches nothing from the
+    internet."""
+    fetch, fetch_async = (
+        image.move_resource_to_block_cache,
+        image.async_move_resource_to_block_cache,
+    )
 
     def refuse_urls(value) -> None:
         if str(value).lower().startswith(("http://", "https://")):
-            raise gr.Error("images come from uploads only: this page fetches nothing from the internet", print_exception=False)
+            raise gr.Error(
+                "images come from uploads only: this page fetches nothing from the internet",
+                print_exception=False,
+            )
 
     def guarded(value):
         refuse_urls(value)
@@ -170,7 +224,10 @@ def uploads_only(gr, image):
         refuse_urls(value)
         return await fetch_async(value)
 
-    image.move_resource_to_block_cache, image.async_move_resource_to_block_cache = guarded, guarded_async
+    image.move_resource_to_block_cache, image.async_move_resource_to_block_cache = (
+        guarded,
+        guarded_async,
+    )
     return image
 
 
@@ -186,36 +243,79 @@ def _connect(gr, demo: Demo, inputs: tuple, outputs: tuple) -> None:
             overlaid = render(explained, map_name, opacity_value)
         except DataError as e:  # a message on the page, no traceback in the terminal
             raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
-        return {name: p for name, _, p in explained.top}, overlaid, demo.describe(explained.seconds), explained
+        return (
+            {name: p for name, _, p in explained.top},
+            overlaid,
+            demo.describe(explained.seconds),
+            explained,
+        )
 
     def on_control(explained: Explained | None, map_name: str, opacity_value: float):
         return None if explained is None else render(explained, map_name, opacity_value)
 
-    # A new image first clears the last one's results, so that a refused upload leaves none standing.
-    image.change(lambda: (None, None, None), outputs=[label, shown, cached], api_visibility="private", show_progress="hidden").then(
-        on_image, [image, choice, opacity], [label, shown, info, cached], api_name="predict", preprocess=False)  # fmt: skip
+    # A new image first clears the last one's results, so that a refused upload leaves none
+    # standing.
+    image.change(
+        lambda: (None, None, None),
+        outputs=[label, shown, cached],
+        api_visibility="private",
+        show_progress="hidden",
+    ).then(
+        on_image,
+        [image, choice, opacity],
+        [label, shown, info, cached],
+        api_name="predict",
+        preprocess=False,
+    )
     for control in (choice, opacity):
-        control.change(on_control, [cached, choice, opacity], shown, api_visibility="private", show_progress="hidden",
-                       trigger_mode="always_last")  # fmt: skip
+        control.change(
+            on_control,
+            [cached, choice, opacity],
+            shown,
+            api_visibility="private",
+            show_progress="hidden",
+            trigger_mode="always_last",
+        )
 
 
 def launch_options(gr, host: str | None, port: int | None, share: bool) -> dict:
-    """Gradio's launch arguments: private (no share link unless asked, no monitoring page, no run history kept in the
-    browser) and offline (system fonts). `host` and `port` None: Gradio's environment variables, else 127.0.0.1:7860."""
+    """Gradio's launch arguments: private (no share link unless asked, no monitoring page, no run
+    history kept in the browser) and offline (system fonts). `host` and `port` None: Gradio's
+    environment variables, else 127.0.0.1:7860."""
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS)
-    return {"server_name": host, "server_port": port, "share": share, "theme": theme, "max_file_size": MAX_UPLOAD,
-            "footer_links": ["api"], "run_history": False, "enable_monitoring": False, "quiet": True}  # fmt: skip
+    return {
+        "server_name": host,
+        "server_port": port,
+        "share": share,
+        "theme": theme,
+        "max_file_size": MAX_UPLOAD,
+        "footer_links": ["api"],
+        "run_history": False,
+        "enable_monitoring": False,
+        "quiet": True,
+    }
 
 
 def short_name(source: str | os.PathLike) -> str:
-    """An official name as it is; a file as its folder and name (a run's `<name>/best.pt`), no more of its path."""
+    """An official name as it is; a file as its folder and name (a run's `<name>/best.pt`), no more
+    of its path."""
     return "/".join(Path(str(source)).parts[-2:])
 
 
-def serve(source: str | os.PathLike, model_type: str | None = None, examples: str | os.PathLike | None = None,
-          host: str | None = None, port: int | None = None, share: bool = False, top_k: int = 5, device: str = "auto",
-          precision: str = "auto", title: str | None = None) -> None:  # fmt: skip
-    """Load the model, build the page and serve it until interrupted; `title` defaults to the source's last two parts."""
+def serve(
+    source: str | os.PathLike,
+    model_type: str | None = None,
+    examples: str | os.PathLike | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    top_k: int = 5,
+    device: str = "auto",
+    precision: str = "auto",
+    title: str | None = None,
+) -> None:
+    """Load the model, build the page and serve it until interrupted; `title` defaults to the
+    source's last two parts."""
     from ..runtime import resolve_device, resolve_precision
 
     gr = import_gradio()
@@ -223,12 +323,18 @@ def serve(source: str | os.PathLike, model_type: str | None = None, examples: st
     model, class_names = load_model(source, model_type)
     demo = Demo(model, class_names, resolved, resolve_precision(precision, resolved), top_k)
     with tempfile.TemporaryDirectory(prefix="vitlab-demo-") as scratch:
-        page = build_page(demo, title or short_name(source), find_examples(examples, source, Path(scratch)))
+        page = build_page(
+            demo, title or short_name(source), find_examples(examples, source, Path(scratch))
+        )
         try:
             page.launch(prevent_thread_lock=True, **launch_options(gr, host, port, share))
-        except OSError as e:  # Gradio's message names its own launch() arguments; ours names the flags
-            raise VitlabError(f"cannot serve on {host or '127.0.0.1'}:{port or 7860} ({str(e).split('. ')[0]}); choose "
-                              "another --port, or --host") from None  # fmt: skip
+        except (
+            OSError
+        ) as e:  # Gradio's message names its own launch() arguments; ours names the flags
+            raise VitlabError(
+                f"cannot serve on {host or '127.0.0.1'}:{port or 7860} ({str(e).split('. ')[0]}); "
+                "choose another --port, or --host"
+            ) from None
         public = f", public link {page.share_url}" if page.share_url else ""
         print(f"vitlab demo: {source} at {page.local_url}{public} (Ctrl+C to stop)", flush=True)
         page.block_thread()
@@ -237,9 +343,13 @@ def serve(source: str | os.PathLike, model_type: str | None = None, examples: st
 # ---------------------------------------------------------------------------------------------
 # Examples
 
-def find_examples(folder: str | os.PathLike | None, source: str | os.PathLike, scratch: Path) -> list[str]:
-    """Up to MAX_EXAMPLES images: from `folder`, else one per class of the dataset a vitlab run was trained on where it is
-    on this machine (CIFAR's are written into `scratch`), else none. Says on stdout where they come from."""
+
+def find_examples(
+    folder: str | os.PathLike | None, source: str | os.PathLike, scratch: Path
+) -> list[str]:
+    """Up to MAX_EXAMPLES images: from `folder`, else one per class of the dataset a vitlab run was
+    trained on where it is on this machine (CIFAR's are written into `scratch`), else none. Says on
+    stdout where they come from."""
     if folder is not None:
         files, problems = list_images([str(folder)])
         if problems:
@@ -247,7 +357,11 @@ def find_examples(folder: str | os.PathLike | None, source: str | os.PathLike, s
         found, where = [str(f) for f in files[:MAX_EXAMPLES]], str(folder)
     else:
         found, where = dataset_examples(source, scratch)
-    print(f"vitlab demo: {len(found)} examples ({where})" if found else f"vitlab demo: no examples ({where}; --examples DIR)")
+    print(
+        f"vitlab demo: {len(found)} examples ({where})"
+        if found
+        else f"vitlab demo: no examples ({where}; --examples DIR)"
+    )
     return found
 
 
@@ -262,7 +376,10 @@ def dataset_examples(source: str | os.PathLike, scratch: Path) -> tuple[list[str
     dataset, data_dir = train_config.get("dataset"), Path(train_config.get("data_dir", "data"))
     if dataset == "imagefolder" and data_dir.is_dir():
         root = held_out_folder(data_dir) or data_dir
-        firsts = [list_images([str(d)])[0][:1] for d in sorted(p for p in root.iterdir() if p.is_dir())[:MAX_EXAMPLES]]
+        firsts = [
+            list_images([str(d)])[0][:1]
+            for d in sorted(p for p in root.iterdir() if p.is_dir())[:MAX_EXAMPLES]
+        ]
         return [str(f[0]) for f in firsts if f], f"the run's image folder {root}"
     if dataset in ("cifar10", "cifar100") and cifar_on_disk(dataset, data_dir):
         data = load_cifar(dataset, data_dir, train=False)
@@ -311,11 +428,18 @@ Run it locally with `pip install -r requirements.txt gradio=={gradio_version}`, 
 """
 
 
-def write_space(folder: str | os.PathLike, source: str | os.PathLike, model_type: str | None = None,
-                examples: str | os.PathLike | None = None, top_k: int = 5, device: str = "auto",
-                precision: str = "auto") -> None:  # fmt: skip
-    """A folder that deploys as a Hugging Face Space: app.py, requirements.txt, README.md with the Spaces header, the
-    model as model.safetensors (any source becomes vitlab's own file), examples/ and a copy of vitlab."""
+def write_space(
+    folder: str | os.PathLike,
+    source: str | os.PathLike,
+    model_type: str | None = None,
+    examples: str | os.PathLike | None = None,
+    top_k: int = 5,
+    device: str = "auto",
+    precision: str = "auto",
+) -> None:
+    """A folder that deploys as a Hugging Face Space: app.py, requirements.txt, README.md with the
+    Spaces header, the model as model.safetensors (any source becomes vitlab's own file), examples/
+    and a copy of vitlab."""
     gr = import_gradio()
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -330,22 +454,45 @@ def write_space(folder: str | os.PathLike, source: str | os.PathLike, model_type
         for i, path in enumerate(map(Path, found)):
             shutil.copyfile(path, folder / "examples" / f"{i:02d}_{path.name}")
     save_safetensors(model, folder / "model.safetensors", class_names)
-    shutil.copytree(Path(__file__).parents[1], folder / "vitlab", ignore=shutil.ignore_patterns("__pycache__"))  # the package
+    shutil.copytree(
+        Path(__file__).parents[1], folder / "vitlab", ignore=shutil.ignore_patterns("__pycache__")
+    )  # the package
     c = model.config
-    (folder / "app.py").write_text(APP.format(source=short_name(source), examples='here / "examples"' if found else None,
-                                              top_k=top_k, device=device, precision=precision, title=short_name(source)))  # fmt: skip
+    (folder / "app.py").write_text(
+        APP.format(
+            source=short_name(source),
+            examples='here / "examples"' if found else None,
+            top_k=top_k,
+            device=device,
+            precision=precision,
+            title=short_name(source),
+        )
+    )
     (folder / "requirements.txt").write_text("".join(f"{r}\n" for r in requirements))
-    (folder / "README.md").write_text(SPACE_README.format(
-        gradio_version=gr.__version__, python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
-        source=short_name(source), variant=c.name, classes=len(class_names), img_size=c.img_size, top_k=top_k))  # fmt: skip
-    print(f"vitlab demo: wrote the Space {folder} (app.py, requirements.txt, README.md, model.safetensors, "
-          f"{len(found)} examples, vitlab/)")  # fmt: skip
+    (folder / "README.md").write_text(
+        SPACE_README.format(
+            gradio_version=gr.__version__,
+            python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+            source=short_name(source),
+            variant=c.name,
+            classes=len(class_names),
+            img_size=c.img_size,
+            top_k=top_k,
+        )
+    )
+    print(
+        f"vitlab demo: wrote the Space {folder} (app.py, requirements.txt, README.md, "
+        f"model.safetensors, {len(found)} examples, vitlab/)"
+    )
 
 
 def vitlab_requirements() -> list[str]:
-    """vitlab's own dependencies, as installed (a Space gets Gradio itself from its README's sdk_version)."""
+    """vitlab's own dependencies, as installed (a Space gets Gradio itself from its README's
+    sdk_version)."""
     try:
         requires = metadata.requires("vitlab") or []
     except metadata.PackageNotFoundError:
-        raise VitlabError("--write-space reads vitlab's dependencies from its installation: pip install -e .") from None
+        raise VitlabError(
+            "--write-space reads vitlab's dependencies from its installation: pip install -e ."
+        ) from None
     return [r for r in requires if "extra ==" not in r]

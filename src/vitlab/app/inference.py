@@ -1,4 +1,5 @@
-"""A trained model put to use: images in (the evaluation transform), the most probable classes out."""
+"""A trained model put to use: images in (the evaluation transform), the most probable classes
+out."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from ..runtime import autocast
 
 
 def preprocess(image: np.ndarray, img_size: int) -> torch.Tensor:
-    """uint8 (H, W, 3) -> (3, img_size, img_size) in [-1, 1]: the evaluation transform (whole image resized)."""
+    """uint8 (H, W, 3) -> (3, img_size, img_size) in [-1, 1]: the evaluation transform (whole image
+    resized)."""
     return resize(to_float(torch.from_numpy(image.copy())[None]), img_size)[0]
 
 
@@ -25,10 +27,14 @@ def list_images(arguments: list[str]) -> tuple[list[Path], list[str]]:
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
             files += found
             if not found:
-                problems.append(f"{path}: no images in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
+                problems.append(
+                    f"{path}: no images in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})"
+                )
         elif path.is_file():
             files.append(path)
         else:
@@ -36,24 +42,39 @@ def list_images(arguments: list[str]) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
-def top_classes(logits: torch.Tensor, class_names: list[str], top_k: int) -> list[list[tuple[str, int, float]]]:
-    """For each row of (B, classes) logits, its top-k (class name, index, probability), most probable first."""
+def top_classes(
+    logits: torch.Tensor, class_names: list[str], top_k: int
+) -> list[list[tuple[str, int, float]]]:
+    """For each row of (B, classes) logits, its top-k (class name, index, probability), most
+    probable first."""
     top = logits.float().softmax(dim=-1).topk(min(top_k, len(class_names)), dim=-1)
-    return [[(class_names[i], i, p) for i, p in zip(idx, probs)] for idx, probs in zip(top.indices.tolist(), top.values.tolist())]
+    return [
+        [(class_names[i], i, p) for i, p in zip(idx, probs, strict=False)]
+        for idx, probs in zip(top.indices.tolist(), top.values.tolist(), strict=False)
+    ]
 
 
 @torch.no_grad()
-def predict(model: VisionTransformer, images: torch.Tensor, class_names: list[str], top_k: int, device: torch.device,
-            precision: str) -> list[list[tuple[str, int, float]]]:  # fmt: skip
-    """For each of a batch of preprocessed images, its top-k (class name, index, probability), most probable first."""
+def predict(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    class_names: list[str],
+    top_k: int,
+    device: torch.device,
+    precision: str,
+) -> list[list[tuple[str, int, float]]]:
+    """For each of a batch of preprocessed images, its top-k (class name, index, probability), most
+    probable first."""
     with autocast(device, precision):
         logits = model(images.to(device))
     return top_classes(logits, class_names, top_k)
 
 
 @torch.no_grad()
-def predict_with_attention(model: VisionTransformer, images: torch.Tensor, device: torch.device,
-                           precision: str) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-    """One forward pass: (B, classes) logits and every layer's (B, heads, T, T) attention weights."""
+def predict_with_attention(
+    model: VisionTransformer, images: torch.Tensor, device: torch.device, precision: str
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward pass: (B, classes) logits and every layer's (B, heads, T, T) attention
+    weights."""
     with autocast(device, precision):
         return model(images.to(device), return_attention=True)

@@ -1,10 +1,10 @@
 """Where the model looks: attention rollout (Abnar & Zuidema, 2020) and one layer's raw attention,
 as a map over the patch grid, drawn beside and over the image.
 
-Rollout follows the notebook of jeonsworld/ViT-pytorch (the tutorial): average the heads, add the identity for the residual
-path, renormalise the rows, and multiply the layers through, first layer rightmost. A model with a
-class token is explained by the class token's row; a `gap` model, which has none and classifies the
-mean of its tokens, by the mean of all tokens' rows.
+Rollout follows the notebook of jeonsworld/ViT-pytorch (the tutorial): average the heads, add the
+identity for the residual path, renormalise the rows, and multiply the layers through, first layer
+rightmost. A model with a class token is explained by the class token's row; a `gap` model, which
+has none and classifies the mean of its tokens, by the mean of all tokens' rows.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
     joint = None
     for weights in attentions:
         a = head_average(weights)
-        a = a + torch.eye(a.shape[-1], device=a.device)  # the residual path carries each token to itself
+        a = a + torch.eye(
+            a.shape[-1], device=a.device
+        )  # the residual path carries each token to itself
         a = a / a.sum(dim=-1, keepdim=True)
         joint = a if joint is None else a @ joint
     if joint is None:
@@ -40,14 +42,16 @@ def rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def patch_relevance(matrix: torch.Tensor, has_class_token: bool) -> torch.Tensor:
-    """(B, T, T) token-to-token weights -> (B, patches): the class token's row without its own column,
-    or for a model without class token the mean of all rows."""
+    """(B, T, T) token-to-token weights -> (B, patches): the class token's row without its own
+    column, or for a model without class token the mean of all rows."""
     if has_class_token:
         return matrix[:, 0, 1:]
     return matrix.mean(dim=1)
 
 
-def attention_map(attentions: Sequence[torch.Tensor], has_class_token: bool, layer: int | None = None) -> torch.Tensor:
+def attention_map(
+    attentions: Sequence[torch.Tensor], has_class_token: bool, layer: int | None = None
+) -> torch.Tensor:
     """(B, grid, grid) relevance of each patch: the rollout through every layer, or with `layer`
     (0-based) that layer's own attention, heads averaged."""
     matrix = rollout(attentions) if layer is None else head_average(attentions[layer])
@@ -57,13 +61,17 @@ def attention_map(attentions: Sequence[torch.Tensor], has_class_token: bool, lay
 
 
 def upsample(grid_map: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """(grid, grid) -> (height, width) in [0, 1], bilinear, scaled by its maximum as the notebook did."""
-    smooth = F.interpolate(grid_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    """(grid, grid) -> (height, width) in [0, 1], bilinear, scaled by its maximum as the notebook
+    did."""
+    smooth = F.interpolate(
+        grid_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False
+    )[0, 0]
     return (smooth / smooth.max().clamp(min=1e-12)).cpu().numpy()
 
 
 def overlay(image: np.ndarray, grid_map: torch.Tensor, opacity: float = 0.45) -> np.ndarray:
-    """uint8 (H, W, 3): the map, upsampled and coloured (jet), laid over the image at `opacity` (0: the image alone)."""
+    """uint8 (H, W, 3): the map, upsampled and coloured (jet), laid over the image at `opacity` (0:
+    the image alone)."""
     from matplotlib import colormaps
 
     height, width = image.shape[:2]
@@ -72,8 +80,11 @@ def overlay(image: np.ndarray, grid_map: torch.Tensor, opacity: float = 0.45) ->
     return np.clip(np.round(blended * 255), 0, 255).astype(np.uint8)
 
 
-def draw_attention(image: np.ndarray, grid_map: torch.Tensor, title: str, what: str, path: str | os.PathLike) -> None:
-    """A PNG of three panels: the image, the map over the patch grid, and the map laid over the image."""
+def draw_attention(
+    image: np.ndarray, grid_map: torch.Tensor, title: str, what: str, path: str | os.PathLike
+) -> None:
+    """A PNG of three panels: the image, the map over the patch grid, and the map laid over the
+    image."""
     from matplotlib.figure import Figure
 
     height, width = image.shape[:2]
@@ -81,9 +92,12 @@ def draw_attention(image: np.ndarray, grid_map: torch.Tensor, title: str, what: 
     axes = fig.subplots(1, 3)
     axes[0].imshow(image)
     axes[0].set_title("image")
-    # The map at patch resolution, stretched over the image's pixel extent: each square is one patch.
+    # The map at patch resolution, stretched over the image's pixel extent: each square is one
+    # patch.
     pixels = (-0.5, width - 0.5, height - 0.5, -0.5)
-    shown = axes[1].imshow(grid_map.float().cpu().numpy(), cmap="inferno", extent=pixels, interpolation="nearest")
+    shown = axes[1].imshow(
+        grid_map.float().cpu().numpy(), cmap="inferno", extent=pixels, interpolation="nearest"
+    )
     axes[1].set_title(what)
     fig.colorbar(shown, ax=axes[1], shrink=0.8)
     axes[2].imshow(overlay(image, grid_map))

@@ -1,1 +1,2 @@
-"""Checkpoint and model file formats: vitlab's own, the official .npz, timm's and transformers', the exports."""
+"""Checkpoint and model file formats: vitlab's own, the official .npz, timm's and transformers', the
+exports."""

@@ -1,6 +1,7 @@
-"""A model for other runtimes and libraries: ONNX (checked against PyTorch with onnxruntime), TorchScript,
-safetensors, the official `.npz` layout, a timm state dict and a transformers folder (each checked by running that
-library on it, where it is installed). Every file is written whole or not at all.
+"""A model for other runtimes and libraries: ONNX (checked against PyTorch with onnxruntime),
+TorchScript, safetensors, the official `.npz` layout, a timm state dict and a transformers folder
+(each checked by running that library on it, where it is installed). Every file is written whole or
+not at all.
 
 ONNX and TorchScript take float32 images (B, 3, img_size, img_size) in [-1, 1], any batch size,
 and give logits (B, num_classes); the class names ride along in the ONNX metadata (`class_names`)
@@ -18,26 +19,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoints, interop, official
 from ..errors import ExportError
-from .files import atomic_write, atomic_write_dir
 from ..model import VisionTransformer
+from . import checkpoints, interop, official
+from .files import atomic_write, atomic_write_dir
 
 FORMATS = ("onnx", "torchscript", "safetensors", "npz", "timm", "hf")
 ONNX_OPSET = 18  # the dynamo exporter's lowest native opset; asking for less makes it convert down
 TOLERANCE = 1e-4  # largest |other runtime - PyTorch| logit difference accepted, in float32
-CHECK_BATCH_SIZES = (1, 3)  # neither is ONNX's traced batch of 2, so its dynamic batch axis is exercised
+CHECK_BATCH_SIZES = (
+    1,
+    3,
+)  # neither is ONNX's traced batch of 2, so its dynamic batch axis is exercised
 
 
-def export(model: VisionTransformer, class_names: list[str], fmt: str, path: str | os.PathLike) -> str:
-    """Write `model` to `path` in format `fmt`; returns a line that says what was checked or left out."""
+def export(
+    model: VisionTransformer, class_names: list[str], fmt: str, path: str | os.PathLike
+) -> str:
+    """Write `model` to `path` in format `fmt`; returns a line that says what was checked or left
+    out."""
     model = model.float().cpu().eval()
     if fmt == "onnx":
         difference = export_onnx(model, class_names, path)
-        return f"onnxruntime matches PyTorch at batch sizes {_sizes()}: max |difference| {difference:.2e} (limit {TOLERANCE:.0e})"
+        return (
+            f"onnxruntime matches PyTorch at batch sizes {_sizes()}: max |difference| "
+            f"{difference:.2e} (limit {TOLERANCE:.0e})"
+        )
     if fmt == "torchscript":
         export_torchscript(model, class_names, path)
-        return "TorchScript: torch.jit.load(path) gives the model (PyTorch deprecates TorchScript; ONNX is the lasting format)"
+        return (
+            "TorchScript: torch.jit.load(path) gives the model (PyTorch deprecates TorchScript; "
+            "ONNX is the lasting format)"
+        )
     if fmt == "safetensors":
         checkpoints.save_safetensors(model, path, class_names)
         return "safetensors: weights with the model config and class names in the metadata"
@@ -45,10 +58,16 @@ def export(model: VisionTransformer, class_names: list[str], fmt: str, path: str
         differ = official.not_official(model.config)
         if differ:
             ours = ", ".join(f"{f} {getattr(model.config, f)}" for f in differ)
-            raise ExportError(f"the official .npz layout implies {', '.join(f'{f} {v}' for f, v in differ.items())}, and this model has "
-                              f"{ours}; export safetensors, timm, hf, ONNX or TorchScript instead")  # fmt: skip
+            raise ExportError(
+                "the official .npz layout implies "
+                f"{', '.join(f'{f} {v}' for f, v in differ.items())}, and this model has {ours}; "
+                "export safetensors, timm, hf, ONNX or TorchScript instead"
+            )
         official.save_npz(model, path)
-        return "official .npz layout: weights only; the class names and the variant are not stored (load with --model_type)"
+        return (
+            "official .npz layout: weights only; the class names and the variant are not stored "
+            "(load with --model_type)"
+        )
     if fmt == "timm":
         return export_timm(model, class_names, path)
     if fmt == "hf":
@@ -62,32 +81,45 @@ def _example(model: VisionTransformer, batch: int, seed: int = 0) -> torch.Tenso
 
 
 def export_onnx(model: VisionTransformer, class_names: list[str], path: str | os.PathLike) -> float:
-    """ONNX with a dynamic batch axis, written only if onnxruntime reproduces PyTorch's float32 logits
-    within TOLERANCE at two batch sizes. Returns the largest difference seen."""
+    """ONNX with a dynamic batch axis, written only if onnxruntime reproduces PyTorch's float32
+    logits within TOLERANCE at two batch sizes. Returns the largest difference seen."""
     try:  # all three now, before the export's work, so that a missing one is one clear message
         import onnx
         import onnxruntime
         import onnxscript  # noqa: F401
     except ImportError as e:
-        raise ExportError(f"ONNX export needs onnx, onnxscript and onnxruntime ({e}); pip install 'vitlab[export]'") from None
+        raise ExportError(
+            f"ONNX export needs onnx, onnxscript and onnxruntime ({e}); pip install "
+            "'vitlab[export]'"
+        ) from None
     batch = torch.export.Dim("batch")
     program = torch.onnx.export(
-        model, (_example(model, 2),), input_names=["images"], output_names=["logits"], opset_version=ONNX_OPSET,
-        dynamo=True, dynamic_shapes={"images": {0: batch}}, verbose=False,
-    )  # fmt: skip
+        model,
+        (_example(model, 2),),
+        input_names=["images"],
+        output_names=["logits"],
+        opset_version=ONNX_OPSET,
+        dynamo=True,
+        dynamic_shapes={"images": {0: batch}},
+        verbose=False,
+    )
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {"class_names": json.dumps(class_names)})
     data = proto.SerializeToString()
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    difference = checked_difference(model, lambda images: torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0]),
-                                    "onnxruntime", path)  # fmt: skip
+    difference = checked_difference(
+        model,
+        lambda images: torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0]),
+        "onnxruntime",
+        path,
+    )
     atomic_write(path, lambda f: f.write(data))
     return difference
 
 
 def checked_difference(model: VisionTransformer, run, runtime: str, path) -> float:
-    """Largest |run(images) - model(images)| over the logits of random images at each check batch size; raises ExportError
-    (nothing written) if it is over TOLERANCE or NaN."""
+    """Largest |run(images) - model(images)| over the logits of random images at each check batch
+    size; raises ExportError (nothing written) if it is over TOLERANCE or NaN."""
     differences = []
     for seed, batch in enumerate(CHECK_BATCH_SIZES, start=1):
         images = _example(model, batch, seed)
@@ -95,7 +127,10 @@ def checked_difference(model: VisionTransformer, run, runtime: str, path) -> flo
             differences.append((run(images).float() - model(images)).abs().max().item())
     difference = float(np.max(differences))  # NaN stays NaN, where max() would skip it
     if not difference <= TOLERANCE:
-        raise ExportError(f"{runtime} differs from PyTorch by {difference:.2e} (limit {TOLERANCE:.0e}); {path} not written")
+        raise ExportError(
+            f"{runtime} differs from PyTorch by {difference:.2e} (limit {TOLERANCE:.0e}); {path} "
+            "not written"
+        )
     return difference
 
 
@@ -104,16 +139,24 @@ def _sizes() -> str:
 
 
 def export_timm(model: VisionTransformer, class_names: list[str], path: str | os.PathLike) -> str:
-    """A safetensors state dict in timm's layout (vitlab's model config and class names in its metadata, which timm
-    ignores), written once `timm.create_model` of it has reproduced the model's logits, where timm is installed."""
+    """A safetensors state dict in timm's layout (vitlab's model config and class names in its
+    metadata, which timm ignores), written once `timm.create_model` of it has reproduced the model's
+    logits, where timm is installed."""
     from safetensors.torch import save
 
     state = interop.to_timm(model)
     name, kwargs = interop.timm_args(model.config)
-    metadata = {"format": "pt", "model_config": json.dumps(model.config.to_dict()), "class_names": json.dumps(class_names)}
+    metadata = {
+        "format": "pt",
+        "model_config": json.dumps(model.config.to_dict()),
+        "class_names": json.dumps(class_names),
+    }
     data = save(state, metadata=metadata)
     overlay = {"file": str(path), "num_classes": model.config.num_classes}
-    call = f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, {interop.format_args(kwargs)})"
+    call = (
+        f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, "
+        f"{interop.format_args(kwargs)})"
+    )
     try:
         import timm
     except ImportError:
@@ -123,22 +166,34 @@ def export_timm(model: VisionTransformer, class_names: list[str], path: str | os
         file = Path(folder) / "model.safetensors"
         file.write_bytes(data)
         library, overlay_here = f"timm {timm.__version__}", {**overlay, "file": str(file)}
-        reference = _loaded(library, path, lambda: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay_here, **kwargs))
+        reference = _loaded(
+            library,
+            path,
+            lambda: timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay=overlay_here, **kwargs
+            ),
+        )
         difference = checked_difference(model, reference, library, path)
     atomic_write(path, lambda f: f.write(data))
-    return f"timm {timm.__version__}: {call} gives the model's logits at batch sizes {_sizes()}: max |difference| {difference:.2e}"
+    return (
+        f"timm {timm.__version__}: {call} gives the model's logits at batch sizes {_sizes()}: max "
+        f"|difference| {difference:.2e}"
+    )
 
 
 def export_hf(model: VisionTransformer, class_names: list[str], path: str | os.PathLike) -> str:
-    """A folder as transformers' `save_pretrained` writes it (config.json with id2label, model.safetensors), put in place
-    once `ViTForImageClassification.from_pretrained` of it has reproduced the model's logits, where transformers is installed."""
+    """A folder as transformers' `save_pretrained` writes it (config.json with id2label,
+    model.safetensors), put in place once `ViTForImageClassification.from_pretrained` of it has
+    reproduced the model's logits, where transformers is installed."""
     from safetensors.torch import save
 
     config_json, state = interop.to_hf(model, class_names)
     path = Path(path)
     ours = {"config.json", "model.safetensors"}
     if path.exists() and not (path.is_dir() and {p.name for p in path.iterdir()} <= ours):
-        raise ExportError(f"{path} exists and is not a folder this export wrote; choose a new folder")
+        raise ExportError(
+            f"{path} exists and is not a folder this export wrote; choose a new folder"
+        )
     result = []
 
     def write(folder: Path) -> None:
@@ -153,13 +208,21 @@ def export_hf(model: VisionTransformer, class_names: list[str], path: str | os.P
         shown = bars.is_progress_bar_enabled()
         bars.disable_progress_bar()  # the bar of this check's loading is none of the user's business
         try:
-            reference = _loaded(library, path, lambda: transformers.ViTForImageClassification.from_pretrained(folder))
+            reference = _loaded(
+                library,
+                path,
+                lambda: transformers.ViTForImageClassification.from_pretrained(folder),
+            )
         finally:
             if shown:
                 bars.enable_progress_bar()
-        difference = checked_difference(model, lambda images: reference(pixel_values=images).logits, library, path)
-        result.append(f"{library}: ViTForImageClassification.from_pretrained({str(path)!r}) gives the model's logits at batch sizes "
-                      f"{_sizes()}: max |difference| {difference:.2e}")  # fmt: skip
+        difference = checked_difference(
+            model, lambda images: reference(pixel_values=images).logits, library, path
+        )
+        result.append(
+            f"{library}: ViTForImageClassification.from_pretrained({str(path)!r}) gives the "
+            f"model's logits at batch sizes {_sizes()}: max |difference| {difference:.2e}"
+        )
 
     atomic_write_dir(path, write)
     return result[0]
@@ -169,10 +232,15 @@ def _loaded(library: str, path, load) -> torch.nn.Module:
     try:
         return load().eval()
     except Exception as e:  # a release of the library that cannot build or read this model
-        raise ExportError(f"{library} could not load the export ({type(e).__name__}: {str(e).strip()[:200]}); {path} not written") from None
+        raise ExportError(
+            f"{library} could not load the export ({type(e).__name__}: {str(e).strip()[:200]}); "
+            f"{path} not written"
+        ) from None
 
 
-def export_torchscript(model: VisionTransformer, class_names: list[str], path: str | os.PathLike) -> None:
+def export_torchscript(
+    model: VisionTransformer, class_names: list[str], path: str | os.PathLike
+) -> None:
     extra = {"class_names.json": json.dumps(class_names)}
     with warnings.catch_warnings():
         # The trace records the check on the token count as a constant, which is right: the traced

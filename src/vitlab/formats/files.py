@@ -1,5 +1,5 @@
-"""Files and folders written whole or not at all, files fetched over the network into them, and the Hugging Face
-Hub's files fetched by huggingface_hub into its own cache."""
+"""Files and folders written whole or not at all, files fetched over the network into them, and the
+Hugging Face Hub's files fetched by huggingface_hub into its own cache."""
 
 from __future__ import annotations
 
@@ -15,13 +15,16 @@ from ..errors import CheckpointError, ConfigError
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file whole."""
+    """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file
+    whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes files private; give the permissions a plain open() would
+    os.fchmod(
+        fd, 0o666 & ~umask
+    )  # mkstemp makes files private; give the permissions a plain open() would
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -34,8 +37,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 
 def atomic_write_dir(path: str | os.PathLike, write) -> None:
-    """`write(folder)` into a new folder beside `path`, every file fsynced, then renamed to `path` (a folder there before
-    is replaced only then): a crash or an error leaves the old folder, or none, whole."""
+    """`write(folder)` into a new folder beside `path`, every file fsynced, then renamed to `path`
+    (a folder there before is replaced only then): a crash or an error leaves the old folder, or
+    none, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -58,16 +62,27 @@ def atomic_write_dir(path: str | os.PathLike, write) -> None:
         raise
 
 
-def check_output(path: str | os.PathLike, overwrite: bool, inputs: tuple = (), flag: str = "--out") -> Path:
-    """`path` as a command's output: refused if a file or folder is there, unless `overwrite`, and always if it is one
-    of the command's `inputs` or a folder that holds one (writing it would destroy what is being read)."""
+def check_output(
+    path: str | os.PathLike, overwrite: bool, inputs: tuple = (), flag: str = "--out"
+) -> Path:
+    """`path` as a command's output: refused if a file or folder is there, unless `overwrite`, and
+    always if it is one of the command's `inputs` or a folder that holds one (writing it would
+    destroy what is being read)."""
     path = Path(path)
     for source in inputs:
         source = Path(source)
-        if source.exists() and path.exists() and (path.resolve() == source.resolve() or path.resolve() in source.resolve().parents):
-            raise ConfigError(f"{flag} {path}: that would write over the input {source}; choose another {flag}")
+        if (
+            source.exists()
+            and path.exists()
+            and (path.resolve() == source.resolve() or path.resolve() in source.resolve().parents)
+        ):
+            raise ConfigError(
+                f"{flag} {path}: that would write over the input {source}; choose another {flag}"
+            )
     if path.exists() and not overwrite:
-        raise ConfigError(f"{flag} {path}: already exists; --overwrite replaces it, or choose another {flag}")
+        raise ConfigError(
+            f"{flag} {path}: already exists; --overwrite replaces it, or choose another {flag}"
+        )
     return path
 
 
@@ -75,8 +90,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VITLAB_CACHE", Path.home() / ".cache" / "vitlab"))
 
 
-def download(url: str, destination: str | os.PathLike, progress: bool = True, timeout: float = 60.0) -> Path:
-    """Fetch `url` to `destination` through a temporary file renamed only once every byte has arrived."""
+def download(
+    url: str, destination: str | os.PathLike, progress: bool = True, timeout: float = 60.0
+) -> Path:
+    """Fetch `url` to `destination` through a temporary file renamed only once every byte has
+    arrived."""
     from tqdm.auto import tqdm
 
     destination = Path(destination)
@@ -85,7 +103,9 @@ def download(url: str, destination: str | os.PathLike, progress: bool = True, ti
         with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             received = 0
-            with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name, disable=not progress) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=destination.name, disable=not progress
+            ) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     received += len(chunk)
@@ -97,7 +117,9 @@ def download(url: str, destination: str | os.PathLike, progress: bool = True, ti
         atomic_write(destination, fetch)
     except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", None) or e
-        raise CheckpointError(f"could not download {url} ({reason}); download it by hand to {destination}") from None
+        raise CheckpointError(
+            f"could not download {url} ({reason}); download it by hand to {destination}"
+        ) from None
     return destination
 
 
@@ -105,33 +127,44 @@ HUB_PREFIX = "hf-hub:"  # timm's spelling of a Hub repository: hf-hub:ORG/NAME[@
 
 
 def fetch_hub(name: str) -> Path:
-    """The folder in huggingface_hub's cache that holds `hf-hub:ORG/NAME[@REVISION]`'s config.json, its weights
-    (model.safetensors, else pytorch_model.bin) and its preprocessor_config.json if it has one, fetched on first use by
-    huggingface_hub as it does everything (HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE)."""
+    """The folder in huggingface_hub's cache that holds `hf-hub:ORG/NAME[@REVISION]`'s config.json,
+    its weights (model.safetensors, else pytorch_model.bin) and its preprocessor_config.json if it
+    has one, fetched on first use by huggingface_hub as it does everything (HF_HUB_CACHE, HF_TOKEN,
+    HF_ENDPOINT, HF_HUB_OFFLINE)."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
     except ImportError:
-        raise CheckpointError(f"{name}: Hub names need huggingface_hub: pip install 'vitlab[hub]'") from None
+        raise CheckpointError(
+            f"{name}: Hub names need huggingface_hub: pip install 'vitlab[hub]'"
+        ) from None
     repo, _, revision = name.removeprefix(HUB_PREFIX).partition("@")
 
-    def get(*candidates: str, required: bool = True, revision: str | None = revision or None) -> Path | None:
+    def get(
+        *candidates: str, required: bool = True, revision: str | None = revision or None
+    ) -> Path | None:
         missing = None
         for filename in candidates:
             try:
                 return Path(hf_hub_download(repo, filename, revision=revision))
-            except EntryNotFoundError as e:  # not in the repository, or not in the cache and the Hub out of reach
+            except (
+                EntryNotFoundError
+            ) as e:  # not in the repository, or not in the cache and the Hub out of reach
                 missing = e
             except (HfHubHTTPError, HFValidationError, OSError) as e:
                 raise CheckpointError(f"{name}: {filename}: {_first_line(e)}") from None
         if not required:
             return None
-        if isinstance(missing, FileNotFoundError):  # LocalEntryNotFoundError: huggingface_hub's own words on why
+        if isinstance(
+            missing, FileNotFoundError
+        ):  # LocalEntryNotFoundError: huggingface_hub's own words on why
             raise CheckpointError(f"{name}: {' or '.join(candidates)}: {_first_line(missing)}")
         raise CheckpointError(f"{name}: the repository has no {' or '.join(candidates)}")
 
     config = get("config.json")
-    commit = config.parent.name  # the cache's snapshots/<commit>/: the other files from the same commit
+    commit = (
+        config.parent.name
+    )  # the cache's snapshots/<commit>/: the other files from the same commit
     get("model.safetensors", "pytorch_model.bin", revision=commit)
     get("preprocessor_config.json", required=False, revision=commit)
     return config.parent
