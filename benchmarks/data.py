@@ -57,9 +57,8 @@ BATCH = 256
 MIN_SCALE = 0.05  # the tutorial's RandomResizedCrop scale=(0.05, 1.0)
 PAD = 4  # the usual 32 px CIFAR crop padding
 MEAN = STD = [0.5, 0.5, 0.5]  # the tutorial's Normalize: [0, 1] -> [-1, 1], as vitlab's to_float
-IN_FLIGHT_MULTIPLE = (
-    4  # a worker DataLoader is timed for at least this many times the batches it has in flight
-)
+# A worker DataLoader is timed for at least this many times the batches it has in flight.
+IN_FLIGHT_MULTIPLE = 4
 
 
 class Pipeline:
