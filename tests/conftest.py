@@ -49,6 +49,19 @@ def randomise():
     return randomise_parameters
 
 
+# The tests' tiny ViT from scratch, as settings of a training run (`vitlab train` flags, TrainConfig fields).
+TINY = dict(
+    model_type="Ti/16",
+    patch_size=4,
+    img_size=16,
+    depth=1,
+    hidden_size=16,
+    num_heads=2,
+    mlp_dim=32,
+    pretrained_dir="none",
+)
+
+
 def train_tiny(root: Path, **model_overrides) -> SimpleNamespace:
     """A tiny ViT (depth 1 unless overridden) trained for 3 steps on a folder of random 16 px PNGs in 3 classes
     (8 images each), under `root`: `.checkpoint` (its best.pt), `.data_dir` and `.class_names`."""
@@ -71,14 +84,7 @@ def train_tiny(root: Path, **model_overrides) -> SimpleNamespace:
                 name="tiny",
                 dataset="imagefolder",
                 data_dir=str(data_dir),
-                model_type="Ti/16",
-                patch_size=4,
-                img_size=16,
-                depth=1,
-                hidden_size=16,
-                num_heads=2,
-                mlp_dim=32,
-                pretrained_dir="none",
+                **TINY,
                 num_steps=3,
                 train_batch_size=8,
                 eval_every=3,

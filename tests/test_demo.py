@@ -24,7 +24,6 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, train_tiny
 from PIL import Image
 
 from vitlab.app import demo
@@ -36,6 +35,8 @@ from vitlab.data import ImageSet, read_image
 from vitlab.errors import ConfigError, DataError, VitlabError
 from vitlab.formats.checkpoints import load_model, read_checkpoint
 from vitlab.model import count_parameters
+
+from conftest import REPO, train_tiny
 
 CPU = torch.device("cpu")
 

@@ -13,16 +13,7 @@ from vitlab.config import TrainConfig
 from vitlab.model import VisionTransformer
 from vitlab.optim import configure_optimizer, freeze, lr_factor, set_learning_rate
 
-TINY = dict(
-    model_type="Ti/16",
-    patch_size=4,
-    img_size=16,
-    depth=1,
-    hidden_size=16,
-    num_heads=2,
-    mlp_dim=32,
-    pretrained_dir="none",
-)
+from conftest import TINY
 
 
 def _one_step(model: VisionTransformer, optimizer: torch.optim.Optimizer, seed: int) -> None:

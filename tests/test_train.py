@@ -34,19 +34,10 @@ from vitlab.model import VisionTransformer
 from vitlab.optim import lr_factor
 from vitlab.train import resolve_pretrained, train
 
+from conftest import TINY
 from rounding import assert_within, sum_bound, ulps
 
 CLASSES = ["cat", "dog", "eel"]
-TINY = dict(
-    model_type="Ti/16",
-    patch_size=4,
-    img_size=16,
-    depth=1,
-    hidden_size=16,
-    num_heads=2,
-    mlp_dim=32,
-    pretrained_dir="none",
-)
 RUN_FILES = {
     "config.json",
     "best.pt",

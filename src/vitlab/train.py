@@ -333,12 +333,19 @@ def kept(job: Job, state: TrainState) -> str:
     last = job.out_dir / "last.pt"
     if state.saved_step and last.is_file():
         return f"the last good checkpoint {last} (step {state.saved_step}) is kept"
-    return (
-        f"no checkpoint was saved before it (the first is written at step {job.config.eval_every})"
-    )
+    return "no checkpoint was saved before it"
 
 
-def save_last(job: Job, state: TrainState, names: tuple[str, ...] = ("last.pt",)) -> None:
+def check_finite(job: Job, state: TrainState) -> None:
+    """Stop the run, naming what is kept, if its weights went non-finite: nothing is evaluated or saved
+    from them."""
+    if not all(torch.isfinite(p).all() for p in job.model.parameters()):
+        raise TrainingError(
+            f"weights became non-finite at step {state.step}; stopped, {kept(job, state)}"
+        )
+
+
+def save_checkpoints(job: Job, state: TrainState, names: tuple[str, ...] = ("last.pt",)) -> None:
     """The run's state as `names` in its folder (rank 0 writes), for --resume to continue bit-exact
     from this step."""
     if job.processes.is_main:
@@ -359,12 +366,8 @@ def save_last(job: Job, state: TrainState, names: tuple[str, ...] = ("last.pt",)
 def stop_at_step_boundary(job: Job, state: TrainState, signum: int) -> None:
     """A signal came (SIGTERM before a preemption, Ctrl-C): last.pt at this step, then a one-line
     stop."""
-    if not all(torch.isfinite(p).all() for p in job.model.parameters()):
-        raise TrainingError(
-            f"stopped by {signal.Signals(signum).name} at step {state.step} with non-finite "
-            f"weights; {kept(job, state)}"
-        )
-    save_last(job, state)
+    check_finite(job, state)
+    save_checkpoints(job, state)
     raise Stopped(
         f"stopped by {signal.Signals(signum).name} at step {state.step}; saved "
         f"{job.out_dir / 'last.pt'}: --resume continues the run",
@@ -399,10 +402,7 @@ def evaluate_on(job: Job, data: ImageSet) -> dict:
 def evaluate_and_save(job: Job, state: TrainState, bar) -> None:
     """Validation accuracy now; best.pt if it is the best so far, and last.pt, unless the weights
     went non-finite."""
-    if not all(torch.isfinite(p).all() for p in job.model.parameters()):
-        raise TrainingError(
-            f"weights became non-finite at step {state.step}; stopped, {kept(job, state)}"
-        )
+    check_finite(job, state)
     result = evaluate_on(job, job.val_data)
     improved = result["accuracy"] > state.best_accuracy
     if improved:
@@ -416,7 +416,7 @@ def evaluate_and_save(job: Job, state: TrainState, bar) -> None:
             f"step {state.step}: {tag} accuracy {result['accuracy']:.4f}, loss "
             f"{result['loss']:.4f} (best {state.best_accuracy:.4f} at step {state.best_step})"
         )
-    save_last(job, state, ("best.pt", "last.pt") if improved else ("last.pt",))
+    save_checkpoints(job, state, ("best.pt", "last.pt") if improved else ("last.pt",))
 
 
 def finish(job: Job, state: TrainState, seconds: float, images_seen: int) -> dict:

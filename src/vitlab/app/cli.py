@@ -156,6 +156,14 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {what} where there is one already (never the command's own input)",
+    )
+
+
 def _add_inference_commands(sub) -> None:
     p = sub.add_parser(
         "eval", help="accuracy, per-class accuracy and confusion matrix on a test set"
@@ -175,11 +183,7 @@ def _add_inference_commands(sub) -> None:
         "--out",
         help="folder for the JSON and PNG (default: beside the checkpoint file, else ./eval)",
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the JSON and PNG if it exists (never the command's own input)",
-    )
+    _add_overwrite(p, "the JSON and PNG")
     p.add_argument("--batch_size", "--batch-size", type=int, default=64, help="(default: 64)")
     p.add_argument(
         "--num_workers",
@@ -210,11 +214,7 @@ def _add_inference_commands(sub) -> None:
     p.add_argument(
         "--out", help="the PNG to write (default: <image stem>_attention.png beside the image)"
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the PNG if it exists (never the command's own input)",
-    )
+    _add_overwrite(p, "the PNG")
     p.add_argument(
         "--layer",
         type=int,
@@ -264,11 +264,7 @@ def _add_inference_commands(sub) -> None:
     _add_source(p)
     p.add_argument("--format", required=True, choices=export.FORMATS)
     p.add_argument("--out", required=True, help="the file to write (for hf: the folder)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace --out if it exists (never the command's own input)",
-    )
+    _add_overwrite(p, "--out")
     p.set_defaults(func=commands.cmd_export)
 
 

@@ -85,6 +85,15 @@ def check_state(config: ModelConfig, state: dict[str, torch.Tensor], path) -> No
         )
 
 
+def build_model(weights: Weights, path) -> VisionTransformer:
+    """The model `weights` describe, holding them; checked (`check_state`) before it is built, so that
+    a file whose config claims a huge model costs no memory."""
+    check_state(weights.config, weights.state, path)
+    model = VisionTransformer(weights.config)
+    model.load_state_dict(weights.state)
+    return model
+
+
 def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], path) -> None:
     """Load a full state dict, or raise CheckpointError naming what does not fit (`check_state`)."""
     check_state(model.config, state, path)
@@ -138,11 +147,7 @@ def load_model(
                     f"{source}: holds no classification head (a feature extractor); fine-tune it "
                     "with --pretrained_dir"
                 )
-            check_state(
-                weights.config, weights.state, path
-            )  # before the model is built: its size is the file's
-            model = VisionTransformer(weights.config)
-            load_state(model, weights.state, path)
+            model = build_model(weights, path)
             names = weights.class_names or [f"class {i}" for i in range(model.config.num_classes)]
     if len(names) != model.config.num_classes:
         raise CheckpointError(
@@ -395,9 +400,7 @@ def load_safetensors(path: str | os.PathLike) -> tuple[VisionTransformer, list[s
     if "model_config" not in metadata:
         raise CheckpointError(f"{path}: safetensors file without vitlab's model_config metadata")
     weights = _convert(Path(path), state, metadata, Path(path).with_name("config.json"), None, None)
-    model = VisionTransformer(weights.config)
-    load_state(model, weights.state, path)
-    return model, weights.class_names
+    return build_model(weights, path), weights.class_names
 
 
 # ---------------------------------------------------------------------------------------------

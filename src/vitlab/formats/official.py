@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, canonical_name, get_config
 from ..errors import CheckpointError
-from ..model import VisionTransformer, create_model
+from ..model import VisionTransformer, count_parameters, create_model
 from .files import atomic_write, cache_dir, download
 
 # ---------------------------------------------------------------------------------------------
@@ -189,20 +189,13 @@ def npz_budget(config: ModelConfig) -> int:
     official head (ImageNet-21k's 21,843 classes), a pre-logits layer and a position table of 64 x
     64 patches, counted on the meta device. A file claiming more is refused before any of it is
     read: memory stays within what such a model needs."""
-    from ..model import count_parameters
-
+    largest = config.replace(
+        num_classes=max(config.num_classes, 21_843),
+        representation_size=config.hidden_size,
+        img_size=64 * config.patch_size,
+    )
     with torch.device("meta"):
-        largest = create_model(
-            config.name,
-            num_classes=max(config.num_classes, 21_843),
-            representation_size=config.hidden_size,
-            img_size=64 * config.patch_size,
-            hidden_size=config.hidden_size,
-            depth=config.depth,
-            mlp_dim=config.mlp_dim,
-            num_heads=config.num_heads,
-        )
-    return count_parameters(largest)
+        return count_parameters(VisionTransformer(largest))
 
 
 _HEADER_READERS = {
