@@ -41,9 +41,8 @@ import numpy as np
 RECIPE = "scratch-cifar10-cpu"
 VAL_SPLIT = 0.1  # 5,000 of CIFAR-10's 50,000 training images
 EVALUATIONS = 6  # evaluations in a budgeted run, the last at the end: points on the accuracy curve
-EVAL_COST = (
-    1 / 3
-)  # an evaluated image costs about a third of a trained one (forward only), at the same token count
+# An evaluated image costs about a third of a trained one (forward only), at the same token count
+EVAL_COST = 1 / 3
 PROBE_CLASSES, PROBE_IMAGES_PER_CLASS = 10, 64  # the probe's throwaway folder of random images
 
 
@@ -239,9 +238,8 @@ def main() -> None:
             f"probe: {speed:.0f} training images/s -> {steps} steps of {batch} fill {args.budget_minutes:g} minutes "
             f"with {EVALUATIONS} evaluations of {val_images} images"
         )
-    log_every = (
-        10 if steps >= 10 * EVALUATIONS else 1
-    )  # evaluations fall on logged steps, which carry the speed
+    # Evaluations fall on logged steps, which carry the speed
+    log_every = 10 if steps >= 10 * EVALUATIONS else 1
     eval_every = max(log_every, math.ceil(steps / EVALUATIONS / log_every) * log_every)
     warmup = round(steps * recipe_value("warmup_steps") / recipe_value("num_steps"))
     name = args.name or f"cifar10-cpu-{steps}"

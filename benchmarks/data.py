@@ -10,13 +10,13 @@ Run from the repository root, in the project's environment:
 What it measures: images/s of turning 32x32 uint8 images into training batches (batch 256) of normalised
 float images (B, 3, S, S) and labels on the device. Random images by default (--num_images of them);
 --data_dir decodes a real image folder with vitlab.data.load_image_folder and both pipelines use it.
-  224 px  vitlab    TrainBatches with Augmentation(224, "resized_crop", 0.05, hflip=True): the dataset is one
+  224 px  vitlab    batches.TrainBatches with Augmentation(224, "resized_crop", 0.05): the dataset is one
                     uint8 tensor on the device, each batch cropped and resized with tensor operations
           tutorial  Compose([RandomResizedCrop((224, 224), scale=(0.05, 1.0)), ToTensor(), Normalize([0.5]*3, [0.5]*3)])
                     on PIL images, as torchvision's CIFAR10 serves them, through a DataLoader (--workers)
   32 px   vitlab    Augmentation(32, "pad_crop"): 4 px reflection padding, random crop, flip
           tutorial  RandomCrop(32, padding=4) (zero padding), RandomHorizontalFlip, ToTensor, Normalize
-and the 224 px crop on its own (--kernels): vitlab.data.crop_and_resize, the same crop as two batched
+and the 224 px crop on its own (--kernels): vitlab.augment.crop_and_resize, the same crop as two batched
 matmuls and as one F.grid_sample (vitlab's two former formulations), and merely writing a fresh
 (256, 3, 224, 224) float tensor, the floor for any pipeline that returns new memory. On a CPU that floor is set by page faults: torch frees and maps such large tensors
 anew each time. vitlab, imported first, turns torch's transparent huge pages on (THP_MEM_ALLOC_ENABLE=1, unless
@@ -51,7 +51,8 @@ import torch.nn.functional as F
 
 from vitlab import fastpaths
 from vitlab.augment import Augmentation, crop_and_resize, resized_crop_boxes, to_float
-from vitlab.data import ImageSet, TrainBatches, load_image_folder
+from vitlab.batches import TrainBatches
+from vitlab.data import ImageSet, load_image_folder
 
 BATCH = 256
 MIN_SCALE = 0.05  # the tutorial's RandomResizedCrop scale=(0.05, 1.0)
@@ -78,20 +79,22 @@ class Pipeline:
 
 
 class VitlabPipeline(Pipeline):
-    """vitlab.data.TrainBatches over the whole dataset held as one uint8 tensor on the device."""
+    """vitlab.batches.TrainBatches over the whole dataset held as one uint8 tensor on the device."""
 
     def __init__(
         self, data: ImageSet, size: int, device: torch.device, dtype: torch.dtype, kit: bool = False
     ):
         # fp32 batches for fp32 training; `vitlab train --precision bf16` takes its batches in bf16. With `kit`, also
         # the training kit's augmentations at DeiT's settings: RandAugment 2,9, random erasing 0.25, mixup 0.8 / CutMix 1.0.
-        kind = "resized_crop" if size != 32 else "pad_crop"
+        augment = "resized_crop" if size != 32 else "pad_crop"
         extra = dict(randaugment=(2, 9), random_erasing=0.25, mixup=0.8, cutmix=1.0) if kit else {}
         augmentation = Augmentation(
-            size, kind, MIN_SCALE, hflip=True, pad=PAD, dtype=dtype, **extra
+            size, augment, MIN_SCALE, hflip=True, pad=PAD, dtype=dtype, **extra
         )
-        self.name = f"vitlab TrainBatches, {kind}{' + kit' if kit else ''}, {str(dtype).removeprefix('torch.')}"
-        self.batches = TrainBatches(data, augmentation, BATCH, seed=0, device=device)(0, 2**62)
+        self.name = f"vitlab TrainBatches, {augment}{' + kit' if kit else ''}, {str(dtype).removeprefix('torch.')}"
+        self.batches = TrainBatches(data, augmentation, batch_size=BATCH, seed=0, device=device)(
+            0, 2**62
+        )
 
     def next(self):
         return next(self.batches)
@@ -225,9 +228,8 @@ def matmul_crop(
     top, left, h, w = boxes.to(images.device, torch.float32).unbind(1)
     steps = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size
 
-    def tents(
-        start: torch.Tensor, length: torch.Tensor, in_size: int
-    ) -> torch.Tensor:  # (B, size, in_size)
+    # (B, size, in_size)
+    def tents(start: torch.Tensor, length: torch.Tensor, in_size: int) -> torch.Tensor:
         centres = (start[:, None] + steps * length[:, None] - 0.5).clamp(0, in_size - 1)
         return (
             (1 - (centres[..., None] - torch.arange(in_size, device=images.device)).abs())
@@ -261,7 +263,7 @@ def crop_kernels(images: torch.Tensor, device: torch.device) -> tuple[list, floa
         for other in (matmul_crop, grid_sample_crop)
     )
     kernels = [
-        Kernel("vitlab.data.crop_and_resize", lambda: crop_and_resize(x, boxes, size, flip)),
+        Kernel("vitlab.augment.crop_and_resize", lambda: crop_and_resize(x, boxes, size, flip)),
         Kernel("two batched matmuls", lambda: matmul_crop(x, boxes, size, flip)),
         Kernel("one F.grid_sample", lambda: grid_sample_crop(x, boxes, size, flip)),
         Kernel(

@@ -69,11 +69,12 @@ TRAIN_FLOPS_FACTOR = 3  # a training step: the forward, and a backward of about 
 LEARNING_RATE = 1e-3  # any small value: the weights move, the work per step does not depend on it
 MOMENTUM = 0.9
 PEERS = ("timm", "torchvision", "transformers")
+# vitlab-tanh: vitlab with the tanh GELU, for shapes with official weights
 IMPLEMENTATIONS = (
     "vitlab",
     "vitlab-tanh",
     *PEERS,
-)  # vitlab-tanh: vitlab with the tanh GELU, for shapes with official weights
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -108,10 +109,11 @@ SHAPES = {
         "Ti/16", 32, 4, 192, 12, 3, 768, 256, "ViT-Ti at patch 4, training from scratch", False
     ),
 }
+# --smoke: the same code on tiny models, for a check of the plumbing
 SMOKE_CHANGES = {
     "depth": 1,
     "batch": 2,
-}  # --smoke: the same code on tiny models, for a check of the plumbing
+}
 
 
 def forward_flops(s: Shape) -> float:
@@ -206,9 +208,8 @@ def build(impl: str, s: Shape):
 
 
 def available(impl: str) -> bool:
-    return (
-        importlib.util.find_spec(impl.split("-")[0]) is not None
-    )  # each implementation is the package of its name
+    # Each implementation is the package of its name
+    return importlib.util.find_spec(impl.split("-")[0]) is not None
 
 
 def timed_on(shape: Shape, impls: list[str]) -> list[str]:
@@ -225,12 +226,13 @@ class Runner:
         self.model.to(device)
         self.device = device
         g = torch.Generator().manual_seed(seed)
+        # In [-1, 1]
         self.images = (
             torch.rand(shape.batch, 3, shape.img_size, shape.img_size, generator=g)
             .mul_(2)
             .sub_(1)
             .to(device)
-        )  # in [-1, 1]
+        )
         self.labels = torch.randint(0, NUM_CLASSES, (shape.batch,), generator=g).to(device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM
@@ -285,13 +287,11 @@ class Ceiling:
             for p in dtypes
         }
         self.products = {p: {"torch.mm": torch.mm} for p in dtypes}
-        for p in (
-            dtypes
-        ):  # oneDNN wherever it runs correctly, whether or not vitlab's policy uses it on this CPU
+        # oneDNN wherever it runs correctly, whether or not vitlab's policy uses it on this CPU
+        for p in dtypes:
             if device.type == "cpu" and onednn_linear_works(DTYPES[p]):
-                self.products[p]["oneDNN"] = lambda a, b: onednn_linear(
-                    a, b, None
-                )  # a @ b.T: as many FLOPs
+                # A @ b.T: as many FLOPs
+                self.products[p]["oneDNN"] = lambda a, b: onednn_linear(a, b, None)
         self.repeats = {
             (p, lib): max(
                 1, math.ceil(min_seconds / self._seconds(p, lib, 1))
@@ -354,9 +354,8 @@ def memory_worker(request: dict) -> dict:
     elif Path("/proc/self/status").exists():  # Linux
         base = _status_kib("VmRSS") * 1024
         try:
-            Path("/proc/self/clear_refs").write_text(
-                "5"
-            )  # resets the peak resident set (VmHWM) to the current one
+            # Resets the peak resident set (VmHWM) to the current one
+            Path("/proc/self/clear_refs").write_text("5")
             method = "peak resident set (VmHWM, reset after creation) above the RSS after the model, optimizer and batch were created"
         except OSError:
             method = "peak resident set (VmHWM, not resettable here: may include creation) above the RSS after creation"

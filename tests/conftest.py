@@ -208,3 +208,9 @@ def hub():
     """A local stand-in for the Hugging Face Hub (point HF_ENDPOINT at it): httpd.repos maps "ORG/NAME" to {file: bytes},
     served at revision main and httpd.commit; httpd.requests lists every request."""
     yield from _serve(_HubHandler, repos={}, commit=HUB_COMMIT)
+
+
+def unit_images(batch: int = 4, size: int = 12, seed: int = 0) -> torch.Tensor:
+    """Random images in [0, 1] and the same normalised to [-1, 1], as the pipeline holds them."""
+    y = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return y, y * 2 - 1

@@ -1,15 +1,14 @@
-"""The batched augmentations: crop-and-resize against grid_sample, the crop boxes' sampling, pad-crop, the
-normalisation, the seeded draws and bf16 batches."""
+"""The batched augmentations: crop-and-resize against grid_sample, the crop boxes' sampling,
+pad-crop, the normalisation, the seeded draws, bf16 batches, the order of the steps, random erasing,
+mixup and CutMix."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 from vitlab.augment import (
-    RANDAUGMENT_OPS,
     Augmentation,
     crop_and_resize,
     erase,
@@ -17,12 +16,13 @@ from vitlab.augment import (
     mix,
     mix_params,
     pad_crop,
-    randaugment,
     resized_crop_boxes,
     to_float,
 )
-from vitlab.data import step_generator
+from vitlab.randaugment import RANDAUGMENT_OPS
+from vitlab.randomness import generator
 
+from conftest import unit_images
 from rounding import assert_within, sum_bound, ulps
 
 
@@ -146,21 +146,21 @@ def test_to_float_normalises_to_minus_one_one():
 
 def test_random_params_are_those_of_the_seeded_generator():
     aug = Augmentation(8, "resized_crop", min_scale=0.5)
-    a = aug.random_params(6, 8, 8, step_generator(1, 3))
-    b = aug.random_params(6, 8, 8, step_generator(1, 3))
-    c = aug.random_params(6, 8, 8, step_generator(1, 4))
+    a = aug.random_params(6, 8, 8, generator(1, "augmentation", 3))
+    b = aug.random_params(6, 8, 8, generator(1, "augmentation", 3))
+    c = aug.random_params(6, 8, 8, generator(1, "augmentation", 4))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["boxes"], c["boxes"])
 
 
-@pytest.mark.parametrize("kind, size", [("resized_crop", 224), ("pad_crop", 32), ("none", 32)])
-def test_bf16_augmentation_matches_fp32_to_bf16_precision(kind, size):
+@pytest.mark.parametrize("augment, size", [("resized_crop", 224), ("pad_crop", 32), ("none", 32)])
+def test_bf16_augmentation_matches_fp32_to_bf16_precision(augment, size):
     # bf16 training takes its batches in bf16; they must be the fp32 batches, rounded, not shifted crops.
     images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
-    fp32 = Augmentation(size, kind)
+    fp32 = Augmentation(size, augment)
     params = fp32.random_params(6, 32, 32, torch.Generator().manual_seed(5))
     reference = fp32.apply(images, params)
-    half = Augmentation(size, kind, dtype=torch.bfloat16).apply(images, params)
+    half = Augmentation(size, augment, dtype=torch.bfloat16).apply(images, params)
     assert half.dtype == torch.bfloat16
     # At most five bf16 roundings of pixels in [-1, 1] (input, two stages' weights, intermediate, output), against a
     # half-pixel shift that would move them by tenths.
@@ -168,82 +168,7 @@ def test_bf16_augmentation_matches_fp32_to_bf16_precision(kind, size):
 
 
 # ---------------------------------------------------------------------------------------------
-# RandAugment, random erasing, mixup and CutMix
-
-
-def formula_bound(images: torch.Tensor) -> float:
-    """Two float32 formulas of one pixel operation, vitlab's on [-1, 1] mapped to [0, 1] and torchvision's on [0, 1]:
-    each side at most four roundings of values up to 2 in size, and one sum over an image's pixels at most (the grey
-    mean of contrast; the 3x3 blur of sharpness sums fewer)."""
-    pixels = images[0].numel()
-    return float(sum_bound(pixels, 2.0) + ulps(torch.tensor(2.0), torch.float32, 8))
-
-
-def unit_images(batch: int = 4, size: int = 12, seed: int = 0) -> torch.Tensor:
-    """Random images in [0, 1] and the same normalised to [-1, 1], as the pipeline holds them."""
-    y = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    return y, y * 2 - 1
-
-
-def one_op(name: str, x: torch.Tensor, magnitude: int, sign: int = 1) -> torch.Tensor:
-    ops = torch.full((1, x.shape[0]), RANDAUGMENT_OPS.index(name))
-    return randaugment(x, ops, torch.full_like(ops, sign), magnitude)
-
-
-@pytest.mark.parametrize(
-    "name, reference",
-    [
-        ("brightness", lambda y, f: TF.adjust_brightness(y, f)),
-        ("color", lambda y, f: TF.adjust_saturation(y, f)),
-        ("contrast", lambda y, f: TF.adjust_contrast(y, f)),
-        ("sharpness", lambda y, f: TF.adjust_sharpness(y, f)),
-    ],
-)
-@pytest.mark.parametrize("sign", [1, -1])
-def test_colour_operations_are_torchvisions(name, reference, sign):
-    # At magnitude 9 of 30 the factor is 1 +/- 0.9 * 9 / 30, as in torchvision's RandAugment.
-    y, x = unit_images()
-    got = (one_op(name, x, 9, sign) + 1) / 2
-    assert_within(got, reference(y, 1 + sign * 0.27), formula_bound(y), name)
-
-
-def test_posterize_solarize_autocontrast_equalize_are_torchvisions():
-    y, x = unit_images()
-    as_uint8 = (y * 255).round().to(torch.uint8)
-    to_unit = lambda z: (z + 1) / 2  # noqa: E731
-    bound = formula_bound(y)
-    assert_within(
-        to_unit(one_op("posterize", as_uint8.float() / 127.5 - 1, 15)),
-        TF.posterize(as_uint8, 6).float() / 255,
-        bound,
-    )
-    assert_within(to_unit(one_op("solarize", x, 12)), TF.solarize(y, 1 - 12 / 30), bound)
-    assert_within(to_unit(one_op("autocontrast", x, 5)), TF.autocontrast(y), bound)
-    assert_within(
-        to_unit(one_op("equalize", as_uint8.float() / 127.5 - 1, 5)),
-        TF.equalize(as_uint8).float() / 255,
-        bound,
-    )
-
-
-@pytest.mark.parametrize("name", ["shear_x", "shear_y", "translate_x", "translate_y", "rotate"])
-def test_geometric_operations_move_pixels_and_are_the_identity_at_magnitude_0(name):
-    _, x = unit_images()
-    torch.testing.assert_close(one_op(name, x, 0), x, rtol=0, atol=1e-5)
-    moved = one_op(name, x, 20)
-    assert (moved - x).abs().mean() > 0.05
-    assert moved.min() >= -1 - 1e-6 and moved.max() <= 1 + 1e-6
-
-
-def test_each_image_takes_its_own_operation_and_the_identity_changes_nothing():
-    _, x = unit_images(batch=6)
-    ops = torch.tensor(
-        [[0, RANDAUGMENT_OPS.index("solarize"), 0, RANDAUGMENT_OPS.index("rotate"), 0, 0]]
-    )
-    out = randaugment(x, ops, torch.ones_like(ops), 15)
-    unchanged = ops[0] == 0
-    assert torch.equal(out[unchanged], x[unchanged])
-    assert all((out[i] - x[i]).abs().max() > 0.1 for i in range(6) if not unchanged[i])
+# Random erasing, mixup and CutMix
 
 
 def test_random_erasing_boxes_one_colour_in_a_share_of_the_images():
@@ -256,9 +181,8 @@ def test_random_erasing_boxes_one_colour_in_a_share_of_the_images():
     assert torch.equal(changed, boxes[:, 0].bool()) and 0.15 < changed.float().mean() < 0.35
     for i in changed.nonzero().flatten()[:20].tolist():
         top, left, h, w = (int(v) for v in boxes[i, 1:5])
-        assert (
-            0.02 * 256 - 2 <= h * w <= 256 / 3 + 2 * 16
-        )  # the area's range, rounded and clipped to the image
+        # The area's range, rounded and clipped to the image
+        assert 0.02 * 256 - 2 <= h * w <= 256 / 3 + 2 * 16
         region = out[i, :, top : top + h, left : left + w]
         torch.testing.assert_close(region, boxes[i, 5:8, None, None].expand_as(region))
 
@@ -328,13 +252,26 @@ def test_the_new_options_off_draw_and_compute_what_the_plain_augmentation_does()
         0, 256, (6, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
     )
     plain = Augmentation(16, "pad_crop")
-    params = plain.random_params(6, 16, 16, step_generator(1, 2))
+    params = plain.random_params(6, 16, 16, generator(1, "augmentation", 2))
     assert set(params) == {"flip", "offsets"}
     with_off = Augmentation(
         16, "pad_crop", randaugment=None, random_erasing=0.0, mixup=0.0, cutmix=0.0
     )
     torch.testing.assert_close(
-        with_off.apply(images, with_off.random_params(6, 16, 16, step_generator(1, 2))),
+        with_off.apply(images, with_off.random_params(6, 16, 16, generator(1, "augmentation", 2))),
         plain.apply(images, params),
     )
     assert not with_off.mixes
+
+
+def test_randaugment_runs_after_the_crop():
+    # Autocontrast stretches each channel of the image it is given to [-1, 1]: of the crop, so every
+    # channel of every output spans the whole range; had it run on the stored image, a crop of it
+    # would not.
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    aug = Augmentation(16, "resized_crop", min_scale=0.05, randaugment=(1, 9))
+    params = aug.random_params(8, 32, 32, generator(3, "augmentation", 0))
+    params["ra_ops"].fill_(RANDAUGMENT_OPS.index("autocontrast"))
+    out = aug.apply(images, params)
+    span = out.amax(dim=(2, 3)) - out.amin(dim=(2, 3))
+    assert_within(span, torch.full_like(span, 2.0), ulps(torch.tensor(2.0), torch.float32, 8))

@@ -15,10 +15,8 @@ BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*
 def test_benchmark_script_imports(path, monkeypatch):
     spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(
-        sys.modules, spec.name, module
-    )  # as Python registers a script it runs (its dataclasses need it)
-    spec.loader.exec_module(
-        module
-    )  # top-level imports and definitions; main() only runs as a script
+    # As Python registers a script it runs (its dataclasses need it)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    # Top-level imports and definitions; main() only runs as a script
+    spec.loader.exec_module(module)
     assert callable(module.main)

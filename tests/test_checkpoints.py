@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vitlab.errors import CheckpointError
-from vitlab.formats import checkpoints
+from vitlab.formats import checkpoints, weights
 from vitlab.model import create_model
 
 
@@ -28,15 +28,17 @@ def test_safetensors_round_trip(tmp_path, randomise):
     )
     names = ["cat", "dög", "fish 🐟"]
     path = tmp_path / "model.safetensors"
-    checkpoints.save_safetensors(source, path, class_names=names)
-    loaded, loaded_names = checkpoints.load_safetensors(path)
+    weights.save_safetensors(source, path, class_names=names)
+    loaded, loaded_names = checkpoints.load_model(path)
     assert loaded_names == names
     assert loaded.config == source.config
     state_equal(source, loaded)
 
-    checkpoints.save_safetensors(source, tmp_path / "plain.safetensors")
-    _, no_names = checkpoints.load_safetensors(tmp_path / "plain.safetensors")
-    assert no_names is None
+    plain = tmp_path / "plain.safetensors"
+    weights.save_safetensors(source, plain)
+    assert weights.read_weights(plain).class_names is None
+    _, no_names = checkpoints.load_model(plain)
+    assert no_names == ["class 0", "class 1", "class 2"]
 
 
 def test_safetensors_bad_files(tmp_path):
@@ -44,14 +46,14 @@ def test_safetensors_bad_files(tmp_path):
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(CheckpointError, match="safetensors"):
-        checkpoints.load_safetensors(garbage)
-    with pytest.raises(CheckpointError, match="safetensors"):
-        checkpoints.load_safetensors(tmp_path / "absent.safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        checkpoints.load_model(garbage)
+    with pytest.raises(CheckpointError, match="absent.safetensors: no such file"):
+        checkpoints.load_model(tmp_path / "absent.safetensors")
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
-    with pytest.raises(CheckpointError, match="model_config"):
-        checkpoints.load_safetensors(foreign)
+    with pytest.raises(CheckpointError, match="neither a vitlab, timm nor transformers ViT"):
+        checkpoints.load_model(foreign)
 
 
 def test_training_checkpoint_round_trip(tmp_path, randomise):
@@ -64,12 +66,10 @@ def test_training_checkpoint_round_trip(tmp_path, randomise):
     optimizer.step()  # momentum buffers to save
     path = tmp_path / "deep" / "ckpt.pt"
     progress = {"step": 7, "best": {"accuracy": 0.5, "step": 6}}
-    checkpoints.save_training_checkpoint(
-        path, model, ["c"] * 10, {"name": "x"}, optimizer, scaler, progress
-    )
-    assert [p.name for p in path.parent.iterdir()] == [
-        "ckpt.pt"
-    ]  # no temporary file left beside it
+    run = checkpoints.RunState(["c"] * 10, {"name": "x"}, optimizer, scaler, progress)
+    checkpoints.save_training_checkpoint(path, model, run)
+    # No temporary file left beside it
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]
     read = checkpoints.read_checkpoint(path)
     assert (
         read["step"] == 7
@@ -81,7 +81,11 @@ def test_training_checkpoint_round_trip(tmp_path, randomise):
     fresh = create_model("Ti/16", num_classes=10, img_size=32, depth=1)
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
     payload = checkpoints.restore_training_checkpoint(
-        read, path, fresh, fresh_optimizer, torch.amp.GradScaler("cpu", enabled=False)
+        read,
+        path,
+        fresh,
+        optimizer=fresh_optimizer,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
     )
     assert payload["best"] == progress["best"] and payload["train_config"] == {"name": "x"}
     state_equal(fresh, model)
@@ -106,11 +110,10 @@ def test_weights_of_another_function_are_refused(change, tmp_path, randomise):
     )
     pt, st = tmp_path / "run.pt", tmp_path / "run.safetensors"
     torch.save({"model": source.state_dict(), "model_config": source.config.to_dict()}, pt)
-    checkpoints.save_safetensors(source, st)
+    weights.save_safetensors(source, st)
     field, value = list(change.items())[-1]
-    shape = {
-        k: v for k, v in change.items() if k == "classifier"
-    }  # the same shapes, but for the function field
+    # The same shapes, but for the function field
+    shape = {k: v for k, v in change.items() if k == "classifier"}
     for path in (pt, st):
         with pytest.raises(CheckpointError, match=f"trained with --{field} {value}"):
             checkpoints.load_pretrained(
@@ -203,9 +206,8 @@ def test_damaged_torch_files_are_refused_in_our_words(tmp_path, randomise):
         checkpoints.read_checkpoint(flipped)
 
     objects = tmp_path / "objects.pt"
-    torch.save(
-        {"model": _NotATensor(), "model_config": {}}, objects
-    )  # a zip whose pickle holds a class instance
+    # A zip whose pickle holds a class instance
+    torch.save({"model": _NotATensor(), "model_config": {}}, objects)
     with pytest.raises(CheckpointError) as info:
         checkpoints.read_checkpoint(objects)
     message = str(info.value)
@@ -218,7 +220,7 @@ def test_damaged_torch_files_are_refused_in_our_words(tmp_path, randomise):
 def test_a_damaged_safetensors_file_is_refused(tmp_path, randomise):
     model = randomise(create_model("Ti/16", num_classes=3, img_size=32, depth=1), seed=44)
     path = tmp_path / "model.safetensors"
-    checkpoints.save_safetensors(model, path, ["a", "b", "c"])
+    weights.save_safetensors(model, path, ["a", "b", "c"])
     data = bytearray(path.read_bytes())
     data[-4000:-3984] = bytes(255 - b for b in data[-4000:-3984])  # inside the last tensor's bytes
     path.write_bytes(bytes(data))
@@ -226,4 +228,16 @@ def test_a_damaged_safetensors_file_is_refused(tmp_path, randomise):
         CheckpointError,
         match="corrupt: its tensors do not match the checksum written with them; nothing was loaded",
     ):
-        checkpoints.load_safetensors(path)
+        checkpoints.load_model(path)
+
+
+def test_a_checkpoint_that_cannot_continue_the_run_is_refused_before_loading(tmp_path):
+    model = create_model("Ti/16", num_classes=10, img_size=32, depth=1)
+    path = tmp_path / "weights.pt"
+    weights_only = {"model": model.state_dict(), "model_config": model.config.to_dict()}
+    with pytest.raises(CheckpointError, match="holds no training state \\(optimizer\\)"):
+        checkpoints.check_training_state(weights_only, path, model.config)
+    run = {**weights_only, "optimizer": {}, "scaler": {}, "step": 3, "best": {}, "train_config": {}}
+    checkpoints.check_training_state(run, path, model.config)
+    with pytest.raises(CheckpointError, match="trained with --gelu tanh"):
+        checkpoints.check_training_state(run, path, model.config.replace(gelu="exact"))

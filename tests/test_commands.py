@@ -109,9 +109,8 @@ def test_official_npz_needs_model_type_and_other_files_refuse_it(tiny_run, tmp_p
         == 1
     )
     assert "only for official .npz" in one_error_line(capsys)
-    assert (
-        main(["predict", str(path), str(tmp_path / "a.png"), "--model_type", "B/16"]) == 1
-    )  # a file of another variant
+    # A file of another variant.
+    assert main(["predict", str(path), str(tmp_path / "a.png"), "--model_type", "B/16"]) == 1
     assert "B/16" in one_error_line(capsys)
 
 
@@ -181,9 +180,8 @@ def test_eval_defaults_beside_the_checkpoint_and_prefers_a_val_folder(tiny_run, 
     root = tmp_path / "data"
     for name in tiny_run.class_names:
         save_png(root / "val" / name / "0.png")
-    save_png(
-        root / "unrelated" / "0.png"
-    )  # the root's own folders are not the classes once val/ exists
+    # The root's own folders are not the classes once val/ exists.
+    save_png(root / "unrelated" / "0.png")
     assert main(["eval", str(checkpoint), "--dataset", "imagefolder", "--data_dir", str(root)]) == 0
     report = json.loads((tmp_path / "run_imagefolder_eval.json").read_text())
     assert report["count"] == 3
@@ -385,9 +383,10 @@ def test_predict_in_bf16_where_it_is_emulated_warns_in_one_line_and_runs(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_line(tiny_run, capsys):
+    # A setting this machine cannot use.
     assert (
         main(["predict", str(tiny_run.checkpoint), str(tiny_run.data_dir), "--device", "cuda"]) == 2
-    )  # a setting this machine cannot use
+    )
     assert "CUDA is not available" in one_error_line(capsys)
 
 
@@ -423,18 +422,18 @@ def test_export_never_writes_over_its_input_and_replaces_a_file_only_when_told(
     run = tmp_path / "run"
     shutil.copytree(tiny_run.checkpoint.parent, run)
     best, before = run / "best.pt", digest(run / "best.pt")
+    # Onto its own input: refused either way, the checkpoint left whole
     for extra in (
         [],
         ["--overwrite"],
-    ):  # onto its own input: refused either way, the checkpoint left whole
+    ):
         assert (
             main(["export", str(best), "--format", "safetensors", "--out", str(best), *extra]) == 2
         )
         assert "would write over the input" in one_error_line(capsys)
         assert digest(best) == before
-    assert (
-        main(["export", str(best), "--format", "hf", "--out", str(run), "--overwrite"]) == 2
-    )  # a folder holding it
+    # A folder holding it.
+    assert main(["export", str(best), "--format", "hf", "--out", str(run), "--overwrite"]) == 2
     assert "would write over the input" in one_error_line(capsys) and digest(best) == before
     other = tmp_path / "other.safetensors"
     other.write_bytes(b"someone's file")
@@ -555,9 +554,8 @@ def test_an_npz_whose_member_inflates_to_gigabytes_is_refused_before_it_is_read(
 
 def test_a_small_file_whose_config_claims_a_huge_model_builds_nothing(tiny_run, tmp_path):
     payload = checkpoints.read_checkpoint(tiny_run.checkpoint)
-    payload["model_config"].update(
-        hidden_size=8192, mlp_dim=32768, depth=48, num_heads=64
-    )  # about 40 billion numbers
+    # About 40 billion numbers.
+    payload["model_config"].update(hidden_size=8192, mlp_dim=32768, depth=48, num_heads=64)
     huge = tmp_path / "huge.pt"
     torch.save(payload, huge)
     assert huge.stat().st_size < 1e6

@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlab.app import demo
+from vitlab.app import demo, space
 from vitlab.app.cli import main
 from vitlab.app.demo import Demo, find_examples, read_upload, render, shrink
 from vitlab.app.inference import predict, preprocess
@@ -80,7 +80,7 @@ def predicted(checkpoint, image, capsys) -> dict:
 
 def test_one_forward_pass_gives_the_prediction_and_every_map(deep_run):
     model, names = load_model(deep_run.checkpoint)
-    page = Demo(model, names, CPU, "fp32", top_k=2)
+    page = Demo(model, names, CPU, precision="fp32", top_k=2)
     calls = []
     forward = model.forward
     model.forward = lambda *args, **kwargs: calls.append(kwargs) or forward(*args, **kwargs)
@@ -99,7 +99,7 @@ def test_one_forward_pass_gives_the_prediction_and_every_map(deep_run):
         torch.testing.assert_close(
             explained.maps[name], attention_map(attentions, True, None if i == 0 else i - 1)[0]
         )
-    expected = predict(model, images, names, 2, CPU, "fp32")[0]
+    expected = predict(model, images, names, top_k=2, device=CPU, precision="fp32")[0]
     assert [(c, i) for c, i, _ in explained.top] == [(c, i) for c, i, _ in expected]
     np.testing.assert_allclose([p for *_, p in explained.top], [p for *_, p in expected], atol=1e-5)
     assert np.array_equal(overlays["rollout", 0.0], image)  # opacity 0: the image alone
@@ -119,7 +119,7 @@ def test_the_overlay_is_drawn_on_the_image_shrunk_never_enlarged():
 
 def test_controls_outside_the_page_choices_are_refused(deep_run):
     model, names = load_model(deep_run.checkpoint)
-    explained = Demo(model, names, CPU, "fp32", top_k=3).explain(
+    explained = Demo(model, names, CPU, precision="fp32", top_k=3).explain(
         read_image(str(deep_run.data_dir / "cat" / "0.png"))
     )
     with pytest.raises(DataError, match=r"map 'layer 3': choose rollout, layer 1, layer 2"):
@@ -180,7 +180,7 @@ def test_the_page_fetches_no_url_given_as_its_image(deep_run, tmp_path, monkeypa
         lambda url, cache_dir: fetched.append(url) or str(tmp_path / "f.png"),
     )
     model, names = load_model(deep_run.checkpoint)
-    page = demo.build_page(Demo(model, names, CPU, "fp32", top_k=2), "tiny", [])
+    page = demo.build_page(Demo(model, names, CPU, precision="fp32", top_k=2), "tiny", [])
     image = next(
         block for block in page.blocks.values() if getattr(block, "elem_id", None) == "image"
     )
@@ -299,14 +299,14 @@ def test_a_missing_checkpoint_or_examples_folder_is_one_line(deep_run, tmp_path,
 
 def test_a_space_needs_vitlab_installed_to_name_its_requirements(monkeypatch):
     def not_installed(name):
-        raise demo.metadata.PackageNotFoundError(name)
+        raise space.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(demo.metadata, "requires", not_installed)
+    monkeypatch.setattr(space.metadata, "requires", not_installed)
     with pytest.raises(
         VitlabError,
         match=r"^--write-space reads vitlab's dependencies from its installation: pip install -e \.$",
     ):
-        demo.vitlab_requirements()
+        space.vitlab_requirements()
 
 
 # ---------------------------------------------------------------------------------------------

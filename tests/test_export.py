@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vitlab.app.cli import main
-from vitlab.formats import checkpoints, official
+from vitlab.formats import official, official_layout, weights
 from vitlab.formats.checkpoints import load_model
 from vitlab.model import VisionTransformer, create_model
 
@@ -119,7 +119,7 @@ def test_npz_export_is_the_official_layout(tiny_run, trained, tmp_path, capsys):
     model, _ = trained
     assert (
         "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
-        in official.read_npz(path)
+        in official_layout.read_npz(path)
     )
     reloaded = official.load_official(VisionTransformer(model.config), path, verbose=False).eval()
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_npz_export_of_an_exact_gelu_model_is_refused(tmp_path, capsys):
         gelu="exact",
     )
     source = tmp_path / "exact.safetensors"
-    checkpoints.save_safetensors(model, source, ["a", "b", "c"])
+    weights.save_safetensors(model, source, ["a", "b", "c"])
     out = tmp_path / "model.npz"
     assert main(["export", str(source), "--format", "npz", "--out", str(out)]) != 0
     assert "exact" in capsys.readouterr().err and not out.exists()

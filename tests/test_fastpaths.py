@@ -40,10 +40,11 @@ def force_policy_on(monkeypatch):
     monkeypatch.setattr(fastpaths, "wanted", lambda path: True)
 
 
+# Max |gelu'| and |gelu''| over the reals, both forms (computed in float64)
 GELU_SLOPE, GELU_CURVATURE = (
     1.129,
     0.798,
-)  # max |gelu'| and |gelu''| over the reals, both forms (computed in float64)
+)
 
 
 def linear_rounding_bounds(x, weight, bias, grad_out, gelu, dtype):
@@ -97,9 +98,8 @@ def test_linear_equals_nn_linear_forward_and_backward(gelu, precision, policy, m
     torch.manual_seed(0)
     layer = Linear(48, 80, gelu=gelu)
     x = torch.randn(3, 9, 48, requires_grad=True)
-    grad_out = torch.randn(80, 9, 3).permute(
-        2, 1, 0
-    )  # (3, 9, 80), not contiguous, as autograd may pass it
+    # (3, 9, 80), not contiguous, as autograd may pass it
+    grad_out = torch.randn(80, 9, 3).permute(2, 1, 0)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         got = layer(x)
         expected = F.linear(x, layer.weight, layer.bias)
@@ -118,9 +118,8 @@ def test_linear_equals_nn_linear_forward_and_backward(gelu, precision, policy, m
     for name, g, e, bound in zip(
         ("input", "weight", "bias"), grads, expected_grads, grad_bounds, strict=False
     ):
-        assert (
-            g.dtype == e.dtype == torch.float32
-        )  # fp32 gradients for the fp32 parameters, as autocast gives
+        # fp32 gradients for the fp32 parameters, as autocast gives
+        assert g.dtype == e.dtype == torch.float32
         assert_within(g, e, bound, f"{name} gradient")
 
 
@@ -220,9 +219,8 @@ def test_a_linear_path_that_raises_is_off_and_the_model_computes_as_plain_torch(
 def test_a_linear_path_that_answers_wrongly_is_off(precision, monkeypatch):
     force_policy_on(monkeypatch)
 
-    def wrong(
-        x, weight, bias, gelu=None
-    ):  # a tenth too large: beyond float tolerance in fp32 and bf16 alike
+    # A tenth too large: beyond float tolerance in fp32 and bf16 alike
+    def wrong(x, weight, bias, gelu=None):
         y = F.linear(x, weight, bias)
         return (y if gelu is None else F.gelu(y, approximate=gelu)) * 1.1
 

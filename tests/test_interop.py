@@ -17,8 +17,9 @@ from torch import nn
 
 from vitlab.app.cli import main
 from vitlab.errors import CheckpointError
-from vitlab.formats import interop
-from vitlab.formats.checkpoints import load_model, load_pretrained, save_safetensors
+from vitlab.formats import timm_layout
+from vitlab.formats.checkpoints import load_model, load_pretrained
+from vitlab.formats.weights import save_safetensors
 from vitlab.model import create_model
 
 from rounding import assert_same_function
@@ -109,9 +110,8 @@ def timm_model(arch: str, size: int, randomise, seed: int = 0, **kwargs) -> nn.M
 def test_timm_state_dict_gives_timms_logits(case, tmp_path, randomise):
     arch, size, kwargs = TIMM_CASES[case]
     reference = timm_model(arch, size, randomise, **kwargs)
-    if (
-        "act_layer" in kwargs
-    ):  # the weights do not say the GELU form: a save_for_hf folder's config.json does
+    # The weights do not say the GELU form: a save_for_hf folder's config.json does
+    if "act_layer" in kwargs:
         timm.models.save_for_hf(
             reference,
             tmp_path / "folder",
@@ -171,9 +171,8 @@ def test_timm_width_of_no_variant_needs_its_heads(tmp_path, randomise):
 def test_timm_file_fine_tunes_with_a_new_head(tmp_path, randomise, capsys):
     reference = timm_model("vit_tiny_patch16_224", 32, randomise, depth=1)
     save_file(reference.state_dict(), tmp_path / "model.safetensors")
-    with pytest.raises(
-        CheckpointError, match="trained with --gelu exact"
-    ):  # timm computes the exact GELU; vitlab's default is tanh
+    # timm computes the exact GELU; vitlab's default is tanh
+    with pytest.raises(CheckpointError, match="trained with --gelu exact"):
         load_pretrained(
             create_model("Ti/16", num_classes=3, img_size=32, depth=1),
             tmp_path / "model.safetensors",
@@ -239,9 +238,8 @@ def test_transformers_folder_gives_transformers_logits(case, tmp_path, randomise
 def test_transformers_weights_file_and_pytorch_model_bin(tmp_path, randomise):
     reference = hf_model(randomise)
     reference.save_pretrained(tmp_path / "folder")
-    ours, _ = load_model(
-        tmp_path / "folder" / "model.safetensors"
-    )  # the file, its config.json beside it
+    # The file, its config.json beside it
+    ours, _ = load_model(tmp_path / "folder" / "model.safetensors")
     assert_parity(ours, reference, 32, "transformers model.safetensors", output=LOGITS)
     # older Hub repositories hold pytorch_model.bin, the same keys pickled (transformers 4's safe_serialization=False)
     legacy = tmp_path / "legacy"
@@ -340,10 +338,10 @@ def test_vitlab_timm_vitlab_is_bit_exact(case, tmp_path, randomise, capsys):
     assert back_names == names and back.config == model.config
     state_equal(back, model)
     # the file is timm's own layout: the keys of timm's model, whose loader (the call printed) gives the same logits
-    name, kwargs = interop.timm_args(model.config)
+    name, kwargs = timm_layout.timm_args(model.config)
     assert (
         f"timm.create_model({name!r}, pretrained=True, " in line
-        and interop.format_args(kwargs) in line
+        and timm_layout.format_args(kwargs) in line
     )
     reference = timm.create_model(
         name,
@@ -371,10 +369,11 @@ def test_vitlab_hf_vitlab_is_bit_exact(case, tmp_path, randomise, capsys):
         f"transformers {transformers.__version__}: ViTForImageClassification.from_pretrained("
     )
     print(f"export hf {case}: {line.rsplit(': ', 1)[-1]}")
+    # No temporary folder left
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "hf",
         "source.safetensors",
-    ]  # no temporary folder left
+    ]
     back, back_names = load_model(out)
     assert back_names == names
     assert back.config.replace(name=model.config.name) == model.config
@@ -457,9 +456,8 @@ def test_timm_refusals(case, tmp_path, randomise, capsys):
 def test_timm_head_of_another_shape_is_refused(tmp_path, randomise, capsys):
     path = timm_file(tmp_path, randomise)
     state = load_file(path)
-    state.update(
-        {"head.fc." + k[5:]: state.pop(k) for k in ("head.weight", "head.bias")}
-    )  # an MLP head's names
+    # An MLP head's names
+    state.update({"head.fc." + k[5:]: state.pop(k) for k in ("head.weight", "head.bias")})
     save_file(state, path)
     assert main(["predict", str(path), "x.png"]) == 1
     line = one_error_line(capsys)
@@ -517,9 +515,8 @@ def test_transformers_file_refusals(tmp_path, randomise, capsys):
     (alone / "model.safetensors").unlink()
     assert main(["predict", str(alone), "x.png"]) == 1
     assert "no model.safetensors or pytorch_model.bin" in one_error_line(capsys)
-    assert (
-        main(["predict", str(tmp_path / "relu" / "config.json"), "x.png"]) == 1
-    )  # a JSON file is no checkpoint
+    # A JSON file is no checkpoint
+    assert main(["predict", str(tmp_path / "relu" / "config.json"), "x.png"]) == 1
     assert "not a readable checkpoint" in one_error_line(capsys)
 
 
@@ -577,6 +574,7 @@ def test_hf_export_will_not_replace_a_foreign_folder(tiny_run, tmp_path, capsys)
     (tmp_path / "mine.txt").write_text("keep")
     assert main(["export", str(tiny_run.checkpoint), "--format", "hf", "--out", str(tmp_path)]) == 2
     assert "already exists" in one_error_line(capsys)
+    # Even so
     assert (
         main(
             [
@@ -590,7 +588,7 @@ def test_hf_export_will_not_replace_a_foreign_folder(tiny_run, tmp_path, capsys)
             ]
         )
         == 1
-    )  # even so
+    )
     assert "not a folder this export wrote" in one_error_line(capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
@@ -626,9 +624,8 @@ def test_export_without_the_library_is_written_unchecked(
 
 def test_export_the_library_cannot_load_is_refused(tiny_run, tmp_path, capsys, monkeypatch):
     def fails(*args, **kwargs):
-        raise TypeError(
-            "VisionTransformer.__init__() got an unexpected keyword argument 'fc_norm'"
-        )  # an older timm
+        # An older timm
+        raise TypeError("VisionTransformer.__init__() got an unexpected keyword argument 'fc_norm'")
 
     monkeypatch.setattr(timm, "create_model", fails)
     assert (

@@ -40,12 +40,10 @@ def plain_vit_parameters(config: ModelConfig) -> int:
     """Parameter count of a non-hybrid ViT, from the architecture alone (independent of the model code)."""
     D, P, M, C = config.hidden_size, config.patch_size, config.mlp_dim, config.num_classes
     patch_embed = 3 * P * P * D + D
-    tokens = config.num_tokens * D + (
-        D if config.classifier == "token" else 0
-    )  # position embeddings + class token
-    block = (
-        2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * M + M) + (M * D + D)
-    )  # 2 LN, qkv, out, MLP
+    # Position embeddings + class token
+    tokens = config.num_tokens * D + (D if config.classifier == "token" else 0)
+    # 2 LN, qkv, out, MLP
+    block = 2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * M + M) + (M * D + D)
     rep = config.representation_size
     pre_logits = D * rep + rep if rep else 0
     head = (rep or D) * C + C
@@ -161,13 +159,11 @@ def test_gelu_form_follows_config():
         with torch.no_grad():  # inference: GELU fused into the matmul on x86 CPUs
             assert_within(_as_gelu(fc1, probe), expected, bound, f"{form}, inference")
         assert_within(_as_gelu(fc1, probe.requires_grad_()), expected, bound, f"{form}, training")
-    assert (
-        F.gelu(probe, approximate="tanh") - F.gelu(probe)
-    ).abs().max() > 100 * bound.max()  # the bound tells them apart
+    # The bound tells them apart
+    assert (F.gelu(probe, approximate="tanh") - F.gelu(probe)).abs().max() > 100 * bound.max()
     assert get_config("B/16").gelu == "tanh"  # the official weights' form is the default
-    old = {
-        k: v for k, v in get_config("Ti/16").to_dict().items() if k != "gelu"
-    }  # a config saved before the field
+    # A config saved before the field
+    old = {k: v for k, v in get_config("Ti/16").to_dict().items() if k != "gelu"}
     assert ModelConfig.from_dict(old).gelu == "tanh"
 
 
@@ -188,9 +184,8 @@ def test_layer_norm_eps_and_final_norm_follow_config(randomise):
     after.load_state_dict(model.state_dict())
     with torch.no_grad():
         tokens = model.blocks[0](model.embed(x))[0]
-        assert torch.equal(
-            model(x), model.head(model.norm(tokens).mean(dim=1))
-        )  # the official order, same kernels
+        # The official order, same kernels
+        assert torch.equal(model(x), model.head(model.norm(tokens).mean(dim=1)))
         assert torch.equal(after(x), model.head(model.norm(tokens.mean(dim=1))))  # timm's fc_norm
         assert (after(x) - model(x)).abs().max() > 1e-3
     old = {
@@ -198,9 +193,8 @@ def test_layer_norm_eps_and_final_norm_follow_config(randomise):
         for k, v in get_config("Ti/16").to_dict().items()
         if k not in ("layer_norm_eps", "final_norm", "stem_norm")
     }
-    assert ModelConfig.from_dict(old) == get_config(
-        "Ti/16"
-    )  # a config saved before the fields: the official function
+    # A config saved before the fields: the official function
+    assert ModelConfig.from_dict(old) == get_config("Ti/16")
     default = get_config("Ti/16")
     assert (default.layer_norm_eps, default.final_norm, default.stem_norm) == (
         1e-6,
@@ -320,9 +314,8 @@ def test_patch_dropout_keeps_a_random_share_of_patches_in_training_only(classifi
     assert model(images).shape == (4, 3)  # trains on the kept tokens
     plain = create_model(model.config.replace(patch_drop_rate=0.0))
     plain.load_state_dict(model.state_dict())
-    torch.testing.assert_close(
-        model.eval()(images), plain.eval()(images), rtol=0, atol=0
-    )  # evaluation sees every patch
+    # Evaluation sees every patch
+    torch.testing.assert_close(model.eval()(images), plain.eval()(images), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("classifier", ["token", "gap"])
@@ -344,9 +337,8 @@ def test_bf16_autocast_keeps_a_bf16_residual_stream(classifier, randomise):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = model(x)
     assert dtypes == [torch.float32, torch.bfloat16]
-    torch.testing.assert_close(
-        half.float(), exact, rtol=0, atol=0.02 * exact.abs().max().item()
-    )  # measured: 0.008
+    # Measured: 0.008
+    torch.testing.assert_close(half.float(), exact, rtol=0, atol=0.02 * exact.abs().max().item())
     half.float().sum().backward()
     assert (
         model.pos_embed.grad.dtype == torch.float32 and torch.isfinite(model.pos_embed.grad).all()
@@ -394,9 +386,8 @@ def test_return_attention(classifier, impl, randomise):
     block = model.blocks[0]
     with torch.no_grad():
         h = block.norm1(model.embed(x))
-        q, k, _ = (
-            block.attn.qkv(h).view(2, tokens, 3, 3, 64).unbind(2)
-        )  # (B, T, heads, head_dim) each
+        # (B, T, heads, head_dim) each
+        q, k, _ = block.attn.qkv(h).view(2, tokens, 3, 3, 64).unbind(2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k).div(8.0)  # 1/sqrt(64), exact
         expected = scores.softmax(-1)
         # Scores of 64 terms summed in other orders; softmax moves each weight w by at most 2 w max|score change|.
@@ -487,9 +478,8 @@ def test_golden_official_ti16(shared_dir):
     expected = torch.from_numpy(np.load(ref / "ti16_224_logits.npy"))
     assert logits.shape == expected.shape == (2, 10)
     assert expected.abs().max() > 0.1  # the reference is not trivially zero
-    assert_within_float32_rounding(
-        logits, logits64, expected, "the official logits"
-    )  # measured: 5e-7, rounding 4e-7
+    # Measured: 5e-7, rounding 4e-7
+    assert_within_float32_rounding(logits, logits64, expected, "the official logits")
     assert (logits - expected).abs().max() <= 1e-5  # the formats table's figure
     # The reference tells the GELU forms apart: the exact (erf) one is out of tolerance, and is Flax's own exact form.
     exact = torch.from_numpy(np.load(ref / "ti16_224_logits_exact_gelu.npy"))
@@ -575,7 +565,7 @@ def test_drop_path_grows_with_depth_and_is_the_identity_at_evaluation(randomise)
         ),
         seed=7,
     )
-    assert [getattr(b.drop_path, "rate", 0.0) for b in model.blocks] == pytest.approx(
+    assert [getattr(b.drop_path, "p", 0.0) for b in model.blocks] == pytest.approx(
         [0.0, 0.1, 0.2, 0.3]
     )
     plain = create_model(model.config.replace(drop_path_rate=0.0))

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.errors import CheckpointError
-from vitlab.formats import official
-from vitlab.formats.official import load_official, resize_pos_embed, save_npz
+from vitlab.formats import official, official_layout
+from vitlab.formats.official import load_official, save_npz
+from vitlab.formats.official_layout import resize_pos_embed
 from vitlab.model import create_model
 
 from rounding import assert_same_function, assert_within, ulps
@@ -211,9 +212,8 @@ def test_hybrid_parity_with_timm(resolution, tmp_path, monkeypatch, randomise):
     ).eval()
     group_norms = [m for m in reference.modules() if isinstance(m, nn.GroupNorm)]
     std_convs = [m for m in reference.modules() if isinstance(m, std_conv.StdConv2dSame)]
-    assert (
-        len(group_norms) == len(std_convs) == 1 + 3 * (3 + 4 + 9) + 3
-    )  # root, 3 per unit, 3 projections
+    # Root, 3 per unit, 3 projections
+    assert len(group_norms) == len(std_convs) == 1 + 3 * (3 + 4 + 9) + 3
     for m in group_norms:
         m.eps = 1e-6
     timm_vit_module._load_weights(reference, str(path))
@@ -245,9 +245,8 @@ def test_resize_pos_embed_is_scipy_zoom(old, new, prefix):
     # Interpolated in float64 as scipy does, then rounded once to float32: within that rounding of scipy's.
     zoomed = torch.from_numpy(zoomed.reshape(new * new, D))
     assert_within(got[0, prefix:], zoomed, ulps(zoomed, torch.float32), f"{old} -> {new}")
-    assert torch.equal(
-        got[:, :prefix], pos[:, :prefix]
-    )  # the class token is kept, not interpolated
+    # The class token is kept, not interpolated
+    assert torch.equal(got[:, :prefix], pos[:, :prefix])
     if old == new:
         assert torch.equal(got, pos)
 
@@ -567,7 +566,7 @@ def test_big_vision_layout_loads_like_the_original(tmp_path, randomise):
     # axis, sub-modules numbered from 0, position embeddings at the top level.
     source = create_model("Ti/16", img_size=32, depth=2, num_classes=4)
     randomise(source, seed=11)
-    arrays = official.to_official_arrays(source)
+    arrays = official_layout.to_official_arrays(source)
     renamed = {"opt/target/pos_embedding": arrays.pop("Transformer/posembed_input/pos_embedding")}
     blocks = {}
     for key, value in arrays.items():
@@ -596,9 +595,8 @@ def test_big_vision_layout_loads_like_the_original(tmp_path, randomise):
 
 def test_an_npz_of_another_head_count_or_gelu_is_refused(tmp_path, randomise):
     # Heads and the GELU form change what the weights compute, not their shapes: refused, as for vitlab's own files.
-    source = randomise(
-        create_model("Ti/16", num_classes=10, img_size=32, depth=1), seed=61
-    )  # 3 heads, tanh GELU
+    # 3 heads, tanh GELU
+    source = randomise(create_model("Ti/16", num_classes=10, img_size=32, depth=1), seed=61)
     path = tmp_path / "ti.npz"
     save_npz(source, path)
     with pytest.raises(

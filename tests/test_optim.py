@@ -115,9 +115,8 @@ def test_muon_updates_are_orthogonalised():
     )
     generator = torch.Generator().manual_seed(0)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=generator) * torch.logspace(
-            -2, 0, p.shape[-1]
-        )  # singular values 0.01 to 1
+        # Singular values 0.01 to 1
+        p.grad = torch.randn(p.shape, generator=generator) * torch.logspace(-2, 0, p.shape[-1])
     weight = model.blocks[0].mlp.fc1.weight  # (32, 16)
     before = weight.detach().clone()
     optimizer.step()
@@ -160,10 +159,11 @@ def test_layer_decay_scales_each_layers_learning_rate():
     set_learning_rate(optimizer, config, config.warmup_steps)  # the peak
     lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert lrs[id(model.pos_embed)] == pytest.approx(0.25 * config.learning_rate)
+    # Decay still by kind within each layer
     assert {g["weight_decay"] for g in optimizer.param_groups} == {
         0.0,
         0.05,
-    }  # decay still by kind within each layer
+    }
 
 
 @pytest.mark.parametrize(

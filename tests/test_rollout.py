@@ -82,9 +82,8 @@ def looking_at(patch: int, classifier: str):
 def test_map_peaks_on_the_patch_the_model_looks_at(patch, classifier):
     model = looking_at(patch, classifier)
     _, attentions = model(torch.zeros(1, 3, 16, 16), return_attention=True)
-    assert attentions[0][0, 0, -1].argmax() == patch + (
-        classifier == "token"
-    )  # the construction works
+    # The construction works.
+    assert attentions[0][0, 0, -1].argmax() == patch + (classifier == "token")
     for layer in (None, 0, 2):
         grid_map = attention_map(attentions, classifier == "token", layer)
         assert grid_map.shape == (1, 4, 4)
@@ -110,7 +109,11 @@ def test_overlay_blends_the_coloured_map_over_the_image():
 def test_draw_attention_writes_a_png(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     draw_attention(
-        image, torch.rand(4, 4), "predicted: cat (50.0%)", "attention rollout", tmp_path / "a.png"
+        image,
+        torch.rand(4, 4),
+        tmp_path / "a.png",
+        title="predicted: cat (50.0%)",
+        what="attention rollout",
     )
     with Image.open(tmp_path / "a.png") as png:
         assert png.format == "PNG" and png.size[0] > png.size[1] > 100
@@ -137,17 +140,14 @@ def test_attention_command_on_the_built_model_finds_its_patch(tmp_path, monkeypa
     monkeypatch.setattr(
         rollout_module,
         "draw_attention",
-        lambda image, grid_map, *rest: drawn.update(image=image, grid_map=grid_map),
+        lambda image, grid_map, *rest, **labels: drawn.update(image=image, grid_map=grid_map),
     )
     assert (
         main(["attention", str(checkpoint), str(tmp_path / "image.png"), "--precision", "fp32"])
         == 0
     )
-    assert drawn["image"].shape == (
-        64,
-        64,
-        3,
-    )  # drawn over the image as given, not the model's input
+    # Drawn over the image as given, not the model's input.
+    assert drawn["image"].shape == (64, 64, 3)
     assert int(drawn["grid_map"].flatten().argmax()) == 9
 
 

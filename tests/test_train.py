@@ -24,20 +24,23 @@ from PIL import Image
 from vitlab import fastpaths
 from vitlab import train as vtrain
 from vitlab.app.cli import build_parser, main, train_config_from_args
+from vitlab.batches import eval_batches
 from vitlab.config import ModelConfig, TrainConfig, field_type
-from vitlab.data import eval_batches, load_image_folder
+from vitlab.data import load_image_folder
 from vitlab.errors import ConfigError, TrainingError
 from vitlab.evaluate import evaluate
 from vitlab.formats import checkpoints
 from vitlab.formats.checkpoints import CheckpointError, read_checkpoint
+from vitlab.formats.official import pretrained_source
 from vitlab.model import VisionTransformer
 from vitlab.optim import lr_factor
-from vitlab.train import resolve_pretrained, train
+from vitlab.train import train
 
 from conftest import TINY
 from rounding import assert_within, sum_bound, ulps
 
 CLASSES = ["cat", "dog", "eel"]
+# .lock: held while the run runs
 RUN_FILES = {
     "config.json",
     "best.pt",
@@ -45,7 +48,7 @@ RUN_FILES = {
     "metrics.jsonl",
     "final_metrics.json",
     ".lock",
-}  # .lock: held while the run runs
+}
 SUBPROCESS_TIMEOUT = 300
 
 
@@ -200,9 +203,8 @@ def test_seed_command_line_has_the_seeds_defaults():
         assert getattr(config, key) == value, key
         assert type(getattr(config, key)) is type(value), key
     config.validate()
-    assert config == TrainConfig(
-        name="cifar10-100_500", num_steps=100
-    )  # every other setting is the default
+    # Every other setting is the default
+    assert config == TrainConfig(name="cifar10-100_500", num_steps=100)
 
 
 def test_the_vitlab_command_keeps_freed_memory_for_reuse(monkeypatch):
@@ -249,9 +251,8 @@ def test_dashed_spellings_and_local_rank():
     assert (config.fp16_opt_level, config.loss_scale, config.hflip) == ("O1", 128.0, False)
     assert parse(["train", "--name", "x", "--local_rank", "0"]).local_rank == 0
     assert parse(["train", "--name", "x", "--local-rank", "0"]).local_rank == 0
-    assert (
-        parse(["train", "--name", "x", "--local-rank=1"]).local_rank == 1
-    )  # torch.distributed.launch's spelling
+    # Torch.distributed.launch's spelling
+    assert parse(["train", "--name", "x", "--local-rank=1"]).local_rank == 1
     assert parse(["train", "--name", "x", "--fp16"]).fp16 is True
     assert parse(["train", "--name", "x", "--fp16"]).effective_precision() == "fp16"
     assert (
@@ -344,17 +345,15 @@ def test_precedence_recipe_then_config_file_then_flags(tmp_path, kind):
     assert bare.num_steps == 50 and bare.warmup_steps == 500
 
 
-def test_pretrained_auto_prefers_the_seeds_checkpoint_folder(tmp_path, monkeypatch):
+def test_pretrained_auto_prefers_the_tutorials_checkpoint_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = TrainConfig(name="x", model_type="ViT-B_16")
-    assert (
-        resolve_pretrained(config) == "ViT-B_16"
-    )  # the official ImageNet-21k file, by name (no download here)
+    # The official ImageNet-21k file, by name (no download here)
+    assert pretrained_source("auto", "ViT-B_16") == "ViT-B_16"
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "ViT-B_16.npz").write_bytes(b"")
-    assert resolve_pretrained(config) == str(Path("checkpoint") / "ViT-B_16.npz")
-    assert resolve_pretrained(TrainConfig(name="x", pretrained_dir="none")) is None
-    assert resolve_pretrained(TrainConfig(name="x", pretrained_dir="None")) is None
+    assert pretrained_source("auto", "ViT-B_16") == str(Path("checkpoint") / "ViT-B_16.npz")
+    assert pretrained_source("none", "ViT-B_16") is None
+    assert pretrained_source("None", "ViT-B_16") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +386,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 4. Resume after a kill: bit-exact, and a kill while saving leaves last.pt whole
 
+# Dropout stays at the variant's 0.1: the resumed RNG must match
 RESUME_FLAGS = TINY_FLAGS + flags(
     dataset="imagefolder",
     data_dir="data",
@@ -399,7 +399,7 @@ RESUME_FLAGS = TINY_FLAGS + flags(
     learning_rate=0.05,
     val_split=0.25,
     num_workers=0,
-)  # dropout stays at the variant's 0.1: the resumed RNG must match
+)
 
 # Runs `vitlab train` with each step slowed down, so that the parent can kill it part-way.
 SLOW_STEPS = """
@@ -502,9 +502,8 @@ def assert_same_final_state(work: Path, name: str) -> None:
     for key in ref["model"]:
         assert torch.equal(run["model"][key], ref["model"][key]), key
     assert run["best"] == ref["best"]
-    assert losses(work / "output" / name) == losses(
-        work / "output" / "ref"
-    )  # the log replays from the checkpoint
+    # The log replays from the checkpoint
+    assert losses(work / "output" / name) == losses(work / "output" / "ref")
     assert [s for s, _ in losses(work / "output" / name)] == list(range(1, 17))
     ref_final = json.loads((work / "output" / "ref" / "final_metrics.json").read_text())
     run_final = json.loads((work / "output" / name / "final_metrics.json").read_text())
@@ -554,9 +553,8 @@ def test_sigterm_or_ctrl_c_saves_at_the_step_boundary_and_resume_is_bit_exact(re
     rc, _, err = finish(process)
     assert rc == 128 + how, f"the run ended before it could be stopped (rc {rc}):\n{err[-3000:]}"
     stopped_at = read_checkpoint(work / "output" / name / "last.pt")["step"]
-    assert 6 <= stopped_at < 16 and stopped_at % 5, (
-        stopped_at
-    )  # saved at the signal's step, not at an evaluation
+    # Saved at the signal's step, not at an evaluation
+    assert 6 <= stopped_at < 16 and stopped_at % 5, stopped_at
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert last == (
         f"vitlab train: stopped by {how.name} at step {stopped_at}; saved {Path('output') / name / 'last.pt'}: "
@@ -816,9 +814,8 @@ def test_ema_with_decay_0_is_the_weights_and_is_what_evaluation_and_the_commands
     best = read_checkpoint(Path("output") / "y" / "best.pt")
     assert any(not torch.equal(best["ema"][k], best["model"][k]) for k in best["model"])
     model, _ = checkpoints.load_model(Path("output") / "y" / "best.pt")
-    assert all(
-        torch.equal(v, best["ema"][k]) for k, v in model.state_dict().items()
-    )  # the weights evaluation chose it by
+    # The weights evaluation chose it by
+    assert all(torch.equal(v, best["ema"][k]) for k, v in model.state_dict().items())
 
 
 def test_resume_with_every_option_of_the_kit_is_bit_exact(tmp_path):
@@ -930,13 +927,11 @@ def test_two_process_gloo_run_equals_one_process(gloo_runs):
     assert [p.name for p in (gloo_runs.root / "logs" / "dist").iterdir() if p.name != ".lock"][
         0
     ].startswith("events.out.tfevents")
-    assert (
-        len(list((gloo_runs.root / "logs" / "dist").iterdir())) == 2
-    )  # and the lock, held while the run runs
+    # And the lock, held while the run runs
+    assert len(list((gloo_runs.root / "logs" / "dist").iterdir())) == 2
     assert list(gloo_runs.work.iterdir()) == []
-    assert [s for s, _ in losses(out / "dist")] == list(
-        range(1, 7)
-    )  # one record per step, not one per process
+    # One record per step, not one per process
+    assert [s for s, _ in losses(out / "dist")] == list(range(1, 7))
 
 
 def test_two_process_gloo_run_logs_the_loss_of_the_whole_batch(gloo_runs):
@@ -1042,9 +1037,8 @@ def test_from_scratch_recipe_trains(tmp_path, monkeypatch, capsys):
         "auto",
     )
     native = fastpaths.native_bf16(torch.device("cpu"))
-    assert (
-        f"device cpu, precision {'bf16' if native else 'fp32'};" in out
-    )  # auto: bf16 only where it is native
+    # Auto: bf16 only where it is native
+    assert f"device cpu, precision {'bf16' if native else 'fp32'};" in out
     state = read_checkpoint(tmp_path / "output" / "scratch" / "last.pt")
     assert set(state["optimizer"]) == {"muon", "adamw"} and state["step"] == 2
 
@@ -1203,16 +1197,14 @@ def test_a_run_name_is_one_folder_name_checked_before_anything_is_written(
     work.mkdir()
     monkeypatch.chdir(work)
     data = make_image_folder(tmp_path / "data")
-    (work / "output" / "other").mkdir(
-        parents=True
-    )  # another run's folder, which "." would have moved aside
+    # Another run's folder, which "." would have moved aside
+    (work / "output" / "other").mkdir(parents=True)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     rc, _, err = run_cli(base_argv(data, "--overwrite", name=name), capsys)
     assert rc == 2
     assert "a run's name is one folder name" in one_error_line(err)
-    assert (
-        sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
-    )  # nothing written, nothing moved
+    # Nothing written, nothing moved
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_the_log_folder_is_the_runs_too(tmp_path):

@@ -8,17 +8,25 @@ accumulation step) is reproducible.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .randaugment import RANDAUGMENT_OPS, randaugment
+
+
+def normalise(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float in [-1, 1]: mean and std 0.5, as the tutorial and the official
+    fine-tuning."""
+    return x.to(dtype).div_(127.5).sub_(1.0)
+
 
 def to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) normalised with mean and std 0.5, as the
-    tutorial."""
-    return images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
+    """uint8 (B, H, W, 3), the datasets' layout -> normalised float (B, 3, H, W)."""
+    return normalise(images.permute(0, 3, 1, 2), dtype)
 
 
 def resized_crop_boxes(
@@ -75,9 +83,8 @@ def crop_and_resize(
     B, C, H, W = images.shape
     # Sampling positions in fp32 even for bf16 images: bf16 cannot tell pixel 31.5 from 31.6.
     top, left, h, w = boxes.to(images.device, torch.float32).unbind(1)
-    steps = (
-        torch.arange(size, device=images.device, dtype=torch.float32) + 0.5
-    ) / size  # output pixel centres in [0, 1]
+    # Output pixel centres in [0, 1].
+    steps = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size
 
     def centres(start: torch.Tensor, length: torch.Tensor, in_size: int) -> torch.Tensor:
         # (B, size): each output pixel's centre mapped into the box, in input pixels, clamped to the
@@ -94,33 +101,31 @@ def crop_and_resize(
         .neg_()
         .add_(1)
     )
-    resized = torch.bmm(
-        images.reshape(B, C * H, W), cols.clamp_(min=0).to(images.dtype)
-    )  # (B, C*H, size)
+    # (B, C*H, size)
+    resized = torch.bmm(images.reshape(B, C * H, W), cols.clamp_(min=0).to(images.dtype))
 
-    y = centres(top, h, H)
-    above = y.floor().clamp_(
-        max=max(H - 2, 0)
-    )  # the lower of the two rows, so that the upper one exists
+    return _two_row_taps(resized, centres(top, h, H), C, H).view(B, C, size, size)
+
+
+def _two_row_taps(resized: torch.Tensor, y: torch.Tensor, C: int, H: int) -> torch.Tensor:
+    """Each output row of `resized` (B, C*H, size) as the tent-weighted sum of the two input rows
+    around its centre `y` (B, size), one embedding_bag over the rows."""
+    B, size = y.shape
+    # The lower of the two rows, so that the upper one exists.
+    above = y.floor().clamp_(max=max(H - 2, 0))
     below = (above + 1).clamp_(max=H - 1)
-    first_row = (
-        torch.arange(B * C, device=images.device).view(B, C, 1) * H
-    )  # of each image channel in `resized`
-    index = torch.stack(
-        [first_row + above.long()[:, None], first_row + below.long()[:, None]], dim=-1
-    )  # (B, C, size, 2)
-    weight = (
-        torch.stack([above + 1 - y, y - above], dim=-1)
-        .to(images.dtype)[:, None]
-        .expand(B, C, size, 2)
-    )
-    out = F.embedding_bag(
+    # The first row of each image channel in `resized`.
+    first_row = torch.arange(B * C, device=y.device).view(B, C, 1) * H
+    rows = [first_row + above.long()[:, None], first_row + below.long()[:, None]]
+    index = torch.stack(rows, dim=-1)  # (B, C, size, 2)
+    weight = torch.stack([above + 1 - y, y - above], dim=-1).to(resized.dtype)
+    weight = weight[:, None].expand(B, C, size, 2)
+    return F.embedding_bag(
         index.view(-1, 2),
         resized.view(B * C * H, size),
         per_sample_weights=weight.reshape(-1, 2),
         mode="sum",
     )
-    return out.view(B, C, size, size)
 
 
 def pad_crop(
@@ -135,150 +140,6 @@ def pad_crop(
     cols = torch.where(flip.to(images.device)[:, None], cols.flip(1), cols)
     batch = torch.arange(B, device=images.device)[:, None, None]
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# RandAugment (Cubuk et al., 2020) on whole batches: each image its own operations, in [0, 1] space.
-# The operations and their ranges at magnitude M of 30 are torchvision's RandAugment; geometric ones
-# fill grey.
-
-RANDAUGMENT_OPS = (
-    "identity",
-    "shear_x",
-    "shear_y",
-    "translate_x",
-    "translate_y",
-    "rotate",
-    "brightness",
-    "color",
-    "contrast",
-    "sharpness",
-    "posterize",
-    "solarize",
-    "autocontrast",
-    "equalize",
-)
-_GEOMETRIC = RANDAUGMENT_OPS[1:6]
-MAX_MAGNITUDE = 30
-
-
-def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """image * factor + other * (1 - factor), clamped to [0, 1]; factor (B,) per image."""
-    return (other + factor.view(-1, 1, 1, 1) * (image - other)).clamp_(0, 1)
-
-
-def _grey(y: torch.Tensor) -> torch.Tensor:
-    return (0.2989 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2]).unsqueeze(
-        1
-    )  # (B, 1, H, W), torchvision's luma
-
-
-def _sharpness(y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend with PIL's smoothing filter (centre 5, neighbours 1, over 13), border pixels left as
-    they are: the 3x3 sum by an average pool, many times faster on a CPU than a grouped
-    convolution."""
-    smooth = y.clone()
-    smooth[:, :, 1:-1, 1:-1] = (F.avg_pool2d(y, 3, stride=1) * 9 + 4 * y[:, :, 1:-1, 1:-1]) / 13
-    return _blend(y, smooth, factor)
-
-
-def _posterize(y: torch.Tensor, bits: int) -> torch.Tensor:
-    step = 2.0 ** (8 - bits)
-    return torch.floor(torch.round(y * 255) / step) * step / 255
-
-
-def _autocontrast(y: torch.Tensor) -> torch.Tensor:
-    low, high = y.amin(dim=(2, 3), keepdim=True), y.amax(dim=(2, 3), keepdim=True)
-    flat = high <= low  # a constant channel stays as it is
-    return torch.where(flat, y, (y - low) / torch.where(flat, torch.ones_like(high), high - low))
-
-
-def _equalize(y: torch.Tensor) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as TF
-
-    return TF.equalize((y * 255).round_().to(torch.uint8)).to(y.dtype) / 255
-
-
-def _affine(y: torch.Tensor, op: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
-    """Shears, translations (amount in pixels) and rotations (degrees), one per image; uncovered
-    pixels grey."""
-    B, _, H, W = y.shape
-    theta = torch.eye(2, 3).repeat(B, 1, 1)
-    radians = amount * math.pi / 180
-    cos, sin = radians.cos(), radians.sin()
-    geometric = {
-        "shear_x": ((0, 1), amount),
-        "shear_y": ((1, 0), amount),
-        "translate_x": ((0, 2), 2 * amount / W),
-        "translate_y": ((1, 2), 2 * amount / H),
-    }
-    for name, ((row, col), value) in geometric.items():
-        mine = op == RANDAUGMENT_OPS.index(name)
-        theta[mine, row, col] = value[mine]
-    rotating = op == RANDAUGMENT_OPS.index("rotate")
-    theta[rotating, :, :2] = torch.stack(
-        [torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1
-    )[rotating]
-    grid = F.affine_grid(theta.to(y), [B, 3, H, W], align_corners=False)
-    return (
-        F.grid_sample(y - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        + 0.5
-    )
-
-
-def _magnitude(op: str, level: float, size: int) -> float:
-    """torchvision's RandAugment range for `op` at `level` in [0, 1] (magnitude / 30)."""
-    return {
-        "shear_x": 0.3,
-        "shear_y": 0.3,
-        "translate_x": 150 / 331 * size,
-        "translate_y": 150 / 331 * size,
-        "rotate": 30.0,
-        "brightness": 0.9,
-        "color": 0.9,
-        "contrast": 0.9,
-        "sharpness": 0.9,
-    }.get(op, 0.0) * level
-
-
-# Each colour operation of images y in [0, 1], given the signed amount (B,) and the level (magnitude
-# / 30).
-_COLOUR_OPS = {
-    "brightness": lambda y, amount, level: _blend(y, torch.zeros_like(y), 1 + amount),
-    "color": lambda y, amount, level: _blend(y, _grey(y), 1 + amount),
-    "contrast": lambda y, amount, level: _blend(
-        y, _grey(y).mean(dim=(1, 2, 3), keepdim=True), 1 + amount
-    ),
-    "sharpness": lambda y, amount, level: _sharpness(y, 1 + amount),
-    "posterize": lambda y, amount, level: _posterize(y, 8 - round(4 * level)),
-    "solarize": lambda y, amount, level: torch.where(y >= 1 - level, 1 - y, y),
-    "autocontrast": lambda y, amount, level: _autocontrast(y),
-    "equalize": lambda y, amount, level: _equalize(y),
-}
-
-
-def randaugment(
-    x: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor, magnitude: int
-) -> torch.Tensor:
-    """Normalised float (B, 3, S, S) with `ops` (rounds, B) indices into RANDAUGMENT_OPS applied in
-    turn, each at `magnitude` (of 30) with `signs` (rounds, B) of +1 or -1 for the signed ones."""
-    level = magnitude / MAX_MAGNITUDE
-    ranges = torch.tensor([_magnitude(name, level, x.shape[-1]) for name in RANDAUGMENT_OPS])
-    y = x.float().add(1).div_(2)  # [-1, 1] -> [0, 1]
-    for op, sign in zip(
-        ops, signs, strict=False
-    ):  # each round, on the CPU: which image takes which operation
-        amount = sign.float() * ranges[op]
-        geometric = (op >= 1) & (op <= len(_GEOMETRIC))
-        if geometric.any():
-            y[geometric.to(y.device)] = _affine(
-                y[geometric.to(y.device)], op[geometric], amount[geometric]
-            )
-        for name, apply in _COLOUR_OPS.items():
-            mine = op == RANDAUGMENT_OPS.index(name)
-            if mine.any():
-                y[mine.to(y.device)] = apply(y[mine.to(y.device)], amount[mine].to(y.device), level)
-    return y.mul_(2).sub_(1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,9 +206,8 @@ def mix_params(
         rng.beta(alpha.clamp(min=1e-6).numpy(), alpha.clamp(min=1e-6).numpy())
     ).float()
     lam = torch.where(alpha > 0, lam, torch.ones(pairs))
-    side = (
-        1 - lam
-    ).sqrt() * size  # CutMix's box: a (1 - lam) share of the area, centred anywhere, clipped
+    # CutMix's box: a (1 - lam) share of the area, centred anywhere, clipped
+    side = (1 - lam).sqrt() * size
     centre = torch.randint(0, size, (pairs, 2), generator=generator).float()
     low = (centre - torch.div(side.round(), 2, rounding_mode="floor")[:, None]).clamp(0, size)
     high = (centre + torch.div(side.round(), 2, rounding_mode="floor")[:, None]).clamp(0, size)
@@ -365,9 +225,8 @@ def mix(
     partner = torch.arange(B, device=x.device) ^ 1
     lam = params[:, 0].repeat_interleave(2).to(x.device)
     cut = params[:, 1].repeat_interleave(2).bool().to(x.device)[:, None, None, None]
-    inside = _box_mask(
-        params[:, 2:6].repeat_interleave(2, 0), x.shape[-2], x.shape[-1], x.device
-    )  # (B, 1, H, W)
+    # (B, 1, H, W)
+    inside = _box_mask(params[:, 2:6].repeat_interleave(2, 0), x.shape[-2], x.shape[-1], x.device)
     # Each pixel's weight of its own image: lam for a mixup pair, 1 outside the box and 0 inside for
     # a CutMix pair.
     own = torch.where(cut, (~inside).to(x.dtype), lam.view(-1, 1, 1, 1).to(x.dtype))
@@ -378,21 +237,31 @@ def mix(
 
 @dataclass(frozen=True)
 class Augmentation:
+    """A training augmentation, in the order of timm's and torchvision's pipelines: the crop and
+    flip, then RandAugment, then random erasing, then (over pairs of images) mixup or CutMix. The
+    names are TrainConfig's, whose help says what each does."""
+
     img_size: int
-    kind: str = (
-        "resized_crop"  # "resized_crop" (the tutorial's), "pad_crop" (32 px training), "none"
-    )
+    augment: str = "resized_crop"  # "resized_crop" (the tutorial's), "pad_crop" (32 px), "none"
     min_scale: float = 0.05  # RandomResizedCrop's smallest area fraction (the tutorial's 0.05)
     hflip: bool = True  # the official fine-tuning flips; the tutorial did not
-    pad: int = 4
-    dtype: torch.dtype = (
-        torch.float32
-    )  # bf16 when training in bf16: the model would round to it anyway, and it halves the work
+    pad: int = 4  # pad_crop's reflection padding
+    # bf16 when training in bf16: the model would round to it anyway, and it halves the work
+    dtype: torch.dtype = torch.float32
     randaugment: tuple[int, int] | None = None  # (operations per image, magnitude of 30)
     random_erasing: float = 0.0  # share of images with a box erased
     mixup: float = 0.0  # Beta(alpha, alpha) of the mixing weight; 0: off
     cutmix: float = 0.0
-    cutmix_switch_prob: float = 0.5  # with both on: the share of pairs cut-mixed rather than mixed
+    mixup_switch_prob: float = 0.5  # with both on: the share of pairs cut-mixed rather than mixed
+
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype = torch.float32) -> Augmentation:
+        """The augmentation a TrainConfig asks for, producing batches in `dtype`."""
+        own = ("pad", "dtype", "randaugment")  # a constant, the caller's, and parsed from "N,M"
+        values = {
+            f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.name not in own
+        }
+        return cls(**values, dtype=dtype, randaugment=config.randaugment_ops())
 
     @property
     def mixes(self) -> bool:
@@ -403,51 +272,40 @@ class Augmentation:
     ) -> dict:
         """Every random choice for a batch of images (not the mixing), drawn on the CPU so that any
         slice is reproducible."""
-        flip = (
-            (torch.rand(batch, generator=generator) < 0.5)
-            if self.hflip
-            else torch.zeros(batch, dtype=torch.bool)
-        )
-        params = {"flip": flip}
-        if self.kind == "resized_crop":
-            params["boxes"] = resized_crop_boxes(
-                batch, height, width, (self.min_scale, 1.0), generator
-            )
-        elif self.kind == "pad_crop":
+        flip = torch.rand(batch, generator=generator) < 0.5
+        params = {"flip": flip if self.hflip else torch.zeros(batch, dtype=torch.bool)}
+        if self.augment == "resized_crop":
+            scale = (self.min_scale, 1.0)
+            params["boxes"] = resized_crop_boxes(batch, height, width, scale, generator)
+        elif self.augment == "pad_crop":
             params["offsets"] = torch.randint(0, 2 * self.pad + 1, (batch, 2), generator=generator)
         if self.randaugment:
-            rounds = self.randaugment[0]
-            params["ra_ops"] = torch.randint(
-                0, len(RANDAUGMENT_OPS), (batch, rounds), generator=generator
-            )
-            params["ra_signs"] = torch.randint(0, 2, (batch, rounds), generator=generator) * 2 - 1
+            shape = (batch, self.randaugment[0])
+            params["ra_ops"] = torch.randint(0, len(RANDAUGMENT_OPS), shape, generator=generator)
+            params["ra_signs"] = torch.randint(0, 2, shape, generator=generator) * 2 - 1
         if self.random_erasing > 0:
-            params["erasing"] = erasing_boxes(
-                batch, self.img_size, self.img_size, self.random_erasing, generator
-            )
+            size, share = self.img_size, self.random_erasing
+            params["erasing"] = erasing_boxes(batch, size, size, share, generator)
         return params
 
     def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
-        """uint8 (B, H, W, 3) on any device -> normalised float (B, 3, img_size, img_size).
-        RandAugment runs on the stored images, before the crop: at 224 px from CIFAR's 32 px images
-        it costs 1/49 of what it would after."""
-        x = to_float(images, self.dtype)
-        if self.randaugment:
-            x = randaugment(x, params["ra_ops"].T, params["ra_signs"].T, self.randaugment[1])
-        if self.kind == "resized_crop":
-            x = crop_and_resize(x, params["boxes"], self.img_size, params["flip"])
+        """uint8 (B, H, W, 3) on any device -> augmented normalised float (B, 3, img_size,
+        img_size)."""
+        return self.finish(self.crop(to_float(images, self.dtype), params), params)
+
+    def crop(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        """The crop (or padded crop, or none) and flip of float (B, 3, H, W), resized to img_size."""
+        if self.augment == "resized_crop":
+            return crop_and_resize(x, params["boxes"], self.img_size, params["flip"])
+        if self.augment == "pad_crop":
+            x = pad_crop(x, self.pad, params["offsets"], params["flip"])
         else:
-            if self.kind == "pad_crop":
-                x = pad_crop(x, self.pad, params["offsets"], params["flip"])
-            else:
-                x = torch.where(params["flip"].to(x.device)[:, None, None, None], x.flip(3), x)
-            x = resize(x, self.img_size)
-        return erase(x, params["erasing"]) if self.random_erasing > 0 else x
+            x = torch.where(params["flip"].to(x.device)[:, None, None, None], x.flip(3), x)
+        return resize(x, self.img_size)
 
     def finish(self, x: torch.Tensor, params: dict) -> torch.Tensor:
-        """RandAugment and random erasing of normalised float images already cropped to img_size:
-        the streaming path, where each image is cropped (anti-aliased, from any size) before it is
-        augmented."""
+        """RandAugment and random erasing of normalised float images already cropped to img_size
+        (the streaming path crops each image itself, anti-aliased, from any size)."""
         if self.randaugment:
             x = randaugment(x, params["ra_ops"].T, params["ra_signs"].T, self.randaugment[1])
         return erase(x, params["erasing"]) if self.random_erasing > 0 else x
@@ -455,9 +313,8 @@ class Augmentation:
     def mix_params(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """The mixing of a global batch, per pair of images; draw from its own generator (see
         `mix`)."""
-        return mix_params(
-            batch // 2, self.img_size, self.mixup, self.cutmix, self.cutmix_switch_prob, generator
-        )
+        mixup, cutmix, switch = self.mixup, self.cutmix, self.mixup_switch_prob
+        return mix_params(batch // 2, self.img_size, mixup, cutmix, switch, generator)
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:

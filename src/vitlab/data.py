@@ -1,11 +1,9 @@
-"""Datasets and the input pipeline.
+"""Datasets: CIFAR (downloaded by torchvision) and folders of images, read into an `ImageSet`.
 
-Small datasets (CIFAR, folders of same-sized images) are decoded once into one uint8 tensor that
-lives on the training device and is augmented per batch with tensor operations (the
-cifar10-airbench way): the pipeline costs a few milliseconds a batch. Larger folders stream
-through a DataLoader with workers. Both draw every random choice from (seed, step), so a resumed
-run sees exactly the batches and crops the uninterrupted run would have seen, and a batch split
-over processes or accumulation steps is the same batch.
+Small datasets (CIFAR, folders of same-sized images) are decoded once into one uint8 tensor, which
+`batches.py` keeps on the training device and augments per batch (the cifar10-airbench way).
+Larger folders, or folders of mixed sizes, keep their paths and stream from disk. Every image is
+checked readable before a run starts, so a bad file is named at once, not mid-run.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import Augmentation, mix, resize, to_float
+from . import randomness
 from .config import DATASETS
 from .errors import DataError
 
@@ -36,9 +34,8 @@ IMAGE_EXTENSIONS = (
     ".pgm",
 )
 IN_MEMORY_LIMIT_BYTES = 4 << 30  # a decoded dataset above this streams from disk instead
-MAX_PIXELS = (
-    2 * 89_478_485
-)  # PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS): larger images are refused
+# PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS): larger images are refused
+MAX_PIXELS = 2 * 89_478_485
 
 
 @dataclass
@@ -97,6 +94,8 @@ def cifar_on_disk(name: str, root: str | os.PathLike) -> bool:
 
 
 def _list_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
+    # Not torchvision's find_classes/make_dataset: they count hidden folders (.ipynb_checkpoints, .git)
+    # as classes, and raise FileNotFoundError where vitlab's DataError belongs.
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
     class_names = sorted(
@@ -135,9 +134,8 @@ def _open_image(path: str, action):
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", Image.DecompressionBombWarning
-            )  # up to MAX_PIXELS: decoded, drafted where it can be
+            # Up to MAX_PIXELS: decoded, drafted where it can be
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 return action(image)
     except DataError:
@@ -166,9 +164,8 @@ def read_image(path: str, size: int | None = None, max_pixels: int | None = None
                 "it smaller"
             )
         if size is not None:
-            image.draft(
-                "RGB", (2 * size, 2 * size)
-            )  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below 2 x size
+            # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below 2 x size
+            image.draft("RGB", (2 * size, 2 * size))
         image = image.convert("RGB")
         factor = min(image.size) // (2 * size) if size is not None else 1
         return np.asarray(image.reduce(factor) if factor > 1 else image)
@@ -229,7 +226,7 @@ def split_validation(data: ImageSet, fraction: float, seed: int) -> tuple[ImageS
             f"val_split {fraction} of {len(data)} images leaves {n_val} for validation; choose a "
             "larger fraction or 0"
         )
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(data), generator=randomness.generator(seed, "validation_split"))
     return data.subset(order[n_val:].sort().values), data.subset(order[:n_val].sort().values)
 
 
@@ -285,217 +282,3 @@ def load_test_split(dataset: str, data_dir: str | os.PathLike, class_names: list
             )
         return data
     return load_image_folder(held_out_folder(Path(data_dir)) or Path(data_dir), class_names)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches: which images, in which order, from (seed, step) alone.
-
-
-def batch_indices(num_images: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Images of global batch `step`: epochs are seeded permutations, consumed batch after batch
-    (a batch that crosses an epoch's end takes the rest from the next permutation)."""
-    start = step * batch_size
-    pieces, epoch = [], start // num_images
-    offset = start - epoch * num_images
-    while sum(len(p) for p in pieces) < batch_size:
-        order = torch.randperm(
-            num_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
-        )
-        take = min(batch_size - sum(len(p) for p in pieces), num_images - offset)
-        pieces.append(order[offset : offset + take])
-        epoch, offset = epoch + 1, 0
-    return torch.cat(pieces)
-
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator for the random choices of global batch `step`; `stream` separates independent
-    kinds of choice."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1 + stream * 2**48)
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming: per-image decoding and transforms in DataLoader workers, seeded per image.
-
-
-class StreamingImages(torch.utils.data.Dataset):
-    """Items are (index, seed) pairs; each image is decoded and transformed with its own generator.
-    Without augmentation (evaluation) the whole image is resized to img_size."""
-
-    def __init__(self, data: ImageSet, img_size: int, augmentation: Augmentation | None):
-        self.data, self.img_size, self.augmentation = data, img_size, augmentation
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        from torchvision.transforms.v2 import functional as TF
-
-        index, seed = item
-        # Evaluation resizes the whole image: a large one may be decoded smaller; training crops
-        # need every pixel.
-        image = torch.from_numpy(
-            read_image(
-                self.data.paths[index], self.img_size if self.augmentation is None else None
-            ).copy()
-        )
-        x = image.permute(2, 0, 1)  # (3, H, W) uint8
-        aug = self.augmentation
-        if aug is None:
-            x = TF.resize(x, [self.img_size, self.img_size], antialias=True)
-        elif aug.kind == "resized_crop":  # antialiased, for large photos scaled down
-            params = aug.random_params(
-                1, x.shape[1], x.shape[2], torch.Generator().manual_seed(seed)
-            )
-            top, left, h, w = (int(v) for v in params["boxes"][0])
-            x = TF.resized_crop(x, top, left, h, w, [self.img_size, self.img_size], antialias=True)
-            x = x.flip(2) if params["flip"][0] else x
-            return aug.finish(x.float().div_(127.5).sub_(1.0)[None], params)[0], self.data.labels[
-                index
-            ]
-        else:
-            params = aug.random_params(
-                1, x.shape[1], x.shape[2], torch.Generator().manual_seed(seed)
-            )
-            return aug.apply(image[None], params)[0], self.data.labels[index]
-        return x.float().div_(127.5).sub_(1.0), self.data.labels[index]
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches for one process
-
-
-class TrainBatches:
-    """This process's share of global batch `step`, as normalised float images and labels on
-    `device` (with mixup or CutMix, mixed images and their soft labels, (B, classes)).
-
-    The global batch and every augmentation choice come from (seed, step); process `rank` of
-    `world_size` takes its contiguous slice, so any split of the batch sees the same images."""
-
-    def __init__(
-        self,
-        data: ImageSet,
-        augmentation: Augmentation,
-        batch_size: int,
-        seed: int,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 2,
-    ):
-        self.data, self.augmentation, self.batch_size, self.seed = (
-            data,
-            augmentation,
-            batch_size,
-            seed,
-        )
-        self.device, self.rank, self.world_size, self.num_workers = (
-            device,
-            rank,
-            world_size,
-            num_workers,
-        )
-        self.local = batch_size // world_size
-        if data.images is not None:
-            self.images = data.images.to(device)  # the whole dataset, uint8, on the training device
-            self.labels = data.labels.to(device)
-
-    def _share(self, step: int) -> tuple[torch.Tensor, slice]:
-        index = batch_indices(len(self.data), self.batch_size, step, self.seed)
-        return index, slice(self.rank * self.local, (self.rank + 1) * self.local)
-
-    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index, mine = self._share(step)
-        _, H, W, _ = self.images.shape
-        params = self.augmentation.random_params(
-            self.batch_size, H, W, step_generator(self.seed, step)
-        )
-        params = {k: v[mine] for k, v in params.items()}
-        index = index[mine].to(self.device)
-        return self.mixed(
-            step, self.augmentation.apply(self.images[index], params), self.labels[index]
-        )
-
-    def mixed(
-        self, step: int, images: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixup or CutMix of this process's share, its pairs' choices drawn for the whole batch
-        (`augment.mix`)."""
-        if not self.augmentation.mixes:
-            return images, labels
-        params = self.augmentation.mix_params(
-            self.batch_size, step_generator(self.seed, step, stream=1)
-        )
-        mine = slice(self.rank * self.local // 2, (self.rank + 1) * self.local // 2)
-        return mix(images, labels, params[mine], len(self.data.class_names))
-
-    def __call__(self, start_step: int, end_step: int):
-        """Batches of steps [start_step, end_step): from memory, or streamed by DataLoader
-        workers."""
-        if self.data.images is not None:
-            yield from (self.get(step) for step in range(start_step, end_step))
-            return
-
-        def items(step: int) -> list[tuple[int, int]]:
-            index, mine = self._share(step)
-            seeds = torch.randint(
-                0, 2**62, (self.batch_size,), generator=step_generator(self.seed, step)
-            )
-            return list(zip(index[mine].tolist(), seeds[mine].tolist(), strict=False))
-
-        loader = torch.utils.data.DataLoader(
-            StreamingImages(self.data, self.augmentation.img_size, self.augmentation),
-            batch_sampler=(items(step) for step in range(start_step, end_step)),
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            generator=step_generator(
-                self.seed, start_step, stream=2
-            ),  # not torch's global generator: dropout's own
-        )
-        for step, (x, y) in enumerate(_named_failures(loader), start=start_step):
-            yield self.mixed(
-                step,
-                x.to(self.device, self.augmentation.dtype, non_blocking=True),
-                y.to(self.device, non_blocking=True),
-            )
-
-
-def eval_batches(
-    data: ImageSet,
-    img_size: int,
-    batch_size: int,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 2,
-):
-    """(images, labels) batches of this process's shard (every world_size-th image), resized to
-    img_size."""
-    shard = torch.arange(rank, len(data), world_size)
-    if data.images is not None:
-        for start in range(0, len(shard), batch_size):
-            index = shard[start : start + batch_size]
-            yield (
-                resize(to_float(data.images[index].to(device)), img_size),
-                data.labels[index].to(device),
-            )
-        return
-    loader = torch.utils.data.DataLoader(
-        StreamingImages(data, img_size, None),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        sampler=[(i, 0) for i in shard.tolist()],
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(0),
-    )
-    for x, y in _named_failures(loader):
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
-def _named_failures(loader: torch.utils.data.DataLoader):
-    """The loader's batches. A DataError raised in a worker (an image that became unreadable since
-    the run began) comes back wrapped in a worker traceback: re-raised as its own one line, which
-    names the file."""
-    try:
-        yield from loader
-    except DataError as e:
-        raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None

@@ -13,9 +13,8 @@ from tqdm.auto import tqdm
 from .formats.files import atomic_write
 from .runtime import autocast
 
-PRINTED_CONFUSION_MAX_CLASSES = (
-    20  # a wider matrix wraps in a terminal; the JSON and the PNG hold it whole
-)
+# a wider matrix wraps in a terminal; the JSON and the PNG hold it whole
+PRINTED_CONFUSION_MAX_CLASSES = 20
 LABELLED_CONFUSION_MAX_CLASSES = 100  # beyond this the tick labels would overlap into a grey band
 
 
@@ -25,6 +24,7 @@ def evaluate(
     batches,
     num_classes: int,
     device: torch.device,
+    *,
     precision: str = "fp32",
     total: int | None = None,
     progress: bool = True,

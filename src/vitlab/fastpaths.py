@@ -95,9 +95,8 @@ def wanted(path: str) -> bool:
     is not off."""
     if os.environ.get("VITLAB_FASTPATHS", "on").lower() in ("0", "off", "false", "no"):
         return False
-    return POLICY.get(instruction_set(), POLICY["AVX2"])[
-        path
-    ]  # any other CPU: plain torch, as AVX2
+    # Any other CPU: plain torch, as AVX2
+    return POLICY.get(instruction_set(), POLICY["AVX2"])[path]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,16 +270,16 @@ class Linear(nn.Linear):
         if dtype is None:
             y = F.linear(x, self.weight, self.bias)
         else:
+            # Autocast's casts, by hand
             x, weight, bias = (
                 x.to(dtype),
                 self.weight.to(dtype),
                 self.bias.to(dtype),
-            )  # autocast's casts, by hand
+            )
             if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
                 return onednn_linear(x, weight, bias, self.gelu)  # inference: the GELU fused too
-            y = _OneDnnLinear.apply(
-                x, weight, bias
-            )  # the backward needs the GELU's input: not fused
+            # The backward needs the GELU's input: not fused
+            y = _OneDnnLinear.apply(x, weight, bias)
         return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
 
     def _onednn_dtype(self, x: torch.Tensor) -> torch.dtype | None:
@@ -329,9 +328,8 @@ def _check_sdpa(dtype: torch.dtype, device_type: str) -> float:
         for _ in range(3)
     )
     fast = F.scaled_dot_product_attention(q, k, v)
-    plain = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(
-        dim=-1
-    ) @ v  # the formula, as model.Attention has it
+    # The formula, as model.Attention has it
+    plain = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
     upstream = torch.randn(fast.shape, generator=g).to(device_type, dtype)
     fast_grads = torch.autograd.grad(fast, (q, k, v), upstream)
     plain_grads = torch.autograd.grad(plain, (q, k, v), upstream)

@@ -65,9 +65,8 @@ def _groups(
     depth, named = model.config.depth, dict(model.named_parameters())
     groups: dict[tuple[int, bool], dict] = {}
     for name in params:
-        layer = (
-            layer_of(name, depth) if config.layer_decay < 1 else depth + 1
-        )  # one layer when nothing decays
+        # One layer when nothing decays
+        layer = layer_of(name, depth) if config.layer_decay < 1 else depth + 1
         decay = decayed(name, named[name])
         group = groups.setdefault(
             (layer, not decay),

@@ -44,9 +44,8 @@ def claim_run_directory(config: TrainConfig) -> list:
             print(f"moved the earlier run's {folder} aside to {folder.with_name(aside)}")
         release(locks)
         locks = _lock_all(folders)
-    for stray in out_dir.glob(
-        ".*.pt.*.tmp"
-    ):  # left by a run of this name killed while saving; none is running now
+    # Left by a run of this name killed while saving; none is running now
+    for stray in out_dir.glob(".*.pt.*.tmp"):
         stray.unlink()
     return locks
 

@@ -73,13 +73,16 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+# The dtype each resolved precision computes in (autocast's; the training batches are made in it).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context for a resolved precision: bf16 on CPU or CUDA, fp16 on CUDA, nothing for
     fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 class Processes:

@@ -25,8 +25,11 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, TrainConfig, canonical_name, legacy_name
-from .data import Augmentation, ImageSet, TrainBatches, eval_batches, load_datasets
+from . import randomness
+from .augment import Augmentation
+from .batches import TrainBatches, eval_batches
+from .config import TrainConfig
+from .data import ImageSet, load_datasets
 from .errors import TrainingError
 from .evaluate import evaluate
 from .fastpaths import describe
@@ -34,7 +37,7 @@ from .formats import checkpoints, official
 from .model import VisionTransformer
 from .optim import configure_optimizer, freeze, set_learning_rate
 from .runs import MetricsLog, Stopped, StopSignals, check_resume, claim_run_directory, release
-from .runtime import Processes, autocast, resolve_precision
+from .runtime import DTYPES, Processes, autocast, resolve_precision
 
 
 @dataclass
@@ -51,7 +54,7 @@ class TrainState:
         return {"step": self.step, "best": {"accuracy": self.best_accuracy, "step": self.best_step}}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Job:
     """A run's fixed parts, built once: what it trains, on what, with what, and where it writes."""
 
@@ -62,9 +65,8 @@ class Job:
     val_data: ImageSet
     test_data: ImageSet | None
     model: VisionTransformer  # the weights
-    train_model: (
-        torch.nn.Module
-    )  # the same model, compiled and/or wrapped for DDP: what forward passes go through
+    # The same model, compiled and/or wrapped for DDP: what forward passes go through.
+    train_model: torch.nn.Module
     ema: AveragedModel | None  # the moving average of the weights (--ema), which evaluation uses
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -91,13 +93,13 @@ def train(config: TrainConfig) -> dict:
         state = start(job)
         batches = TrainBatches(
             job.train_data,
-            augmentation(job),
-            config.train_batch_size,
-            config.seed,
-            processes.device,
-            processes.rank,
-            processes.world_size,
-            config.num_workers,
+            Augmentation.from_config(config, DTYPES[job.precision]),
+            batch_size=config.train_batch_size,
+            seed=config.seed,
+            device=processes.device,
+            rank=processes.rank,
+            world_size=processes.world_size,
+            num_workers=config.num_workers,
         )
         bar = tqdm(
             total=config.num_steps,
@@ -112,9 +114,8 @@ def train(config: TrainConfig) -> dict:
         with bar, StopSignals() as stops:
             for images, labels in batches(state.step, config.num_steps):
                 lr = set_learning_rate(job.optimizer, config, state.step)
-                torch.manual_seed(
-                    config.seed * 1_000_003 + state.step * 1_009 + processes.rank + 7
-                )  # this step's dropout
+                dropout = state.step * processes.world_size + processes.rank
+                torch.manual_seed(randomness.stream_seed(config.seed, "dropout", dropout))
                 loss = train_step(job, images, labels, state)
                 state.step += 1
                 images_seen += config.train_batch_size
@@ -147,11 +148,10 @@ def train(config: TrainConfig) -> dict:
 
 
 def set_up(config: TrainConfig, processes: Processes) -> Job:
-    precision = resolve_precision(
-        config.effective_precision(), processes.device
-    )  # refuses fp16 without CUDA now
+    # Refuses fp16 without CUDA now
+    precision = resolve_precision(config.effective_precision(), processes.device)
     scaler = make_scaler(config, precision, processes.device)
-    torch.manual_seed(config.seed)  # the initialisation
+    torch.manual_seed(randomness.stream_seed(config.seed, "init"))
     with processes.main_first():  # rank 0 downloads first
         train_data, val_data, test_data = load_datasets(
             config.dataset, config.data_dir, config.val_split, config.seed
@@ -174,45 +174,25 @@ def set_up(config: TrainConfig, processes: Processes) -> Job:
     out_dir = Path(config.output_dir) / config.name
     log = MetricsLog(config, out_dir) if processes.is_main else None
     return Job(
-        config,
-        processes,
-        precision,
-        train_data,
-        val_data,
-        test_data,
-        model,
-        train_model,
-        ema,
-        optimizer,
-        scaler,
-        out_dir,
-        log,
+        config=config,
+        processes=processes,
+        precision=precision,
+        train_data=train_data,
+        val_data=val_data,
+        test_data=test_data,
+        model=model,
+        train_model=train_model,
+        ema=ema,
+        optimizer=optimizer,
+        scaler=scaler,
+        out_dir=out_dir,
+        log=log,
     )
-
-
-def resolve_pretrained(config: TrainConfig) -> str | None:
-    """What --pretrained_dir names: a file path, an official checkpoint name, or None for from
-    scratch."""
-    source = config.pretrained_dir
-    if source.lower() == "none":
-        return None
-    if source == "auto":
-        local = Path("checkpoint") / f"{legacy_name(canonical_name(config.model_type))}.npz"
-        if local.is_file():
-            return str(local)
-        name = official.default_checkpoint(canonical_name(config.model_type))
-        if name is None:
-            raise TrainingError(
-                f"no official checkpoint for {config.model_type}; pass --pretrained_dir FILE or "
-                "--pretrained_dir none"
-            )
-        return name
-    return source
 
 
 def build_model(config: TrainConfig, num_classes: int, verbose: bool) -> VisionTransformer:
     model = VisionTransformer(config.model_config(num_classes))
-    source = resolve_pretrained(config)
+    source = official.pretrained_source(config.pretrained_dir, config.model_type)
     if source is not None:
         checkpoints.load_pretrained(model, source, verbose=verbose)
         if verbose:
@@ -222,28 +202,9 @@ def build_model(config: TrainConfig, num_classes: int, verbose: bool) -> VisionT
 
 def make_scaler(config: TrainConfig, precision: str, device: torch.device) -> torch.amp.GradScaler:
     if precision == "fp16" and config.loss_scale > 0:
-        return torch.amp.GradScaler(
-            device.type, init_scale=config.loss_scale
-        )  # kept static by update(new_scale)
+        # Kept static by update(new_scale)
+        return torch.amp.GradScaler(device.type, init_scale=config.loss_scale)
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-
-def augmentation(job: Job) -> Augmentation:
-    """The training augmentation, producing batches in the dtype the model computes in."""
-    config = job.config
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
-    return Augmentation(
-        config.img_size,
-        config.augment,
-        config.min_scale,
-        config.hflip,
-        dtype=dtype,
-        randaugment=config.randaugment_ops(),
-        random_erasing=config.random_erasing,
-        mixup=config.mixup,
-        cutmix=config.cutmix,
-        cutmix_switch_prob=config.mixup_switch_prob,
-    )
 
 
 def start(job: Job) -> TrainState:
@@ -253,13 +214,10 @@ def start(job: Job) -> TrainState:
     if config.resume:
         path = job.out_dir / "last.pt" if config.resume == "last" else Path(config.resume)
         payload = checkpoints.read_checkpoint(path)
-        if "train_config" in payload:
-            checkpoints.check_same_function(
-                ModelConfig.from_dict(payload["model_config"]), job.model.config, path
-            )
-            check_resume(payload, config, job.precision, path)
+        checkpoints.check_training_state(payload, path, job.model.config)
+        check_resume(payload, config, job.precision, path)
         checkpoints.restore_training_checkpoint(
-            payload, path, job.model, job.optimizer, job.scaler, job.ema
+            payload, path, job.model, optimizer=job.optimizer, scaler=job.scaler, ema=job.ema
         )
         best = payload["best"]
         state = TrainState(payload["step"], best["accuracy"], best["step"], payload["step"])
@@ -290,9 +248,8 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor, state: Trai
     loss_sum = torch.zeros((), device=processes.device)
     for i in range(accum):
         x, y = images[i * micro : (i + 1) * micro], labels[i * micro : (i + 1) * micro]
-        sync = (
-            i == accum - 1 or not processes.distributed
-        )  # DDP all-reduces gradients on the last micro-batch only
+        # DDP all-reduces gradients on the last micro-batch only
+        sync = i == accum - 1 or not processes.distributed
         with (
             contextlib.nullcontext() if sync else job.train_model.no_sync(),
             autocast(processes.device, job.precision),
@@ -353,12 +310,14 @@ def save_checkpoints(job: Job, state: TrainState, names: tuple[str, ...] = ("las
             checkpoints.save_training_checkpoint(
                 job.out_dir / name,
                 job.model,
-                job.class_names,
-                job.config.to_dict(),
-                job.optimizer,
-                job.scaler,
-                {**state.progress(), "precision": job.precision},
-                job.ema,
+                checkpoints.RunState(
+                    class_names=job.class_names,
+                    train_config=job.config.to_dict(),
+                    optimizer=job.optimizer,
+                    scaler=job.scaler,
+                    progress={**state.progress(), "precision": job.precision},
+                    ema=job.ema,
+                ),
             )
     state.saved_step = state.step
 
@@ -382,9 +341,9 @@ def evaluate_on(job: Job, data: ImageSet) -> dict:
         config.img_size,
         config.eval_batch_size,
         processes.device,
-        processes.rank,
-        processes.world_size,
-        config.num_workers,
+        rank=processes.rank,
+        world_size=processes.world_size,
+        num_workers=config.num_workers,
     )
     total = math.ceil(len(data) / processes.world_size / config.eval_batch_size)
     return evaluate(
@@ -392,10 +351,10 @@ def evaluate_on(job: Job, data: ImageSet) -> dict:
         shards,
         len(job.class_names),
         processes.device,
-        job.precision,
-        total,
-        processes.is_main,
-        processes.distributed,
+        precision=job.precision,
+        total=total,
+        progress=processes.is_main,
+        distributed=processes.distributed,
     )
 
 

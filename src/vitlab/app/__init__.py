@@ -1,1 +1,2 @@
-"""The application: the `vitlab` command, inference, attention rollout maps and the demo page."""
+"""The application: the `vitlab` command, inference, attention rollout maps, the demo page and the
+Hugging Face Space that deploys it."""

@@ -40,7 +40,7 @@ SOURCE_HELP = (
 
 
 def _field_flag(
-    parser: argparse.ArgumentParser, cls, f: dataclasses.Field, dest: str, default
+    parser: argparse.ArgumentParser, cls, f: dataclasses.Field, *, dest: str, default
 ) -> None:
     meta = f.metadata
     flags = (
@@ -89,9 +89,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name != "model":
-            _field_flag(parser, TrainConfig, f, f.name, getattr(defaults, f.name))
+            _field_flag(parser, TrainConfig, f, dest=f.name, default=getattr(defaults, f.name))
     for f in MODEL_OVERRIDES.values():
-        _field_flag(parser, ModelConfig, f, f"model.{f.name}", None)
+        _field_flag(parser, ModelConfig, f, dest=f"model.{f.name}", default=None)
 
 
 def _read_config_file(path: str) -> dict:
@@ -136,7 +136,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# The other commands' flags
+# Each command's flags (train's own are above)
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
@@ -164,7 +164,35 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _add_inference_commands(sub) -> None:
+def _add_models(sub) -> None:
+    p = sub.add_parser(
+        "models", help="list the model variants with their shapes and parameter counts"
+    )
+    p.set_defaults(func=commands.cmd_models)
+
+
+def _add_download(sub) -> None:
+    p = sub.add_parser(
+        "download", help="fetch official checkpoints or Hub repositories into their caches"
+    )
+    p.add_argument(
+        "names", nargs="*", help="official checkpoint names or hf-hub:ORG/NAME (see --list)"
+    )
+    p.add_argument(
+        "--list", action="store_true", help="list the official checkpoints and the other sources"
+    )
+    p.set_defaults(func=commands.cmd_download)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="fine-tune or train from scratch (the tutorial's train.py flags)"
+    )
+    _add_train_flags(p)
+    p.set_defaults(func=lambda args: commands.cmd_train(train_config_from_args(args)))
+
+
+def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval", help="accuracy, per-class accuracy and confusion matrix on a test set"
     )
@@ -195,6 +223,8 @@ def _add_inference_commands(sub) -> None:
     _add_runtime(p)
     p.set_defaults(func=commands.cmd_eval)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="the most probable classes of images")
     _add_source(p)
     p.add_argument(
@@ -208,6 +238,8 @@ def _add_inference_commands(sub) -> None:
     _add_runtime(p)
     p.set_defaults(func=commands.cmd_predict)
 
+
+def _add_attention(sub) -> None:
     p = sub.add_parser("attention", help="attention rollout over an image, drawn as a PNG")
     _add_source(p)
     p.add_argument("image", help="an image file")
@@ -223,6 +255,8 @@ def _add_inference_commands(sub) -> None:
     _add_runtime(p)
     p.set_defaults(func=commands.cmd_attention)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="a web page to try the model: top classes and attention (pip install 'vitlab[demo]')",
@@ -256,6 +290,8 @@ def _add_inference_commands(sub) -> None:
     _add_runtime(p)
     p.set_defaults(func=commands.cmd_demo)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="write the model as ONNX, TorchScript, safetensors, official .npz, a timm state "
@@ -286,26 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(also VITLAB_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser(
-        "models", help="list the model variants with their shapes and parameter counts"
-    )
-    p.set_defaults(func=commands.cmd_models)
-    p = sub.add_parser(
-        "download", help="fetch official checkpoints or Hub repositories into their caches"
-    )
-    p.add_argument(
-        "names", nargs="*", help="official checkpoint names or hf-hub:ORG/NAME (see --list)"
-    )
-    p.add_argument(
-        "--list", action="store_true", help="list the official checkpoints and the other sources"
-    )
-    p.set_defaults(func=commands.cmd_download)
-    p = sub.add_parser(
-        "train", help="fine-tune or train from scratch (the tutorial's train.py flags)"
-    )
-    _add_train_flags(p)
-    p.set_defaults(func=lambda args: commands.cmd_train(train_config_from_args(args)))
-    _add_inference_commands(sub)
+    # In this order in --help.
+    for add in (
+        _add_models,
+        _add_download,
+        _add_train,
+        _add_eval,
+        _add_predict,
+        _add_attention,
+        _add_demo,
+        _add_export,
+    ):
+        add(sub)
     for command in sub.choices.values():  # --debug before or after the command
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS

@@ -105,7 +105,8 @@ def _hub_sources() -> str:
 def cmd_train(config: TrainConfig) -> int:
     from ..train import train
 
-    config.validate()  # again with the real world size inside train(); this catches bad flags before any set-up
+    # Again with the real world size inside train(); this catches bad flags before any set-up.
+    config.validate()
     train(config)
     return 0
 
@@ -117,7 +118,8 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..data import eval_batches, load_test_split
+    from ..batches import eval_batches
+    from ..data import load_test_split
     from ..evaluate import draw_confusion, evaluate, format_report
 
     _positive(args, "batch_size")
@@ -143,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batches,
         len(class_names),
         device,
-        precision,
+        precision=precision,
         total=math.ceil(len(data) / args.batch_size),
     )
     print(format_report(metrics, class_names))
@@ -168,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import list_images, predict, preprocess
+    from .inference import list_images, predict
 
     _positive(args, "top_k", "batch_size")
     model, class_names = load_model(args.checkpoint, args.model_type)
@@ -188,46 +190,58 @@ def cmd_predict(args: argparse.Namespace) -> int:
         dynamic_ncols=True,
     )
     for start in range(0, len(files), args.batch_size):
-        kept, images = [], []
-        for path in files[start : start + args.batch_size]:
-            try:
-                images.append(
-                    preprocess(read_image(str(path), model.config.img_size), model.config.img_size)
-                )
-                kept.append(path)
-            except (
-                DataError
-            ) as e:  # reported and skipped; the other images still get their predictions
-                bar.write(f"vitlab predict: skipped {e}", file=sys.stderr)
-                failed += 1
-        bar.update(len(files[start : start + args.batch_size]))
+        batch = files[start : start + args.batch_size]
+        kept, images = _read_batch(batch, model.config.img_size, bar)
+        failed += len(batch) - len(kept)
+        bar.update(len(batch))
         if not kept:
             continue
-        for path, top in zip(
-            kept,
-            predict(model, torch.stack(images), class_names, args.top_k, device, precision),
-            strict=False,
-        ):
+        tops = predict(
+            model,
+            torch.stack(images),
+            class_names,
+            top_k=args.top_k,
+            device=device,
+            precision=precision,
+        )
+        for path, top in zip(kept, tops, strict=True):
             if args.json:
-                results.append(
-                    {
-                        "image": str(path),
-                        "top_k": [{"class": c, "index": i, "probability": p} for c, i, p in top],
-                    }
-                )
+                results.append({"image": str(path), "top_k": _top_as_json(top)})
             else:
-                width = max(len(c) for c, _, _ in top)
-                print(str(path))
-                print(
-                    "\n".join(
-                        f"  {rank:>2}  {c:<{width}}  {p:>7.2%}"
-                        for rank, (c, _, p) in enumerate(top, start=1)
-                    )
-                )
+                print(_top_as_table(path, top))
     bar.close()
     if args.json:
         print(json.dumps(results, indent=2))
     return 1 if failed else 0
+
+
+def _read_batch(
+    paths: list[Path], img_size: int, bar: tqdm
+) -> tuple[list[Path], list[torch.Tensor]]:
+    """(the paths that read, their images preprocessed): an image that does not read is reported
+    and skipped, so that the others still get their predictions."""
+    from .inference import preprocess
+
+    kept, images = [], []
+    for path in paths:
+        try:
+            images.append(preprocess(read_image(str(path), img_size), img_size))
+        except DataError as e:
+            bar.write(f"vitlab predict: skipped {e}", file=sys.stderr)
+            continue
+        kept.append(path)
+    return kept, images
+
+
+def _top_as_json(top: list[tuple[str, int, float]]) -> list[dict]:
+    return [{"class": c, "index": i, "probability": p} for c, i, p in top]
+
+
+def _top_as_table(path: Path, top: list[tuple[str, int, float]]) -> str:
+    """The image's path, then one line per class: rank, name, probability."""
+    width = max(len(c) for c, _, _ in top)
+    rows = [f"  {rank:>2}  {c:<{width}}  {p:>7.2%}" for rank, (c, _, p) in enumerate(top, start=1)]
+    return "\n".join([str(path), *rows])
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
@@ -247,11 +261,13 @@ def cmd_attention(args: argparse.Namespace) -> int:
         raise ConfigError(f"--layer {args.layer}: the model's layers are numbered 1 to {depth}")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    image = read_image(
-        args.image, max(model.config.img_size, 512)
-    )  # drawn at most a few hundred pixels wide
+    # Drawn at most a few hundred pixels wide.
+    image = read_image(args.image, max(model.config.img_size, 512))
     logits, attentions = predict_with_attention(
-        model.to(device), preprocess(image, model.config.img_size)[None], device, precision
+        model.to(device),
+        preprocess(image, model.config.img_size)[None],
+        device=device,
+        precision=precision,
     )
     probabilities = logits.float().softmax(dim=-1)[0]
     best = int(probabilities.argmax())
@@ -263,7 +279,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
         else f"layer {args.layer} attention, heads averaged"
     )
     title = f"predicted: {class_names[best]} ({probabilities[best]:.1%})"
-    draw_attention(image, grid_map, title, what, out)
+    draw_attention(image, grid_map, out, title=title, what=what)
     print(f"{args.image}: {title}; wrote {out}")
     return 0
 
@@ -281,7 +297,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import serve, write_space
+    from .demo import serve
+    from .space import write_space
 
     _positive(args, "top_k")
     if args.write_space:
@@ -294,10 +311,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             args.write_space,
             args.checkpoint,
             args.model_type,
-            args.examples,
-            args.top_k,
-            args.device,
-            args.precision,
+            examples=args.examples,
+            top_k=args.top_k,
+            device=args.device,
+            precision=args.precision,
         )
         return 0
     if not 1 <= args.port <= 65535:
@@ -306,11 +323,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.model_type,
         args.examples,
-        args.host,
-        args.port,
-        args.share,
-        args.top_k,
-        args.device,
-        args.precision,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        top_k=args.top_k,
+        device=args.device,
+        precision=args.precision,
     )
     return 0

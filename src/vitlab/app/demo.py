@@ -5,21 +5,16 @@ One forward pass per image gives the prediction and every layer's attention; the
 then and kept in the page's session, so the map and opacity controls redraw the overlay without
 running the model again. Offline and private by default: the server binds 127.0.0.1, makes no share
 link unless asked, sends no analytics, and the page loads nothing from the internet (system fonts;
-Gradio's scripts come from this server).
-`write_space` writes the same page as a Hugging Face Space: app.py, requirements.txt, README.md, the
-model, vitlab.
+Gradio's scripts come from this server). `space.py` writes the same page as a Hugging Face Space.
 """
 
 from __future__ import annotations
 
 import html
 import os
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -27,25 +22,22 @@ import torch
 
 from ..data import cifar_on_disk, held_out_folder, load_cifar, read_image
 from ..errors import ConfigError, DataError, VitlabError
-from ..formats.checkpoints import load_model, read_checkpoint, save_safetensors
+from ..formats.checkpoints import load_model, read_checkpoint
 from ..model import VisionTransformer, count_parameters
 from .inference import list_images, predict_with_attention, preprocess, top_classes
 from .rollout import attention_map, overlay
 
 INSTALL = "pip install 'vitlab[demo]'"
-MAX_PIXELS = (
-    40_000_000  # an upload above 40 megapixels is refused before it is decoded (120 MB as RGB)
-)
+# An upload above 40 megapixels is refused before it is decoded (120 MB as RGB).
+MAX_PIXELS = 40_000_000
 MAX_UPLOAD = "50mb"  # the browser refuses larger files before sending them
-DISPLAY_SIDE = 512  # overlays are drawn on the image shrunk to this longest side, so that a redraw takes milliseconds
+# Overlays are drawn on the image shrunk to this longest side, so that a redraw takes milliseconds.
+DISPLAY_SIDE = 512
 MAX_EXAMPLES = 8
 IMAGE_HEIGHT = 320  # pixels on the page, whatever the image's own size
 ROLLOUT = "rollout"
-SYSTEM_FONTS = (
-    "ui-sans-serif",
-    "system-ui",
-    "sans-serif",
-)  # nothing to download, unlike a web font
+# Nothing to download, unlike a web font.
+SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 SYSTEM_MONO_FONTS = ("ui-monospace", "Consolas", "monospace")
 
 
@@ -68,9 +60,8 @@ def import_gradio():
 class Explained:
     """One image's forward pass: what the page shows and every map the controls can choose."""
 
-    image: (
-        np.ndarray
-    )  # uint8 (H, W, 3), at most DISPLAY_SIDE on its longest side: what the overlay is drawn on
+    # uint8 (H, W, 3), at most DISPLAY_SIDE on its longest side: what the overlay is drawn on
+    image: np.ndarray
     maps: dict[str, torch.Tensor]  # "rollout", "layer 1", ...: (grid, grid) relevance of each patch
     top: list[tuple[str, int, float]]  # (class name, index, probability), most probable first
     seconds: float  # the forward pass and the maps
@@ -85,6 +76,7 @@ class Demo:
         model: VisionTransformer,
         class_names: list[str],
         device: torch.device,
+        *,
         precision: str,
         top_k: int,
     ):
@@ -92,15 +84,18 @@ class Demo:
         self.device, self.precision, self.top_k = device, precision, top_k
         self.map_names = [ROLLOUT] + [f"layer {i}" for i in range(1, model.config.depth + 1)]
         size = model.config.img_size
+        # The first call's set-up, not timed.
         predict_with_attention(
-            self.model, torch.zeros(1, 3, size, size), device, precision
-        )  # the first call's set-up, not timed
+            self.model, torch.zeros(1, 3, size, size), device=device, precision=precision
+        )
 
     def explain(self, image: np.ndarray) -> Explained:
         """The top classes and every attention map of one uint8 RGB image, from one forward pass."""
         start = time.perf_counter()
         images = preprocess(image, self.model.config.img_size)[None]
-        logits, attentions = predict_with_attention(self.model, images, self.device, self.precision)
+        logits, attentions = predict_with_attention(
+            self.model, images, device=self.device, precision=self.precision
+        )
         has_class_token = self.model.config.classifier == "token"
         maps = {ROLLOUT: attention_map(attentions, has_class_token)[0].cpu()}
         maps |= {
@@ -124,12 +119,10 @@ def shrink(image: np.ndarray, side: int) -> np.ndarray:
     """The image scaled down (never up) to at most `side` pixels on its longest side."""
     from PIL import Image
 
-    height, width = image.shape[:2]
-    scale = side / max(height, width)
-    if scale >= 1:
-        return image
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    thumbnail = Image.fromarray(image)
+    # Bilinear in one pass: reducing_gap's box-filtered first step would change the pixels.
+    thumbnail.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(thumbnail)
 
 
 def render(explained: Explained, map_name: str, opacity: float) -> np.ndarray:
@@ -195,7 +188,7 @@ def build_page(demo: Demo, title: str, examples: list[str]):
                         0, 1, value=0.5, step=0.05, label="opacity", elem_id="opacity"
                     )
             label = gr.Label(num_top_classes=demo.top_k, label="top classes", elem_id="label")
-        _connect(gr, demo, (image, choice, opacity), (label, shown, info, cached))
+        _connect(gr, demo, inputs=(image, choice, opacity), outputs=(label, shown, info, cached))
     return page
 
 
@@ -231,7 +224,8 @@ def uploads_only(gr, image):
     return image
 
 
-def _connect(gr, demo: Demo, inputs: tuple, outputs: tuple) -> None:
+def _connect(gr, demo: Demo, *, inputs: tuple, outputs: tuple) -> None:
+    """The page's events: a new image runs the model once, the controls redraw from its cache."""
     image, choice, opacity = inputs
     label, shown, info, cached = outputs
 
@@ -278,7 +272,7 @@ def _connect(gr, demo: Demo, inputs: tuple, outputs: tuple) -> None:
         )
 
 
-def launch_options(gr, host: str | None, port: int | None, share: bool) -> dict:
+def launch_options(gr, *, host: str | None, port: int | None, share: bool) -> dict:
     """Gradio's launch arguments: private (no share link unless asked, no monitoring page, no run
     history kept in the browser) and offline (system fonts). `host` and `port` None: Gradio's
     environment variables, else 127.0.0.1:7860."""
@@ -306,6 +300,7 @@ def serve(
     source: str | os.PathLike,
     model_type: str | None = None,
     examples: str | os.PathLike | None = None,
+    *,
     host: str | None = None,
     port: int | None = None,
     share: bool = False,
@@ -321,16 +316,17 @@ def serve(
     gr = import_gradio()
     resolved = resolve_device(device)
     model, class_names = load_model(source, model_type)
-    demo = Demo(model, class_names, resolved, resolve_precision(precision, resolved), top_k)
+    precision = resolve_precision(precision, resolved)
+    demo = Demo(model, class_names, resolved, precision=precision, top_k=top_k)
     with tempfile.TemporaryDirectory(prefix="vitlab-demo-") as scratch:
         page = build_page(
             demo, title or short_name(source), find_examples(examples, source, Path(scratch))
         )
+        options = launch_options(gr, host=host, port=port, share=share)
         try:
-            page.launch(prevent_thread_lock=True, **launch_options(gr, host, port, share))
-        except (
-            OSError
-        ) as e:  # Gradio's message names its own launch() arguments; ours names the flags
+            page.launch(prevent_thread_lock=True, **options)
+        except OSError as e:
+            # Gradio's message names its own launch() arguments; ours names the flags.
             raise VitlabError(
                 f"cannot serve on {host or '127.0.0.1'}:{port or 7860} ({str(e).split('. ')[0]}); "
                 "choose another --port, or --host"
@@ -390,109 +386,3 @@ def dataset_examples(source: str | os.PathLike, scratch: Path) -> tuple[list[str
             Image.fromarray(data.images[index].numpy()).save(files[-1])
         return [str(f) for f in files], f"the run's {dataset} test split in {data_dir}"
     return [], f"the run's {dataset} is not at {data_dir}"
-
-
-# ---------------------------------------------------------------------------------------------
-# A Hugging Face Space
-
-APP = '''"""A vitlab demo of {source}, written by `vitlab demo --write-space`: an image in, its top classes and the
-model's attention out. Run here with `python app.py`; on Hugging Face Spaces it runs as it is. vitlab/ beside it is
-the vitlab that wrote it, model.safetensors the model with its class names."""
-
-from pathlib import Path
-
-from vitlab.app.demo import serve
-
-here = Path(__file__).parent
-serve(here / "model.safetensors", examples={examples}, top_k={top_k}, device={device!r}, precision={precision!r},
-      title={title!r})
-'''
-
-SPACE_README = """---
-title: vitlab demo
-emoji: 🔍
-colorFrom: blue
-colorTo: gray
-sdk: gradio
-sdk_version: {gradio_version}
-python_version: "{python_version}"
-app_file: app.py
-pinned: false
----
-
-# vitlab demo: {source}
-
-A Vision Transformer ({variant}, {classes} classes, {img_size} px) to try: upload an image, see its top {top_k} classes
-and where the model looked (attention rollout, or one layer's attention). Written by `vitlab demo --write-space`.
-Run it locally with `pip install -r requirements.txt gradio=={gradio_version}`, then `python app.py`.
-"""
-
-
-def write_space(
-    folder: str | os.PathLike,
-    source: str | os.PathLike,
-    model_type: str | None = None,
-    examples: str | os.PathLike | None = None,
-    top_k: int = 5,
-    device: str = "auto",
-    precision: str = "auto",
-) -> None:
-    """A folder that deploys as a Hugging Face Space: app.py, requirements.txt, README.md with the
-    Spaces header, the model as model.safetensors (any source becomes vitlab's own file), examples/
-    and a copy of vitlab."""
-    gr = import_gradio()
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise ConfigError(f"--write-space {folder}: exists and is not an empty folder")
-    model, class_names = load_model(source, model_type)
-    requirements = vitlab_requirements()
-    with tempfile.TemporaryDirectory(prefix="vitlab-demo-") as scratch:
-        found = find_examples(examples, source, Path(scratch))
-        folder.mkdir(parents=True, exist_ok=True)
-        if found:
-            (folder / "examples").mkdir()
-        for i, path in enumerate(map(Path, found)):
-            shutil.copyfile(path, folder / "examples" / f"{i:02d}_{path.name}")
-    save_safetensors(model, folder / "model.safetensors", class_names)
-    shutil.copytree(
-        Path(__file__).parents[1], folder / "vitlab", ignore=shutil.ignore_patterns("__pycache__")
-    )  # the package
-    c = model.config
-    (folder / "app.py").write_text(
-        APP.format(
-            source=short_name(source),
-            examples='here / "examples"' if found else None,
-            top_k=top_k,
-            device=device,
-            precision=precision,
-            title=short_name(source),
-        )
-    )
-    (folder / "requirements.txt").write_text("".join(f"{r}\n" for r in requirements))
-    (folder / "README.md").write_text(
-        SPACE_README.format(
-            gradio_version=gr.__version__,
-            python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
-            source=short_name(source),
-            variant=c.name,
-            classes=len(class_names),
-            img_size=c.img_size,
-            top_k=top_k,
-        )
-    )
-    print(
-        f"vitlab demo: wrote the Space {folder} (app.py, requirements.txt, README.md, "
-        f"model.safetensors, {len(found)} examples, vitlab/)"
-    )
-
-
-def vitlab_requirements() -> list[str]:
-    """vitlab's own dependencies, as installed (a Space gets Gradio itself from its README's
-    sdk_version)."""
-    try:
-        requires = metadata.requires("vitlab") or []
-    except metadata.PackageNotFoundError:
-        raise VitlabError(
-            "--write-space reads vitlab's dependencies from its installation: pip install -e ."
-        ) from None
-    return [r for r in requires if "extra ==" not in r]

@@ -59,6 +59,7 @@ def predict(
     model: VisionTransformer,
     images: torch.Tensor,
     class_names: list[str],
+    *,
     top_k: int,
     device: torch.device,
     precision: str,
@@ -72,7 +73,7 @@ def predict(
 
 @torch.no_grad()
 def predict_with_attention(
-    model: VisionTransformer, images: torch.Tensor, device: torch.device, precision: str
+    model: VisionTransformer, images: torch.Tensor, *, device: torch.device, precision: str
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One forward pass: (B, classes) logits and every layer's (B, heads, T, T) attention
     weights."""

@@ -31,9 +31,8 @@ def rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
     joint = None
     for weights in attentions:
         a = head_average(weights)
-        a = a + torch.eye(
-            a.shape[-1], device=a.device
-        )  # the residual path carries each token to itself
+        # The residual path carries each token to itself.
+        a = a + torch.eye(a.shape[-1], device=a.device)
         a = a / a.sum(dim=-1, keepdim=True)
         joint = a if joint is None else a @ joint
     if joint is None:
@@ -81,10 +80,10 @@ def overlay(image: np.ndarray, grid_map: torch.Tensor, opacity: float = 0.45) ->
 
 
 def draw_attention(
-    image: np.ndarray, grid_map: torch.Tensor, title: str, what: str, path: str | os.PathLike
+    image: np.ndarray, grid_map: torch.Tensor, path: str | os.PathLike, *, title: str, what: str
 ) -> None:
-    """A PNG of three panels: the image, the map over the patch grid, and the map laid over the
-    image."""
+    """A PNG of three panels: the image, the map over the patch grid (headed `what`), and the map
+    laid over the image; `title` above them."""
     from matplotlib.figure import Figure
 
     height, width = image.shape[:2]

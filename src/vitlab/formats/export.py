@@ -21,16 +21,18 @@ import torch
 
 from ..errors import ExportError
 from ..model import VisionTransformer
-from . import checkpoints, interop, official
+from . import hf_layout, official, timm_layout
 from .files import atomic_write, atomic_write_dir
+from .weights import save_safetensors
 
 FORMATS = ("onnx", "torchscript", "safetensors", "npz", "timm", "hf")
 ONNX_OPSET = 18  # the dynamo exporter's lowest native opset; asking for less makes it convert down
 TOLERANCE = 1e-4  # largest |other runtime - PyTorch| logit difference accepted, in float32
+# Neither is ONNX's traced batch of 2, so its dynamic batch axis is exercised
 CHECK_BATCH_SIZES = (
     1,
     3,
-)  # neither is ONNX's traced batch of 2, so its dynamic batch axis is exercised
+)
 
 
 def export(
@@ -52,7 +54,7 @@ def export(
             "ONNX is the lasting format)"
         )
     if fmt == "safetensors":
-        checkpoints.save_safetensors(model, path, class_names)
+        save_safetensors(model, path, class_names)
         return "safetensors: weights with the model config and class names in the metadata"
     if fmt == "npz":
         differ = official.not_official(model.config)
@@ -144,8 +146,8 @@ def export_timm(model: VisionTransformer, class_names: list[str], path: str | os
     logits, where timm is installed."""
     from safetensors.torch import save
 
-    state = interop.to_timm(model)
-    name, kwargs = interop.timm_args(model.config)
+    state = timm_layout.to_timm(model)
+    name, kwargs = timm_layout.timm_args(model.config)
     metadata = {
         "format": "pt",
         "model_config": json.dumps(model.config.to_dict()),
@@ -155,7 +157,7 @@ def export_timm(model: VisionTransformer, class_names: list[str], path: str | os
     overlay = {"file": str(path), "num_classes": model.config.num_classes}
     call = (
         f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, "
-        f"{interop.format_args(kwargs)})"
+        f"{timm_layout.format_args(kwargs)})"
     )
     try:
         import timm
@@ -187,7 +189,7 @@ def export_hf(model: VisionTransformer, class_names: list[str], path: str | os.P
     reproduced the model's logits, where transformers is installed."""
     from safetensors.torch import save
 
-    config_json, state = interop.to_hf(model, class_names)
+    config_json, state = hf_layout.to_hf(model, class_names)
     path = Path(path)
     ours = {"config.json", "model.safetensors"}
     if path.exists() and not (path.is_dir() and {p.name for p in path.iterdir()} <= ours):

@@ -22,9 +22,8 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
-    os.fchmod(
-        fd, 0o666 & ~umask
-    )  # mkstemp makes files private; give the permissions a plain open() would
+    # mkstemp makes files private; give the permissions a plain open() would
+    os.fchmod(fd, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -95,6 +94,7 @@ def download(
 ) -> Path:
     """Fetch `url` to `destination` through a temporary file renamed only once every byte has
     arrived."""
+    # Not torch.hub.download_url_to_file: no timeout, and it keeps a body cut short as a whole file.
     from tqdm.auto import tqdm
 
     destination = Path(destination)
@@ -131,6 +131,7 @@ def fetch_hub(name: str) -> Path:
     its weights (model.safetensors, else pytorch_model.bin) and its preprocessor_config.json if it
     has one, fetched on first use by huggingface_hub as it does everything (HF_HUB_CACHE, HF_TOKEN,
     HF_ENDPOINT, HF_HUB_OFFLINE)."""
+    # Not snapshot_download: it would take both weight files and say nothing of a missing one.
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
@@ -147,24 +148,21 @@ def fetch_hub(name: str) -> Path:
         for filename in candidates:
             try:
                 return Path(hf_hub_download(repo, filename, revision=revision))
-            except (
-                EntryNotFoundError
-            ) as e:  # not in the repository, or not in the cache and the Hub out of reach
+            # Not in the repository, or not in the cache and the Hub out of reach
+            except EntryNotFoundError as e:
                 missing = e
             except (HfHubHTTPError, HFValidationError, OSError) as e:
                 raise CheckpointError(f"{name}: {filename}: {_first_line(e)}") from None
         if not required:
             return None
-        if isinstance(
-            missing, FileNotFoundError
-        ):  # LocalEntryNotFoundError: huggingface_hub's own words on why
+        # LocalEntryNotFoundError: huggingface_hub's own words on why
+        if isinstance(missing, FileNotFoundError):
             raise CheckpointError(f"{name}: {' or '.join(candidates)}: {_first_line(missing)}")
         raise CheckpointError(f"{name}: the repository has no {' or '.join(candidates)}")
 
     config = get("config.json")
-    commit = (
-        config.parent.name
-    )  # the cache's snapshots/<commit>/: the other files from the same commit
+    # The cache's snapshots/<commit>/: the other files from the same commit
+    commit = config.parent.name
     get("model.safetensors", "pytorch_model.bin", revision=commit)
     get("preprocessor_config.json", required=False, revision=commit)
     return config.parent
