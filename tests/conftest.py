@@ -29,14 +29,15 @@ def shared_dir() -> Path:
 
 
 def randomise_parameters(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
-    """Give every parameter seeded random values, so that nothing is trivially zero or one:
-    norm scales 1 + N(0, std), everything else N(0, std) (head, class token, position embedding included)."""
+    """Give every parameter seeded random values, so that nothing is trivially zero or one: norm scales and layer
+    scales 1 + N(0, std), everything else N(0, std) (head, class token, registers, position embedding included). A
+    layer scale at its init (1e-5) would hide a wrong key in its block; at 1 + N(0, std) every block counts."""
     generator = torch.Generator().manual_seed(seed)
     scales = {
         id(m.weight)
         for m in model.modules()
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None
-    }
+    } | {id(p) for name, p in model.named_parameters() if name.endswith(".gamma")}
     with torch.no_grad():
         for p in model.parameters():
             noise = torch.randn(p.shape, generator=generator, dtype=torch.float32) * std

@@ -97,7 +97,7 @@ def test_one_forward_pass_gives_the_prediction_and_every_map(deep_run):
     _, attentions = forward(images, return_attention=True)
     for i, name in enumerate(page.map_names):
         torch.testing.assert_close(
-            explained.maps[name], attention_map(attentions, True, None if i == 0 else i - 1)[0]
+            explained.maps[name], attention_map(attentions, 1, True, None if i == 0 else i - 1)[0]
         )
     expected = predict(model, images, names, top_k=2, device=CPU, precision="fp32")[0]
     assert [(c, i) for c, i, _ in explained.top] == [(c, i) for c, i, _ in expected]

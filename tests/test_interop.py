@@ -1,6 +1,7 @@
-"""timm and transformers checkpoints: random models of each library, saved as that library saves them, give the
-library's own logits in vitlab; vitlab -> timm -> vitlab and vitlab -> hf -> vitlab are bit-exact in the weights;
-everything vitlab cannot compute exactly is refused in one line naming the field."""
+"""transformers checkpoints, and what every library format shares: random models of transformers, saved as it saves
+them, give its own logits in vitlab; vitlab -> hf -> vitlab is bit-exact in the weights; every export refuses what its
+format cannot hold, writing nothing; hf-hub: names go through huggingface_hub. timm's own layout is tested in
+test_timm_layout.py."""
 
 from __future__ import annotations
 
@@ -8,21 +9,27 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from vitlab.app.cli import main
 from vitlab.errors import CheckpointError
-from vitlab.formats import timm_layout
 from vitlab.formats.checkpoints import load_model, load_pretrained
 from vitlab.formats.weights import save_safetensors
 from vitlab.model import create_model
 
-from rounding import assert_same_function
+from parity import (
+    LOGITS,
+    REPO,
+    assert_parity,
+    one_error_line,
+    state_equal,
+    timm_model,
+    vitlab_source,
+)
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -34,158 +41,6 @@ def no_progress_bars():
     transformers.utils.logging.disable_progress_bar()
     yield
     transformers.utils.logging.enable_progress_bar()
-
-
-REPO = Path(__file__).resolve().parents[1]
-PARITY_ATOL = 1e-5  # float32 logits: the target the formats table states, above these models' rounding (printed by -s)
-
-
-def images(size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def LOGITS(out):  # noqa: N802  the logits of transformers' output object
-    return out.logits
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def assert_parity(ours: nn.Module, reference: nn.Module, size: int, case: str, output=None) -> None:
-    """The same function to float64's rounding, and float32 logits within PARITY_ATOL (tests/rounding.py)."""
-    x = images(size)
-    with torch.no_grad():
-        expected = (output or (lambda out: out))(reference(x))
-    assert expected.abs().max() > 0.1  # the logits are not trivially zero
-    difference = assert_same_function(ours, reference, x, output=output, msg=f"parity {case}")
-    assert difference <= PARITY_ATOL, case
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
-def state_equal(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
-
-
-# ---------------------------------------------------------------------------------------------
-# timm: a state dict as timm's users save it (safetensors save_file, torch.save), or a save_for_hf folder
-
-TIMM_CASES = {
-    "B/16-shaped, 2 layers": ("vit_base_patch16_224", 64, {"depth": 2}),
-    "Ti/16": ("vit_tiny_patch16_224", 64, {}),
-    "gap with fc_norm": (
-        "vit_tiny_patch16_224",
-        64,
-        {"depth": 2, "class_token": False, "global_pool": "avg"},
-    ),
-    "gap, norm before pooling": (
-        "vit_tiny_patch16_224",
-        64,
-        {"depth": 2, "class_token": False, "global_pool": "avg", "fc_norm": False},
-    ),
-    "hybrid R50+B/16, 1 layer": ("vit_base_r50_s16_224", 64, {"depth": 1}),
-    "tanh GELU, no qkv bias": (
-        "vit_small_patch16_224",
-        32,
-        {"depth": 2, "act_layer": "gelu_tanh", "qkv_bias": False},
-    ),
-}
-
-
-def timm_model(arch: str, size: int, randomise, seed: int = 0, **kwargs) -> nn.Module:
-    return randomise(
-        timm.create_model(arch, pretrained=False, num_classes=7, img_size=size, **kwargs), seed=seed
-    ).eval()
-
-
-@pytest.mark.parametrize("case", list(TIMM_CASES))
-def test_timm_state_dict_gives_timms_logits(case, tmp_path, randomise):
-    arch, size, kwargs = TIMM_CASES[case]
-    reference = timm_model(arch, size, randomise, **kwargs)
-    # The weights do not say the GELU form: a save_for_hf folder's config.json does
-    if "act_layer" in kwargs:
-        timm.models.save_for_hf(
-            reference,
-            tmp_path / "folder",
-            safe_serialization=True,
-            model_config={"label_names": list("abcdefg")},
-        )
-        ours, names = load_model(tmp_path / "folder")
-        assert names == list("abcdefg") and ours.config.gelu == "tanh"
-    else:
-        save_file(reference.state_dict(), tmp_path / "model.safetensors")
-        ours, names = load_model(tmp_path / "model.safetensors")
-        assert names == [f"class {i}" for i in range(7)]
-    assert_parity(ours, reference, size, f"timm {case}")
-
-
-def test_timm_torch_file_and_model_type(tmp_path, randomise):
-    reference = timm_model("vit_small_patch16_224", 32, randomise, depth=2)
-    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
-    torch.save(
-        {"state_dict": {"module." + k: v for k, v in reference.state_dict().items()}, "epoch": 3},
-        tmp_path / "train.pth.tar",
-    )
-    for path in (tmp_path / "pytorch_model.bin", tmp_path / "train.pth.tar"):
-        ours, _ = load_model(path, model_type="S/16")
-        assert ours.config.num_heads == 6 and ours.config.depth == 2 and ours.config.img_size == 32
-        assert_parity(ours, reference, 32, f"timm torch.save {path.name}")
-    with pytest.raises(CheckpointError, match="hidden_size 384, and --model_type B/16 has 768"):
-        load_model(tmp_path / "pytorch_model.bin", model_type="B/16")
-
-
-def test_timm_width_of_no_variant_needs_its_heads(tmp_path, randomise):
-    reference = timm_model(
-        "vit_tiny_patch16_224", 32, randomise, depth=1, embed_dim=96, num_heads=4
-    )
-    save_file(reference.state_dict(), tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="width of 96 is no vitlab variant's.*--model_type"):
-        load_model(tmp_path / "model.safetensors")
-    # fine-tuning takes the heads from the model it loads into
-    model = load_pretrained(
-        create_model(
-            "Ti/16",
-            num_classes=7,
-            img_size=32,
-            depth=1,
-            hidden_size=96,
-            num_heads=4,
-            mlp_dim=384,
-            gelu="exact",
-            dropout_rate=0.0,
-        ),
-        tmp_path / "model.safetensors",
-        verbose=False,
-    )
-    assert_parity(model.eval(), reference, 32, "timm width 96, heads from the model")
-
-
-def test_timm_file_fine_tunes_with_a_new_head(tmp_path, randomise, capsys):
-    reference = timm_model("vit_tiny_patch16_224", 32, randomise, depth=1)
-    save_file(reference.state_dict(), tmp_path / "model.safetensors")
-    # timm computes the exact GELU; vitlab's default is tanh
-    with pytest.raises(CheckpointError, match="trained with --gelu exact"):
-        load_pretrained(
-            create_model("Ti/16", num_classes=3, img_size=32, depth=1),
-            tmp_path / "model.safetensors",
-        )
-    model = load_pretrained(
-        create_model("Ti/16", num_classes=3, img_size=32, depth=1, gelu="exact"),
-        tmp_path / "model.safetensors",
-    )
-    assert "head replaced by a zero-initialised head of 3 classes" in capsys.readouterr().out
-    assert model.head.weight.abs().sum() == 0
-    torch.testing.assert_close(
-        model.blocks[0].attn.qkv.weight, reference.blocks[0].attn.qkv.weight, rtol=0, atol=0
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,73 +140,6 @@ def test_transformers_vitmodel_pooler_is_the_pre_logits_layer(tmp_path, randomis
 # ---------------------------------------------------------------------------------------------
 # Writing: vitlab -> timm -> vitlab, vitlab -> hf -> vitlab
 
-ROUND_TRIP_MODELS = {
-    "tanh, class token": dict(name="Ti/16", img_size=32, depth=2),
-    "exact GELU, gap after pooling, eps 1e-12": dict(
-        name="S/16",
-        img_size=32,
-        depth=1,
-        classifier="gap",
-        final_norm="after_pool",
-        gelu="exact",
-        layer_norm_eps=1e-12,
-    ),
-    "gap before pooling, patch 8, width 96": dict(
-        name="Ti/16",
-        img_size=32,
-        depth=1,
-        patch_size=8,
-        hidden_size=96,
-        num_heads=4,
-        mlp_dim=200,
-        classifier="gap",
-    ),
-    "hybrid, timm's stem": dict(name="R50+B/16", img_size=64, depth=1, stem_norm="timm"),
-}
-
-
-def vitlab_source(tmp_path, randomise, spec: dict, names: list[str]):
-    spec = dict(spec)
-    model = randomise(
-        create_model(spec.pop("name"), num_classes=len(names), dropout_rate=0.0, **spec),
-        seed=5,
-        std=0.05,
-    ).eval()
-    path = tmp_path / "source.safetensors"
-    save_safetensors(model, path, names)
-    return model, path
-
-
-@pytest.mark.parametrize("case", list(ROUND_TRIP_MODELS))
-def test_vitlab_timm_vitlab_is_bit_exact(case, tmp_path, randomise, capsys):
-    names = ["cat", "dög", "fish 🐟"]
-    model, source = vitlab_source(tmp_path, randomise, ROUND_TRIP_MODELS[case], names)
-    out = tmp_path / "timm.safetensors"
-    assert main(["export", str(source), "--format", "timm", "--out", str(out)]) == 0
-    line = capsys.readouterr().out.splitlines()[0]
-    assert (
-        line.startswith(f"timm {timm.__version__}: timm.create_model(")
-        and "max |difference|" in line
-    )
-    print(f"export timm {case}: {line.rsplit(': ', 1)[-1]}")
-    back, back_names = load_model(out)
-    assert back_names == names and back.config == model.config
-    state_equal(back, model)
-    # the file is timm's own layout: the keys of timm's model, whose loader (the call printed) gives the same logits
-    name, kwargs = timm_layout.timm_args(model.config)
-    assert (
-        f"timm.create_model({name!r}, pretrained=True, " in line
-        and timm_layout.format_args(kwargs) in line
-    )
-    reference = timm.create_model(
-        name,
-        pretrained=True,
-        pretrained_cfg_overlay={"file": str(out), "num_classes": len(names)},
-        **kwargs,
-    )
-    assert set(load_file(out)) == set(reference.state_dict())
-    assert_parity(model, reference.eval(), model.config.img_size, f"vitlab -> timm {case}")
-
 
 @pytest.mark.parametrize("case", ["tanh, class token", "exact GELU, eps 1e-12"])
 def test_vitlab_hf_vitlab_is_bit_exact(case, tmp_path, randomise, capsys):
@@ -398,74 +186,6 @@ def test_run_checkpoint_round_trips_through_both(tiny_run, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Refusals: one line naming the field, and nothing written
-
-
-def timm_file(tmp_path, randomise, arch="vit_tiny_patch16_224", size=32, config=None, **kwargs):
-    model = timm_model(arch, size, randomise, **{"depth": 1, **kwargs})
-    if config is not None:
-        timm.models.save_for_hf(model, tmp_path / "timm", safe_serialization=True)
-        values = json.loads((tmp_path / "timm" / "config.json").read_text())
-        (tmp_path / "timm" / "config.json").write_text(json.dumps(config(values)))
-        return tmp_path / "timm"
-    save_file(model.state_dict(), tmp_path / "timm.safetensors")
-    return tmp_path / "timm.safetensors"
-
-
-def _with(section: str, **values):
-    def change(config):
-        config.setdefault(section, {}).update(values)
-        return config
-
-    return change
-
-
-TIMM_REFUSALS = {
-    "register tokens": ({"reg_tokens": 4}, "reg_token is register tokens"),
-    "no_embed_class": ({"no_embed_class": True}, "no_embed_class"),
-    "layer scale": ({"init_values": 1e-5}, "layer scale (init_values)"),
-    "qk_norm": ({"qk_norm": True}, "qk_norm"),
-    "pre_norm": ({"pre_norm": True}, "pre_norm"),
-    "RMSNorm": ({"norm_layer": "rmsnorm"}, "norm other than LayerNorm"),
-    "map pooling": ({"global_pool": "map"}, "global_pool 'map'"),
-    "average pooling beside a class token": (
-        {"global_pool": "avg"},
-        "fc_norm beside a class token",
-    ),
-    "rectangular grid": ({"size": (32, 48)}, "not a square grid"),
-    "ImageNet mean and std": (
-        {"config": _with("pretrained_cfg", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])},
-        "mean and std",
-    ),
-    "another activation": ({"config": _with("model_args", act_layer="silu")}, "act_layer 'silu'"),
-    "avg pooling in config with class token": (
-        {"config": lambda c: {**c, "global_pool": "avg"}},
-        "global_pool 'avg'",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(TIMM_REFUSALS))
-def test_timm_refusals(case, tmp_path, randomise, capsys):
-    kwargs, expected = TIMM_REFUSALS[case]
-    path = timm_file(tmp_path, randomise, **kwargs)
-    assert main(["predict", str(path), "x.png"]) == 1
-    line = one_error_line(capsys)
-    assert str(path) in line and expected in line, line
-
-
-def test_timm_head_of_another_shape_is_refused(tmp_path, randomise, capsys):
-    path = timm_file(tmp_path, randomise)
-    state = load_file(path)
-    # An MLP head's names
-    state.update({"head.fc." + k[5:]: state.pop(k) for k in ("head.weight", "head.bias")})
-    save_file(state, path)
-    assert main(["predict", str(path), "x.png"]) == 1
-    line = one_error_line(capsys)
-    assert (
-        str(path) in line
-        and "unexpected keys head.fc.bias, head.fc.weight: vitlab's ViT has no such parameters"
-        in line
-    )
 
 
 HF_REFUSALS = {

@@ -37,21 +37,30 @@ EXPECTED_BY_SHORT_NAME = {
 
 
 def plain_vit_parameters(config: ModelConfig) -> int:
-    """Parameter count of a non-hybrid ViT, from the architecture alone (independent of the model code)."""
+    """Parameter count of a non-hybrid ViT, from the architecture alone (independent of the model code): the paper's,
+    and each later family's parts (prefix tokens, layer scale, a norm before the blocks, SwiGLU, attention pooling, a
+    second head)."""
     D, P, M, C = config.hidden_size, config.patch_size, config.mlp_dim, config.num_classes
-    patch_embed = 3 * P * P * D + D
-    # Position embeddings + class token
-    tokens = config.num_tokens * D + (D if config.classifier == "token" else 0)
-    # 2 LN, qkv, out, MLP
-    block = 2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * M + M) + (M * D + D)
+    patch_embed = 3 * P * P * D + (D if config.patch_bias else 0)
+    # Position embeddings, then the class, distillation and register tokens
+    tokens = config.num_positions * D + config.num_prefix_tokens * D
+    mlp = (D * 2 * M + 2 * M if config.mlp == "swiglu" else D * M + M) + (M * D + D)
+    # 2 LN, qkv, out, MLP, layer scales
+    block = (
+        2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + mlp + (2 * D if config.layer_scale else 0)
+    )
+    pre_norm = 2 * D if config.pre_norm else 0
+    # latent query, q, kv, out, LN, MLP
+    pool = (
+        D + (D * D + D) + (2 * D * D + 2 * D) + (D * D + D) + 2 * D + mlp
+        if config.classifier == "map"
+        else 0
+    )
     rep = config.representation_size
-    pre_logits = D * rep + rep if rep else 0
-    head = (rep or D) * C + C
-    return patch_embed + tokens + config.depth * block + 2 * D + pre_logits + head
-
-
-# ---------------------------------------------------------------------------------------------
-# The variant table
+    pooled = 2 * D if config.classifier == "token_gap" else D
+    pre_logits = pooled * rep + rep if rep else 0
+    head = ((rep or pooled) * C + C) * (2 if config.distilled else 1)
+    return patch_embed + tokens + pre_norm + config.depth * block + 2 * D + pool + pre_logits + head
 
 
 def test_all_names_has_both_spellings_of_every_variant():
@@ -445,7 +454,7 @@ def test_config_validation():
         get_config("Ti/16", depth=0)
     with pytest.raises(ValueError, match="multiple of the stem"):
         get_config("R50+B/16", patch_size=8)
-    with pytest.raises(ValueError, match="gelu must be 'tanh' or 'exact'"):
+    with pytest.raises(ValueError, match="gelu must be 'tanh', 'exact' or 'quick'"):
         get_config("Ti/16", gelu="erf")
     with pytest.raises(ValueError, match="pos_embed_init must be"):
         get_config("Ti/16", pos_embed_init="random")

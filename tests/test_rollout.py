@@ -38,10 +38,10 @@ def test_rollout_averages_heads_and_multiplies_later_layers_on_the_left():
 def test_patch_relevance_class_token_row_or_mean_of_rows():
     matrix = torch.arange(9.0).reshape(1, 3, 3)
     torch.testing.assert_close(
-        patch_relevance(matrix, has_class_token=True), torch.tensor([[1.0, 2.0]])
+        patch_relevance(matrix, 1, has_class_token=True), torch.tensor([[1.0, 2.0]])
     )
     torch.testing.assert_close(
-        patch_relevance(matrix, has_class_token=False), torch.tensor([[3.0, 4.0, 5.0]])
+        patch_relevance(matrix, 0, has_class_token=False), torch.tensor([[3.0, 4.0, 5.0]])
     )
 
 
@@ -85,7 +85,9 @@ def test_map_peaks_on_the_patch_the_model_looks_at(patch, classifier):
     # The construction works.
     assert attentions[0][0, 0, -1].argmax() == patch + (classifier == "token")
     for layer in (None, 0, 2):
-        grid_map = attention_map(attentions, classifier == "token", layer)
+        grid_map = attention_map(
+            attentions, int(classifier == "token"), classifier == "token", layer
+        )
         assert grid_map.shape == (1, 4, 4)
         assert int(grid_map.flatten().argmax()) == patch
 

@@ -11,6 +11,7 @@ hybrid's normalisation) are ModelConfig fields, so that their weights give their
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -215,12 +216,26 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, T, C)), weights if need_weights else None
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): OpenAI CLIP's approximation of the GELU, which its weights were trained
+    with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu(form: str) -> nn.Module:
+    if form == "quick":
+        return QuickGELU()
+    # tanh: flax's, the released weights'
+    return nn.GELU(approximate="tanh" if form == "tanh" else "none")
+
+
 class Mlp(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.mlp_dim)
-        # tanh: flax's, the released weights'
-        self.act = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
+        self.act = _gelu(config.gelu)
         self.fc2 = nn.Linear(config.mlp_dim, config.hidden_size)
         self.drop = nn.Dropout(config.dropout_rate)
 
@@ -228,14 +243,43 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+class SwiGLU(nn.Module):
+    """The gated MLP of Shazeer (2020) as DINOv2 giant has it: fc1 gives two halves, SiLU of the
+    first gates the second."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, 2 * config.mlp_dim)
+        self.fc2 = nn.Linear(config.mlp_dim, config.hidden_size)
+        self.drop = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.drop(self.fc2(self.drop(F.silu(gate) * value)))
+
+
+class LayerScale(nn.Module):
+    """A learned per-channel factor on a residual branch (Touvron et al. 2021, CaiT)."""
+
+    def __init__(self, width: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((width,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, drop_path_rate: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        D, scale = config.hidden_size, config.layer_scale
+        self.norm1 = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.attn = Attention(config)
         self.drop = nn.Dropout(config.dropout_rate)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = Mlp(config)
+        self.ls1 = LayerScale(D, scale) if scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else Mlp(config)
+        self.ls2 = LayerScale(D, scale) if scale else nn.Identity()
         self.drop_path = nn.Identity()
         if drop_path_rate > 0:
             # Imported here: torchvision adds 1.4 s to every command's start on a 2-core CPU.
@@ -248,16 +292,47 @@ class Block(nn.Module):
         self, x: torch.Tensor, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, weights = self.attn(self.norm1(x), need_weights)
-        x = x + self.drop_path(self.drop(y))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(self.drop(y)))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, weights
 
 
+class AttentionPool(nn.Module):
+    """Multihead attention pooling (MAP; Lee et al. 2019, big_vision's MAPHead, SigLIP's): a learned
+    query attends over the tokens, then a residual MLP, as a block without its first norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.num_heads, self.head_dim = config.num_heads, D // config.num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, D))
+        self.q = nn.Linear(D, D)
+        self.kv = nn.Linear(D, 2 * D)
+        self.proj = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        # big_vision's MAPHead: no dropout in its MLP
+        plain = config.replace(dropout_rate=0.0)
+        self.mlp = SwiGLU(plain) if config.mlp == "swiglu" else Mlp(plain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        # (B, heads, 1, head_dim)
+        q = self.q(self.latent).expand(B, -1, -1).view(B, 1, self.num_heads, -1).transpose(1, 2)
+        # (2, B, heads, T, head_dim)
+        kv = self.kv(x).view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1]).transpose(1, 2).reshape(B, 1, D)
+        y = self.proj(y)
+        return (y + self.mlp(self.norm(y)))[:, 0]  # (B, D)
+
+
 class VisionTransformer(nn.Module):
-    """Images (B, 3, H, W) in [-1, 1] to logits (B, num_classes).
+    """Images (B, 3, H, W), normalised as `config.image_mean` and `image_std` say ([-1, 1] for the
+    official weights), to logits (B, num_classes).
 
     `model(x, return_attention=True)` computes the softmax explicitly and also returns every
     layer's attention weights, a list of (B, heads, tokens, tokens); the logits are the same.
+    `forward_features` and `forward_intermediates` give the tokens, `forward_head` the logits of
+    tokens: what a probe, a k-NN or a dense head needs.
     """
 
     def __init__(self, config: ModelConfig):
@@ -271,11 +346,9 @@ class VisionTransformer(nn.Module):
         )
         in_channels = self.stem.out_channels if config.is_hybrid else 3
         kernel = config.patch_size // config.stem_stride
-        self.patch_embed = nn.Conv2d(in_channels, D, kernel, kernel)
-        self.cls_token = (
-            nn.Parameter(torch.zeros(1, 1, D)) if config.classifier == "token" else None
-        )
-        self.pos_embed = nn.Parameter(torch.empty(1, config.num_tokens, D))
+        self.patch_embed = nn.Conv2d(in_channels, D, kernel, kernel, bias=config.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if config.has_class_token else None
+        self.pos_embed = nn.Parameter(torch.empty(1, config.num_positions, D))
         self.pos_drop = nn.Dropout(config.dropout_rate)
         # Stochastic depth grows linearly with depth, 0 at the first block (DeiT; timm's
         # drop_path_rate)
@@ -286,14 +359,37 @@ class VisionTransformer(nn.Module):
         # Flax's 1e-6; torch's 1e-5 moves B/16 logits by about 2e-3
         self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.norm_tokens = config.final_norm == "before_pool"
+        pooled = 2 * D if config.classifier == "token_gap" else D
         if config.representation_size:
-            self.pre_logits = nn.Sequential(nn.Linear(D, config.representation_size), nn.Tanh())
+            self.pre_logits = nn.Sequential(
+                nn.Linear(pooled, config.representation_size), nn.Tanh()
+            )
         else:
             self.pre_logits = nn.Identity()
-        self.head = nn.Linear(config.representation_size or D, config.num_classes)
+        self.head = nn.Linear(config.representation_size or pooled, config.num_classes)
+        self._add_options(config, pooled)
         self.reset_parameters()
         # The CPU fast paths (fastpaths.py): the same parameters, the same results
         fuse_linear_layers(self.blocks)
+
+    def _add_options(self, config: ModelConfig, pooled: int) -> None:
+        """The parts later ViTs added, each None (or the identity) where the config leaves it out:
+        DeiT's distillation token and head, registers, CLIP's norm before the blocks, SigLIP's
+        attention pooling."""
+        D = config.hidden_size
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if config.distilled else None
+        self.reg_token = (
+            nn.Parameter(torch.zeros(1, config.reg_tokens, D)) if config.reg_tokens else None
+        )
+        self.norm_pre = (
+            nn.LayerNorm(D, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
+        )
+        self.attn_pool = AttentionPool(config) if config.classifier == "map" else None
+        self.head_dist = (
+            nn.Linear(config.representation_size or pooled, config.num_classes)
+            if config.distilled
+            else None
+        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -317,8 +413,8 @@ class VisionTransformer(nn.Module):
                 nn.init.xavier_uniform_(fc.weight)
                 nn.init.normal_(fc.bias, std=1e-6)
         if self.config.pos_embed_init == "sincos2d":
-            self.pos_embed.zero_()  # the class token's position stays zero
-            self.pos_embed[0, self.config.num_tokens - self.config.grid_size**2 :] = sincos_2d(
+            self.pos_embed.zero_()  # the prefix tokens' positions stay zero
+            self.pos_embed[0, self.config.num_positions - self.config.grid_size**2 :] = sincos_2d(
                 self.config.grid_size, self.config.hidden_size
             )
         else:
@@ -326,8 +422,21 @@ class VisionTransformer(nn.Module):
         if isinstance(self.pre_logits, nn.Sequential):
             _lecun_normal_(self.pre_logits[0].weight)
             nn.init.zeros_(self.pre_logits[0].bias)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        for head in (self.head, self.head_dist):
+            if head is not None:
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+        # The later options, as timm initialises them
+        for token in (self.dist_token, self.reg_token):
+            if token is not None:
+                nn.init.trunc_normal_(token, std=0.02)
+        if self.attn_pool is not None:
+            nn.init.trunc_normal_(self.attn_pool.latent, std=self.config.hidden_size**-0.5)
+
+    def prefix_tokens(self, batch: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The tokens before the patches, each (batch, n, D): class, distillation, registers."""
+        tokens = (self.cls_token, self.dist_token, self.reg_token)
+        return [t.to(dtype).expand(batch, -1, -1) for t in tokens if t is not None]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.config.img_size, self.config.img_size):
@@ -341,27 +450,33 @@ class VisionTransformer(nn.Module):
         # stream would be cast to bf16 before every matmul and back after, forward and backward.
         # fp16's narrow range keeps fp32.
         x = x.to(torch.bfloat16 if x.dtype == torch.bfloat16 else self.pos_embed.dtype)
-        if self.cls_token is not None:
-            # (B, tokens, D)
-            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + self.pos_embed.to(x.dtype)
+        prefix, pos_embed = self.prefix_tokens(x.shape[0], x.dtype), self.pos_embed.to(x.dtype)
+        if self.config.pos_embed_prefix:  # (B, tokens, D)
+            x = torch.cat([*prefix, x], dim=1) + pos_embed
+        else:  # the patches' positions only
+            x = torch.cat([*prefix, x + pos_embed], dim=1)
         if self.training and self.config.patch_drop_rate > 0:
             x = self.drop_patches(x)
-        return self.pos_drop(x)
+        return self.norm_pre(self.pos_drop(x))
 
     def drop_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """A random share of each image's patch tokens, positions already added; the class token is
-        always kept. PatchDropout (Liu et al., 2022): a training step costs about that share of a
-        full one."""
-        prefix = 0 if self.cls_token is None else 1
+        """A random share of each image's patch tokens, positions already added; the prefix tokens
+        are always kept. PatchDropout (Liu et al., 2022): a training step costs about that share of
+        a full one."""
+        prefix = self.config.num_prefix_tokens
         B, N, D = x.shape[0], x.shape[1] - prefix, x.shape[2]
         keep = max(1, round(N * (1 - self.config.patch_drop_rate)))
         index = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :keep] + prefix  # (B, keep)
         if prefix:
-            index = torch.cat([index.new_zeros(B, 1), index], dim=1)
+            kept = torch.arange(prefix, device=x.device).expand(B, -1)
+            index = torch.cat([kept, index], dim=1)
         return x.gather(1, index[..., None].expand(-1, -1, D))
 
-    def forward(self, images: torch.Tensor, return_attention: bool = False):
+    def encode(
+        self, images: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, list]:
+        """The tokens (B, tokens, D) after the last block (before the final norm), and each block's
+        attention weights (None unless asked for)."""
         x = self.embed(images)
         attention = []
         for block in self.blocks:
@@ -376,12 +491,58 @@ class VisionTransformer(nn.Module):
             else:
                 x, weights = block(x, need_weights=return_attention)
             attention.append(weights)
-        if self.norm_tokens:
-            x = self.norm(x)
-        x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, D)
-        if not self.norm_tokens:  # timm's fc_norm
-            x = self.norm(x)
-        logits = self.head(self.pre_logits(x))
+        return x, attention
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The token sequence (B, tokens, D) after the final norm (prefix tokens first: class,
+        distillation, registers), or before it where the norm follows the pooling (timm's
+        fc_norm)."""
+        x, _ = self.encode(images)
+        return self.norm(x) if self.norm_tokens else x
+
+    def forward_intermediates(
+        self, images: torch.Tensor, layers: int | Sequence[int] = 1, norm: bool = True
+    ) -> list[torch.Tensor]:
+        """The token sequences (B, tokens, D) that blocks `layers` put out (0-based, or an int n:
+        the last n), each through the final norm if `norm`: DINOv2's get_intermediate_layers."""
+        depth = self.config.depth
+        wanted = range(depth - layers, depth) if isinstance(layers, int) else layers
+        if not all(-depth <= i < depth for i in wanted):
+            raise ValueError(f"layers {list(wanted)}: the model has blocks 0 to {depth - 1}")
+        wanted = {i % depth for i in wanted}
+        x, out = self.embed(images), []
+        for i, block in enumerate(self.blocks[: max(wanted) + 1]):
+            x, _ = block(x)
+            if i in wanted:
+                out.append(self.norm(x) if norm else x)
+        return out
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, tokens, D) -> the head's input (B, D), or (B, 2D) for token_gap."""
+        classifier, patches = self.config.classifier, tokens[:, self.config.num_prefix_tokens :]
+        if classifier == "map":
+            x = self.attn_pool(patches)
+        elif classifier == "gap":
+            x = patches.mean(dim=1)
+        elif classifier == "token_gap":
+            x = torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
+        else:
+            x = tokens[:, 0]
+        return x if self.norm_tokens else self.norm(x)  # timm's fc_norm
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits of `forward_features`' tokens; with `pre_logits`, the vector the head reads."""
+        x = self.pre_logits(self.pool(tokens))
+        if self.head_dist is None:
+            return x if pre_logits else self.head(x)
+        # DeiT: the distillation token's own head, the two averaged
+        dist = tokens[:, 1] if self.norm_tokens else self.norm(tokens[:, 1])
+        dist = self.pre_logits(dist)
+        return (x + dist) / 2 if pre_logits else (self.head(x) + self.head_dist(dist)) / 2
+
+    def forward(self, images: torch.Tensor, return_attention: bool = False):
+        x, attention = self.encode(images, return_attention)
+        logits = self.forward_head(self.norm(x) if self.norm_tokens else x)
         return (logits, attention) if return_attention else logits
 
 

@@ -272,7 +272,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
     probabilities = logits.float().softmax(dim=-1)[0]
     best = int(probabilities.argmax())
     layer = None if args.layer is None else args.layer - 1
-    grid_map = attention_map(attentions, model.config.classifier == "token", layer)[0]
+    config = model.config
+    grid_map = attention_map(attentions, config.num_prefix_tokens, config.has_class_token, layer)[0]
     what = (
         f"attention rollout over {depth} layers"
         if layer is None

@@ -96,10 +96,10 @@ class Demo:
         logits, attentions = predict_with_attention(
             self.model, images, device=self.device, precision=self.precision
         )
-        has_class_token = self.model.config.classifier == "token"
-        maps = {ROLLOUT: attention_map(attentions, has_class_token)[0].cpu()}
+        tokens = (self.model.config.num_prefix_tokens, self.model.config.has_class_token)
+        maps = {ROLLOUT: attention_map(attentions, *tokens)[0].cpu()}
         maps |= {
-            f"layer {i + 1}": attention_map(attentions, has_class_token, i)[0].cpu()
+            f"layer {i + 1}": attention_map(attentions, *tokens, i)[0].cpu()
             for i in range(len(attentions))
         }
         top = top_classes(logits, self.class_names, self.top_k)[0]

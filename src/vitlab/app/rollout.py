@@ -3,8 +3,8 @@ as a map over the patch grid, drawn beside and over the image.
 
 Rollout follows the notebook of jeonsworld/ViT-pytorch (the tutorial): average the heads, add the
 identity for the residual path, renormalise the rows, and multiply the layers through, first layer
-rightmost. A model with a class token is explained by the class token's row; a `gap` model, which
-has none and classifies the mean of its tokens, by the mean of all tokens' rows.
+rightmost. A model with a class token is explained by the class token's row; a model without one
+(average or attention pooling) by the mean of all tokens' rows; registers are left out of the map.
 """
 
 from __future__ import annotations
@@ -40,21 +40,26 @@ def rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
     return joint
 
 
-def patch_relevance(matrix: torch.Tensor, has_class_token: bool) -> torch.Tensor:
-    """(B, T, T) token-to-token weights -> (B, patches): the class token's row without its own
-    column, or for a model without class token the mean of all rows."""
-    if has_class_token:
-        return matrix[:, 0, 1:]
-    return matrix.mean(dim=1)
+def patch_relevance(
+    matrix: torch.Tensor, prefix_tokens: int, has_class_token: bool
+) -> torch.Tensor:
+    """(B, T, T) token-to-token weights -> (B, patches): the class token's row, or for a model
+    without class token the mean of all rows, at the patches' columns (the first `prefix_tokens`
+    columns are class, distillation and register tokens)."""
+    rows = matrix[:, 0] if has_class_token else matrix.mean(dim=1)
+    return rows[:, prefix_tokens:]
 
 
 def attention_map(
-    attentions: Sequence[torch.Tensor], has_class_token: bool, layer: int | None = None
+    attentions: Sequence[torch.Tensor],
+    prefix_tokens: int,
+    has_class_token: bool,
+    layer: int | None = None,
 ) -> torch.Tensor:
     """(B, grid, grid) relevance of each patch: the rollout through every layer, or with `layer`
     (0-based) that layer's own attention, heads averaged."""
     matrix = rollout(attentions) if layer is None else head_average(attentions[layer])
-    relevance = patch_relevance(matrix, has_class_token)
+    relevance = patch_relevance(matrix, prefix_tokens, has_class_token)
     grid = math.isqrt(relevance.shape[-1])
     return relevance.reshape(-1, grid, grid)
 

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .fields import FRACTION, POSITIVE, check_fields, setting, typed
+from .fields import AT_LEAST_0, FRACTION, POSITIVE, PROBABILITY, Range, check_fields, setting, typed
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,56 @@ class ModelConfig:
     )
     classifier: str = setting(
         "token",
-        "token: classify the class token; gap: the mean of the patch tokens, no class token",
-        ("token", "gap"),
+        "how the tokens become the head's input: token: the class token; gap: the mean of the patch "
+        "tokens; map: attention pooling by a learned query (SigLIP's MAP head); token_gap: the class "
+        "token and the patch tokens' mean side by side (transformers' Dinov2ForImageClassification)",
+        ("token", "gap", "map", "token_gap"),
+        override=True,
+    )
+    class_token: bool | None = setting(
+        None,
+        "a class token before the patch tokens; none: as the classifier implies (gap and map have "
+        "none; MAE's fine-tuned models average beside one)",
+        override=True,
+    )
+    distilled: bool = setting(
+        False,
+        "DeiT's distillation token after the class token, with a second head of its own; the "
+        "logits are the mean of the two heads' (Touvron et al. 2021)",
+        override=True,
+    )
+    reg_tokens: int = setting(
+        0,
+        "register tokens after the class token, dropped at the output (Darcet et al. 2024; DINOv2 "
+        "with registers)",
+        override=True,
+        valid=AT_LEAST_0,
+    )
+    pos_embed_prefix: bool = setting(
+        True,
+        "position embeddings for the prefix tokens (class, distillation, registers) as well as the "
+        "patches, as the official code; false: the patches only (timm's no_embed_class: DeiT III, "
+        "DINOv2 with registers)",
+        override=True,
+    )
+    pre_norm: bool = setting(
+        False, "a LayerNorm on the embeddings before the first block (CLIP's ln_pre)", override=True
+    )
+    patch_bias: bool = setting(
+        True, "a bias in the patch embedding (CLIP's has none)", override=True
+    )
+    layer_scale: float | None = setting(
+        None,
+        "layer scale: each residual branch times a learned per-channel factor that starts at this "
+        "value (Touvron et al. 2021, CaiT; DINOv2 and DeiT III: 1e-5); none: off",
+        override=True,
+        valid=POSITIVE,
+    )
+    mlp: str = setting(
+        "gelu",
+        "each block's MLP: gelu: fc1, GELU, fc2 (the paper's); swiglu: fc1 to twice mlp_dim, SiLU "
+        "of one half times the other, fc2 (Shazeer 2020; DINOv2 giant)",
+        ("gelu", "swiglu"),
         override=True,
     )
     representation_size: int | None = setting(
@@ -91,8 +139,9 @@ class ModelConfig:
     gelu: str = setting(
         "tanh",
         "tanh: flax's approximation, which Google's released weights were trained with; exact: "
-        "the erf form, for models trained from scratch (3x cheaper than torch's tanh form on CPUs)",
-        ("tanh", "exact"),
+        "the erf form, for models trained from scratch (3x cheaper than torch's tanh form on CPUs); "
+        "quick: x * sigmoid(1.702 x), OpenAI CLIP's",
+        ("tanh", "exact", "quick"),
         override=True,
     )
     pos_embed_init: str = setting(
@@ -124,9 +173,61 @@ class ModelConfig:
         override=True,
         valid=FRACTION,
     )
+    # How images are fed: the weights were trained on images prepared so, and give their logits
+    # only on such images. Read from a checkpoint's source (timm's pretrained_cfg, transformers'
+    # preprocessor_config.json) and kept in vitlab's files.
+    image_mean: tuple[float, float, float] = setting(
+        (0.5, 0.5, 0.5),
+        "per-channel mean subtracted from images in [0, 1] (0.5, 0.5, 0.5 with std 0.5: images in "
+        "[-1, 1], the official; ImageNet's 0.485, 0.456, 0.406 for DINOv2 and DeiT)",
+        override=True,
+        nargs=3,
+        metavar=("R", "G", "B"),
+        valid=PROBABILITY,
+    )
+    image_std: tuple[float, float, float] = setting(
+        (0.5, 0.5, 0.5),
+        "per-channel standard deviation images are divided by, after the mean",
+        override=True,
+        nargs=3,
+        metavar=("R", "G", "B"),
+        valid=POSITIVE,
+    )
+    resize: str = setting(
+        "squash",
+        "how evaluation fits an image to img_size: squash: the whole image to a square (the "
+        "tutorial's); shorter_side: its shorter side, keeping the aspect; each to img_size / "
+        "crop_pct, then a centre crop of img_size",
+        ("squash", "shorter_side"),
+        override=True,
+    )
+    crop_pct: float = setting(
+        1.0,
+        "evaluation's centre crop as a share of the resized side (timm's crop_pct: 0.875 is 224 px "
+        "of 256)",
+        override=True,
+        valid=Range(0, 1, open_low=True),
+    )
+    interpolation: str = setting(
+        "bilinear",
+        "how images are resampled: bilinear (the tutorial's) or bicubic (timm's and transformers' "
+        "for most families)",
+        ("bilinear", "bicubic"),
+        override=True,
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.classifier in ("token", "token_gap") and not self.has_class_token:
+            raise ConfigError(f"classifier {self.classifier!r} needs a class token")
+        if self.classifier == "token_gap" and self.final_norm == "after_pool":
+            raise ConfigError(
+                "final_norm 'after_pool' normalises one token's width, not token_gap's two"
+            )
+        if self.distilled and self.classifier != "token":
+            raise ConfigError(
+                "a distilled model (DeiT) classifies its class and distillation tokens"
+            )
         if self.pos_embed_init == "sincos2d" and self.hidden_size % 4:
             raise ConfigError(
                 "pos_embed_init 'sincos2d' needs hidden_size divisible by 4, got "
@@ -170,8 +271,24 @@ class ModelConfig:
         return side // (self.patch_size // self.stem_stride)
 
     @property
+    def has_class_token(self) -> bool:
+        if self.class_token is None:
+            return self.classifier not in ("gap", "map")
+        return self.class_token
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: class, distillation, registers."""
+        return int(self.has_class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
     def num_tokens(self) -> int:
-        return self.grid_size**2 + (self.classifier == "token")
+        return self.num_prefix_tokens + self.grid_size**2
+
+    @property
+    def num_positions(self) -> int:
+        """Rows of the position table."""
+        return self.num_tokens if self.pos_embed_prefix else self.grid_size**2
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -189,75 +306,3 @@ class ModelConfig:
 MODEL_OVERRIDES: dict[str, dataclasses.Field] = {
     f.name: f for f in dataclasses.fields(ModelConfig) if f.metadata.get("override")
 }
-
-
-def _vit(
-    name: str, patch: int, width: int, depth: int, heads: int, mlp: int, **extra
-) -> ModelConfig:
-    return ModelConfig(
-        name=name,
-        patch_size=patch,
-        hidden_size=width,
-        depth=depth,
-        num_heads=heads,
-        mlp_dim=mlp,
-        **extra,
-    )
-
-
-# name: (patch, width, depth, heads, mlp). Ti and S from Steiner et al.; B, L, H from the paper's
-# Table 1.
-VARIANTS: dict[str, ModelConfig] = {
-    c.name: c
-    for c in (
-        _vit("Ti/16", 16, 192, 12, 3, 768),
-        _vit("S/16", 16, 384, 12, 6, 1536),
-        _vit("S/32", 32, 384, 12, 6, 1536),
-        _vit("B/8", 8, 768, 12, 12, 3072),
-        _vit("B/16", 16, 768, 12, 12, 3072),
-        _vit("B/32", 32, 768, 12, 12, 3072),
-        _vit("L/16", 16, 1024, 24, 16, 4096),
-        _vit("L/32", 32, 1024, 24, 16, 4096),
-        _vit("H/14", 14, 1280, 32, 16, 5120),
-        _vit("R50+B/16", 16, 768, 12, 12, 3072, resnet_layers=(3, 4, 9)),
-        _vit("testing", 16, 1, 1, 1, 1),  # the tutorial's one-unit model, for smoke tests
-    )
-}
-
-# The tutorial's spellings, and the same form for the small sizes.
-LEGACY_NAMES: dict[str, str] = {
-    "ViT-B_16": "B/16",
-    "ViT-B_32": "B/32",
-    "ViT-L_16": "L/16",
-    "ViT-L_32": "L/32",
-    "ViT-H_14": "H/14",
-    "R50-ViT-B_16": "R50+B/16",
-    "ViT-Ti_16": "Ti/16",
-    "ViT-S_16": "S/16",
-    "ViT-S_32": "S/32",
-    "ViT-B_8": "B/8",
-}
-_SHORT_TO_LEGACY = {short: legacy for legacy, short in LEGACY_NAMES.items()}
-
-
-def canonical_name(name: str) -> str:
-    """Short name for either spelling; raises ConfigError listing the choices."""
-    if name in VARIANTS:
-        return name
-    if name in LEGACY_NAMES:
-        return LEGACY_NAMES[name]
-    raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(all_names())}")
-
-
-def legacy_name(short: str) -> str:
-    return _SHORT_TO_LEGACY.get(short, short)
-
-
-def all_names() -> list[str]:
-    return list(LEGACY_NAMES) + ["testing"] + list(VARIANTS)[:-1]
-
-
-def get_config(name: str, **overrides) -> ModelConfig:
-    """The variant's config with any field replaced, e.g. `get_config("Ti/16", patch_size=4,
-    img_size=32)`."""
-    return VARIANTS[canonical_name(name)].replace(**overrides)

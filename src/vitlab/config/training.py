@@ -10,7 +10,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..randomness import longest_run
 from .fields import AT_LEAST_0, FRACTION, POSITIVE, PROBABILITY, Range, check_fields, setting, typed
-from .model import MODEL_OVERRIDES, ModelConfig, get_config
+from .model import MODEL_OVERRIDES, ModelConfig
+from .variants import get_config
 
 DATASETS = ("cifar10", "cifar100", "imagefolder")
 

@@ -16,15 +16,8 @@ from ..errors import CheckpointError
 
 # Parameters of what vitlab's ViT does not compute, by the name they have in a file.
 _UNREPRESENTABLE = {
-    "reg_token": "register tokens (reg_tokens)",
-    ".ls1.": "layer scale (init_values)",
-    ".ls2.": "layer scale (init_values)",
     ".q_norm.": "query-key normalisation (qk_norm)",
     ".k_norm.": "query-key normalisation (qk_norm)",
-    "norm_pre.": "a norm before the blocks (pre_norm)",
-    "attn_pool.": "attention pooling (global_pool 'map')",
-    "dist_token": "a distillation token (DeiT)",
-    "head_dist.": "a distillation head (DeiT)",
     "patch_embed.norm.": "a norm in the patch embedding",
     "mask_token": "a mask token (masked image modelling)",
     "decoder.": "a masked-image-modelling decoder",

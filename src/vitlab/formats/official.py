@@ -32,23 +32,38 @@ from .official_layout import (
 # A file into a model, and a model into a file
 
 # What the official code computes that its files do not say: flax's LayerNorm eps and GELU form, the
-# final norm before pooling, and the hybrid stem's own normalisation.
+# final norm before pooling, the hybrid stem's own normalisation, images in [-1, 1]; and none of the
+# parts later ViTs added.
 OFFICIAL_FUNCTION = {
     "gelu": "tanh",
     "layer_norm_eps": 1e-6,
     "final_norm": "before_pool",
     "stem_norm": "flax",
+    "image_mean": (0.5, 0.5, 0.5),
+    "image_std": (0.5, 0.5, 0.5),
+    "distilled": False,
+    "reg_tokens": 0,
+    "pos_embed_prefix": True,
+    "pre_norm": False,
+    "patch_bias": True,
+    "layer_scale": None,
+    "mlp": "gelu",
 }
 
 
 def not_official(config: ModelConfig) -> dict[str, object]:
     """The fields (with their official values) in which `config` computes otherwise than the
     official code."""
-    return {
+    differ = {
         f: v
         for f, v in OFFICIAL_FUNCTION.items()
         if getattr(config, f) != v and (f != "stem_norm" or config.is_hybrid)
     }
+    if config.classifier not in ("token", "gap"):
+        differ["classifier"] = "token"
+    elif config.has_class_token != (config.classifier == "token"):
+        differ["class_token"] = config.classifier == "token"
+    return differ
 
 
 def load_official(
@@ -133,6 +148,7 @@ def npz_model(path: str | os.PathLike, model_type: str | None) -> VisionTransfor
         num_classes=head.shape[-1],
         img_size=grid * base.patch_size,
         classifier="token" if prefix else "gap",
+        class_token=None,
         representation_size=pre_logits.shape[-1] if pre_logits is not None else None,
         dropout_rate=0.0,
     )

@@ -75,7 +75,7 @@ def official_key_map(config: ModelConfig) -> list[tuple[str, str, str]]:
         ("patch_embed.bias", "embedding/bias", "vector"),
         ("pos_embed", "Transformer/posembed_input/pos_embedding", "same"),
     ]
-    if config.classifier == "token":
+    if config.has_class_token:
         keys.append(("cls_token", "cls", "same"))
     for i in range(config.depth):
         keys += _block_keys(i)
@@ -362,7 +362,7 @@ def official_state(
             and value.ndim == 3
             and value.shape[-1] == shapes[ours][-1]
         ):
-            prefix = 1 if config.classifier == "token" else 0
+            prefix = config.num_positions - config.grid_size**2
             notes.append(
                 f"position embeddings resized from {value.shape[1] - prefix} to "
                 f"{config.grid_size**2} patches"

@@ -2,11 +2,14 @@
 
 A `VisionTransformer` state dict (`model.state_dict()` saved with safetensors or torch.save, or a
 `save_for_hf` folder with its config.json) has vitlab's block names and fused qkv, with
-`patch_embed.proj`, `fc_norm` (the norm after average pooling) and the hybrid's ResNetV2 under
-`patch_embed.backbone`. The weights do not say the GELU form, the LayerNorm eps or the heads: timm's
-defaults (exact GELU, eps 1e-6) unless config.json's model_args say otherwise; the heads from the
-caller, model_args, or the variant table by width. A file without a classifier (num_classes=0)
-gives a state without `head.*`, its config a placeholder head of 1 class.
+`patch_embed.proj`, `fc_norm` (the norm after average pooling), the hybrid's ResNetV2 under
+`patch_embed.backbone`, and the later families' parts under the names vitlab took from it
+(`reg_token`, `dist_token` and `head_dist`, `ls1.gamma`, `norm_pre`, `attn_pool`). What the weights
+do not say (the GELU form, the LayerNorm eps, the heads, how images are fed) comes from config.json:
+`model_args`, the architecture's name (timm's CLIP towers: eps 1e-5, QuickGELU where the name says
+so) and `pretrained_cfg`; else from the variant the user named; else timm's defaults (exact GELU,
+eps 1e-6) and images in [-1, 1]. A file without a classifier (num_classes=0) gives a state without
+`head.*`, its config a placeholder head of 1 class.
 """
 
 from __future__ import annotations
@@ -17,45 +20,68 @@ import re
 
 import torch
 
-from ..config import VARIANTS, ModelConfig
+from ..config import ModelConfig, family
 from ..errors import CheckpointError, ExportError
-from .interop import (
-    check_normalisation,
-    label_names,
-    nearest_variant,
-    refuse_unrepresentable,
-    rename_keys,
-)
+from .interop import label_names, nearest_variant, refuse_unrepresentable, rename_keys
 
 # (their key prefix, ours), "{}" standing for a number; every key of a file must match one.
-_TIMM_KEYS = [
-    ("patch_embed.proj.", "patch_embed."),
-    ("patch_embed.backbone.stem.conv.", "stem.conv_root."),
-    ("patch_embed.backbone.stem.norm.", "stem.gn_root."),
-    ("patch_embed.backbone.stages.{}.blocks.{}.downsample.conv.", "stem.stages.{}.{}.conv_proj."),
-    ("patch_embed.backbone.stages.{}.blocks.{}.downsample.norm.", "stem.stages.{}.{}.gn_proj."),
-    ("patch_embed.backbone.stages.{}.blocks.{}.conv{}.", "stem.stages.{}.{}.conv{}."),
-    ("patch_embed.backbone.stages.{}.blocks.{}.norm{}.", "stem.stages.{}.{}.gn{}."),
-    ("cls_token", "cls_token"),
-    ("pos_embed", "pos_embed"),
-    ("norm.weight", "norm.weight"),
-    ("norm.bias", "norm.bias"),
-    ("head.weight", "head.weight"),
-    ("head.bias", "head.bias"),  # a linear head only
-] + [
-    (f"blocks.{{}}.{m}.", f"blocks.{{}}.{m}.")
-    for m in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-]
+_TIMM_KEYS = (
+    [
+        ("patch_embed.proj.", "patch_embed."),
+        ("patch_embed.backbone.stem.conv.", "stem.conv_root."),
+        ("patch_embed.backbone.stem.norm.", "stem.gn_root."),
+        (
+            "patch_embed.backbone.stages.{}.blocks.{}.downsample.conv.",
+            "stem.stages.{}.{}.conv_proj.",
+        ),
+        ("patch_embed.backbone.stages.{}.blocks.{}.downsample.norm.", "stem.stages.{}.{}.gn_proj."),
+        ("patch_embed.backbone.stages.{}.blocks.{}.conv{}.", "stem.stages.{}.{}.conv{}."),
+        ("patch_embed.backbone.stages.{}.blocks.{}.norm{}.", "stem.stages.{}.{}.gn{}."),
+        ("cls_token", "cls_token"),
+        ("dist_token", "dist_token"),
+        ("reg_token", "reg_token"),
+        ("pos_embed", "pos_embed"),
+        ("norm_pre.weight", "norm_pre.weight"),
+        ("norm_pre.bias", "norm_pre.bias"),
+        ("norm.weight", "norm.weight"),
+        ("norm.bias", "norm.bias"),
+        ("head.weight", "head.weight"),
+        ("head.bias", "head.bias"),  # a linear head only
+        ("head_dist.weight", "head_dist.weight"),
+        ("head_dist.bias", "head_dist.bias"),
+        ("attn_pool.latent", "attn_pool.latent"),
+    ]
+    + [
+        (f"blocks.{{}}.{m}.", f"blocks.{{}}.{m}.")
+        for m in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "ls1", "ls2")
+    ]
+    + [
+        (f"attn_pool.{m}.", f"attn_pool.{m}.")
+        for m in ("q", "kv", "proj", "norm", "mlp.fc1", "mlp.fc2")
+    ]
+)
 
 # timm's names of the sizes in vitlab's variant table, and its hybrids: (stages, width) -> (name,
 # depth, heads).
 _TIMM_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+# size -> (width, depth, heads, patch sizes of its vit_<size>_patch<P>_224 architectures)
+_TIMM_SHAPES = {
+    "tiny": (192, 12, 3, (16,)),
+    "small": (384, 12, 6, (16, 32)),
+    "base": (768, 12, 12, (16, 32, 8)),
+    "large": (1024, 24, 16, (16, 32)),
+    "huge": (1280, 32, 16, (14,)),
+}
 _TIMM_HYBRIDS = {
     ((3, 4, 9), 768): ("vit_base_r50_s16_224", 12, 12),
     ((2, 2, 2, 2), 384): ("vit_small_r26_s32_224", 12, 6),
     ((2, 2, 2, 2), 768): ("vit_base_r26_s32_224", 12, 12),
     ((3, 4, 6, 3), 1024): ("vit_large_r50_s32_224", 24, 16),
 }
+# timm's act_layer names of the GELU forms vitlab computes (a SwiGLU MLP gates with SiLU)
+_GELUS = {"gelu": "exact", "gelu_tanh": "tanh", "quick_gelu": "quick"}
+_TIMM_ACTS = {form: name for name, form in _GELUS.items()}
+_POOLS = {"token": "token", "avg": "gap", "map": "map"}  # timm's global_pool -> vitlab's classifier
 
 
 def _stem(state: dict) -> tuple[tuple[int, ...], int]:
@@ -69,24 +95,23 @@ def _stem(state: dict) -> tuple[tuple[int, ...], int]:
     return tuple(units[s] for s in sorted(units)), (root.shape[0] // 64 if root is not None else 1)
 
 
-def _grid(pos_rows: int, prefix: int, name: str, field: str) -> int:
-    grid = math.isqrt(pos_rows - prefix)
-    if prefix and math.isqrt(pos_rows) ** 2 == pos_rows and grid * grid != pos_rows - prefix:
-        raise CheckpointError(
-            f"{name}: {field} has no row for the class token (timm's no_embed_class), which "
-            "vitlab does not compute"
-        )
-    if grid * grid != pos_rows - prefix:
-        raise CheckpointError(
-            f"{name}: {field} of {pos_rows - prefix} patches is not a square grid (a rectangular "
-            "image), which vitlab does not compute"
-        )
-    return grid
+def _positions(rows: int, prefix: int, stated: bool | None, name: str) -> tuple[int, bool]:
+    """(patches per side, whether the prefix tokens have position rows) of a position table of
+    `rows` rows beside `prefix` prefix tokens; `stated`: config.json's no_embed_class, if any."""
+    layouts = [True, False] if stated is None else [not stated]
+    for with_prefix in layouts:
+        patches = rows - prefix if with_prefix else rows
+        if patches > 0 and math.isqrt(patches) ** 2 == patches:
+            return math.isqrt(patches), with_prefix
+    raise CheckpointError(
+        f"{name}: pos_embed of {rows} rows beside {prefix} prefix tokens is not a square grid (a "
+        "rectangular image), which vitlab does not compute"
+    )
 
 
 def timm_keys(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """A timm state dict in vitlab's keys (fc_norm as `norm`, a missing qkv bias as zeros, which
-    computes the same)."""
+    """A timm state dict in vitlab's keys (fc_norm as `norm`, a missing qkv or patch-embedding bias
+    where the rest of the file has one as zeros, which computes the same)."""
     refuse_unrepresentable(state, name)
     state = {("norm." + k[8:] if k.startswith("fc_norm.") else k): v for k, v in state.items()}
     state = rename_keys(state, _TIMM_KEYS, name)
@@ -101,45 +126,61 @@ def from_timm(
     state: dict[str, torch.Tensor],
     name: str,
     config_json: dict | None = None,
-    heads: int | None = None,
+    variant: ModelConfig | None = None,
     default_heads: int | None = None,
 ):
     """(ModelConfig, vitlab state dict, class names or None) of a timm ViT state dict and its
-    config.json, if any. The attention heads: `heads` if given (a variant the user named), else
-    config.json's, else the variant table's for the width, else `default_heads`."""
+    config.json, if any. `variant`: the variant the user named, which gives the heads and whatever
+    else neither the weights nor config.json say; else the attention heads come from config.json,
+    the variant table by width, or `default_heads`."""
     config_json = config_json or {}
-    args, pretrained = config_json.get("model_args") or {}, config_json.get("pretrained_cfg") or {}
-    check_normalisation(
-        pretrained.get("mean"),
-        pretrained.get("std"),
-        "config.json's pretrained_cfg mean and std",
-        name,
-    )
+    args = config_json.get("model_args") or {}
     fc_norm = "fc_norm.weight" in state
     state = timm_keys(state, name)
     patch, layers, width_factor = _patches(state, name)
-    pool = _check_pooling(state, config_json, fc_norm, name)
-    act = _check_layers(args, name)
     width = state["pos_embed"].shape[-1]
-    base = nearest_variant(width, patch, bool(layers))
-    heads = _heads(heads, args.get("num_heads"), base, default_heads, width, name)
-    grid = _grid(state["pos_embed"].shape[1], int("cls_token" in state), name, "pos_embed")
+    has_class_token = "cls_token" in state
+    reg_tokens = state["reg_token"].shape[1] if "reg_token" in state else 0
+    prefix = has_class_token + ("dist_token" in state) + reg_tokens
+    grid, pos_embed_prefix = _positions(
+        state["pos_embed"].shape[1], prefix, args.get("no_embed_class"), name
+    )
+    classifier = _pooling(state, config_json, fc_norm, name)
+    base = variant or nearest_variant(width, patch, bool(layers))
+    heads = _heads(
+        variant.num_heads if variant else None,
+        args.get("num_heads"),
+        base,
+        default_heads,
+        width,
+        name,
+    )
+    mlp, mlp_dim = _mlp(state, name)
     config = ModelConfig(
         name=base.name if base else "B/16",
         patch_size=patch,
         hidden_size=width,
         depth=_depth(state),
         num_heads=heads,
-        mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0],
+        mlp_dim=mlp_dim,
         dropout_rate=0.0,
-        classifier="token" if "cls_token" in state else "gap",
-        final_norm="after_pool" if fc_norm and pool == "avg" else "before_pool",
+        classifier=classifier,
+        class_token=has_class_token,
+        distilled="dist_token" in state,
+        reg_tokens=reg_tokens,
+        pos_embed_prefix=pos_embed_prefix,
+        pre_norm="norm_pre.weight" in state,
+        patch_bias="patch_embed.bias" in state,
+        layer_scale=_layer_scale(state, args, variant),
+        mlp=mlp,
+        final_norm="after_pool" if fc_norm else "before_pool",
         resnet_layers=layers,
         resnet_width_factor=width_factor,
         stem_norm="timm" if layers else "flax",
         num_classes=state["head.weight"].shape[0] if "head.weight" in state else 1,
         img_size=grid * patch,
-        gelu="tanh" if act == "gelu_tanh" else "exact",
+        **_function(config_json, variant, mlp, name),
+        **_preprocessing(config_json.get("pretrained_cfg") or {}, variant, name),
     )
     return config, state, label_names(config_json.get("label_names"), config.num_classes)
 
@@ -165,40 +206,107 @@ def _patches(state: dict, name: str) -> tuple[int, tuple[int, ...], int]:
     return kernel[0] * (4 * 2 ** (len(layers) - 1) if layers else 1), layers, width_factor
 
 
-def _check_pooling(state: dict, config_json: dict, fc_norm: bool, name: str) -> str:
-    """The pooling ("token" or "avg"): the only one vitlab computes with, or without, a class
-    token; refused where config.json or an fc_norm beside a class token says another."""
+def _pooling(state: dict, config_json: dict, fc_norm: bool, name: str) -> str:
+    """vitlab's classifier for timm's global_pool: as config.json says, else what the weights show
+    (attention pooling's parameters; an fc_norm, which timm adds for average pooling, beside a class
+    token: MAE's fine-tuned models)."""
     args = config_json.get("model_args") or {}
-    pool = "token" if "cls_token" in state else "avg"
-    if config_json.get("global_pool", args.get("global_pool", pool)) != pool:
-        raise CheckpointError(
-            f"{name}: global_pool {config_json.get('global_pool', args.get('global_pool'))!r} in "
-            f"a model {'with' if pool == 'token' else 'without'} a class token: vitlab pools the "
-            "class token, or averages the patch tokens of a model without one"
-        )
+    stated = config_json.get("global_pool", args.get("global_pool"))
+    if "attn_pool.latent" in state:
+        pool = "map"
+    elif stated is not None:
+        pool = stated
+    else:
+        pool = "avg" if fc_norm or "cls_token" not in state else "token"
     if (
-        fc_norm
-        and pool == "token"
-        and "global_pool" not in config_json
-        and "global_pool" not in args
+        pool not in _POOLS
+        or (pool == "token" and "cls_token" not in state)
+        or (pool == "map" and "attn_pool.latent" not in state)
     ):
         raise CheckpointError(
-            f"{name}: fc_norm beside a class token, most likely average pooling beside it "
-            "(global_pool 'avg'), which vitlab does not compute"
+            f"{name}: global_pool {pool!r} in a model {'with' if 'cls_token' in state else 'without'}"
+            " a class token: vitlab pools the class token, averages the patch tokens, or attends "
+            "over them (map)"
         )
-    return pool
-
-
-def _check_layers(args: dict, name: str) -> str:
-    """model_args' act_layer ("gelu" or "gelu_tanh"), refused with a norm other than LayerNorm."""
-    act = args.get("act_layer", "gelu")
-    if act not in ("gelu", "gelu_tanh") or args.get("norm_layer", "layernorm") != "layernorm":
-        field = "act_layer" if act not in ("gelu", "gelu_tanh") else "norm_layer"
+    if "attn_pool.latent" in state and state["attn_pool.latent"].shape[1] != 1:
         raise CheckpointError(
-            f"{name}: model_args {field} {args[field]!r}: vitlab computes LayerNorm and GELU "
-            "(exact or tanh) only"
+            f"{name}: attention pooling with {state['attn_pool.latent'].shape[1]} latent queries; "
+            "vitlab's has one"
         )
-    return act
+    return _POOLS[pool]
+
+
+def _mlp(state: dict, name: str) -> tuple[str, int]:
+    """("gelu" or "swiglu", the hidden width): timm's packed SwiGLU has an fc1 twice fc2's input."""
+    fc1, fc2 = state["blocks.0.mlp.fc1.weight"].shape[0], state["blocks.0.mlp.fc2.weight"].shape[1]
+    if fc1 == fc2:
+        return "gelu", fc2
+    if fc1 == 2 * fc2:
+        return "swiglu", fc2
+    raise CheckpointError(
+        f"{name}: an MLP of {fc1} and {fc2} hidden units, which vitlab does not compute"
+    )
+
+
+def _layer_scale(state: dict, args: dict, variant: ModelConfig | None) -> float | None:
+    """Layer scale's starting value where the model has it (the weights are loaded over it): timm's
+    init_values, else the variant's, else DINOv2's and DeiT III's 1e-5."""
+    if "blocks.0.ls1.gamma" not in state:
+        return None
+    return args.get("init_values") or (variant.layer_scale if variant else None) or 1e-5
+
+
+def _function(config_json: dict, variant: ModelConfig | None, mlp: str, name: str) -> dict:
+    """The GELU form and LayerNorm eps, which the weights do not say: as timm computes them for
+    config.json's architecture and model_args, else for its architecture of the variant's family
+    (timm's CLIP towers: eps 1e-5; its other ViTs: 1e-6; the exact GELU unless the architecture or
+    model_args name another)."""
+    args, arch = config_json.get("model_args") or {}, config_json.get("architecture", "")
+    act = args.get("act_layer") or ("quick_gelu" if "quickgelu" in arch else None)
+    if mlp == "swiglu":
+        if act not in (None, "silu", "swish"):
+            raise CheckpointError(
+                f"{name}: model_args act_layer {act!r}: vitlab's SwiGLU gates with SiLU"
+            )
+        act = None
+    elif act is not None and act not in _GELUS:
+        raise CheckpointError(
+            f"{name}: model_args act_layer {act!r}: vitlab computes the GELU (exact, tanh or quick)"
+        )
+    if args.get("norm_layer", "layernorm") != "layernorm":
+        raise CheckpointError(
+            f"{name}: model_args norm_layer {args['norm_layer']!r}: vitlab computes LayerNorm only"
+        )
+    clip = "_clip_" in arch if arch else variant is not None and "clip" in family(variant.name)
+    return {"gelu": _GELUS[act or "gelu"], "layer_norm_eps": 1e-5 if clip else 1e-6}
+
+
+def _preprocessing(pretrained: dict, variant: ModelConfig | None, name: str) -> dict:
+    """How images were fed, from timm's pretrained_cfg (its resize keeps the aspect and crops the
+    centre, unless crop_mode is squash), else the variant's, else images in [-1, 1]."""
+    if not pretrained.get("mean"):
+        if variant is None:
+            return {}
+        fields = ("image_mean", "image_std", "resize", "crop_pct", "interpolation")
+        return {f: getattr(variant, f) for f in fields}
+    interpolation = pretrained.get("interpolation", "bicubic")
+    if interpolation not in ("bilinear", "bicubic") or pretrained.get(
+        "crop_mode", "center"
+    ) not in (
+        "center",
+        "squash",
+    ):
+        raise CheckpointError(
+            f"{name}: pretrained_cfg interpolation {interpolation!r}, crop_mode "
+            f"{pretrained.get('crop_mode')!r}: vitlab resizes bilinear or bicubic, centre crop or squash"
+        )
+    return {
+        "image_mean": tuple(pretrained["mean"]),
+        "image_std": tuple(pretrained["std"]),
+        "resize": "squash" if pretrained.get("crop_mode") == "squash" else "shorter_side",
+        "crop_pct": pretrained.get("crop_pct", 0.875),
+        "interpolation": interpolation,
+    }
 
 
 def _heads(
@@ -229,21 +337,43 @@ def _depth(state: dict) -> int:
 def to_timm(model) -> dict[str, torch.Tensor]:
     """The model's state dict in timm's keys (refused where timm's VisionTransformer would compute
     otherwise)."""
-    timm_args(model.config)  # the refusals
+    config = model.config
+    timm_args(config)  # the refusals
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if not config.patch_bias and not config.pre_norm:  # timm's patch embedding has a bias here
+        state["patch_embed.bias"] = torch.zeros(config.hidden_size, dtype=state["pos_embed"].dtype)
     state = rename_keys(state, _TIMM_KEYS, "the model", reverse=True)
-    if model.config.classifier == "gap" and model.config.final_norm == "after_pool":
+    if config.final_norm == "after_pool":
         state = {("fc_norm." + k[5:] if k.startswith("norm.") else k): v for k, v in state.items()}
     return state
 
 
 def timm_args(config: ModelConfig) -> tuple[str, dict]:
     """(timm architecture, `timm.create_model` keyword arguments) that build `config`'s function."""
-    if config.representation_size:
-        raise ExportError(
-            "timm's VisionTransformer has no pre-logits layer (representation_size); export hf, "
-            "safetensors or npz"
-        )
+    refusals = [
+        (config.representation_size, "pre-logits layer (representation_size)"),
+        (
+            config.classifier == "token_gap",
+            "pooling of the class token beside the patches' mean (token_gap)",
+        ),
+        (
+            config.pre_norm and config.patch_bias,
+            "patch-embedding bias beside a norm before the blocks",
+        ),
+        (config.distilled and config.is_hybrid, "distilled hybrid"),
+    ]
+    for refused, what in refusals:
+        if refused:
+            raise ExportError(
+                f"timm's VisionTransformer has no {what}; export hf, safetensors or npz"
+            )
+    name, kwargs = _timm_base(config)
+    kwargs.update(_timm_options(config))
+    return name, kwargs
+
+
+def _timm_base(config: ModelConfig) -> tuple[str, dict]:
+    """The timm architecture closest to `config` and the shape arguments that make it `config`'s."""
     kwargs = {"num_classes": config.num_classes}
     if config.is_hybrid:
         name, depth, heads = _TIMM_HYBRIDS.get(
@@ -268,41 +398,67 @@ def timm_args(config: ModelConfig) -> tuple[str, dict]:
         }
         kwargs.update({"patch_size": kernel} if kernel != 1 else {})
     else:
-        variant = nearest_variant(config.hidden_size, config.patch_size, False) or VARIANTS["B/16"]
-        name = f"vit_{_TIMM_SIZES[variant.hidden_size]}_patch{variant.patch_size}_224"
-        base = {f: getattr(variant, f) for f in ("patch_size", "hidden_size", "depth", "num_heads")}
-        kwargs.update(
-            {"patch_size": config.patch_size} if config.patch_size != variant.patch_size else {}
-        )
+        size = _TIMM_SIZES.get(config.hidden_size, "base")
+        width, depth, heads, patches = _TIMM_SHAPES[size]
+        patch = config.patch_size if config.patch_size in patches else patches[0]
+        if config.distilled:  # timm's DeiT class, whose sizes stop at base
+            size = size if size in ("tiny", "small") else "base"
+            width, depth, heads, _ = _TIMM_SHAPES[size]
+            name, patch = f"deit_{size}_distilled_patch16_224", 16
+        else:
+            name = f"vit_{size}_patch{patch}_224"
+        base = {"patch_size": patch, "hidden_size": width, "depth": depth, "num_heads": heads}
+        kwargs.update({"patch_size": config.patch_size} if config.patch_size != patch else {})
     timm_names = {"hidden_size": "embed_dim", "depth": "depth", "num_heads": "num_heads"}
     kwargs.update(
         {timm_names[f]: getattr(config, f) for f in timm_names if getattr(config, f) != base[f]}
     )
-    if config.mlp_dim != 4 * config.hidden_size:
-        kwargs["mlp_ratio"] = config.mlp_dim / config.hidden_size
     if config.img_size != 224:
         kwargs["img_size"] = config.img_size
-    if config.classifier == "gap":
-        kwargs.update(
-            class_token=False,
-            global_pool="avg",
-            **({"fc_norm": False} if config.final_norm == "before_pool" else {}),
-        )
-    if config.gelu == "tanh":
-        kwargs["act_layer"] = "gelu_tanh"
-    if config.layer_norm_eps != 1e-6:
-        kwargs["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=config.layer_norm_eps)
     return name, kwargs
 
 
+def _timm_options(config: ModelConfig) -> dict:
+    """timm's keyword arguments for everything in `config` beyond the shape."""
+    kwargs: dict = {}
+    hidden = config.mlp_dim * (2 if config.mlp == "swiglu" else 1)
+    if hidden != 4 * config.hidden_size:
+        kwargs["mlp_ratio"] = hidden / config.hidden_size
+    if config.mlp == "swiglu":
+        from timm.layers import SwiGLUPacked
+
+        kwargs.update(mlp_layer=SwiGLUPacked, act_layer="silu")
+    elif config.gelu != "exact":
+        kwargs["act_layer"] = _TIMM_ACTS[config.gelu]
+    if not config.has_class_token:
+        kwargs["class_token"] = False
+    pool = {v: k for k, v in _POOLS.items()}[config.classifier]
+    if pool != "token" or not config.has_class_token:
+        kwargs["global_pool"] = pool
+    # timm puts the final norm after average pooling by default, before any other
+    if (config.final_norm == "after_pool") != (pool == "avg"):
+        kwargs["fc_norm"] = config.final_norm == "after_pool"
+    if config.reg_tokens:
+        kwargs["reg_tokens"] = config.reg_tokens
+    if not config.pos_embed_prefix:
+        kwargs["no_embed_class"] = True
+    if config.layer_scale:
+        kwargs["init_values"] = config.layer_scale
+    if config.pre_norm:
+        kwargs["pre_norm"] = True
+    if config.layer_norm_eps != 1e-6:
+        kwargs["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=config.layer_norm_eps)
+    return kwargs
+
+
 def format_args(kwargs: dict) -> str:
-    """Keyword arguments as Python source (a LayerNorm of another eps included)."""
+    """Keyword arguments as Python source (a LayerNorm of another eps, timm's SwiGLU included)."""
 
     def shown(key, value) -> str:
-        return (
-            f"functools.partial(torch.nn.LayerNorm, eps={value.keywords['eps']!r})"
-            if key == "norm_layer"
-            else repr(value)
-        )
+        if key == "norm_layer":
+            return f"functools.partial(torch.nn.LayerNorm, eps={value.keywords['eps']!r})"
+        if key == "mlp_layer":  # the only one vitlab passes
+            return "timm.layers.SwiGLUPacked"
+        return repr(value)
 
     return ", ".join(f"{k}={shown(k, v)}" for k, v in kwargs.items())

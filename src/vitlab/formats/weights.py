@@ -112,16 +112,18 @@ def _convert(
         preprocessor = _read_json(path.with_name("preprocessor_config.json"))
         return Weights(*from_hf(config_json, state, str(path), preprocessor))
     if "patch_embed.proj.weight" in state:
-        heads = _variant_heads(model_type, state, path) if model_type is not None else None
+        variant = _variant(model_type, state, path) if model_type is not None else None
         timm_config = config_json if config_json and "architecture" in config_json else None
-        return Weights(*from_timm(state, str(path), timm_config, heads, default_heads))
+        return Weights(*from_timm(state, str(path), timm_config, variant, default_heads))
     raise CheckpointError(
         f"{path}: neither a vitlab, timm nor transformers ViT checkpoint (keys "
         f"{', '.join(sorted(state)[:3])} ...)"
     )
 
 
-def _variant_heads(model_type: str, state: dict, path: Path) -> int:
+def _variant(model_type: str, state: dict, path: Path) -> ModelConfig:
+    """The variant the user named for a file that does not say all of its model, checked against
+    the file's width."""
     try:
         variant = get_config(model_type)
     except ConfigError as e:
@@ -133,7 +135,7 @@ def _variant_heads(model_type: str, state: dict, path: Path) -> int:
         raise CheckpointError(
             f"{path}: hidden_size {width}, and --model_type {model_type} has {variant.hidden_size}"
         )
-    return variant.num_heads
+    return variant
 
 
 def _is_safetensors(path: Path) -> bool:
