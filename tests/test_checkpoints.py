@@ -3,23 +3,20 @@ another function refused, and every kind of bad file."""
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from safetensors.torch import load_file, save_file
 
+from vitlab.config import get_config
 from vitlab.errors import CheckpointError
 from vitlab.formats import checkpoints, weights
 from vitlab.model import create_model
 
-
-def state_equal(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
+from parity import state_equal
 
 
 def test_safetensors_round_trip(tmp_path, randomise):
@@ -241,3 +238,55 @@ def test_a_checkpoint_that_cannot_continue_the_run_is_refused_before_loading(tmp
     checkpoints.check_training_state(run, path, model.config)
     with pytest.raises(CheckpointError, match="trained with --gelu tanh"):
         checkpoints.check_training_state(run, path, model.config.replace(gelu="exact"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning: the model a pretrained file says, with the task's own settings
+
+
+def dinov2_file(tmp_path, randomise, **changes):
+    """A tiny DINOv2-shaped vitlab file with no head (a backbone, as DINOv2 is released)."""
+    config = get_config(
+        "dinov2-S/14", depth=1, hidden_size=48, num_heads=3, mlp_dim=96, img_size=28
+    )
+    model = randomise(create_model(config.replace(classifier="token", num_classes=5, **changes)))
+    path = tmp_path / "backbone.safetensors"
+    weights.save_safetensors(model, path)
+    # drop the head: a feature extractor's file
+    state = {k: v for k, v in load_file(path).items() if not k.startswith("head.")}
+    metadata = {"model_config": json.dumps(model.config.to_dict())}
+    save_file(state, path, metadata=metadata)
+    return model, path
+
+
+def test_fine_tuning_takes_the_files_model_with_the_tasks_settings(tmp_path, randomise, capsys):
+    source, path = dinov2_file(tmp_path, randomise, gelu="tanh")
+    wanted = get_config(
+        "dinov2-S/14", depth=1, hidden_size=48, num_heads=3, mlp_dim=96, img_size=42, num_classes=3
+    )
+    model = checkpoints.pretrained_model(path, wanted)
+    # the task's classes, size and pooling (the file has no head); the file's function
+    assert (model.config.num_classes, model.config.img_size) == (3, 42)
+    assert model.config.classifier == "token_gap" and model.config.gelu == "tanh"
+    assert "computes as its file says: gelu tanh (not exact)" in capsys.readouterr().out
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert model.head.weight.abs().sum() == 0 and model.head.in_features == 96
+    # a function the user chose, which the weights contradict
+    with pytest.raises(CheckpointError, match="compute with gelu tanh; --gelu would make"):
+        checkpoints.pretrained_model(path, wanted, chosen=frozenset({"gelu"}))
+
+
+def test_fine_tuning_refuses_a_model_of_another_shape(tmp_path, randomise):
+    _, path = dinov2_file(tmp_path, randomise)
+    wanted = get_config("S/16", depth=1, hidden_size=48, num_heads=3, mlp_dim=96, img_size=32)
+    with pytest.raises(CheckpointError, match="its model has patch_size 14, .*not patch_size 16"):
+        checkpoints.pretrained_model(path, wanted)
+    registers = get_config("dinov2-reg-S/14", depth=1, hidden_size=48, num_heads=3, mlp_dim=96)
+    with pytest.raises(
+        CheckpointError, match="reg_tokens 0, pos_embed_prefix True, not reg_tokens 4"
+    ):
+        checkpoints.pretrained_model(path, registers)
+    # the message names a variant of the file's shape where there is one
+    weights.save_safetensors(create_model("testing", img_size=32), tmp_path / "testing.safetensors")
+    with pytest.raises(CheckpointError, match="pass --model_type testing$"):
+        checkpoints.pretrained_model(tmp_path / "testing.safetensors", get_config("Ti/16"))

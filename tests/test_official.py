@@ -17,7 +17,7 @@ from torch import nn
 from vitlab.errors import CheckpointError
 from vitlab.formats import official, official_layout
 from vitlab.formats.official import load_official, save_npz
-from vitlab.formats.official_layout import resize_pos_embed
+from vitlab.formats.official_layout import resample_positions
 from vitlab.model import create_model
 
 from rounding import assert_same_function, assert_within, ulps
@@ -232,12 +232,12 @@ def test_hybrid_parity_with_timm(resolution, tmp_path, monkeypatch, randomise):
 
 @pytest.mark.parametrize("old,new", [(14, 10), (14, 24), (24, 14), (7, 7), (2, 5)])
 @pytest.mark.parametrize("prefix", [1, 0])
-def test_resize_pos_embed_is_scipy_zoom(old, new, prefix):
+def test_resample_positions_is_scipy_zoom(old, new, prefix):
     D = 8
     pos = torch.randn(
         1, prefix + old * old, D, generator=torch.Generator().manual_seed(old * 100 + new)
     )
-    got = resize_pos_embed(pos, (new, new), prefix)
+    got = resample_positions(pos, prefix, new)
     assert got.shape == (1, prefix + new * new, D) and got.dtype == pos.dtype
     grid = pos[0, prefix:].numpy().astype(np.float64).reshape(old, old, D)
     zoomed = scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1)
@@ -251,9 +251,9 @@ def test_resize_pos_embed_is_scipy_zoom(old, new, prefix):
         assert torch.equal(got, pos)
 
 
-def test_resize_pos_embed_rejects_a_non_square_grid():
+def test_resample_positions_rejects_a_non_square_grid():
     with pytest.raises(CheckpointError, match="square"):
-        resize_pos_embed(torch.zeros(1, 1 + 12, 4), (3, 3), 1)
+        resample_positions(torch.zeros(1, 1 + 12, 4), 1, 3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -399,3 +399,47 @@ def test_timm_head_of_another_shape_is_refused(tmp_path, randomise, capsys):
         and "unexpected keys head.fc.bias, head.fc.weight: vitlab's ViT has no such parameters"
         in line
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning from a timm file at another resolution: the position table resampled by timm's own rule
+
+
+@pytest.mark.parametrize(
+    "arch,variant",
+    [
+        ("vit_small_patch14_dinov2", "dinov2-S/14"),
+        ("vit_small_patch14_reg4_dinov2", "dinov2-reg-S/14"),
+        ("vit_base_patch16_siglip_224", "siglip-B/16"),
+    ],
+)
+def test_fine_tuning_at_another_size_resamples_as_timm_does(
+    arch, variant, tmp_path, randomise, capsys
+):
+    from vitlab.config import get_config
+    from vitlab.formats.checkpoints import pretrained_model
+
+    patch = 14 if "14" in arch else 16
+    reference = timm_model(arch, 4 * patch, randomise, depth=2)
+    timm.models.save_for_hf(reference, tmp_path / "folder", safe_serialization=True)
+    wanted = get_config(variant, depth=2, img_size=3 * patch, num_classes=7, dropout_rate=0.0)
+    ours = pretrained_model(tmp_path / "folder", wanted).eval()
+    assert (
+        "position embeddings resized from 16 to 9 patches (timm's rule)" in capsys.readouterr().out
+    )
+    # timm's own model at the new size, from the same file
+    resized = timm.create_model(
+        arch,
+        pretrained=True,
+        pretrained_cfg_overlay={
+            "file": str(tmp_path / "folder" / "model.safetensors"),
+            "num_classes": 7,
+        },
+        num_classes=7,
+        img_size=3 * patch,
+        depth=2,
+    ).eval()
+    assert ours.config.classifier == resized.global_pool.replace(
+        "avg", "gap"
+    ) or variant.startswith("dinov2")
+    assert_parity(ours, resized, 3 * patch, f"{arch} at {3 * patch} px")

@@ -191,12 +191,15 @@ def set_up(config: TrainConfig, processes: Processes) -> Job:
 
 
 def build_model(config: TrainConfig, num_classes: int, verbose: bool) -> VisionTransformer:
-    model = VisionTransformer(config.model_config(num_classes))
+    """The model to train: from scratch as `config` says, or as its pretrained file says, with the
+    task's classes, image size and regularisation (`checkpoints.pretrained_model`)."""
+    wanted = config.model_config(num_classes)
     source = official.pretrained_source(config.pretrained_dir, config.model_type)
-    if source is not None:
-        checkpoints.load_pretrained(model, source, verbose=verbose)
-        if verbose:
-            print(f"initialised from {source}")
+    if source is None:
+        return VisionTransformer(wanted)
+    model = checkpoints.pretrained_model(source, wanted, frozenset(config.model), verbose)
+    if verbose:
+        print(f"initialised from {source}")
     return model
 
 

@@ -13,16 +13,17 @@ What a file holds is read by `weights.py` (and `official.py` for the official `.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import VARIANTS, ModelConfig
 from ..errors import CheckpointError
 from ..model import VisionTransformer
-from . import official
+from . import official, official_layout, timm_layout
 from .files import HUB_PREFIX, atomic_write, fetch_hub
 from .weights import Weights, parse_model_config, read_torch_file, read_weights
 
@@ -150,28 +151,163 @@ def load_pretrained(
 ) -> VisionTransformer:
     """Initialise `model` from any checkpoint to fine-tune it, as the official fine-tuning does: a
     head for another number of classes (or none) zero-initialised, a pre-logits layer the model
-    lacks dropped; an official `.npz` also has its position embeddings resampled
-    (`official.load_official`). A timm state dict of a width no variant has takes the model's
-    heads."""
+    lacks dropped, position embeddings resampled to the model's grid by the source's own rule. The
+    model must compute what the file's weights were trained to compute (`check_same_function`); a
+    file that does not say its heads or how its images are fed takes the model's."""
     path = resolve_checkpoint(source)
     if path.suffix == ".npz":
         return official.load_official(model, path, verbose)
-    weights = read_weights(path, default_heads=model.config.num_heads)
+    weights = read_weights(path, model.config)
     check_same_function(weights.config, model.config, path)
-    state, ours, notes = dict(weights.state), model.state_dict(), []
-    if "pre_logits.0.weight" in state and not model.config.representation_size:
-        state = {k: v for k, v in state.items() if not k.startswith("pre_logits.")}
-        notes.append("pre-logits layer dropped (the model has none)")
-    if not weights.has_head or state["head.weight"].shape != ours["head.weight"].shape:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        state.update({k: torch.zeros_like(v) for k, v in ours.items() if k.startswith("head.")})
-        notes.append(
-            f"head replaced by a zero-initialised head of {model.config.num_classes} classes"
+    return _load_weights(model, weights, path, verbose)
+
+
+def pretrained_model(
+    source: str | os.PathLike,
+    wanted: ModelConfig,
+    chosen: frozenset[str] = frozenset(),
+    verbose: bool = True,
+) -> VisionTransformer:
+    """A model to fine-tune, built from what `source` says its model is, with the fine-tuning's own
+    settings of `wanted` (classes, image size, dropout; the head's input where the file has no head
+    to keep); `chosen` names the fields the user set, which the file must not contradict. An
+    official `.npz`, which says nothing of its model, is loaded into `wanted`'s."""
+    path = resolve_checkpoint(source)
+    if path.suffix == ".npz":
+        return official.load_official(VisionTransformer(wanted), path, verbose)
+    weights = read_weights(path, wanted)
+    config = fine_tuning_config(weights, wanted, chosen, path, verbose)
+    return _load_weights(VisionTransformer(config), weights, path, verbose)
+
+
+# What fine-tuning sets whatever the file: the task (classes, image size) and the regularisation.
+TUNED_FIELDS = (
+    "num_classes",
+    "img_size",
+    "dropout_rate",
+    "attention_dropout_rate",
+    "drop_path_rate",
+    "patch_drop_rate",
+    "attention_impl",
+    "pos_embed_init",  # initialisations, which the file's weights replace
+    "attention_init",
+)
+# What the weights' tensors are: a file of another shape cannot be loaded into the model.
+SHAPE_FIELDS = (
+    "patch_size",
+    "hidden_size",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "mlp",
+    "has_class_token",
+    "distilled",
+    "reg_tokens",
+    "pos_embed_prefix",
+    "pre_norm",
+    "patch_bias",
+    "resnet_layers",
+    "resnet_width_factor",
+)
+# Pooling the head's input in another way adds or drops no weights but the head's.
+_HEADLESS_POOLS = ("token", "token_gap")
+
+
+def fine_tuning_config(
+    weights: Weights, wanted: ModelConfig, chosen: frozenset[str], path, verbose: bool
+) -> ModelConfig:
+    """The model to fine-tune `weights` in: the file's own (its shape, what its weights compute, how
+    its images are fed), with `wanted`'s task and regularisation, and `wanted`'s pooling where the
+    file has no head to keep. Refused where `wanted` (the variant the user named, or a field the
+    user chose) has another shape, or the user chose another function."""
+    file = weights.config
+    shape = [f for f in SHAPE_FIELDS if getattr(file, f) != getattr(wanted, f)]
+    shape += ["layer_scale"] if (file.layer_scale is None) != (wanted.layer_scale is None) else []
+    if shape:
+        ours = ", ".join(f"{f} {getattr(wanted, f)}" for f in shape)
+        raise CheckpointError(
+            f"{path}: its model has {', '.join(f'{f} {getattr(file, f)}' for f in shape)}, not "
+            f"{ours}; pass --model_type {_variant_like(file)}"
         )
+    tuned = {f: getattr(wanted, f) for f in TUNED_FIELDS}
+    head_kept = weights.has_head and file.num_classes == wanted.num_classes
+    if not head_kept and {file.classifier, wanted.classifier} <= set(_HEADLESS_POOLS):
+        tuned.update(classifier=wanted.classifier, representation_size=wanted.representation_size)
+    config = file.replace(name=wanted.name, **tuned)
+    differ = [
+        f.name
+        for f in dataclasses.fields(ModelConfig)
+        # the class token's presence and layer scale's are in SHAPE_FIELDS; layer scale's value
+        # is its initialisation
+        if f.name not in ("name", "class_token", "layer_scale")
+        and getattr(config, f.name) != getattr(wanted, f.name)
+    ]
+    refused = sorted(set(differ) & chosen)
+    if refused:
+        raise CheckpointError(
+            f"{path}: its weights compute with {', '.join(f'{f} {getattr(config, f)}' for f in refused)}"
+            f"; --{' --'.join(refused)} would make the model compute another function"
+        )
+    if verbose and differ:
+        print(
+            f"{path}: computes as its file says: "
+            + ", ".join(f"{f} {getattr(config, f)} (not {getattr(wanted, f)})" for f in differ)
+        )
+    return config
+
+
+def _variant_like(config: ModelConfig) -> str:
+    """The name of a variant of `config`'s shape, for a message; else "the variant of its shape"."""
+    same = (
+        name
+        for name, v in VARIANTS.items()
+        if all(getattr(v, f) == getattr(config, f) for f in SHAPE_FIELDS)
+    )
+    return next(same, "of its shape (`vitlab models`)")
+
+
+def _load_weights(model: VisionTransformer, weights: Weights, path, verbose: bool):
+    state, notes = _fitted_state(model, weights)
     load_state(model, state, path)
     if verbose and notes:
         print(f"loaded {path}: " + "; ".join(notes))
     return model
+
+
+def _fitted_state(model: VisionTransformer, weights: Weights) -> tuple[dict, list[str]]:
+    """`weights`' state made to fit `model` as fine-tuning does: a pre-logits layer the model lacks
+    dropped, heads of another size replaced by zeros, the position table resampled to the model's
+    grid by the source's rule. Returns the state and notes on what was adapted."""
+    state, ours, notes = dict(weights.state), model.state_dict(), []
+    if "pre_logits.0.weight" in state and not model.config.representation_size:
+        state = {k: v for k, v in state.items() if not k.startswith("pre_logits.")}
+        notes.append("pre-logits layer dropped (the model has none)")
+    heads = [k for k in ours if k.startswith(("head.", "head_dist."))]
+    if any(k not in state or state[k].shape != ours[k].shape for k in heads):
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist."))}
+        state.update({k: torch.zeros_like(ours[k]) for k in heads})
+        notes.append(
+            f"head replaced by a zero-initialised head of {model.config.num_classes} classes"
+        )
+    table, config = state.get("pos_embed"), model.config
+    if table is not None and table.shape != ours["pos_embed"].shape:
+        prefix = config.num_positions - config.grid_size**2
+        rule = RESAMPLERS.get(weights.positions)
+        if table.shape[-1] == ours["pos_embed"].shape[-1] and rule is not None:
+            state["pos_embed"] = rule(table, prefix, config.grid_size)
+            notes.append(
+                f"position embeddings resized from {table.shape[1] - prefix} to "
+                f"{config.grid_size**2} patches ({weights.positions}'s rule)"
+            )
+    return state, notes
+
+
+# How each source resamples its position table to another grid: (table (1, rows, D), prefix rows,
+# new grid side) -> the new table, as that library does when its model is built at another size.
+RESAMPLERS = {
+    "official": official_layout.resample_positions,
+    "timm": timm_layout.resample_positions,
+}
 
 
 # ---------------------------------------------------------------------------------------------

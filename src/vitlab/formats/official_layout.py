@@ -275,21 +275,20 @@ def read_npz(path: str | os.PathLike, config: ModelConfig | None = None) -> dict
 # Official arrays into vitlab's state dict, taken at most once each.
 
 
-def resize_pos_embed(
-    pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int
-) -> torch.Tensor:
-    """The official resampling of `vit_jax/checkpoint.py`: class token kept apart, the grid zoomed
-    with `scipy.ndimage.zoom(order=1)`, which is bilinear interpolation with align_corners=True."""
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[0, num_prefix_tokens:]
-    old = int(round(grid.shape[0] ** 0.5))
-    if old * old != grid.shape[0]:
+def resample_positions(pos_embed: torch.Tensor, prefix: int, grid: int) -> torch.Tensor:
+    """The official resampling of `vit_jax/checkpoint.py`: the `prefix` rows (the class token's)
+    kept apart, the grid zoomed to `grid` x `grid` with `scipy.ndimage.zoom(order=1)`, which is
+    bilinear interpolation with align_corners=True, in float64."""
+    head, table = pos_embed[:, :prefix], pos_embed[0, prefix:]
+    old = int(round(table.shape[0] ** 0.5))
+    if old * old != table.shape[0]:
         raise CheckpointError(
-            f"position embeddings of {grid.shape[0]} patches are not a square grid"
+            f"position embeddings of {table.shape[0]} patches are not a square grid"
         )
-    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).double()  # (1, D, old, old)
-    grid = F.interpolate(grid, size=new_grid, mode="bilinear", align_corners=True)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
+    table = table.reshape(1, old, old, -1).permute(0, 3, 1, 2).double()  # (1, D, old, old)
+    table = F.interpolate(table, size=(grid, grid), mode="bilinear", align_corners=True)
+    table = table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos_embed.dtype)
+    return torch.cat([head, table], dim=1)
 
 
 class OfficialArrays:
@@ -367,7 +366,7 @@ def official_state(
                 f"position embeddings resized from {value.shape[1] - prefix} to "
                 f"{config.grid_size**2} patches"
             )
-            value = resize_pos_embed(value, (config.grid_size, config.grid_size), prefix)
+            value = resample_positions(value, prefix, config.grid_size)
         if value.shape != shapes[ours]:
             raise CheckpointError(
                 f"{arrays.name}: {theirs} has shape {tuple(value.shape)}, {config.name} needs "

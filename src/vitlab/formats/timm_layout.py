@@ -19,6 +19,7 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 
 from ..config import ModelConfig, family
 from ..errors import CheckpointError, ExportError
@@ -109,6 +110,17 @@ def _positions(rows: int, prefix: int, stated: bool | None, name: str) -> tuple[
     )
 
 
+def resample_positions(pos_embed: torch.Tensor, prefix: int, grid: int) -> torch.Tensor:
+    """timm's `resample_abs_pos_embed` as its loader calls it: the `prefix` rows kept apart, the grid
+    resized to `grid` x `grid` bicubic, antialiased, corners not aligned, in float32."""
+    head, table = pos_embed[:, :prefix], pos_embed[:, prefix:]
+    old = math.isqrt(table.shape[1])
+    table = table.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
+    table = F.interpolate(table, size=(grid, grid), mode="bicubic", antialias=True)
+    table = table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos_embed.dtype)
+    return torch.cat([head, table], dim=1)
+
+
 def timm_keys(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """A timm state dict in vitlab's keys (fc_norm as `norm`, a missing qkv or patch-embedding bias
     where the rest of the file has one as zeros, which computes the same)."""
@@ -127,12 +139,11 @@ def from_timm(
     name: str,
     config_json: dict | None = None,
     variant: ModelConfig | None = None,
-    default_heads: int | None = None,
 ):
     """(ModelConfig, vitlab state dict, class names or None) of a timm ViT state dict and its
-    config.json, if any. `variant`: the variant the user named, which gives the heads and whatever
-    else neither the weights nor config.json say; else the attention heads come from config.json,
-    the variant table by width, or `default_heads`."""
+    config.json, if any. `variant`: the variant the user named (or the model the file is loaded
+    into), which gives the heads and how images are fed where neither the weights nor config.json
+    say; else the attention heads come from config.json or the variant table by width."""
     config_json = config_json or {}
     args = config_json.get("model_args") or {}
     fc_norm = "fc_norm.weight" in state
@@ -147,14 +158,7 @@ def from_timm(
     )
     classifier = _pooling(state, config_json, fc_norm, name)
     base = variant or nearest_variant(width, patch, bool(layers))
-    heads = _heads(
-        variant.num_heads if variant else None,
-        args.get("num_heads"),
-        base,
-        default_heads,
-        width,
-        name,
-    )
+    heads = _heads(variant.num_heads if variant else None, args.get("num_heads"), base, width, name)
     mlp, mlp_dim = _mlp(state, name)
     config = ModelConfig(
         name=base.name if base else "B/16",
@@ -313,7 +317,6 @@ def _heads(
     given: int | None,
     in_file: int | None,
     base: ModelConfig | None,
-    default: int | None,
     width: int,
     name: str,
 ) -> int:
@@ -321,7 +324,7 @@ def _heads(
         raise CheckpointError(
             f"{name}: config.json says num_heads {in_file}, {given} were asked for"
         )
-    heads = given or in_file or (base.num_heads if base else None) or default
+    heads = given or in_file or (base.num_heads if base else None)
     if not heads:
         raise CheckpointError(
             f"{name}: a width of {width} is no vitlab variant's and the weights do not say the "

@@ -38,19 +38,20 @@ class Weights:
     config: ModelConfig
     state: dict[str, torch.Tensor]
     class_names: list[str] | None = None
+    # Whose rule resamples the position table to another grid (checkpoints.RESAMPLERS): the
+    # library that wrote the file; vitlab's own files follow the official fine-tuning.
+    positions: str = "official"
 
     @property
     def has_head(self) -> bool:
         return "head.weight" in self.state
 
 
-def read_weights(
-    path: Path, model_type: str | None = None, default_heads: int | None = None
-) -> Weights:
+def read_weights(path: Path, variant: str | ModelConfig | None = None) -> Weights:
     """A vitlab `.pt` or `.safetensors` file, a timm state dict, or a timm or transformers folder or
-    weights file, in vitlab's layout. A timm state dict does not say its attention heads:
-    `model_type` (a variant) gives them, else its config.json, else the variant table by width, else
-    `default_heads`."""
+    weights file, in vitlab's layout. A timm state dict does not say its attention heads or how its
+    images were fed: `variant` (a variant's name the user gave, or the model it is loaded into)
+    does, else its config.json, else the variant table by width."""
     config_path = path / "config.json" if path.is_dir() else path.with_name("config.json")
     if path.is_dir():
         if not config_path.is_file():
@@ -77,21 +78,16 @@ def read_weights(
         else:
             metadata = {}
         state = _state_dict(payload, path)
-    return _convert(path, state, metadata, config_path, model_type, default_heads)
+    return _convert(path, state, metadata, config_path, variant)
 
 
 def _convert(
-    path: Path,
-    state: dict,
-    metadata: dict,
-    config_path: Path,
-    model_type: str | None,
-    default_heads: int | None,
+    path: Path, state: dict, metadata: dict, config_path: Path, variant: str | ModelConfig | None
 ) -> Weights:
     own_config = "model_config" in metadata or any(
         k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in state
     )
-    if model_type is not None and own_config:
+    if isinstance(variant, str) and own_config:
         raise CheckpointError(
             f"{path}: --model_type is only for official .npz files and timm state dicts; this one "
             "carries its own model config"
@@ -112,9 +108,10 @@ def _convert(
         preprocessor = _read_json(path.with_name("preprocessor_config.json"))
         return Weights(*from_hf(config_json, state, str(path), preprocessor))
     if "patch_embed.proj.weight" in state:
-        variant = _variant(model_type, state, path) if model_type is not None else None
+        if isinstance(variant, str):
+            variant = _variant(variant, state, path)
         timm_config = config_json if config_json and "architecture" in config_json else None
-        return Weights(*from_timm(state, str(path), timm_config, variant, default_heads))
+        return Weights(*from_timm(state, str(path), timm_config, variant), positions="timm")
     raise CheckpointError(
         f"{path}: neither a vitlab, timm nor transformers ViT checkpoint (keys "
         f"{', '.join(sorted(state)[:3])} ...)"
