@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from vitlab.config import LEGACY_NAMES, VARIANTS, ModelConfig, all_names, canonical_name, get_config
 from vitlab.fastpaths import Linear
 from vitlab.formats import official
-from vitlab.model import _factor, _pad_same, count_parameters, create_model, sincos_2d
+from vitlab.initialization import _factor, sincos_2d
+from vitlab.model import count_parameters, create_model
+from vitlab.resnet import pad_same
 
 from rounding import (
     ELEMENTWISE_ULPS,
@@ -513,31 +515,31 @@ def test_golden_official_ti16(shared_dir):
 
 def test_pad_same_pads_after_on_even_sizes():
     x = torch.arange(64, dtype=torch.float32).reshape(1, 1, 8, 8) - 100  # all negative
-    padded = _pad_same(x, 3, 2, value=float("-inf"))
+    padded = pad_same(x, 3, 2, value=float("-inf"))
     assert padded.shape == (1, 1, 9, 9)  # (0, 1) on each axis: nothing before, one after
     assert torch.equal(padded[..., :8, :8], x)
     assert torch.isneginf(padded[..., 8, :]).all() and torch.isneginf(padded[..., :, 8]).all()
     # Odd side: (1, 1). 7x7 stride 2 at 224: 5 in all, 2 before and 3 after. Stride 1, 1x1: none.
-    odd = _pad_same(torch.zeros(1, 1, 7, 7), 3, 2, value=1.0)
+    odd = pad_same(torch.zeros(1, 1, 7, 7), 3, 2, value=1.0)
     assert odd.shape == (1, 1, 9, 9) and odd[..., 0, :].eq(1).all() and odd[..., -1, :].eq(1).all()
     assert odd[..., 1:8, 1:8].eq(0).all()
-    root = _pad_same(torch.zeros(1, 1, 224, 224), 7, 2, value=1.0)
+    root = pad_same(torch.zeros(1, 1, 224, 224), 7, 2, value=1.0)
     assert root.shape == (1, 1, 229, 229)
     assert (
         root[..., :2, :].eq(1).all()
         and root[..., 2, 2:226].eq(0).all()
         and root[..., 226:, :].eq(1).all()
     )
-    assert _pad_same(torch.zeros(1, 1, 5, 6), 1, 1).shape == (1, 1, 5, 6)
+    assert pad_same(torch.zeros(1, 1, 5, 6), 1, 1).shape == (1, 1, 5, 6)
     # Non-square: each axis by its own side (height 8 -> (0, 1), width 7 -> (1, 1)).
-    assert _pad_same(torch.zeros(1, 1, 8, 7), 3, 2).shape == (1, 1, 9, 9)
+    assert pad_same(torch.zeros(1, 1, 8, 7), 3, 2).shape == (1, 1, 9, 9)
 
     # Padding with -inf never wins the max: an all-negative input pools to its own values only,
     # where zero padding (the default value) would put zeros on the border.
     pooled = F.max_pool2d(padded, 3, 2)
     assert pooled.shape == (1, 1, 4, 4) and (pooled < 0).all()
     assert pooled[0, 0, -1, -1] == x.max()
-    assert (F.max_pool2d(_pad_same(x, 3, 2), 3, 2) == 0).any()
+    assert (F.max_pool2d(pad_same(x, 3, 2), 3, 2) == 0).any()
 
 
 def test_hybrid_stem_max_pool_is_tf_same(randomise):

@@ -1,16 +1,15 @@
-"""The Vision Transformer (Dosovitskiy et al., 2020) and its hybrid BiT ResNetV2 stem.
+"""The Vision Transformer (Dosovitskiy et al., 2020), and the parts later ViTs added to it.
 
-Written to match google-research/vision_transformer (`vit_jax/models_vit.py`,
-`models_resnet.py`) exactly, so that its released `.npz` weights give its logits: pre-norm
-blocks, LayerNorm eps 1e-6, tanh-approximated GELU, and for the hybrid weight-standardised
-convolutions, GroupNorm eps 1e-6 and TensorFlow's 'SAME' padding. The few choices in which timm's
-and transformers' ViTs compute otherwise (exact GELU, another LayerNorm eps, timm's fc_norm and its
-hybrid's normalisation) are ModelConfig fields, so that their weights give their logits too.
+Written to match google-research/vision_transformer (`vit_jax/models_vit.py`) exactly, so that its
+released `.npz` weights give its logits: pre-norm blocks, LayerNorm eps 1e-6, tanh-approximated GELU
+(the hybrid's ResNet stem is in `resnet.py`, the initialisations in `initialization.py`). What later
+ViTs compute otherwise (DINOv2's layer scale and registers, CLIP's norm before the blocks, SigLIP's
+attention pooling, DeiT's distillation token, timm's fc_norm, another GELU or LayerNorm eps) are
+ModelConfig fields, each off by default, so that their weights give their logits too.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -21,167 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig, get_config
 from .errors import DataError
 from .fastpaths import fuse_linear_layers, use_explicit_attention
-
-
-def _lecun_normal_(weight: torch.Tensor) -> None:
-    # flax's default kernel init: truncated normal with variance 1 / fan_in.
-    fan_in = weight[0].numel()
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of a unit normal truncated at 2
-    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
-
-
-def _factor(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(left, right), each (rank, D), with left.T @ right the best rank-`rank` approximation of
-    `product` (D, D)."""
-    U, S, Vh = torch.linalg.svd(product)
-    root = S[:rank].sqrt()[:, None]
-    return root * U[:, :rank].T, root * Vh[:rank]
-
-
-@torch.no_grad()
-def mimetic_init_(
-    attention: Attention,
-    qk: tuple[float, float] = (0.7, 0.7),
-    vo: tuple[float, float] = (0.4, 0.4),
-) -> None:
-    """Mimetic initialisation (Trockman & Kolter, 2023, "Mimetic Initialization of Self-Attention
-    Layers"): each head's query-key product W_q^T W_k = a Z + b I and the value-projection product
-    W_v^T W_o = a Z - b I, with Z ~ N(0, 1/D) and (a, b) = `qk`, `vo` (the paper's 0.7, 0.7 and 0.4,
-    0.4). Attention then starts out favouring tokens like the query, which with 2-D position
-    embeddings means nearby patches: the local mixing a convolution has by design and a ViT
-    otherwise spends many epochs learning."""
-    D, heads = attention.proj.weight.shape[0], attention.num_heads
-    eye = torch.eye(D)
-    # Each (D, D): x @ w.T; rows of one head are contiguous
-    w_q, w_k, w_v = attention.qkv.weight.chunk(3)
-    for h in range(heads):
-        rows = slice(h * attention.head_dim, (h + 1) * attention.head_dim)
-        left, right = _factor(
-            qk[0] * torch.randn(D, D) / math.sqrt(D) + qk[1] * eye, attention.head_dim
-        )
-        w_q[rows], w_k[rows] = left, right
-    left, right = _factor(vo[0] * torch.randn(D, D) / math.sqrt(D) - vo[1] * eye, D)
-    w_v.copy_(left)
-    # proj computes y @ proj.weight.T, so W_v^T proj.weight^T = left^T right
-    attention.proj.weight.copy_(right.T)
-
-
-def sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> torch.Tensor:
-    """(grid*grid, width) position table of big_vision's `posemb_sincos_2d`: sin and cos of x, then
-    of y, each at width/4 frequencies from 1 down to 1/temperature."""
-    y, x = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float64),
-        torch.arange(grid, dtype=torch.float64),
-        indexing="ij",
-    )
-    omega = 1.0 / temperature ** (
-        torch.arange(width // 4, dtype=torch.float64) / max(1, width // 4 - 1)
-    )
-    x, y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega  # (grid*grid, width/4)
-    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
-
-
-def _pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
-    """TensorFlow 'SAME' padding: output side ceil(side / stride), the odd pixel padded after."""
-    pads = []
-    for side in (x.shape[-1], x.shape[-2]):
-        total = max((-(-side // stride) - 1) * stride + kernel - side, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads, value=value)
-
-
-class StdConv2d(nn.Conv2d):
-    """BiT's weight-standardised convolution, per output channel: (w - mean) / (std + 1e-5) in the
-    official code (`norm="flax"`), (w - mean) / sqrt(var + 1e-8) in timm's hybrids
-    (`norm="timm"`)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        norm: str = "flax",
-    ):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding=0, bias=False)
-        self.norm = norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if self.norm == "timm":  # timm's own computation, for its rounding too
-            w = F.batch_norm(
-                w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=1e-8
-            ).reshape_as(w)
-        else:
-            mean = w.mean(dim=(1, 2, 3), keepdim=True)
-            std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
-            w = (w - mean) / (std + 1e-5)
-        x = _pad_same(x, self.kernel_size[0], self.stride[0])
-        return F.conv2d(x, w, None, self.stride)
-
-
-def _group_norm(channels: int, norm: str) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-5 if norm == "timm" else 1e-6)
-
-
-class ResidualUnit(nn.Module):
-    """Bottleneck unit of BiT's ResNetV2 as the ViT hybrid uses it (post-activation, GroupNorm)."""
-
-    def __init__(self, in_channels: int, features: int, stride: int, norm: str = "flax"):
-        super().__init__()
-        out_channels = features * 4
-        self.needs_projection = in_channels != out_channels or stride != 1
-        if self.needs_projection:
-            self.conv_proj = StdConv2d(in_channels, out_channels, 1, stride, norm)
-            self.gn_proj = _group_norm(out_channels, norm)
-        self.conv1 = StdConv2d(in_channels, features, 1, norm=norm)
-        self.gn1 = _group_norm(features, norm)
-        self.conv2 = StdConv2d(features, features, 3, stride, norm)
-        self.gn2 = _group_norm(features, norm)
-        self.conv3 = StdConv2d(features, out_channels, 1, norm=norm)
-        self.gn3 = _group_norm(out_channels, norm)
-        nn.init.zeros_(self.gn3.weight)  # each unit starts as the identity, as in the official init
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = self.gn_proj(self.conv_proj(x)) if self.needs_projection else x
-        y = F.relu(self.gn1(self.conv1(x)))
-        y = F.relu(self.gn2(self.conv2(y)))
-        y = self.gn3(self.conv3(y))
-        return F.relu(residual + y)
-
-
-class ResNetStem(nn.Module):
-    """Root (7x7 conv stride 2, GroupNorm, ReLU, 3x3 max-pool stride 2) and the ResNet stages."""
-
-    def __init__(self, layers: tuple[int, ...], width_factor: int, norm: str = "flax"):
-        super().__init__()
-        width = 64 * width_factor
-        self.conv_root = StdConv2d(3, width, 7, 2, norm)
-        self.gn_root = _group_norm(width, norm)
-        stages, in_channels = [], width
-        for i, units in enumerate(layers):
-            features = width * 2**i
-            stage = nn.Sequential(
-                *(
-                    ResidualUnit(
-                        in_channels if u == 0 else features * 4,
-                        features,
-                        2 if (u == 0 and i > 0) else 1,
-                        norm,
-                    )
-                    for u in range(units)
-                )
-            )
-            stages.append(stage)
-            in_channels = features * 4
-        self.stages = nn.Sequential(*stages)
-        self.out_channels = in_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.gn_root(self.conv_root(x)))
-        # 'SAME': padding never wins the max
-        x = F.max_pool2d(_pad_same(x, 3, 2, value=float("-inf")), 3, 2)
-        return self.stages(x)
+from .initialization import lecun_normal_, mimetic_init_, sincos_2d
+from .resnet import ResNetStem
 
 
 class Attention(nn.Module):
@@ -397,7 +237,7 @@ class VisionTransformer(nn.Module):
         zero."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
-                _lecun_normal_(module.weight)
+                lecun_normal_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         for block in self.blocks:
@@ -420,7 +260,7 @@ class VisionTransformer(nn.Module):
         else:
             nn.init.normal_(self.pos_embed, std=0.02)
         if isinstance(self.pre_logits, nn.Sequential):
-            _lecun_normal_(self.pre_logits[0].weight)
+            lecun_normal_(self.pre_logits[0].weight)
             nn.init.zeros_(self.pre_logits[0].bias)
         for head in (self.head, self.head_dist):
             if head is not None:
