@@ -77,7 +77,7 @@ def _folder_pair(tmp_path, monkeypatch):
     memory = load_image_folder(root)
     monkeypatch.setattr(vdata, "IN_MEMORY_LIMIT_BYTES", 0)
     streamed = load_image_folder(root)
-    assert memory.images is not None and memory.paths is None
+    assert memory.images is not None and memory.paths == streamed.paths
     assert streamed.images is None and len(streamed.paths) == 24
     assert torch.equal(memory.labels, streamed.labels)
     return memory, streamed

@@ -41,7 +41,7 @@ MAX_PIXELS = 2 * 89_478_485
 @dataclass
 class ImageSet:
     """Images and labels. `images` is a uint8 (N, H, W, 3) tensor, or None with `paths` set for
-    streaming."""
+    streaming; a folder's `paths` are kept either way (CIFAR's images have none)."""
 
     labels: torch.Tensor  # (N,) int64
     class_names: list[str]
@@ -201,7 +201,7 @@ def load_image_folder(root: str | os.PathLike, class_names: list[str] | None = N
                 break  # mixed sizes: stream with per-image transforms instead
             images[i] = image
         else:
-            return ImageSet(torch.tensor(labels), found, torch.from_numpy(images))
+            return ImageSet(torch.tensor(labels), found, torch.from_numpy(images), paths)
     for path in paths:  # streaming: fail now, by name, rather than mid-run in a worker
         _check_readable(path)
     return ImageSet(torch.tensor(labels), found, paths=paths)
@@ -265,6 +265,27 @@ def load_datasets(
         return train, test, None
     train, val = split_validation(train, val_split, seed)
     return train, val, test
+
+
+def load_split(dataset: str, data_dir: str | os.PathLike, split: str) -> ImageSet:
+    """One split as it is, nothing held out: CIFAR's train or test split, an image folder's train/
+    (or the whole folder, if it has no train/) or its val/ or test/ subfolder."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose {', '.join(DATASETS)}")
+    if dataset in _CIFAR:
+        return load_cifar(dataset, data_dir, train=split == "train")
+    root = Path(data_dir)
+    if split == "train":
+        return load_image_folder(root / "train" if (root / "train").is_dir() else root)
+    held_out = held_out_folder(root)
+    if held_out is None:
+        raise DataError(f"{root}: no val/ or test/ folder for the test split")
+    return load_image_folder(held_out)
+
+
+def image_names(data: ImageSet, dataset: str, split: str) -> list[str]:
+    """Each image's path, or `<dataset>/<split>/<index>` for CIFAR's."""
+    return data.paths or [f"{dataset}/{split}/{i}" for i in range(len(data))]
 
 
 def load_test_split(dataset: str, data_dir: str | os.PathLike, class_names: list[str]) -> ImageSet:

@@ -199,7 +199,7 @@ class VisionTransformer(nn.Module):
         # Flax's 1e-6; torch's 1e-5 moves B/16 logits by about 2e-3
         self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.norm_tokens = config.final_norm == "before_pool"
-        pooled = 2 * D if config.classifier == "token_gap" else D
+        pooled = config.pooled_width
         if config.representation_size:
             self.pre_logits = nn.Sequential(
                 nn.Linear(pooled, config.representation_size), nn.Tanh()
@@ -314,11 +314,11 @@ class VisionTransformer(nn.Module):
 
     def encode(
         self, images: torch.Tensor, return_attention: bool = False
-    ) -> tuple[torch.Tensor, list]:
-        """The tokens (B, tokens, D) after the last block (before the final norm), and each block's
-        attention weights (None unless asked for)."""
+    ) -> tuple[list[torch.Tensor], list]:
+        """The tokens (B, tokens, D) of the last `pool_blocks` blocks (before the final norm), the
+        last block's last, and each block's attention weights (None unless asked for)."""
         x = self.embed(images)
-        attention = []
+        attention, outputs = [], []
         for block in self.blocks:
             if (
                 self.grad_checkpointing
@@ -331,14 +331,17 @@ class VisionTransformer(nn.Module):
             else:
                 x, weights = block(x, need_weights=return_attention)
             attention.append(weights)
-        return x, attention
+            outputs = [*outputs, x][-self.config.pool_blocks :]
+        return outputs, attention
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The token sequence (B, tokens, D) after the final norm (prefix tokens first: class,
         distillation, registers), or before it where the norm follows the pooling (timm's
         fc_norm)."""
-        x, _ = self.encode(images)
-        return self.norm(x) if self.norm_tokens else x
+        return self._normed(self.encode(images)[0])[-1]
+
+    def _normed(self, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.norm(x) for x in blocks] if self.norm_tokens else blocks
 
     def forward_intermediates(
         self, images: torch.Tensor, layers: int | Sequence[int] = 1, norm: bool = True
@@ -357,21 +360,28 @@ class VisionTransformer(nn.Module):
                 out.append(self.norm(x) if norm else x)
         return out
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, tokens, D) -> the head's input (B, D), or (B, 2D) for token_gap."""
-        classifier, patches = self.config.classifier, tokens[:, self.config.num_prefix_tokens :]
+    def pool(self, tokens: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """The last block's tokens (B, tokens, D), or the last `pool_blocks` blocks' in order, ->
+        the head's input (B, pooled_width): the class token, the patches' mean, both, or attention
+        pooling, of each block the head reads."""
+        blocks = tokens if isinstance(tokens, list) else [tokens]
+        if len(blocks) != self.config.pool_blocks:
+            raise ValueError(f"the head reads the last {self.config.pool_blocks} blocks' tokens")
+        classifier, prefix = self.config.classifier, self.config.num_prefix_tokens
         if classifier == "map":
-            x = self.attn_pool(patches)
-        elif classifier == "gap":
-            x = patches.mean(dim=1)
-        elif classifier == "token_gap":
-            x = torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
+            x = self.attn_pool(blocks[-1][:, prefix:])
         else:
-            x = tokens[:, 0]
+            parts = [b[:, prefix:].mean(dim=1) if classifier == "gap" else b[:, 0] for b in blocks]
+            if classifier == "token_gap":  # DINOv2's: the last block's patch mean beside them
+                parts.append(blocks[-1][:, prefix:].mean(dim=1))
+            x = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         return x if self.norm_tokens else self.norm(x)  # timm's fc_norm
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Logits of `forward_features`' tokens; with `pre_logits`, the vector the head reads."""
+    def forward_head(
+        self, tokens: torch.Tensor | list[torch.Tensor], pre_logits: bool = False
+    ) -> torch.Tensor:
+        """Logits of `forward_features`' tokens (or of the last `pool_blocks` blocks' tokens, each
+        normed); with `pre_logits`, the vector the head reads."""
         x = self.pre_logits(self.pool(tokens))
         if self.head_dist is None:
             return x if pre_logits else self.head(x)
@@ -380,10 +390,15 @@ class VisionTransformer(nn.Module):
         dist = self.pre_logits(dist)
         return (x + dist) / 2 if pre_logits else (self.head(x) + self.head_dist(dist)) / 2
 
-    def forward(self, images: torch.Tensor, return_attention: bool = False):
-        x, attention = self.encode(images, return_attention)
-        logits = self.forward_head(self.norm(x) if self.norm_tokens else x)
-        return (logits, attention) if return_attention else logits
+    def forward(
+        self, images: torch.Tensor, return_attention: bool = False, pre_logits: bool = False
+    ):
+        """Logits (B, num_classes), or with `pre_logits` the vector the head reads: a frozen
+        feature."""
+        blocks, attention = self.encode(images, return_attention)
+        normed = self._normed(blocks)
+        out = self.forward_head(normed if len(normed) > 1 else normed[0], pre_logits=pre_logits)
+        return (out, attention) if return_attention else out
 
 
 def create_model(name: str | ModelConfig = "B/16", **overrides) -> VisionTransformer:

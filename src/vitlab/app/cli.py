@@ -24,7 +24,7 @@ from ..errors import ConfigError, VitlabError, VitlabWarning, torch_error_messag
 from ..formats import export
 from ..runs import Stopped
 from ..runtime import DEVICES_HELP, PRECISIONS, PRECISIONS_HELP
-from . import commands
+from . import commands, frozen
 
 SOURCE_HELP = (
     "a run's checkpoint (.pt), a vitlab .safetensors file, an official checkpoint name or .npz "
@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export,
     ):
         add(sub)
+    frozen.add_parsers(
+        sub, add_source=_add_source, add_runtime=_add_runtime, add_overwrite=_add_overwrite
+    )
     for command in sub.choices.values():  # --debug before or after the command
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS

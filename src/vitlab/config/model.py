@@ -49,6 +49,14 @@ class ModelConfig:
         ("token", "gap", "map", "token_gap"),
         override=True,
     )
+    pool_blocks: int = setting(
+        1,
+        "the head reads the pooled tokens of the last N blocks side by side, each through the final "
+        "norm (DINOv2's linear evaluation: the class tokens of the last 4 blocks, and with token_gap "
+        "the last block's patch mean beside them)",
+        override=True,
+        valid=POSITIVE,
+    )
     class_token: bool | None = setting(
         None,
         "a class token before the patch tokens; none: as the classifier implies (gap and map have "
@@ -224,6 +232,16 @@ class ModelConfig:
             raise ConfigError(
                 "final_norm 'after_pool' normalises one token's width, not token_gap's two"
             )
+        if self.pool_blocks > 1 and (
+            self.pool_blocks > self.depth
+            or self.classifier == "map"
+            or self.distilled
+            or self.final_norm != "before_pool"
+        ):
+            raise ConfigError(
+                f"pool_blocks {self.pool_blocks}: the pooled tokens of the last blocks of {self.depth}"
+                ", each through the final norm, by the class token or the patches' mean"
+            )
         if self.distilled and self.classifier != "token":
             raise ConfigError(
                 "a distilled model (DeiT) classifies its class and distillation tokens"
@@ -275,6 +293,12 @@ class ModelConfig:
         if self.class_token is None:
             return self.classifier not in ("gap", "map")
         return self.class_token
+
+    @property
+    def pooled_width(self) -> int:
+        """The width of what pooling gives the head (before any pre-logits layer)."""
+        blocks = self.pool_blocks * self.hidden_size
+        return blocks + self.hidden_size if self.classifier == "token_gap" else blocks
 
     @property
     def num_prefix_tokens(self) -> int:

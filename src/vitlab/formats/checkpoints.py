@@ -146,6 +146,22 @@ def load_model(
     return model.eval(), names
 
 
+def load_backbone(source: str | os.PathLike, model_type: str | None = None) -> VisionTransformer:
+    """A model from any source, in eval mode on the CPU, whose head may be missing (a feature
+    extractor, as DINOv2 and SigLIP are released): its blocks are what counts, a missing head is
+    zero."""
+    path = None if str(source) in official.OFFICIAL_CHECKPOINTS else resolve_checkpoint(source)
+    if path is None or path.suffix == ".npz":
+        return load_model(source, model_type)[0]
+    weights = read_weights(path, model_type)
+    if not weights.has_head:
+        with torch.device("meta"):
+            shapes = VisionTransformer(weights.config).state_dict()
+        heads = {k: v for k, v in shapes.items() if k.startswith(("head.", "head_dist."))}
+        weights.state.update({k: torch.zeros(v.shape) for k, v in heads.items()})
+    return build_model(weights, path).eval()
+
+
 def load_pretrained(
     model: VisionTransformer, source: str | os.PathLike, verbose: bool = True
 ) -> VisionTransformer:
