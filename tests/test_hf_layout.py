@@ -17,7 +17,7 @@ from torch import nn
 
 from vitlab.app.cli import main
 from vitlab.errors import CheckpointError
-from vitlab.formats.checkpoints import load_model, load_pretrained, pretrained_model
+from vitlab.formats.checkpoints import RESAMPLERS, load_model, load_pretrained, pretrained_model
 from vitlab.formats.weights import read_weights, save_safetensors
 from vitlab.model import VisionTransformer, create_model
 
@@ -830,3 +830,13 @@ def test_fine_tuning_at_another_size_resamples_as_transformers_does(case, tmp_pa
         expected = at_this_size(x)
     assert_within_float32_rounding(got, got64, expected, f"transformers {case} at {3 * patch} px")
     assert (got - expected).abs().max() <= PARITY_ATOL
+    # A bfloat16 table too: ViT's, DeiT's, CLIP's and SigLIP's rule resamples in the table's dtype,
+    # DINOv2's in float32
+    table = read_weights(tmp_path / "folder").state["pos_embed"].bfloat16()
+    prefix = ours.config.num_positions - ours.config.grid_size**2
+    with torch.no_grad():
+        theirs = tower.embeddings.to(torch.bfloat16).interpolate_pos_encoding(
+            tokens.bfloat16(), 3 * patch, 3 * patch
+        )
+    ours_bf16 = RESAMPLERS[rule](table, prefix, 3)
+    assert torch.equal(ours_bf16, theirs if ours.config.pos_embed_prefix else theirs[:, 1:])
