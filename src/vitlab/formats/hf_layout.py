@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..config import VARIANTS, ModelConfig, family
+from ..config import ModelConfig, family
 from ..errors import CheckpointError, ConfigError, ExportError
 from .hf_families import (
     CAN_HOLD,
@@ -56,7 +56,7 @@ from .hf_families import (
     Family,
 )
 from .hf_preprocessing import read_preprocessing
-from .interop import label_names, refuse_unrepresentable, rename_keys
+from .interop import family_variant, label_names, refuse_unrepresentable, rename_keys
 
 # ---------------------------------------------------------------------------------------------
 # Reading
@@ -80,7 +80,7 @@ def from_hf(
     mlp, mlp_dim = _mlp(state)
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 1
     kind = "deit-distilled" if "dist_token" in state else family(tower.variant)
-    base = _family_variant(kind, fields["hidden_size"], fields["patch_size"])
+    base = family_variant(kind, fields["hidden_size"], fields["patch_size"])
     try:
         config = ModelConfig(
             name=base.name,
@@ -102,7 +102,8 @@ def from_hf(
         )
     except ConfigError as e:
         raise CheckpointError(
-            f"{name}: config.json describes no model vitlab computes ({e})"
+            f"{name}: config.json and preprocessor_config.json describe no model vitlab "
+            f"computes ({e})"
         ) from None
     names = (
         label_names(config_json.get("id2label"), num_classes) if "head.weight" in state else None
@@ -246,7 +247,7 @@ def _map_head(state: dict) -> dict[str, torch.Tensor]:
 
 
 def _mlp(state: dict) -> tuple[str, int]:
-    """("gelu" or "swiglu", the hidden width): DINOv2's packed SwiGLU has an fc1 twice fc2's input."""
+    """("gelu" or "swiglu", the hidden width): DINOv2's packed SwiGLU's fc1 is twice fc2's input."""
     fc1, fc2 = state["blocks.0.mlp.fc1.weight"].shape[0], state["blocks.0.mlp.fc2.weight"].shape[1]
     return ("swiglu", fc2) if fc1 == 2 * fc2 else ("gelu", fc1)
 
@@ -257,17 +258,6 @@ def _classifier(state: dict, tower: Family) -> str:
     if "cls_token" not in state:
         return "gap"  # SiglipForImageClassification's mean of every token
     return "token_gap" if tower.dinov2 else "token"
-
-
-def _family_variant(kind: str, width: int, patch: int) -> ModelConfig:
-    """The variant of family `kind` of this width and patch, else of this width, else its first."""
-    ours = [
-        v
-        for v in VARIANTS.values()
-        if family(v.name) == kind and v.name != "testing" and not v.is_hybrid
-    ]
-    same = [v for v in ours if v.hidden_size == width]
-    return next((v for v in same if v.patch_size == patch), (same or ours)[0])
 
 
 def resample_positions(
@@ -312,8 +302,8 @@ def to_hf(model, class_names: list[str]) -> HfExport:
     if architecture == "CLIPVisionModelWithProjection":
         if state["head.bias"].any():
             raise ExportError(
-                "CLIPVisionModelWithProjection's projection has no bias, and this model's head.bias "
-                "is not zero; export safetensors or timm"
+                "CLIPVisionModelWithProjection's projection has no bias, and this model's "
+                "head.bias is not zero; export safetensors or timm"
             )
         del state["head.bias"]
     state = _their_shapes(state, config, tower)

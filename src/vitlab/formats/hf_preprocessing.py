@@ -46,6 +46,10 @@ def read_preprocessing(processor: dict | None, fallback: ModelConfig, name: str)
     resample = processor.get("resample")
     if resample is not None and resample not in _RESAMPLE:
         refuse("resample", "vitlab resamples bilinear (2) or bicubic (3)")
+    for field in ("image_mean", "image_std"):
+        values = processor.get(field, (0.0,) * 3)
+        if not (isinstance(values, (list, tuple)) and len(values) == 3):
+            refuse(field, "vitlab normalises each of the 3 channels by a number of its own")
     return {
         **_normalisation(processor, fallback),
         "resize": resize,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 
-from ..config import VARIANTS, ModelConfig
+from ..config import VARIANTS, ModelConfig, family
 from ..errors import CheckpointError
 
 # Parameters of what vitlab's ViT does not compute, by the name they have in a file.
@@ -81,6 +81,18 @@ def nearest_variant(width: int, patch: int, hybrid: bool) -> ModelConfig | None:
     return next(
         (v for v in same_width if v.patch_size == patch), same_width[0] if same_width else None
     )
+
+
+def family_variant(kind: str, width: int, patch: int) -> ModelConfig:
+    """The variant of family `kind` ("vit", "dinov2", ...: config.family) of this width and patch
+    size, else of this width, else the family's first: what names a model read from a file."""
+    ours = [
+        v
+        for v in VARIANTS.values()
+        if family(v.name) == kind and v.name != "testing" and not v.is_hybrid
+    ]
+    same = [v for v in ours if v.hidden_size == width]
+    return next((v for v in same if v.patch_size == patch), (same or ours)[0])
 
 
 def label_names(names, num_classes: int) -> list[str] | None:
