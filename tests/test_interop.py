@@ -1,7 +1,7 @@
-"""transformers checkpoints, and what every library format shares: random models of transformers, saved as it saves
-them, give its own logits in vitlab; vitlab -> hf -> vitlab is bit-exact in the weights; every export refuses what its
-format cannot hold, writing nothing; hf-hub: names go through huggingface_hub. timm's own layout is tested in
-test_timm_layout.py."""
+"""What every library format shares: a run's checkpoint round-trips through timm's and transformers' layouts; every
+export refuses what its format cannot hold, writing nothing, and is written unchecked (or refused) where the library is
+missing (or cannot load it); hf-hub: names go through huggingface_hub. Each library's own layout is tested in
+test_timm_layout.py and test_hf_layout.py."""
 
 from __future__ import annotations
 
@@ -12,23 +12,17 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
 from vitlab.app.cli import main
-from vitlab.errors import CheckpointError
-from vitlab.formats.checkpoints import load_model, load_pretrained
+from vitlab.formats.checkpoints import load_model
 from vitlab.formats.weights import save_safetensors
 from vitlab.model import create_model
 
 from parity import (
-    LOGITS,
     REPO,
-    assert_parity,
     one_error_line,
     state_equal,
     timm_model,
-    vitlab_source,
 )
 
 timm = pytest.importorskip("timm")
@@ -44,135 +38,7 @@ def no_progress_bars():
 
 
 # ---------------------------------------------------------------------------------------------
-# transformers: save_pretrained folders (and their files)
-
-
-def hf_config(**overrides):
-    values = dict(
-        hidden_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=3,
-        intermediate_size=768,
-        image_size=32,
-        patch_size=16,
-        id2label={i: f"label {i}" for i in range(5)},
-    )
-    return transformers.ViTConfig(**{**values, **overrides})
-
-
-def hf_model(randomise, cls=None, seed: int = 0, **overrides):
-    cls = cls or transformers.ViTForImageClassification
-    return randomise(cls(hf_config(**overrides)), seed=seed).eval()
-
-
-HF_CASES = {
-    "B/16-shaped, 2 layers": {
-        "hidden_size": 768,
-        "num_attention_heads": 12,
-        "intermediate_size": 3072,
-    },
-    "Ti/16 (12 layers)": {"num_hidden_layers": 12},
-    "tanh GELU, no qkv bias, eps 1e-6": {
-        "hidden_act": "gelu_pytorch_tanh",
-        "qkv_bias": False,
-        "layer_norm_eps": 1e-6,
-    },
-}
-
-
-@pytest.mark.parametrize("case", list(HF_CASES))
-def test_transformers_folder_gives_transformers_logits(case, tmp_path, randomise):
-    reference = hf_model(randomise, **HF_CASES[case])
-    reference.save_pretrained(tmp_path / "folder")
-    ours, names = load_model(tmp_path / "folder")
-    assert names == [f"label {i}" for i in range(5)]
-    assert ours.config.layer_norm_eps == reference.config.layer_norm_eps
-    assert_parity(ours, reference, 32, f"transformers {case}", output=LOGITS)
-
-
-def test_transformers_weights_file_and_pytorch_model_bin(tmp_path, randomise):
-    reference = hf_model(randomise)
-    reference.save_pretrained(tmp_path / "folder")
-    # The file, its config.json beside it
-    ours, _ = load_model(tmp_path / "folder" / "model.safetensors")
-    assert_parity(ours, reference, 32, "transformers model.safetensors", output=LOGITS)
-    # older Hub repositories hold pytorch_model.bin, the same keys pickled (transformers 4's safe_serialization=False)
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    (legacy / "config.json").write_text((tmp_path / "folder" / "config.json").read_text())
-    torch.save(load_file(tmp_path / "folder" / "model.safetensors"), legacy / "pytorch_model.bin")
-    ours, _ = load_model(legacy)
-    assert_parity(ours, reference, 32, "transformers pytorch_model.bin", output=LOGITS)
-
-
-def test_transformers_vitmodel_pooler_is_the_pre_logits_layer(tmp_path, randomise, capsys):
-    reference = hf_model(randomise, transformers.ViTModel)
-    reference.save_pretrained(tmp_path / "folder")
-    assert main(["predict", str(tmp_path / "folder"), "x.png"]) == 1
-    assert "holds no classification head" in one_error_line(capsys)
-    model = create_model(
-        "Ti/16",
-        num_classes=4,
-        img_size=32,
-        depth=2,
-        gelu="exact",
-        layer_norm_eps=1e-12,
-        representation_size=192,
-    )
-    load_pretrained(model, tmp_path / "folder", verbose=False).eval()
-    model.head = nn.Identity()  # the model's output is then the pre-logits layer's
-    assert_parity(
-        model,
-        reference,
-        32,
-        "transformers ViTModel pooler (pre-logits)",
-        output=lambda out: out.pooler_output,
-    )
-    plain = create_model(
-        "Ti/16", num_classes=4, img_size=32, depth=2, gelu="exact", layer_norm_eps=1e-12
-    )
-    load_pretrained(plain, tmp_path / "folder")
-    assert "pre-logits layer dropped" in capsys.readouterr().out and not isinstance(
-        plain.pre_logits, nn.Sequential
-    )
-
-
-# ---------------------------------------------------------------------------------------------
 # Writing: vitlab -> timm -> vitlab, vitlab -> hf -> vitlab
-
-
-@pytest.mark.parametrize("case", ["tanh, class token", "exact GELU, eps 1e-12"])
-def test_vitlab_hf_vitlab_is_bit_exact(case, tmp_path, randomise, capsys):
-    spec = (
-        dict(name="Ti/16", img_size=32, depth=2)
-        if case.startswith("tanh")
-        else dict(name="B/16", img_size=32, depth=1, gelu="exact", layer_norm_eps=1e-12)
-    )
-    names = ["cat", "dög", "fish 🐟"]
-    model, source = vitlab_source(tmp_path, randomise, spec, names)
-    out = tmp_path / "hf"
-    assert main(["export", str(source), "--format", "hf", "--out", str(out)]) == 0
-    line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith(
-        f"transformers {transformers.__version__}: ViTForImageClassification.from_pretrained("
-    )
-    print(f"export hf {case}: {line.rsplit(': ', 1)[-1]}")
-    # No temporary folder left
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "hf",
-        "source.safetensors",
-    ]
-    back, back_names = load_model(out)
-    assert back_names == names
-    assert back.config.replace(name=model.config.name) == model.config
-    state_equal(back, model)
-    reference = transformers.ViTForImageClassification.from_pretrained(out).eval()
-    assert reference.config.id2label == dict(enumerate(names))
-    assert_parity(model, reference, 32, f"vitlab -> hf {case}", output=LOGITS)
-    # again over the folder it wrote: refused unless told, then replaced whole
-    assert main(["export", str(source), "--format", "hf", "--out", str(out)]) == 2
-    assert "already exists; --overwrite replaces it" in capsys.readouterr().err
-    assert main(["export", str(source), "--format", "hf", "--out", str(out), "--overwrite"]) == 0
 
 
 def test_run_checkpoint_round_trips_through_both(tiny_run, tmp_path):
@@ -188,58 +54,6 @@ def test_run_checkpoint_round_trips_through_both(tiny_run, tmp_path):
 # Refusals: one line naming the field, and nothing written
 
 
-HF_REFUSALS = {
-    "DeiT": ({"model_type": "deit"}, "model_type 'deit'"),
-    "ReLU": ({"hidden_act": "relu"}, "hidden_act 'relu'"),
-    "rectangular image": ({"image_size": [32, 48]}, "image_size [32, 48]"),
-    "grey images": ({"num_channels": 1}, "num_channels 1"),
-    "odd head_dim": ({"head_dim": 32}, "head_dim 32"),
-}
-
-
-@pytest.mark.parametrize("case", list(HF_REFUSALS))
-def test_transformers_config_refusals(case, tmp_path, randomise, capsys):
-    hf_model(randomise, num_hidden_layers=1).save_pretrained(tmp_path / "hf")
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    change, expected = HF_REFUSALS[case]
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
-    assert main(["eval", str(tmp_path / "hf")]) == 1
-    line = one_error_line(capsys)
-    assert "config.json" in line and expected in line, line
-
-
-def test_transformers_file_refusals(tmp_path, randomise, capsys):
-    hf_model(
-        randomise, transformers.ViTModel, num_hidden_layers=1, pooler_act="relu"
-    ).save_pretrained(tmp_path / "relu")
-    with pytest.raises(CheckpointError, match="pooler_act 'relu'"):
-        load_pretrained(
-            create_model("Ti/16", img_size=32, depth=1, representation_size=192), tmp_path / "relu"
-        )
-    hf_model(randomise, num_hidden_layers=1).save_pretrained(tmp_path / "hf")
-    transformers.ViTImageProcessor(
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
-    ).save_pretrained(tmp_path / "hf")
-    with pytest.raises(CheckpointError, match="preprocessor_config.json image_mean and image_std"):
-        load_model(tmp_path / "hf")
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    (alone / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
-    for path, expected in (
-        (alone / "model.safetensors", "need the config.json"),
-        (alone, "a folder without config.json"),
-    ):
-        assert main(["predict", str(path), "x.png"]) == 1
-        assert expected in one_error_line(capsys)
-    (alone / "config.json").write_text("{}")
-    (alone / "model.safetensors").unlink()
-    assert main(["predict", str(alone), "x.png"]) == 1
-    assert "no model.safetensors or pytorch_model.bin" in one_error_line(capsys)
-    # A JSON file is no checkpoint
-    assert main(["predict", str(tmp_path / "relu" / "config.json"), "x.png"]) == 1
-    assert "not a readable checkpoint" in one_error_line(capsys)
-
-
 EXPORT_REFUSALS = {
     ("timm", "pre-logits"): (
         dict(representation_size=24),
@@ -252,15 +66,6 @@ EXPORT_REFUSALS = {
     ("timm", "hybrid timm lacks"): (
         dict(name="R50+B/16", img_size=64, hidden_size=768, num_heads=12, resnet_layers=(1,)),
         "no hybrid",
-    ),
-    ("hf", "average pooling"): (dict(classifier="gap"), "classifier gap"),
-    ("hf", "pre-logits"): (
-        dict(representation_size=24),
-        "no pre-logits layer (representation_size)",
-    ),
-    ("hf", "hybrid"): (
-        dict(name="R50+B/16", img_size=64, hidden_size=768, num_heads=12),
-        "no ResNet stem",
     ),
     ("npz", "eps 1e-12"): (dict(layer_norm_eps=1e-12), "layer_norm_eps 1e-06"),
     ("npz", "fc_norm"): (dict(classifier="gap", final_norm="after_pool"), "final_norm before_pool"),
@@ -288,47 +93,6 @@ def test_export_refusals_write_nothing(fmt, case, tmp_path, capsys):
     )
     assert expected in one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
-
-
-def test_hf_export_will_not_replace_a_foreign_folder(tiny_run, tmp_path, capsys):
-    (tmp_path / "mine.txt").write_text("keep")
-    assert main(["export", str(tiny_run.checkpoint), "--format", "hf", "--out", str(tmp_path)]) == 2
-    assert "already exists" in one_error_line(capsys)
-    # Even so
-    assert (
-        main(
-            [
-                "export",
-                str(tiny_run.checkpoint),
-                "--format",
-                "hf",
-                "--out",
-                str(tmp_path),
-                "--overwrite",
-            ]
-        )
-        == 1
-    )
-    assert "not a folder this export wrote" in one_error_line(capsys)
-    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
-
-
-def test_hf_export_that_differs_is_refused(tiny_run, tmp_path, capsys, monkeypatch):
-    original = transformers.ViTForImageClassification.forward
-
-    def off(self, *args, **kwargs):  # a library whose logits are 1e-3 off
-        out = original(self, *args, **kwargs)
-        out.logits = out.logits + 1e-3
-        return out
-
-    monkeypatch.setattr(transformers.ViTForImageClassification, "forward", off)
-    assert (
-        main(["export", str(tiny_run.checkpoint), "--format", "hf", "--out", str(tmp_path / "hf")])
-        == 1
-    )
-    line = one_error_line(capsys)
-    assert "1.00e-03" in line and "not written" in line
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("fmt,library", [("timm", "timm"), ("hf", "transformers")])
@@ -413,7 +177,16 @@ def test_predict_hf_hub_names_through_the_hub_then_offline(hub, tmp_path, random
     from vitlab.data import read_image
 
     httpd, url = hub
-    hf = hf_model(randomise, seed=1)
+    config = transformers.ViTConfig(
+        hidden_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=768,
+        image_size=32,
+        patch_size=16,
+        id2label={i: f"label {i}" for i in range(5)},
+    )
+    hf = randomise(transformers.ViTForImageClassification(config), seed=1).eval()
     hf.save_pretrained(tmp_path / "hf")
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(
         tmp_path / "hf"

@@ -14,6 +14,7 @@ What a file holds is read by `weights.py` (and `official.py` for the official `.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from ..config import VARIANTS, ModelConfig
 from ..errors import CheckpointError
 from ..model import VisionTransformer
-from . import official, official_layout, timm_layout
+from . import hf_layout, official, official_layout, timm_layout
 from .files import HUB_PREFIX, atomic_write, fetch_hub
 from .weights import Weights, parse_model_config, read_torch_file, read_weights
 
@@ -323,6 +324,11 @@ def _fitted_state(model: VisionTransformer, weights: Weights) -> tuple[dict, lis
 RESAMPLERS = {
     "official": official_layout.resample_positions,
     "timm": timm_layout.resample_positions,
+    "transformers": hf_layout.resample_positions,
+    "transformers Dinov2": functools.partial(hf_layout.resample_positions, float32=True),
+    "transformers Dinov2WithRegisters": functools.partial(
+        hf_layout.resample_positions, float32=True, antialias=True
+    ),
 }
 
 

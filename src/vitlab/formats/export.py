@@ -23,6 +23,7 @@ from ..errors import ExportError
 from ..model import VisionTransformer
 from . import hf_layout, official, timm_layout
 from .files import atomic_write, atomic_write_dir
+from .hf_preprocessing import write_preprocessing
 from .weights import save_safetensors
 
 FORMATS = ("onnx", "torchscript", "safetensors", "npz", "timm", "hf")
@@ -185,13 +186,16 @@ def export_timm(model: VisionTransformer, class_names: list[str], path: str | os
 
 def export_hf(model: VisionTransformer, class_names: list[str], path: str | os.PathLike) -> str:
     """A folder as transformers' `save_pretrained` writes it (config.json with id2label,
-    model.safetensors), put in place once `ViTForImageClassification.from_pretrained` of it has
-    reproduced the model's logits, where transformers is installed."""
+    model.safetensors, and preprocessor_config.json of how the model's images are fed) for the
+    transformers class that computes the model's function (`hf_layout.to_hf`), put in place once
+    that class's `from_pretrained` of it has reproduced the model's logits, where transformers is
+    installed."""
     from safetensors.torch import save
 
-    config_json, state = hf_layout.to_hf(model, class_names)
+    written = hf_layout.to_hf(model, class_names)
+    preprocessor = write_preprocessing(model.config)
     path = Path(path)
-    ours = {"config.json", "model.safetensors"}
+    ours = {"config.json", "model.safetensors", "preprocessor_config.json"}
     if path.exists() and not (path.is_dir() and {p.name for p in path.iterdir()} <= ours):
         raise ExportError(
             f"{path} exists and is not a folder this export wrote; choose a new folder"
@@ -199,35 +203,48 @@ def export_hf(model: VisionTransformer, class_names: list[str], path: str | os.P
     result = []
 
     def write(folder: Path) -> None:
-        (folder / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-        (folder / "model.safetensors").write_bytes(save(state, metadata={"format": "pt"}))
-        try:
-            import transformers
-        except ImportError:
-            result.append("transformers layout, not checked (transformers is not installed)")
-            return
-        library, bars = f"transformers {transformers.__version__}", transformers.utils.logging
-        shown = bars.is_progress_bar_enabled()
-        bars.disable_progress_bar()  # the bar of this check's loading is none of the user's business
-        try:
-            reference = _loaded(
-                library,
-                path,
-                lambda: transformers.ViTForImageClassification.from_pretrained(folder),
-            )
-        finally:
-            if shown:
-                bars.enable_progress_bar()
-        difference = checked_difference(
-            model, lambda images: reference(pixel_values=images).logits, library, path
-        )
-        result.append(
-            f"{library}: ViTForImageClassification.from_pretrained({str(path)!r}) gives the "
-            f"model's logits at batch sizes {_sizes()}: max |difference| {difference:.2e}"
-        )
+        (folder / "config.json").write_text(json.dumps(written.config, indent=2) + "\n")
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+        (folder / "model.safetensors").write_bytes(save(written.state, metadata={"format": "pt"}))
+        result.append(_check_hf(model, written, folder, path))
 
     atomic_write_dir(path, write)
     return result[0]
+
+
+def _check_hf(model: VisionTransformer, written: hf_layout.HfExport, folder: Path, path) -> str:
+    """The line that says how transformers' own model of `folder` compares with `model`; raises
+    ExportError where it differs."""
+    try:
+        import transformers
+    except ImportError:
+        return "transformers layout, not checked (transformers is not installed)"
+    library, logging = f"transformers {transformers.__version__}", transformers.utils.logging
+    shown, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    # The bar and notices of this check's loading are none of the user's business (SigLIP's default
+    # text config warns of its own token ids in transformers 5): the logits are compared below.
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        reference = _loaded(
+            library,
+            path,
+            lambda: getattr(transformers, written.architecture).from_pretrained(folder),
+        )
+    finally:
+        logging.set_verbosity(verbosity)
+        if shown:
+            logging.enable_progress_bar()
+    difference = checked_difference(
+        model,
+        lambda images: getattr(reference(pixel_values=images), written.output),
+        library,
+        path,
+    )
+    return (
+        f"{library}: {written.architecture}.from_pretrained({str(path)!r}) gives the model's "
+        f"logits at batch sizes {_sizes()}: max |difference| {difference:.2e}"
+    )
 
 
 def _loaded(library: str, path, load) -> torch.nn.Module:

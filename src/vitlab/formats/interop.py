@@ -1,6 +1,6 @@
 """What reading another library's ViT checkpoint takes, whatever the library: keys renamed by a
-table, the parameters vitlab's ViT does not compute refused by name, the input normalisation
-checked, the variant found by width, and the class names taken where the file has them.
+table, the parameters vitlab's ViT does not compute refused by name, the variant found by width,
+and the class names taken where the file has them.
 
 Each library's layout is a module of its own: `timm_layout.py`, `hf_layout.py`. Whatever vitlab
 cannot compute exactly raises CheckpointError naming the field: nothing is loaded approximately.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 
-from ..config import VARIANTS, ModelConfig
+from ..config import VARIANTS, ModelConfig, family
 from ..errors import CheckpointError
 
 # Parameters of what vitlab's ViT does not compute, by the name they have in a file.
@@ -70,20 +70,6 @@ def refuse_unrepresentable(state: dict, name: str) -> None:
             )
 
 
-def check_normalisation(mean, std, field: str, name: str) -> None:
-    """vitlab feeds images in [-1, 1]: weights trained on other inputs would see other numbers."""
-    if (
-        mean is not None
-        and std is not None
-        and (any(abs(m - 0.5) > 1e-6 for m in mean) or any(abs(s - 0.5) > 1e-6 for s in std))
-    ):
-        raise CheckpointError(
-            f"{name}: {field} normalise images with mean {list(mean)}, std {list(std)}; vitlab "
-            "feeds the model images in [-1, 1] (mean 0.5, std 0.5), so it would compute other "
-            "logits"
-        )
-
-
 def nearest_variant(width: int, patch: int, hybrid: bool) -> ModelConfig | None:
     """The variant of this width (and patch size, where one has it), or None: what names the model
     and, for a timm state dict, gives the heads its weights do not say."""
@@ -97,10 +83,23 @@ def nearest_variant(width: int, patch: int, hybrid: bool) -> ModelConfig | None:
     )
 
 
+def family_variant(kind: str, width: int, patch: int) -> ModelConfig:
+    """The variant of family `kind` ("vit", "dinov2", ...: config.family) of this width and patch
+    size, else of this width, else the family's first: what names a model read from a file."""
+    ours = [
+        v
+        for v in VARIANTS.values()
+        if family(v.name) == kind and v.name != "testing" and not v.is_hybrid
+    ]
+    same = [v for v in ours if v.hidden_size == width]
+    return next((v for v in same if v.patch_size == patch), (same or ours)[0])
+
+
 def label_names(names, num_classes: int) -> list[str] | None:
-    """Class names from a list or an {index: name} mapping, or None unless there is one a class."""
+    """Class names from a list or an {index: name} mapping, or None unless there is one a class (a
+    mapping of more, e.g. the labels of a CLIP config beside its projection, names no class)."""
     if isinstance(names, dict):
-        names = [names.get(str(i), names.get(i)) for i in range(num_classes)]
+        names = [names.get(str(i), names.get(i)) for i in range(len(names))]
     return (
         list(names)
         if isinstance(names, (list, tuple)) and len(names) == num_classes and None not in names

@@ -23,7 +23,7 @@ from ..config import ModelConfig, get_config
 from ..errors import CheckpointError, ConfigError
 from ..model import VisionTransformer
 from .files import atomic_write
-from .hf_layout import from_hf
+from .hf_layout import from_hf, is_hf_state
 from .timm_layout import from_timm, timm_keys
 
 # ---------------------------------------------------------------------------------------------
@@ -84,9 +84,8 @@ def read_weights(path: Path, variant: str | ModelConfig | None = None) -> Weight
 def _convert(
     path: Path, state: dict, metadata: dict, config_path: Path, variant: str | ModelConfig | None
 ) -> Weights:
-    own_config = "model_config" in metadata or any(
-        k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in state
-    )
+    transformers = is_hf_state(state)
+    own_config = "model_config" in metadata or transformers
     if isinstance(variant, str) and own_config:
         raise CheckpointError(
             f"{path}: --model_type is only for official .npz files and timm state dicts; this one "
@@ -99,14 +98,14 @@ def _convert(
         state = timm_keys(state, str(path)) if "patch_embed.proj.weight" in state else state
         return Weights(config, state, json.loads(names) if isinstance(names, str) else names)
     config_json = _read_json(config_path)
-    if own_config:
+    if transformers:
         if not config_json or "model_type" not in config_json:
             raise CheckpointError(
                 f"{path}: transformers weights need the config.json that save_pretrained writes "
                 "beside them"
             )
         preprocessor = _read_json(path.with_name("preprocessor_config.json"))
-        return Weights(*from_hf(config_json, state, str(path), preprocessor))
+        return Weights(*from_hf(config_json, state, str(path), preprocessor, variant))
     if "patch_embed.proj.weight" in state:
         if isinstance(variant, str):
             variant = _variant(variant, state, path)
