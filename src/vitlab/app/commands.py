@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import VARIANTS, ModelConfig, TrainConfig, legacy_name
+from ..config import VARIANTS, ModelConfig, TrainConfig, family, legacy_name
 from ..data import DataError, read_image
 from ..errors import ConfigError
-from ..formats import official
+from ..formats import official, sources
 from ..formats.checkpoints import load_model
 from ..formats.files import HUB_PREFIX, atomic_write, cache_dir, check_output, fetch_hub
 from ..runtime import resolve_device, resolve_precision
@@ -26,6 +26,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     rows = [
         (
+            "family",
             "name",
             "legacy name",
             "patch",
@@ -39,8 +40,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, config in VARIANTS.items():
         with torch.device("meta"):  # counts without allocating weights
             params = count_parameters(create_model(name, num_classes=10, img_size=224))
+        if len(rows) > 1 and family(name) != family(rows[-1][1]):
+            rows.append(None)  # a blank line between families
         rows.append(
             (
+                family(name),
                 name,
                 legacy_name(name) if legacy_name(name) != name else "",
                 str(config.patch_size),
@@ -51,11 +55,13 @@ def cmd_models(args: argparse.Namespace) -> int:
                 f"{params:,}",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    widths = [max(len(r[i]) for r in rows if r) for i in range(len(rows[0]))]
     for row in rows:
         print(
-            "  ".join(
-                cell.ljust(w) if i < 2 else cell.rjust(w)
+            ""
+            if row is None
+            else "  ".join(
+                cell.ljust(w) if i < 3 else cell.rjust(w)
                 for i, (cell, w) in enumerate(zip(row, widths, strict=False))
             )
         )
@@ -70,15 +76,20 @@ def cmd_download(args: argparse.Namespace) -> int:
                 f"  {name:<20} {entry.variant:<9} {entry.num_classes:>6} classes  "
                 f"{entry.img_size} px  {entry.description}"
             )
+        print(sources.listing())
         print(_hub_sources())
         return 0
+    known = (*official.OFFICIAL_CHECKPOINTS, *sources.SOURCES)
     for name in args.names:
-        if name not in official.OFFICIAL_CHECKPOINTS and not name.startswith(HUB_PREFIX):
+        if name not in known and not name.startswith(HUB_PREFIX):
             raise ConfigError(
                 f"unknown checkpoint {name!r}; `vitlab download --list` shows the names"
             )
     for name in args.names:
-        print(fetch_hub(name) if name.startswith(HUB_PREFIX) else official.fetch_official(name))
+        if name in official.OFFICIAL_CHECKPOINTS:
+            print(official.fetch_official(name))
+        else:  # a Hub name, or a family variant's timm repository
+            print(fetch_hub(sources.default_source(name) or name))
     return 0
 
 
