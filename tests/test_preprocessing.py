@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from vitlab.app.inference import seen_part
 from vitlab.batches import StreamingImages
 from vitlab.config import ModelConfig
 from vitlab.data import ImageSet
@@ -154,6 +155,12 @@ def test_the_part_of_an_image_the_model_sees():
     # (16, 80), in the image's pixels 12.5, 62.5 and 175 on each side
     deit = ModelConfig(img_size=224, resize="shorter_side", crop_pct=0.875, **IMAGENET)
     assert crop_box(200, 300, deit) == (12.5, 62.5, 175.0, 175.0)
+    # What attention and the demo draw the map over: that square, in whole pixels
+    image = np.arange(200 * 300 * 3, dtype=np.int64).reshape(200, 300, 3)
+    assert np.array_equal(seen_part(image, deit), image[12:187, 62:237])
+    assert (
+        seen_part(image, OFFICIAL) is not None and seen_part(image, OFFICIAL).shape == image.shape
+    )
 
 
 def test_describe_and_metadata_say_how_images_are_fed():

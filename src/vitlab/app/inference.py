@@ -24,8 +24,8 @@ def preprocess(image: np.ndarray, config: ModelConfig) -> torch.Tensor:
 def seen_part(image: np.ndarray, config: ModelConfig) -> np.ndarray:
     """The part of uint8 (H, W, 3) that `preprocess` feeds the model (its centre crop, or all of
     it), for drawing a map of the patches over."""
-    top, left, h, w = crop_box(image.shape[0], image.shape[1], config)
-    return image[round(top) : round(top + h), round(left) : round(left + w)]
+    top, left, h, w = (round(v) for v in crop_box(image.shape[0], image.shape[1], config))
+    return image[top : top + h, left : left + w]
 
 
 def list_images(arguments: list[str]) -> tuple[list[Path], list[str]]:
