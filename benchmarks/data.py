@@ -50,9 +50,10 @@ import torch
 import torch.nn.functional as F
 
 from vitlab import fastpaths
-from vitlab.augment import Augmentation, crop_and_resize, resized_crop_boxes, to_float
+from vitlab.augment import Augmentation, crop_and_resize, resized_crop_boxes
 from vitlab.batches import TrainBatches
 from vitlab.data import ImageSet, load_image_folder
+from vitlab.preprocessing import to_float
 
 BATCH = 256
 MIN_SCALE = 0.05  # the tutorial's RandomResizedCrop scale=(0.05, 1.0)
@@ -253,7 +254,7 @@ class Kernel(Pipeline):
 
 def crop_kernels(images: torch.Tensor, device: torch.device) -> tuple[list, float]:
     g = torch.Generator().manual_seed(0)
-    x = to_float(images[:BATCH].to(device))
+    x = to_float(images[:BATCH].to(device), MEAN, STD)
     boxes = resized_crop_boxes(BATCH, x.shape[2], x.shape[3], (MIN_SCALE, 1.0), g)
     flip = torch.rand(BATCH, generator=g) < 0.5
     size = 224

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -209,6 +212,33 @@ def hub():
     """A local stand-in for the Hugging Face Hub (point HF_ENDPOINT at it): httpd.repos maps "ORG/NAME" to {file: bytes},
     served at revision main and httpd.commit; httpd.requests lists every request."""
     yield from _serve(_HubHandler, repos={}, commit=HUB_COMMIT)
+
+
+def vitlab_processes(commands: list[list[str]], env: dict[str, str]) -> list[dict]:
+    """Each command run by vitlab.app.cli.main in one fresh Python process, since huggingface_hub reads HF_ENDPOINT, HF_HOME and
+    HF_HUB_OFFLINE when it is imported: its exit code, stdout and stderr."""
+    script = (
+        "import contextlib, io, json, sys\nfrom vitlab.app.cli import main\nresults = []\n"
+        "for argv in json.loads(sys.argv[1]):\n    out, err = io.StringIO(), io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n        code = main(argv)\n"
+        "    results.append({'code': code, 'out': out.getvalue(), 'err': err.getvalue()})\nprint(json.dumps(results))\n"
+    )
+    hub_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    hub_env.update(
+        PYTHONPATH=str(REPO / "src"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        **env,
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(commands)],
+        env=hub_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def unit_images(batch: int = 4, size: int = 12, seed: int = 0) -> torch.Tensor:

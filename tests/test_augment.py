@@ -1,5 +1,5 @@
 """The batched augmentations: crop-and-resize against grid_sample, the crop boxes' sampling,
-pad-crop, the normalisation, the seeded draws, bf16 batches, the order of the steps, random erasing,
+pad-crop, the seeded draws, bf16 batches, the order of the steps, random erasing,
 mixup and CutMix."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from vitlab.augment import (
     mix_params,
     pad_crop,
     resized_crop_boxes,
-    to_float,
 )
 from vitlab.randaugment import RANDAUGMENT_OPS
 from vitlab.randomness import generator
@@ -129,19 +128,6 @@ def test_pad_crop_at_offset_pad_is_identity():
     out = pad_crop(images, pad, offsets, torch.zeros(4, dtype=torch.bool))
     for i, (r, c) in enumerate(offsets.tolist()):
         assert torch.equal(out[i], padded[i, :, r : r + 8, c : c + 8])
-
-
-def test_to_float_normalises_to_minus_one_one():
-    x = (
-        torch.tensor([0, 255, 127], dtype=torch.uint8)
-        .reshape(1, 1, 3, 1)
-        .expand(1, 1, 3, 3)
-        .contiguous()
-    )
-    y = to_float(x)
-    assert y.shape == (1, 3, 1, 3)
-    for channel in range(3):  # (B, H=1, W=3, C=3) -> (B, C, H, W); pixel values along W
-        torch.testing.assert_close(y[0, channel, 0], torch.tensor([-1.0, 1.0, 127 / 127.5 - 1]))
 
 
 def test_random_params_are_those_of_the_seeded_generator():
@@ -275,3 +261,19 @@ def test_randaugment_runs_after_the_crop():
     out = aug.apply(images, params)
     span = out.amax(dim=(2, 3)) - out.amin(dim=(2, 3))
     assert_within(span, torch.full_like(span, 2.0), ulps(torch.tensor(2.0), torch.float32, 8))
+
+
+def test_augmentation_normalises_as_the_model_is_fed():
+    from vitlab.config import ModelConfig, TrainConfig
+    from vitlab.preprocessing import to_float
+
+    model = ModelConfig(image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
+    config = TrainConfig(augment="none", hflip=False, img_size=8)
+    aug = Augmentation.from_config(config, model)
+    assert (aug.image_mean, aug.image_std) == (model.image_mean, model.image_std)
+    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    params = aug.random_params(2, 8, 8, generator(0, "augmentation", 0))
+    expected = to_float(images, model.image_mean, model.image_std)
+    assert torch.equal(aug.apply(images, params), expected)
+    # The official default: images in [-1, 1]
+    assert Augmentation(8).image_mean == Augmentation(8).image_std == (0.5, 0.5, 0.5)

@@ -9,6 +9,7 @@ import torch
 from vitlab import data as vdata
 from vitlab.augment import Augmentation
 from vitlab.batches import TrainBatches, batch_indices, eval_batches
+from vitlab.config import ModelConfig
 from vitlab.data import load_image_folder
 
 from rounding import assert_within, sum_bound
@@ -125,8 +126,14 @@ def test_streaming_without_resizing_equals_memory(tmp_path, monkeypatch):
     ):
         assert torch.equal(ym, ys)
         assert torch.equal(xs, xm)
-    mem_eval = list(eval_batches(memory, 16, 5, cpu, rank=1, world_size=2, num_workers=0))
-    stream_eval = list(eval_batches(streamed, 16, 5, cpu, rank=1, world_size=2, num_workers=0))
+    mem_eval = list(
+        eval_batches(memory, ModelConfig(img_size=16), 5, cpu, rank=1, world_size=2, num_workers=0)
+    )
+    stream_eval = list(
+        eval_batches(
+            streamed, ModelConfig(img_size=16), 5, cpu, rank=1, world_size=2, num_workers=0
+        )
+    )
     assert [len(y) for _, y in mem_eval] == [len(y) for _, y in stream_eval] == [5, 5, 2]
     for (xm, ym), (xs, ys) in zip(mem_eval, stream_eval, strict=False):
         assert torch.equal(ym, ys)
@@ -137,7 +144,14 @@ def test_eval_shards_cover_every_image_once(tmp_path):
     data = random_imageset(n=11, size=8)
     seen = []
     for rank in range(3):
-        for x, y in eval_batches(data, 8, 2, torch.device("cpu"), rank=rank, world_size=3):
+        for x, y in eval_batches(
+            data,
+            ModelConfig(img_size=8, patch_size=8),
+            2,
+            torch.device("cpu"),
+            rank=rank,
+            world_size=3,
+        ):
             assert x.shape[1:] == (3, 8, 8)
             seen += y.tolist()
     assert sorted(seen) == sorted(data.labels.tolist())

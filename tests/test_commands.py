@@ -253,7 +253,9 @@ def test_predict_table_and_json_for_files_and_folders(tiny_run, capsys):
         )
         assert sum(p["probability"] for p in top) == pytest.approx(1.0, abs=1e-5)
         with torch.no_grad():
-            probabilities = model(preprocess(read_image(result["image"]), 16)[None]).softmax(-1)[0]
+            probabilities = model(
+                preprocess(read_image(result["image"]), model.config)[None]
+            ).softmax(-1)[0]
         assert (
             top[0]["index"] == int(probabilities.argmax())
             and top[0]["class"] == names[top[0]["index"]]

@@ -15,6 +15,7 @@ from PIL import Image
 
 from vitlab import data as vdata
 from vitlab.batches import eval_batches
+from vitlab.config import ModelConfig
 from vitlab.data import (
     DataError,
     ImageSet,
@@ -215,7 +216,11 @@ def test_an_image_that_goes_bad_mid_run_is_named_in_one_line(tmp_path, monkeypat
     data = load_image_folder(root)
     (root / "cat" / "000.png").write_bytes(b"overwritten since the run began")
     with pytest.raises(DataError) as info:
-        list(eval_batches(data, 16, 8, torch.device("cpu"), num_workers=workers))
+        list(
+            eval_batches(
+                data, ModelConfig(img_size=16), 8, torch.device("cpu"), num_workers=workers
+            )
+        )
     assert str(info.value).startswith(
         f"{root / 'cat' / '000.png'}: not a readable image"
     ) and "\n" not in str(info.value)
@@ -241,7 +246,9 @@ def test_mixed_sizes_stream(tmp_path):
     Image.fromarray(np.zeros((20, 12, 3), dtype=np.uint8)).save(root / "cat" / "zz_other_size.png")
     data = load_image_folder(root)
     assert data.images is None and len(data.paths) == 7
-    batches = list(eval_batches(data, 16, 4, torch.device("cpu"), num_workers=0))
+    batches = list(
+        eval_batches(data, ModelConfig(img_size=16), 4, torch.device("cpu"), num_workers=0)
+    )
     assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 16, 16), (3, 3, 16, 16)]
 
 

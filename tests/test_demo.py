@@ -93,7 +93,7 @@ def test_one_forward_pass_gives_the_prediction_and_every_map(deep_run):
     }
     assert calls == [{"return_attention": True}]  # the controls redraw from the cache
     assert list(explained.maps) == page.map_names == ["rollout", "layer 1", "layer 2"]
-    images = preprocess(image, model.config.img_size)[None]
+    images = preprocess(image, model.config)[None]
     _, attentions = forward(images, return_attention=True)
     for i, name in enumerate(page.map_names):
         torch.testing.assert_close(

@@ -32,10 +32,12 @@ def test_onnx_export_matches_pytorch_at_any_batch_size(tiny_run, trained, tmp_pa
     assert main(["export", str(tiny_run.checkpoint), "--format", "onnx", "--out", str(path)]) == 0
     assert "max |difference|" in capsys.readouterr().out
     model, names = trained
-    assert (
-        json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["class_names"])
-        == names
-    )
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["class_names"]) == names
+    # How its images are fed: the run's model, the official [-1, 1]
+    assert props["image_mean"] == props["image_std"] == "0.5,0.5,0.5"
+    assert (props["img_size"], props["resize"], props["crop_pct"]) == ("16", "squash", "1.0")
+    assert props["interpolation"] == "bilinear" and "float32 (batch, 3, 16, 16)" in props["input"]
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert isinstance(session.get_inputs()[0].shape[0], str)  # a named, dynamic batch axis
     for batch in (1, 5):
@@ -90,8 +92,10 @@ def test_torchscript_export_runs_without_vitlab_code(tiny_run, trained, tmp_path
         main(["export", str(tiny_run.checkpoint), "--format", "torchscript", "--out", str(path)])
         == 0
     )
-    extra = {"class_names.json": ""}
+    extra = {"class_names.json": "", "preprocessing.json": ""}
     scripted = torch.jit.load(str(path), _extra_files=extra)
+    fed = json.loads(extra["preprocessing.json"])
+    assert fed["image_mean"] == "0.5,0.5,0.5" and fed["interpolation"] == "bilinear"
     model, names = trained
     assert json.loads(extra["class_names.json"]) == names
     with torch.no_grad():

@@ -310,7 +310,7 @@ def test_a_probe_is_an_ordinary_model_for_every_command(cifar_features, capsys):
     ]
     assert main(["export", str(out), "--format", "onnx", "--out", str(root / "probe.onnx")]) == 0
     session = onnx.InferenceSession(str(root / "probe.onnx"), providers=["CPUExecutionProvider"])
-    images = torch.stack([preprocess(read_image(test.names[i], 32), 32) for i in first])
+    images = torch.stack([preprocess(read_image(test.names[i], 32), model.config) for i in first])
     exported = session.run(["logits"], {"images": images.numpy()})[0]
     assert [int(exported[first.index(i)].argmax()) for i in decided] == [
         int(logits[i].argmax()) for i in decided

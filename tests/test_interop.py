@@ -6,8 +6,6 @@ test_timm_layout.py and test_hf_layout.py."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -18,8 +16,8 @@ from vitlab.formats.checkpoints import load_model
 from vitlab.formats.weights import save_safetensors
 from vitlab.model import create_model
 
+from conftest import vitlab_processes
 from parity import (
-    REPO,
     one_error_line,
     state_equal,
     timm_model,
@@ -137,33 +135,6 @@ def test_export_the_library_cannot_load_is_refused(tiny_run, tmp_path, capsys, m
 # hf-hub:ORG/NAME through huggingface_hub, against a local stand-in for the Hub (the `hub` fixture)
 
 
-def vitlab_processes(commands: list[list[str]], env: dict[str, str]) -> list[dict]:
-    """Each command run by vitlab.app.cli.main in one fresh Python process, since huggingface_hub reads HF_ENDPOINT, HF_HOME and
-    HF_HUB_OFFLINE when it is imported: its exit code, stdout and stderr."""
-    script = (
-        "import contextlib, io, json, sys\nfrom vitlab.app.cli import main\nresults = []\n"
-        "for argv in json.loads(sys.argv[1]):\n    out, err = io.StringIO(), io.StringIO()\n"
-        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n        code = main(argv)\n"
-        "    results.append({'code': code, 'out': out.getvalue(), 'err': err.getvalue()})\nprint(json.dumps(results))\n"
-    )
-    hub_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    hub_env.update(
-        PYTHONPATH=str(REPO / "src"),
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        **env,
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(commands)],
-        env=hub_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def top_k(results: dict) -> list[tuple[str, float]]:
     return [
         (entry["class"], entry["probability"]) for entry in json.loads(results["out"])[0]["top_k"]
@@ -229,9 +200,14 @@ def test_predict_hf_hub_names_through_the_hub_then_offline(hub, tmp_path, random
         env,
     )
     assert [r["code"] for r in online] == [0, 0, 0, 1, 1, 1], online
-    x = preprocess(read_image(str(image)), 32)[None]
+    # Each fed as its files say (timm's pretrained_cfg: the shorter side to 35 px, bicubic, the
+    # centre 32)
+    image_array = read_image(str(image))
+    x_hf, x_timm = (
+        preprocess(image_array, load_model(tmp_path / f)[0].config)[None] for f in ("hf", "timm")
+    )
     with torch.no_grad():
-        for result, logits in ((online[0], hf(pixel_values=x).logits), (online[1], tm(x))):
+        for result, logits in ((online[0], hf(pixel_values=x_hf).logits), (online[1], tm(x_timm))):
             probabilities, index = logits.softmax(-1)[0].topk(3)
             names = hf.config.id2label if result is online[0] else dict(enumerate("abcdefg"))
             assert [n for n, _ in top_k(result)] == [names[i] for i in index.tolist()]

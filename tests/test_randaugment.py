@@ -12,6 +12,8 @@ from vitlab.randaugment import RANDAUGMENT_OPS, randaugment
 from conftest import unit_images
 from rounding import assert_within, sum_bound, ulps
 
+OFFICIAL = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # images in [-1, 1]
+
 
 def formula_bound(images: torch.Tensor) -> float:
     """Two float32 formulas of one pixel operation, vitlab's on [-1, 1] mapped to [0, 1] and torchvision's on [0, 1]:
@@ -23,7 +25,7 @@ def formula_bound(images: torch.Tensor) -> float:
 
 def one_op(name: str, x: torch.Tensor, magnitude: int, sign: int = 1) -> torch.Tensor:
     ops = torch.full((1, x.shape[0]), RANDAUGMENT_OPS.index(name))
-    return randaugment(x, ops, torch.full_like(ops, sign), magnitude)
+    return randaugment(x, ops, torch.full_like(ops, sign), magnitude, **OFFICIAL)
 
 
 @pytest.mark.parametrize(
@@ -76,7 +78,25 @@ def test_each_image_takes_its_own_operation_and_the_identity_changes_nothing():
     ops = torch.tensor(
         [[0, RANDAUGMENT_OPS.index("solarize"), 0, RANDAUGMENT_OPS.index("rotate"), 0, 0]]
     )
-    out = randaugment(x, ops, torch.ones_like(ops), 15)
+    out = randaugment(x, ops, torch.ones_like(ops), 15, **OFFICIAL)
     unchanged = ops[0] == 0
     assert torch.equal(out[unchanged], x[unchanged])
     assert all((out[i] - x[i]).abs().max() > 0.1 for i in range(6) if not unchanged[i])
+
+
+@pytest.mark.parametrize("name", RANDAUGMENT_OPS)
+def test_every_operation_is_the_same_under_another_normalisation(name):
+    # Images of 8-bit levels normalised with ImageNet's mean and std (DINOv2's, DeiT's) take each
+    # operation as the same images in [-1, 1] do: the operations run on [0, 1] either way.
+    levels = torch.randint(0, 256, (4, 3, 12, 12), generator=torch.Generator().manual_seed(1))
+    y = levels.float() / 255
+    imagenet = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in imagenet.values())
+    ops = torch.full((1, 4), RANDAUGMENT_OPS.index(name))
+    signs = torch.tensor([[1, -1, 1, -1]])
+    official = (randaugment(y * 2 - 1, ops, signs, 13, **OFFICIAL) + 1) / 2
+    other = randaugment((y - mean) / std, ops, signs, 13, **imagenet) * std + mean
+    # Each way to [0, 1] and back rounds values below 5 (1 / 0.225) a few times, which the blends
+    # scale by at most 1.4: within 16 float32 units of 5. No level sits at a threshold (posterize,
+    # solarize and equalize round or compare levels k / 255).
+    assert_within(other, official, 16 * 2**-24 * 5, name)

@@ -1391,7 +1391,7 @@ def test_outputs_of_a_run_with_held_out_validation_and_a_val_folder(tmp_path):
     test_set = load_image_folder(root / "val", CLASSES)
     cpu = torch.device("cpu")
     expected = evaluate(
-        model, eval_batches(test_set, 16, 64, cpu, num_workers=0), 3, cpu, progress=False
+        model, eval_batches(test_set, model.config, 64, cpu, num_workers=0), 3, cpu, progress=False
     )
     assert final["test_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
     assert final["test_loss"] == pytest.approx(expected["loss"], rel=1e-6)

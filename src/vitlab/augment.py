@@ -1,7 +1,8 @@
 """Training augmentation of whole batches with tensor operations, on any device.
 
-The dataset's uint8 images are turned into normalised float batches and augmented in one go per
-batch (the cifar10-airbench way) rather than per image in Python. Every random choice is drawn on
+The dataset's uint8 images are turned into float batches normalised as the model's images are
+(`preprocessing.py`) and augmented in one go per batch (the cifar10-airbench way) rather than per
+image in Python. Every random choice is drawn on
 the CPU from a generator seeded by (seed, step), so that any slice of a batch (a process's share, an
 accumulation step) is reproducible.
 """
@@ -15,18 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import ModelConfig
+from .preprocessing import resize, to_float
 from .randaugment import RANDAUGMENT_OPS, randaugment
-
-
-def normalise(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float in [-1, 1]: mean and std 0.5, as the tutorial and the official
-    fine-tuning."""
-    return x.to(dtype).div_(127.5).sub_(1.0)
-
-
-def to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, H, W, 3), the datasets' layout -> normalised float (B, 3, H, W)."""
-    return normalise(images.permute(0, 3, 1, 2), dtype)
 
 
 def resized_crop_boxes(
@@ -143,7 +135,8 @@ def pad_crop(
 
 
 # ---------------------------------------------------------------------------------------------
-# Random erasing (Zhong et al., 2020; timm's mode "rand": each box one random colour)
+# Random erasing (Zhong et al., 2020; timm's mode "rand": each box one random colour, N(0, 1) per
+# channel in the normalised space, as timm draws it after its Normalize: right under any mean/std)
 
 
 def erasing_boxes(
@@ -253,15 +246,28 @@ class Augmentation:
     mixup: float = 0.0  # Beta(alpha, alpha) of the mixing weight; 0: off
     cutmix: float = 0.0
     mixup_switch_prob: float = 0.5  # with both on: the share of pairs cut-mixed rather than mixed
+    # How the model's images are normalised (its ModelConfig's, which the pretrained file sets)
+    image_mean: tuple[float, float, float] = ModelConfig.image_mean
+    image_std: tuple[float, float, float] = ModelConfig.image_std
 
     @classmethod
-    def from_config(cls, config, dtype: torch.dtype = torch.float32) -> Augmentation:
-        """The augmentation a TrainConfig asks for, producing batches in `dtype`."""
-        own = ("pad", "dtype", "randaugment")  # a constant, the caller's, and parsed from "N,M"
+    def from_config(
+        cls, config, model: ModelConfig, dtype: torch.dtype = torch.float32
+    ) -> Augmentation:
+        """The augmentation a TrainConfig asks for, of images fed to `model`, producing batches in
+        `dtype`."""
+        # A constant, the caller's, parsed from "N,M", and the model's
+        own = ("pad", "dtype", "randaugment", "image_mean", "image_std")
         values = {
             f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.name not in own
         }
-        return cls(**values, dtype=dtype, randaugment=config.randaugment_ops())
+        return cls(
+            **values,
+            dtype=dtype,
+            randaugment=config.randaugment_ops(),
+            image_mean=model.image_mean,
+            image_std=model.image_std,
+        )
 
     @property
     def mixes(self) -> bool:
@@ -291,7 +297,8 @@ class Augmentation:
     def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
         """uint8 (B, H, W, 3) on any device -> augmented normalised float (B, 3, img_size,
         img_size)."""
-        return self.finish(self.crop(to_float(images, self.dtype), params), params)
+        x = to_float(images, self.image_mean, self.image_std, dtype=self.dtype)
+        return self.finish(self.crop(x, params), params)
 
     def crop(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         """The crop (or padded crop, or none) and flip of float (B, 3, H, W), resized to img_size."""
@@ -301,13 +308,14 @@ class Augmentation:
             x = pad_crop(x, self.pad, params["offsets"], params["flip"])
         else:
             x = torch.where(params["flip"].to(x.device)[:, None, None, None], x.flip(3), x)
-        return resize(x, self.img_size)
+        return resize(x, (self.img_size, self.img_size), "bilinear")
 
     def finish(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         """RandAugment and random erasing of normalised float images already cropped to img_size
         (the streaming path crops each image itself, anti-aliased, from any size)."""
         if self.randaugment:
-            x = randaugment(x, params["ra_ops"].T, params["ra_signs"].T, self.randaugment[1])
+            ops, signs, magnitude = params["ra_ops"].T, params["ra_signs"].T, self.randaugment[1]
+            x = randaugment(x, ops, signs, magnitude, mean=self.image_mean, std=self.image_std)
         return erase(x, params["erasing"]) if self.random_erasing > 0 else x
 
     def mix_params(self, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -315,13 +323,3 @@ class Augmentation:
         `mix`)."""
         mixup, cutmix, switch = self.mixup, self.cutmix, self.mixup_switch_prob
         return mix_params(batch // 2, self.img_size, mixup, cutmix, switch, generator)
-
-
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Evaluation transform: the whole image resized to size x size (the tutorial's Resize),
-    bilinear."""
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(
-        x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size
-    )

@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 
 from . import randomness
-from .augment import Augmentation, mix, normalise, resize, to_float
+from .augment import Augmentation, mix
+from .config import ModelConfig
 from .data import ImageSet, read_image
 from .errors import DataError
+from .preprocessing import evaluation_batch, fit, normalise, resized_side
 
 
 def batch_indices(num_images: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -39,36 +41,44 @@ def batch_indices(num_images: int, batch_size: int, step: int, seed: int) -> tor
 
 
 class StreamingImages(torch.utils.data.Dataset):
-    """Items are (index, seed) pairs; each image is decoded and augmented with its own generator,
-    in the in-memory path's order (crop and flip, then `Augmentation.finish`). Without augmentation
-    (evaluation) the whole image is resized to img_size."""
+    """Items are (index, seed) pairs; each image is decoded and prepared by `preparation`: an
+    Augmentation (training: each image augmented with its own generator, in the in-memory path's
+    order, the crop and flip, then `Augmentation.finish`), or the ModelConfig of the model it
+    feeds (evaluation: resized and cropped as it says, `preprocessing.fit`)."""
 
-    def __init__(self, data: ImageSet, img_size: int, augmentation: Augmentation | None):
-        self.data, self.img_size, self.augmentation = data, img_size, augmentation
+    def __init__(self, data: ImageSet, preparation: Augmentation | ModelConfig):
+        self.data, self.preparation = data, preparation
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = item
+        label = self.data.labels[index]
+        if isinstance(self.preparation, ModelConfig):
+            config = self.preparation
+            # Evaluation resizes the whole image, so a large one may be decoded smaller
+            image = read_image(self.data.paths[index], resized_side(config))
+            x = fit(torch.from_numpy(image.copy()).permute(2, 0, 1), config)  # (3, S, S) uint8
+            return normalise(x, config.image_mean, config.image_std), label
+        return self.augmented(index, seed), label
+
+    def augmented(self, index: int, seed: int) -> torch.Tensor:
+        """One training image, decoded whole (training crops need every pixel) and augmented."""
         from torchvision.transforms.v2 import functional as TF
 
-        index, seed = item
-        aug, size = self.augmentation, [self.img_size, self.img_size]
-        # Evaluation resizes the whole image, so a large one may be decoded smaller; training
-        # crops need every pixel.
-        image = read_image(self.data.paths[index], self.img_size if aug is None else None)
+        aug, size = self.preparation, [self.preparation.img_size] * 2
+        image = read_image(self.data.paths[index])
         x = torch.from_numpy(image.copy()).permute(2, 0, 1)  # (3, H, W) uint8
-        label = self.data.labels[index]
-        if aug is None:
-            return normalise(TF.resize(x, size, antialias=True)), label
         params = aug.random_params(1, x.shape[1], x.shape[2], torch.Generator().manual_seed(seed))
         if aug.augment != "resized_crop":
-            return aug.apply(x.permute(1, 2, 0)[None], params)[0], label
+            return aug.apply(x.permute(1, 2, 0)[None], params)[0]
         # Anti-aliased, unlike the in-memory crop: a large photo may be scaled down many times.
         top, left, h, w = (int(v) for v in params["boxes"][0])
         x = TF.resized_crop(x, top, left, h, w, size, antialias=True)
         x = x.flip(2) if params["flip"][0] else x
-        return aug.finish(normalise(x[None], aug.dtype), params)[0], label
+        x = normalise(x[None], aug.image_mean, aug.image_std, dtype=aug.dtype)
+        return aug.finish(x, params)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +158,7 @@ class TrainBatches:
             yield from (self.get(step) for step in range(start_step, end_step))
             return
         loader = torch.utils.data.DataLoader(
-            StreamingImages(self.data, self.augmentation.img_size, self.augmentation),
+            StreamingImages(self.data, self.augmentation),
             batch_sampler=(self.streamed_items(step) for step in range(start_step, end_step)),
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -162,7 +172,7 @@ class TrainBatches:
 
 def eval_batches(
     data: ImageSet,
-    img_size: int,
+    config: ModelConfig,
     batch_size: int,
     device: torch.device,
     *,
@@ -170,17 +180,17 @@ def eval_batches(
     world_size: int = 1,
     num_workers: int = 2,
 ):
-    """(images, labels) batches of this process's shard (every world_size-th image), resized to
-    img_size."""
+    """(images, labels) batches of this process's shard (every world_size-th image), fed as
+    `config`, the model's, says (`preprocessing.py`)."""
     shard = torch.arange(rank, len(data), world_size)
     if data.images is not None:
         for start in range(0, len(shard), batch_size):
             index = shard[start : start + batch_size]
-            images = resize(to_float(data.images[index].to(device)), img_size)
+            images = evaluation_batch(data.images[index].to(device), config)
             yield images, data.labels[index].to(device)
         return
     loader = torch.utils.data.DataLoader(
-        StreamingImages(data, img_size, None),
+        StreamingImages(data, config),
         batch_size=batch_size,
         num_workers=num_workers,
         sampler=[(i, 0) for i in shard.tolist()],

@@ -1,6 +1,7 @@
-"""RandAugment (Cubuk et al., 2020) on whole batches: each image its own operations, in [0, 1] space.
-The operations and their ranges at magnitude M of 30 are torchvision's RandAugment; geometric ones
-fill grey.
+"""RandAugment (Cubuk et al., 2020) on whole batches: each image its own operations, in [0, 1] space
+(the normalised images mapped back by the model's mean and std, so that every range below holds
+under any normalisation). The operations and their ranges at magnitude M of 30 are torchvision's
+RandAugment; geometric ones fill grey.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .preprocessing import Triple, from_unit, to_unit
 
 RANDAUGMENT_OPS = (
     "identity",
@@ -125,13 +128,20 @@ _COLOUR_OPS = {
 
 
 def randaugment(
-    x: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor, magnitude: int
+    x: torch.Tensor,
+    ops: torch.Tensor,
+    signs: torch.Tensor,
+    magnitude: int,
+    *,
+    mean: Triple,
+    std: Triple,
 ) -> torch.Tensor:
-    """Normalised float (B, 3, S, S) with `ops` (rounds, B) indices into RANDAUGMENT_OPS applied in
-    turn, each at `magnitude` (of 30) with `signs` (rounds, B) of +1 or -1 for the signed ones."""
+    """Float (B, 3, S, S) normalised with `mean` and `std` (the official 0.5: [-1, 1]) with `ops`
+    (rounds, B) indices into RANDAUGMENT_OPS applied in turn, each at `magnitude` (of 30) with
+    `signs` (rounds, B) of +1 or -1 for the signed ones."""
     level = magnitude / MAX_MAGNITUDE
     ranges = torch.tensor([_magnitude(name, level, x.shape[-1]) for name in RANDAUGMENT_OPS])
-    y = x.float().add(1).div_(2)  # [-1, 1] -> [0, 1]
+    y = to_unit(x, mean, std)
     # Each round, on the CPU: which image takes which operation
     for op, sign in zip(ops, signs, strict=False):
         amount = sign.float() * ranges[op]
@@ -144,4 +154,4 @@ def randaugment(
             mine = op == RANDAUGMENT_OPS.index(name)
             if mine.any():
                 y[mine.to(y.device)] = apply(y[mine.to(y.device)], amount[mine].to(y.device), level)
-    return y.mul_(2).sub_(1).to(x.dtype)
+    return from_unit(y, mean, std).to(x.dtype)

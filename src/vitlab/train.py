@@ -93,7 +93,7 @@ def train(config: TrainConfig) -> dict:
         state = start(job)
         batches = TrainBatches(
             job.train_data,
-            Augmentation.from_config(config, DTYPES[job.precision]),
+            Augmentation.from_config(config, job.model.config, DTYPES[job.precision]),
             batch_size=config.train_batch_size,
             seed=config.seed,
             device=processes.device,
@@ -341,7 +341,7 @@ def evaluate_on(job: Job, data: ImageSet) -> dict:
     config, processes = job.config, job.processes
     shards = eval_batches(
         data,
-        config.img_size,
+        job.model.config,  # how its images are fed
         config.eval_batch_size,
         processes.device,
         rank=processes.rank,

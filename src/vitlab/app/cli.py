@@ -166,7 +166,8 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
 
 def _add_models(sub) -> None:
     p = sub.add_parser(
-        "models", help="list the model variants with their shapes and parameter counts"
+        "models",
+        help="list the model variants by family, with their shapes and parameter counts",
     )
     p.set_defaults(func=commands.cmd_models)
 
@@ -176,7 +177,10 @@ def _add_download(sub) -> None:
         "download", help="fetch official checkpoints or Hub repositories into their caches"
     )
     p.add_argument(
-        "names", nargs="*", help="official checkpoint names or hf-hub:ORG/NAME (see --list)"
+        "names",
+        nargs="*",
+        help="official checkpoint names, family variants (their timm repository) or "
+        "hf-hub:ORG/NAME (see --list)",
     )
     p.add_argument(
         "--list", action="store_true", help="list the official checkpoints and the other sources"

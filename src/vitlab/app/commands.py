@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import VARIANTS, TrainConfig, legacy_name
+from ..config import VARIANTS, ModelConfig, TrainConfig, family, legacy_name
 from ..data import DataError, read_image
 from ..errors import ConfigError
-from ..formats import official
+from ..formats import official, sources
 from ..formats.checkpoints import load_model
 from ..formats.files import HUB_PREFIX, atomic_write, cache_dir, check_output, fetch_hub
 from ..runtime import resolve_device, resolve_precision
@@ -26,6 +26,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     rows = [
         (
+            "family",
             "name",
             "legacy name",
             "patch",
@@ -39,8 +40,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, config in VARIANTS.items():
         with torch.device("meta"):  # counts without allocating weights
             params = count_parameters(create_model(name, num_classes=10, img_size=224))
+        if len(rows) > 1 and family(name) != family(rows[-1][1]):
+            rows.append(None)  # a blank line between families
         rows.append(
             (
+                family(name),
                 name,
                 legacy_name(name) if legacy_name(name) != name else "",
                 str(config.patch_size),
@@ -51,11 +55,13 @@ def cmd_models(args: argparse.Namespace) -> int:
                 f"{params:,}",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    widths = [max(len(r[i]) for r in rows if r) for i in range(len(rows[0]))]
     for row in rows:
         print(
-            "  ".join(
-                cell.ljust(w) if i < 2 else cell.rjust(w)
+            ""
+            if row is None
+            else "  ".join(
+                cell.ljust(w) if i < 3 else cell.rjust(w)
                 for i, (cell, w) in enumerate(zip(row, widths, strict=False))
             )
         )
@@ -70,15 +76,20 @@ def cmd_download(args: argparse.Namespace) -> int:
                 f"  {name:<20} {entry.variant:<9} {entry.num_classes:>6} classes  "
                 f"{entry.img_size} px  {entry.description}"
             )
+        print(sources.listing())
         print(_hub_sources())
         return 0
+    known = (*official.OFFICIAL_CHECKPOINTS, *sources.SOURCES)
     for name in args.names:
-        if name not in official.OFFICIAL_CHECKPOINTS and not name.startswith(HUB_PREFIX):
+        if name not in known and not name.startswith(HUB_PREFIX):
             raise ConfigError(
                 f"unknown checkpoint {name!r}; `vitlab download --list` shows the names"
             )
     for name in args.names:
-        print(fetch_hub(name) if name.startswith(HUB_PREFIX) else official.fetch_official(name))
+        if name in official.OFFICIAL_CHECKPOINTS:
+            print(official.fetch_official(name))
+        else:  # a Hub name, or a family variant's timm repository
+            print(fetch_hub(sources.default_source(name) or name))
     return 0
 
 
@@ -138,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{device.type}, {precision}"
     )
     batches = eval_batches(
-        data, model.config.img_size, args.batch_size, device, num_workers=args.num_workers
+        data, model.config, args.batch_size, device, num_workers=args.num_workers
     )
     metrics = evaluate(
         model.to(device),
@@ -191,7 +202,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     for start in range(0, len(files), args.batch_size):
         batch = files[start : start + args.batch_size]
-        kept, images = _read_batch(batch, model.config.img_size, bar)
+        kept, images = _read_batch(batch, model.config, bar)
         failed += len(batch) - len(kept)
         bar.update(len(batch))
         if not kept:
@@ -216,16 +227,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _read_batch(
-    paths: list[Path], img_size: int, bar: tqdm
+    paths: list[Path], config: ModelConfig, bar: tqdm
 ) -> tuple[list[Path], list[torch.Tensor]]:
-    """(the paths that read, their images preprocessed): an image that does not read is reported
-    and skipped, so that the others still get their predictions."""
+    """(the paths that read, their images preprocessed as `config` says): an image that does not
+    read is reported and skipped, so that the others still get their predictions."""
+    from ..preprocessing import resized_side
     from .inference import preprocess
 
     kept, images = [], []
     for path in paths:
         try:
-            images.append(preprocess(read_image(str(path), img_size), img_size))
+            images.append(preprocess(read_image(str(path), resized_side(config)), config))
         except DataError as e:
             bar.write(f"vitlab predict: skipped {e}", file=sys.stderr)
             continue
@@ -245,7 +257,8 @@ def _top_as_table(path: Path, top: list[tuple[str, int, float]]) -> str:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from .inference import predict_with_attention, preprocess
+    from ..preprocessing import resized_side
+    from .inference import predict_with_attention, preprocess, seen_part
     from .rollout import attention_map, draw_attention
 
     suffix = "" if args.layer is None else f"_layer{args.layer}"
@@ -262,12 +275,9 @@ def cmd_attention(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     # Drawn at most a few hundred pixels wide.
-    image = read_image(args.image, max(model.config.img_size, 512))
+    image = read_image(args.image, max(resized_side(model.config), 512))
     logits, attentions = predict_with_attention(
-        model.to(device),
-        preprocess(image, model.config.img_size)[None],
-        device=device,
-        precision=precision,
+        model.to(device), preprocess(image, model.config)[None], device=device, precision=precision
     )
     probabilities = logits.float().softmax(dim=-1)[0]
     best = int(probabilities.argmax())
@@ -280,7 +290,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
         else f"layer {args.layer} attention, heads averaged"
     )
     title = f"predicted: {class_names[best]} ({probabilities[best]:.1%})"
-    draw_attention(image, grid_map, out, title=title, what=what)
+    # Over the part of the image the model saw
+    draw_attention(seen_part(image, config), grid_map, out, title=title, what=what)
     print(f"{args.image}: {title}; wrote {out}")
     return 0
 

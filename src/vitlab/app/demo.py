@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import preprocessing
 from ..data import cifar_on_disk, held_out_folder, load_cifar, read_image
 from ..errors import ConfigError, DataError, VitlabError
 from ..formats.checkpoints import load_model, read_checkpoint
 from ..model import VisionTransformer, count_parameters
-from .inference import list_images, predict_with_attention, preprocess, top_classes
+from .inference import list_images, predict_with_attention, preprocess, seen_part, top_classes
 from .rollout import attention_map, overlay
 
 INSTALL = "pip install 'vitlab[demo]'"
@@ -92,7 +93,7 @@ class Demo:
     def explain(self, image: np.ndarray) -> Explained:
         """The top classes and every attention map of one uint8 RGB image, from one forward pass."""
         start = time.perf_counter()
-        images = preprocess(image, self.model.config.img_size)[None]
+        images = preprocess(image, self.model.config)[None]
         logits, attentions = predict_with_attention(
             self.model, images, device=self.device, precision=self.precision
         )
@@ -103,7 +104,9 @@ class Demo:
             for i in range(len(attentions))
         }
         top = top_classes(logits, self.class_names, self.top_k)[0]
-        return Explained(shrink(image, DISPLAY_SIDE), maps, top, time.perf_counter() - start)
+        # Drawn over the part of the image the model saw
+        shown = shrink(seen_part(image, self.model.config), DISPLAY_SIDE)
+        return Explained(shown, maps, top, time.perf_counter() - start)
 
     def describe(self, seconds: float | None = None) -> str:
         c = self.model.config
@@ -159,6 +162,7 @@ def build_page(demo: Demo, title: str, examples: list[str]):
     with gr.Blocks(title=f"vitlab · {title}", analytics_enabled=False) as page:
         gr.Markdown(f"## vitlab · {html.escape(title)}")
         info = gr.Markdown(demo.describe(), elem_id="model-info")
+        gr.Markdown(preprocessing.describe(demo.model.config), elem_id="preprocessing")
         cached = gr.State(None)
         with gr.Row():
             with gr.Column():
@@ -233,7 +237,8 @@ def _connect(gr, demo: Demo, *, inputs: tuple, outputs: tuple) -> None:
         if upload is None:
             return None, None, demo.describe(), None
         try:
-            explained = demo.explain(read_upload(upload, demo.model.config.img_size))
+            side = preprocessing.resized_side(demo.model.config)
+            explained = demo.explain(read_upload(upload, side))
             overlaid = render(explained, map_name, opacity_value)
         except DataError as e:  # a message on the page, no traceback in the terminal
             raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None

@@ -205,7 +205,7 @@ def _embed(model, data: ImageSet, args, device, precision: str, bar) -> torch.Te
     """Features of every image of `data`, in order, in float32 on the CPU."""
     out = []
     batches = eval_batches(
-        data, model.config.img_size, args.batch_size, device, num_workers=args.num_workers
+        data, model.config, args.batch_size, device, num_workers=args.num_workers
     )
     for images, _ in batches:
         out.append(frozen.embed(model, images, precision).cpu())

@@ -1,5 +1,5 @@
-"""A trained model put to use: images in (the evaluation transform), the most probable classes
-out."""
+"""A trained model put to use: images in (the evaluation transform of the model's config), the most
+probable classes out."""
 
 from __future__ import annotations
 
@@ -8,16 +8,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..augment import resize, to_float
+from ..config import ModelConfig
 from ..data import IMAGE_EXTENSIONS
 from ..model import VisionTransformer
+from ..preprocessing import crop_box, evaluation_batch
 from ..runtime import autocast
 
 
-def preprocess(image: np.ndarray, img_size: int) -> torch.Tensor:
-    """uint8 (H, W, 3) -> (3, img_size, img_size) in [-1, 1]: the evaluation transform (whole image
-    resized)."""
-    return resize(to_float(torch.from_numpy(image.copy())[None]), img_size)[0]
+def preprocess(image: np.ndarray, config: ModelConfig) -> torch.Tensor:
+    """uint8 (H, W, 3) -> (3, img_size, img_size): the evaluation transform of the model whose
+    config this is (`preprocessing.py`)."""
+    return evaluation_batch(torch.from_numpy(image.copy())[None], config)[0]
+
+
+def seen_part(image: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """The part of uint8 (H, W, 3) that `preprocess` feeds the model (its centre crop, or all of
+    it), for drawing a map of the patches over."""
+    top, left, h, w = (round(v) for v in crop_box(image.shape[0], image.shape[1], config))
+    return image[top : top + h, left : left + w]
 
 
 def list_images(arguments: list[str]) -> tuple[list[Path], list[str]]:

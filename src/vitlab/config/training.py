@@ -36,7 +36,8 @@ class TrainConfig:
         "auto",
         "initial weights: a checkpoint file (vitlab, official .npz, timm), a transformers or timm "
         "folder, an official checkpoint name, hf-hub:ORG/NAME, 'none' (from scratch) or 'auto' "
-        "(checkpoint/<model_type>.npz if present, else the official ImageNet-21k file)",
+        "(a family variant's timm repository on the Hub; else checkpoint/<model_type>.npz if "
+        "present, else the official ImageNet-21k file)",
     )
     output_dir: str = setting("output", "where output/<name>/ goes")
     img_size: int = setting(224, "image side in pixels", resume="same", valid=POSITIVE)

@@ -3,9 +3,13 @@ TorchScript, safetensors, the official `.npz` layout, a timm state dict and a tr
 (each checked by running that library on it, where it is installed). Every file is written whole or
 not at all.
 
-ONNX and TorchScript take float32 images (B, 3, img_size, img_size) in [-1, 1], any batch size,
-and give logits (B, num_classes); the class names ride along in the ONNX metadata (`class_names`)
-and as `class_names.json` among the TorchScript file's extra files.
+ONNX and TorchScript take float32 RGB images (B, 3, img_size, img_size), any batch size, prepared
+as the model's own were: resized as its `resize`, `crop_pct` and `interpolation` say, then
+(pixel / 255 - image_mean) / image_std per channel (the official ViT's 0.5 and 0.5: images in
+[-1, 1]); they give logits (B, num_classes). How to prepare the images and the class names ride
+along: in the ONNX metadata (`input`, `img_size`, `image_mean`, `image_std`, `resize`, `crop_pct`,
+`interpolation`, `class_names`) and among the TorchScript file's extra files (`preprocessing.json`,
+`class_names.json`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from ..errors import ExportError
 from ..model import VisionTransformer
+from ..preprocessing import from_unit, metadata
 from . import hf_layout, official, timm_layout
 from .files import atomic_write, atomic_write_dir
 from .hf_preprocessing import write_preprocessing
@@ -79,8 +84,11 @@ def export(
 
 
 def _example(model: VisionTransformer, batch: int, seed: int = 0) -> torch.Tensor:
-    size = model.config.img_size
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    """Random images in [0, 1], normalised as the model's images are."""
+    config, generator = model.config, torch.Generator().manual_seed(seed)
+    size = config.img_size
+    images = torch.rand(batch, 3, size, size, generator=generator)
+    return from_unit(images, config.image_mean, config.image_std)
 
 
 def export_onnx(model: VisionTransformer, class_names: list[str], path: str | os.PathLike) -> float:
@@ -107,7 +115,8 @@ def export_onnx(model: VisionTransformer, class_names: list[str], path: str | os
         verbose=False,
     )
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, {"class_names": json.dumps(class_names)})
+    props = {**metadata(model.config), "class_names": json.dumps(class_names)}
+    onnx.helper.set_model_props(proto, props)
     data = proto.SerializeToString()
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     difference = checked_difference(
@@ -260,7 +269,10 @@ def _loaded(library: str, path, load) -> torch.nn.Module:
 def export_torchscript(
     model: VisionTransformer, class_names: list[str], path: str | os.PathLike
 ) -> None:
-    extra = {"class_names.json": json.dumps(class_names)}
+    extra = {
+        "class_names.json": json.dumps(class_names),
+        "preprocessing.json": json.dumps(metadata(model.config), indent=2),
+    }
     with warnings.catch_warnings():
         # The trace records the check on the token count as a constant, which is right: the traced
         # model takes the one image size it was built for. And torch's notices that TorchScript is

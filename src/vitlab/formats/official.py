@@ -19,6 +19,7 @@ import torch
 from ..config import ModelConfig, canonical_name, get_config, legacy_name
 from ..errors import CheckpointError
 from ..model import VisionTransformer, create_model
+from . import sources
 from .files import atomic_write, cache_dir, download
 from .official_layout import (
     OfficialArrays,
@@ -303,12 +304,16 @@ def official_model(name: str, progress: bool = True) -> VisionTransformer:
 
 def pretrained_source(pretrained_dir: str, model_type: str) -> str | None:
     """What `vitlab train --pretrained_dir` names: a file path, an official checkpoint name, or None
-    for from scratch. "auto" is the tutorial's checkpoint/<model_type>.npz where it is there, else
-    the variant's official ImageNet-21k file."""
+    for from scratch. "auto" is a family variant's timm repository on the Hub (`sources.py`), else
+    the tutorial's checkpoint/<model_type>.npz where it is there, else the variant's official
+    ImageNet-21k file."""
     if pretrained_dir.lower() == "none":
         return None
     if pretrained_dir != "auto":
         return pretrained_dir
+    hub = sources.default_source(canonical_name(model_type))
+    if hub is not None:
+        return hub
     local = Path("checkpoint") / f"{legacy_name(canonical_name(model_type))}.npz"
     if local.is_file():
         return str(local)

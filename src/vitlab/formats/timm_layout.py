@@ -264,7 +264,7 @@ def _function(config_json: dict, variant: ModelConfig | None, mlp: str, name: st
     """The GELU form and LayerNorm eps, which the weights do not say: as timm computes them for
     config.json's architecture and model_args, else for its architecture of the variant's family
     (timm's CLIP towers: eps 1e-5; its other ViTs: 1e-6; the exact GELU unless the architecture or
-    model_args name another)."""
+    model_args name another, or a CLIP architecture is read as the variant named)."""
     args, arch = config_json.get("model_args") or {}, config_json.get("architecture", "")
     act = args.get("act_layer") or ("quick_gelu" if "quickgelu" in arch else None)
     if mlp == "swiglu":
@@ -282,7 +282,13 @@ def _function(config_json: dict, variant: ModelConfig | None, mlp: str, name: st
             f"{name}: model_args norm_layer {args['norm_layer']!r}: vitlab computes LayerNorm only"
         )
     clip = "_clip_" in arch if arch else variant is not None and "clip" in family(variant.name)
-    return {"gelu": _GELUS[act or "gelu"], "layer_norm_eps": 1e-5 if clip else 1e-6}
+    gelu = _GELUS[act or "gelu"]
+    if clip and act is None and mlp == "gelu" and variant is not None:
+        # timm loads OpenAI's weights as vit_*_clip_224.openai (the exact GELU) and, from the same
+        # repository, as vit_*_clip_quickgelu_224.openai: the name does not say what the weights
+        # were trained with; the variant named does (clip-*: QuickGELU, openclip-*: exact)
+        gelu = variant.gelu
+    return {"gelu": gelu, "layer_norm_eps": 1e-5 if clip else 1e-6}
 
 
 def _preprocessing(pretrained: dict, variant: ModelConfig | None, name: str) -> dict:
