@@ -185,13 +185,13 @@ def test_knn_is_dinos_formula_on_random_features(tmp_path):
 
 @pytest.fixture(scope="module")
 def cifar_features(shared_dir, tmp_path_factory):
-    """Features (class token beside the patches' mean) of 1,200 training and 400 test images of ../shared's CIFAR-10
+    """Features (class token beside the patches' mean) of 3,000 training and 1,000 test images of ../shared's CIFAR-10
     by a small random ViT, embedded by `vitlab embed`."""
     root = tmp_path_factory.mktemp("cifar")
     source = shared_dir / "data" / "cifar10-train"
     for c in sorted(p.name for p in source.iterdir()):
         files = sorted((source / c).iterdir())
-        for split, chosen in (("train", files[:120]), ("test", files[120:160])):
+        for split, chosen in (("train", files[:300]), ("test", files[300:400])):
             (root / "data" / split / c).mkdir(parents=True)
             for f in chosen:
                 (root / "data" / split / c / f.name).symlink_to(f)

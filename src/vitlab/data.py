@@ -192,6 +192,12 @@ def load_image_folder(root: str | os.PathLike, class_names: list[str] | None = N
             f"{root}: its class folders differ from the model's {len(class_names)} classes "
             f"({detail})"
         )
+    return _read_images(paths, torch.tensor(labels), found)
+
+
+def _read_images(paths: list[str], labels: torch.Tensor, class_names: list[str]) -> ImageSet:
+    """Images decoded into memory when they all have one size and fit, else checked readable and
+    kept as paths to stream."""
     first = read_image(paths[0])
     if first.nbytes * len(paths) <= IN_MEMORY_LIMIT_BYTES:
         images = np.empty((len(paths), *first.shape), dtype=np.uint8)
@@ -201,10 +207,67 @@ def load_image_folder(root: str | os.PathLike, class_names: list[str] | None = N
                 break  # mixed sizes: stream with per-image transforms instead
             images[i] = image
         else:
-            return ImageSet(torch.tensor(labels), found, torch.from_numpy(images), paths)
+            return ImageSet(labels, class_names, torch.from_numpy(images), paths)
     for path in paths:  # streaming: fail now, by name, rather than mid-run in a worker
         _check_readable(path)
-    return ImageSet(torch.tensor(labels), found, paths=paths)
+    return ImageSet(labels, class_names, paths=paths)
+
+
+def load_image_list(
+    csv_path: str | os.PathLike, *, multi_label: bool, class_names: list[str] | None = None
+) -> ImageSet:
+    """The images a CSV names, paths relative to its folder, with their classes: rows `path,label`
+    or `path,label;label;...`, or a header `path,<class>,<class>,...` over rows of 0s and 1s. One
+    class an image, or with `multi_label` any number as a multi-hot (N, classes) float tensor.
+    `class_names`: the classes a model was trained on, else those the file names, sorted."""
+    rows, header = _read_csv(Path(csv_path))
+    if header:  # multi-hot columns
+        names = header[1:]
+        sets = [
+            [n for n, v in zip(names, row[1:], strict=True) if v.strip() == "1"] for row in rows
+        ]
+    else:
+        names = sorted({c for row in rows for c in row[1].split(";") if c})
+        sets = [[c for c in row[1].split(";") if c] for row in rows]
+    class_names = class_names or names
+    unknown = sorted({c for labels in sets for c in labels} - set(class_names))
+    if unknown:
+        raise DataError(
+            f"{csv_path}: labels {unknown[:5]} are not among the {len(class_names)} classes"
+        )
+    index = {c: i for i, c in enumerate(class_names)}
+    if multi_label:
+        labels = torch.zeros(len(rows), len(class_names))
+        for i, row_labels in enumerate(sets):
+            labels[i, [index[c] for c in row_labels]] = 1.0
+    else:
+        several = next((r[0] for r, c in zip(rows, sets, strict=True) if len(c) != 1), None)
+        if several is not None:
+            raise DataError(f"{csv_path}: {several} has not one label; --multi_label takes several")
+        labels = torch.tensor([index[c[0]] for c in sets])
+    folder = Path(csv_path).parent
+    return _read_images([str(folder / row[0]) for row in rows], labels, class_names)
+
+
+def _read_csv(path: Path) -> tuple[list[list[str]], list[str] | None]:
+    """(rows, header or None): a header is a first row `path,...` of more than two columns."""
+    import csv
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such labels file")
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and any(v.strip() for v in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from None
+    header = rows[0] if rows and rows[0][0].strip().lower() == "path" else None
+    rows = rows[1:] if header else rows
+    width = len(header) if header and len(header) > 2 else 2
+    bad = next((i for i, r in enumerate(rows) if len(r) != width), None)
+    if not rows or bad is not None:
+        where = f"row {bad + 1 + bool(header)} has {len(rows[bad])} columns" if rows else "no rows"
+        raise DataError(f"{path}: {where}; expected path,label;label;... or a header of classes")
+    return rows, header if width > 2 else None
 
 
 def _check_readable(path: str) -> None:

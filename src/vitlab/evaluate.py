@@ -66,6 +66,80 @@ def evaluate(
     }
 
 
+@torch.no_grad()
+def evaluate_multi_label(
+    model: torch.nn.Module,
+    batches,
+    num_classes: int,
+    device: torch.device,
+    *,
+    precision: str = "fp32",
+    threshold: float = 0.5,
+    total: int | None = None,
+    progress: bool = True,
+    distributed: bool = False,
+) -> dict:
+    """A model whose classes are independent (a sigmoid each) on multi-hot labels (B, classes):
+    the mean binary cross-entropy, each class's average precision and their mean (mAP, over the
+    classes with a positive image), and at `threshold` the micro and macro F1."""
+    was_training = model.training
+    model.eval()
+    scores, targets = [], []
+    for images, labels in tqdm(
+        batches, total=total, desc="eval", unit="batch", leave=False, disable=not progress
+    ):
+        with autocast(device, precision):
+            scores.append(model(images).float().cpu())
+        targets.append(labels.float().cpu())
+    model.train(was_training)
+    logits, targets = torch.cat(scores), torch.cat(targets)
+    if distributed:  # every process's shard, for ranks that need the whole ranking
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, (logits, targets))
+        logits, targets = (torch.cat(part) for part in zip(*gathered, strict=True))
+    return multi_label_metrics(logits, targets, threshold)
+
+
+def multi_label_metrics(logits: torch.Tensor, targets: torch.Tensor, threshold: float) -> dict:
+    """(N, classes) logits and multi-hot targets -> loss, per-class AP, mAP, micro and macro F1."""
+    ap = [average_precision(logits[:, c], targets[:, c]) for c in range(targets.shape[1])]
+    scored = [a for a in ap if a is not None]
+    predicted = logits.sigmoid() >= threshold
+    positive = targets > 0.5
+    tp, fp = (predicted & positive).sum(0), (predicted & ~positive).sum(0)
+    fn = (~predicted & positive).sum(0)
+    per_class_f1 = (2 * tp / (2 * tp + fp + fn).clamp(min=1)).tolist()
+    return {
+        "loss": torch.nn.functional.binary_cross_entropy_with_logits(logits, targets).item(),
+        "mAP": sum(scored) / len(scored) if scored else 0.0,
+        "per_class_ap": ap,
+        "f1_micro": (2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp(min=1)).item(),
+        "f1_macro": sum(per_class_f1) / len(per_class_f1),
+        "per_class_f1": per_class_f1,
+        "threshold": threshold,
+        "count": len(targets),
+    }
+
+
+def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """Average precision of one class as scikit-learn computes it: the sum over the distinct
+    scores, highest first, of the recall gained times the precision there (tied scores taken
+    together); None where no image is positive."""
+    positive = positive > 0.5
+    if not positive.any():
+        return None
+    order = scores.double().argsort(descending=True)
+    ranked, hits = scores.double()[order], positive[order].double()
+    # The last position of each run of equal scores: where the curve has a point
+    last = torch.ones_like(ranked, dtype=torch.bool)
+    last[:-1] = ranked[1:] != ranked[:-1]
+    true_positives = hits.cumsum(0)[last]
+    seen = torch.arange(1, len(ranked) + 1, dtype=torch.float64)[last]
+    recall = true_positives / hits.sum()
+    gained = torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64))
+    return float((gained * true_positives / seen).sum())
+
+
 def format_report(metrics: dict, class_names: list[str]) -> str:
     """Loss, top-1, top-5, per-class accuracy and (for few classes) the confusion matrix, as
     text."""
@@ -132,5 +206,43 @@ def draw_confusion(
             )
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
+    ax.set_title(title)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def format_multi_label_report(metrics: dict, class_names: list[str]) -> str:
+    """A multi-label model's loss, mAP and F1, then each class's average precision and F1."""
+    width = max(len(n) for n in class_names + ["class"])
+    lines = [
+        f"images    {metrics['count']}",
+        f"loss      {metrics['loss']:.4f}",
+        f"mAP       {metrics['mAP']:.2%}",
+        f"F1        {metrics['f1_micro']:.2%} micro, {metrics['f1_macro']:.2%} macro at "
+        f"threshold {metrics['threshold']:g}",
+        "",
+        f"{'class':<{width}}  AP        F1",
+    ]
+    for name, ap, f1 in zip(
+        class_names, metrics["per_class_ap"], metrics["per_class_f1"], strict=True
+    ):
+        shown = "  (none)" if ap is None else f"{ap:>8.2%}"
+        lines.append(f"{name:<{width}}  {shown}  {f1:>7.2%}")
+    return "\n".join(lines)
+
+
+def draw_average_precision(
+    metrics: dict, class_names: list[str], title: str, path: str | os.PathLike
+) -> None:
+    """A PNG of each class's average precision, as bars (a class without positives left empty)."""
+    from matplotlib.figure import Figure
+
+    values = [ap or 0.0 for ap in metrics["per_class_ap"]]
+    fig = Figure(figsize=(min(max(4 + 0.3 * len(values), 6), 30), 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(values)), values, color="tab:blue")
+    if len(values) <= LABELLED_CONFUSION_MAX_CLASSES:
+        ax.set_xticks(range(len(values)), class_names, rotation=90)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("average precision")
     ax.set_title(title)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

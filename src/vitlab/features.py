@@ -129,18 +129,21 @@ def train_probe(
     """A linear probe as CLIP's and scikit-learn's logistic regression: multinomial cross-entropy
     plus strength / 2 * |W|^2 (the bias free), minimised by L-BFGS; one head per strength of the
     grid (strongest first, each starting from the last), the best on `val` chosen, then fitted
-    again on `train` and `val` together, all the labelled features there are."""
-    weight, bias, accuracy = None, None, {}
+    again, from there, on `train` and `val` together: all the labelled features there are."""
+    weight, bias, accuracy, fitted = None, None, {}, {}
     for strength in sorted(strengths, reverse=True):
         weight, bias = _logistic_regression(
             train, num_classes, strength=strength, start=(weight, bias), max_iter=max_iter
         )
         predicted = (val[0].float() @ weight.T + bias).argmax(dim=1)
-        accuracy[strength] = (predicted == val[1]).float().mean().item()
+        accuracy[strength], fitted[strength] = (
+            (predicted == val[1]).float().mean().item(),
+            (weight, bias),
+        )
     best = max(sorted(accuracy, reverse=True), key=accuracy.get)  # ties: the stronger
     everything = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
     weight, bias = _logistic_regression(
-        everything, num_classes, strength=best, start=(None, None), max_iter=max_iter
+        everything, num_classes, strength=best, start=fitted[best], max_iter=max_iter
     )
     return ProbeResult(best, dict(sorted(accuracy.items())), weight, bias)
 
@@ -158,8 +161,12 @@ def _logistic_regression(
     divided by n, as scikit-learn scales it): ((classes, features), (classes,))."""
     features, labels = data[0].float(), data[1]
     n, width = features.shape
+    # Centred features, the bias taking up the mean: the same optimum (the bias is not penalised),
+    # far better conditioned (a CIFAR probe's L-BFGS: 226 evaluations instead of 615)
+    mean = features.mean(dim=0)
+    features = features - mean
     weight = torch.zeros(num_classes, width) if start[0] is None else start[0]
-    bias = torch.zeros(num_classes) if start[1] is None else start[1]
+    bias = torch.zeros(num_classes) if start[1] is None else start[1] + start[0] @ mean
     weight, bias = weight.clone().requires_grad_(), bias.clone().requires_grad_()
     optimizer = torch.optim.LBFGS(
         [weight, bias],
@@ -179,4 +186,5 @@ def _logistic_regression(
         return loss
 
     optimizer.step(objective)
-    return weight.detach(), bias.detach()
+    weight = weight.detach()
+    return weight, bias.detach() - weight @ mean

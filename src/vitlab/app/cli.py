@@ -164,6 +164,10 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _add_threshold(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--threshold", type=float, default=0.5, help=f"{what} (default: 0.5)")
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser(
         "models",
@@ -212,6 +216,13 @@ def _add_eval(sub) -> None:
         "(<root>/<class>/<image>; its val/ or test/ subfolder when present) (default: data)",
     )
     p.add_argument(
+        "--labels",
+        metavar="CSV",
+        help="the test images and their labels from a CSV instead (path,label;label;... or a "
+        "header of classes over 0/1 columns; paths relative to the CSV): a multi-label model's",
+    )
+    _add_threshold(p, "a multi-label model's F1 counts a class where its probability reaches it")
+    p.add_argument(
         "--out",
         help="folder for the JSON and PNG (default: beside the checkpoint file, else ./eval)",
     )
@@ -237,6 +248,7 @@ def _add_predict(sub) -> None:
     p.add_argument(
         "--top_k", "--top-k", type=int, default=5, help="classes shown per image (default: 5)"
     )
+    _add_threshold(p, "a multi-label model lists every class whose probability reaches it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--batch_size", "--batch-size", type=int, default=32, help="(default: 32)")
     _add_runtime(p)

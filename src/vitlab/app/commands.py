@@ -130,60 +130,92 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..batches import eval_batches
-    from ..data import load_test_split
-    from ..evaluate import draw_confusion, evaluate, format_report
+    from ..evaluate import evaluate, evaluate_multi_label
 
     _positive(args, "batch_size")
     source = Path(args.checkpoint)
     out_dir = Path(args.out) if args.out else source.parent if source.is_file() else Path("eval")
-    stem = f"{source.stem}_{args.dataset}"
-    json_path, png_path = out_dir / f"{stem}_eval.json", out_dir / f"{stem}_confusion.png"
+    stem = f"{source.stem}_{Path(args.labels).stem if args.labels else args.dataset}"
+    model, class_names = load_model(args.checkpoint, args.model_type)
+    picture = "average_precision" if model.config.multi_label else "confusion"
+    json_path, png_path = out_dir / f"{stem}_eval.json", out_dir / f"{stem}_{picture}.png"
     for path in (json_path, png_path):  # before the evaluation's work, not after it
         check_output(path, args.overwrite, inputs=(source,))
-    model, class_names = load_model(args.checkpoint, args.model_type)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    data = load_test_split(args.dataset, args.data_dir, class_names)
+    data, where = _test_images(args, model.config.multi_label, class_names)
     print(
-        f"evaluating {args.checkpoint} on {args.dataset} {args.data_dir} ({len(data)} images), "
-        f"{device.type}, {precision}"
+        f"evaluating {args.checkpoint} on {where} ({len(data)} images), {device.type}, {precision}"
     )
     batches = eval_batches(
         data, model.config, args.batch_size, device, num_workers=args.num_workers
     )
-    metrics = evaluate(
+    run = evaluate_multi_label if model.config.multi_label else evaluate
+    extra = {"threshold": args.threshold} if model.config.multi_label else {}
+    metrics = run(
         model.to(device),
         batches,
         len(class_names),
         device,
         precision=precision,
         total=math.ceil(len(data) / args.batch_size),
+        **extra,
     )
-    print(format_report(metrics, class_names))
     report = {
         "checkpoint": str(args.checkpoint),
-        "dataset": args.dataset,
-        "data_dir": str(args.data_dir),
+        **({"labels": args.labels} if args.labels else {}),
+        **({} if args.labels else {"dataset": args.dataset, "data_dir": str(args.data_dir)}),
         "device": device.type,
         "precision": precision,
         "class_names": class_names,
         **metrics,
     }
     atomic_write(json_path, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
-    draw_confusion(
-        metrics["confusion"],
-        class_names,
-        f"{source.name} on {args.dataset}: top-1 {metrics['accuracy']:.2%}",
-        png_path,
-    )
+    _draw_report(metrics, class_names, f"{source.name} on {where}", png_path)
     print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def _test_images(args: argparse.Namespace, multi_label: bool, class_names: list[str]):
+    """(the images to evaluate on, where they are from): a labels CSV's, or a dataset's test
+    split."""
+    from ..data import load_image_list, load_test_split
+
+    if args.labels:
+        data = load_image_list(args.labels, multi_label=multi_label, class_names=class_names)
+        return data, str(args.labels)
+    if multi_label:
+        raise ConfigError("a multi-label model is evaluated on --labels CSV (its images' labels)")
+    return load_test_split(
+        args.dataset, args.data_dir, class_names
+    ), f"{args.dataset} {args.data_dir}"
+
+
+def _draw_report(metrics: dict, class_names: list[str], title: str, png_path: Path) -> None:
+    """The report printed, and drawn: the confusion matrix, or a multi-label model's per-class
+    average precision."""
+    from ..evaluate import (
+        draw_average_precision,
+        draw_confusion,
+        format_multi_label_report,
+        format_report,
+    )
+
+    if "mAP" in metrics:
+        print(format_multi_label_report(metrics, class_names))
+        draw_average_precision(metrics, class_names, f"{title}: mAP {metrics['mAP']:.2%}", png_path)
+    else:
+        print(format_report(metrics, class_names))
+        title = f"{title}: top-1 {metrics['accuracy']:.2%}"
+        draw_confusion(metrics["confusion"], class_names, title, png_path)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import list_images, predict
 
     _positive(args, "top_k", "batch_size")
+    if not 0 < args.threshold < 1:
+        raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
     model, class_names = load_model(args.checkpoint, args.model_type)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -214,10 +246,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             device=device,
             precision=precision,
+            threshold=args.threshold,
         )
+        key = "labels" if model.config.multi_label else "top_k"
         for path, top in zip(kept, tops, strict=True):
             if args.json:
-                results.append({"image": str(path), "top_k": _top_as_json(top)})
+                results.append({"image": str(path), key: _top_as_json(top)})
             else:
                 print(_top_as_table(path, top))
     bar.close()
@@ -251,9 +285,9 @@ def _top_as_json(top: list[tuple[str, int, float]]) -> list[dict]:
 
 def _top_as_table(path: Path, top: list[tuple[str, int, float]]) -> str:
     """The image's path, then one line per class: rank, name, probability."""
-    width = max(len(c) for c, _, _ in top)
+    width = max((len(c) for c, _, _ in top), default=0)
     rows = [f"  {rank:>2}  {c:<{width}}  {p:>7.2%}" for rank, (c, _, p) in enumerate(top, start=1)]
-    return "\n".join([str(path), *rows])
+    return "\n".join([str(path), *(rows or ["  (no class over the threshold)"])])
 
 
 def cmd_attention(args: argparse.Namespace) -> int:

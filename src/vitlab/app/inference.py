@@ -51,10 +51,20 @@ def list_images(arguments: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def top_classes(
-    logits: torch.Tensor, class_names: list[str], top_k: int
+    logits: torch.Tensor, class_names: list[str], top_k: int, threshold: float | None = None
 ) -> list[list[tuple[str, int, float]]]:
     """For each row of (B, classes) logits, its top-k (class name, index, probability), most
-    probable first."""
+    probable first; with `threshold` (a multi-label model's), every class whose own sigmoid
+    probability reaches it instead."""
+    if threshold is not None:
+        probabilities = logits.float().sigmoid()
+        return [
+            sorted(
+                ((class_names[i], i, p) for i, p in enumerate(row) if p >= threshold),
+                key=lambda entry: -entry[2],
+            )
+            for row in probabilities.tolist()
+        ]
     top = logits.float().softmax(dim=-1).topk(min(top_k, len(class_names)), dim=-1)
     return [
         [(class_names[i], i, p) for i, p in zip(idx, probs, strict=False)]
@@ -71,12 +81,14 @@ def predict(
     top_k: int,
     device: torch.device,
     precision: str,
+    threshold: float = 0.5,
 ) -> list[list[tuple[str, int, float]]]:
     """For each of a batch of preprocessed images, its top-k (class name, index, probability), most
-    probable first."""
+    probable first; for a multi-label model every class over `threshold`."""
     with autocast(device, precision):
         logits = model(images.to(device))
-    return top_classes(logits, class_names, top_k)
+    multi = threshold if model.config.multi_label else None
+    return top_classes(logits, class_names, top_k, multi)
 
 
 @torch.no_grad()

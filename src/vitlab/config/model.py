@@ -103,6 +103,12 @@ class ModelConfig:
         ("gelu", "swiglu"),
         override=True,
     )
+    multi_label: bool = setting(
+        False,
+        "the classes are independent, a sigmoid each, so that an image may have several (trained "
+        "with binary cross-entropy; transformers' multi_label_classification); false: one softmax",
+        override=True,
+    )
     representation_size: int | None = setting(
         None,
         "width of a tanh pre-logits layer before the head; none: no such layer",
