@@ -40,6 +40,18 @@ def assert_parity(ours: nn.Module, reference: nn.Module, size: int, case: str, o
     assert difference <= PARITY_ATOL, case
 
 
+class Features(nn.Module):
+    """A vitlab model's pooled features (its head's input): what a file without a head computes, against another
+    library's model without a classifier."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err

@@ -323,6 +323,11 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    def preprocessing(self) -> dict:
+        """How its images are fed (the fields from image_mean on), to give another config."""
+        fields = ("image_mean", "image_std", "resize", "crop_pct", "interpolation")
+        return {f: getattr(self, f) for f in fields}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

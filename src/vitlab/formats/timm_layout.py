@@ -295,10 +295,7 @@ def _preprocessing(pretrained: dict, variant: ModelConfig | None, name: str) -> 
     """How images were fed, from timm's pretrained_cfg (its resize keeps the aspect and crops the
     centre, unless crop_mode is squash), else the variant's, else images in [-1, 1]."""
     if not pretrained.get("mean"):
-        if variant is None:
-            return {}
-        fields = ("image_mean", "image_std", "resize", "crop_pct", "interpolation")
-        return {f: getattr(variant, f) for f in fields}
+        return variant.preprocessing() if variant is not None else {}
     interpolation = pretrained.get("interpolation", "bicubic")
     if interpolation not in ("bilinear", "bicubic") or pretrained.get(
         "crop_mode", "center"
