@@ -2,8 +2,9 @@
 
 - `load_model(source)`: a ready model and its class names from any source: a run's `.pt`, a vitlab
   `.safetensors` file, an official checkpoint name or `.npz` file, a timm state dict
-  (`.safetensors`, `.bin`, `.pth`), a timm or transformers folder (or its weights file), or
-  `hf-hub:ORG/NAME[@REVISION]`.
+  (`.safetensors`, `.bin`, `.pth`), a timm or transformers folder (or its weights file), an
+  original release of a later family (Meta's DINOv2 `.pth`, a CLIP state dict of OpenAI's or
+  OpenCLIP's), or `hf-hub:ORG/NAME[@REVISION]`.
 - `load_pretrained(model, source)`: a model initialised from any source for fine-tuning (a head for
   another number of classes starts at zero, as the official fine-tuning does).
 - `save_training_checkpoint` / `restore_training_checkpoint`: a run's weights with everything a
@@ -24,7 +25,7 @@ import torch
 from ..config import VARIANTS, ModelConfig
 from ..errors import CheckpointError
 from ..model import VisionTransformer
-from . import hf_layout, official, official_layout, timm_layout
+from . import dinov2_layout, hf_layout, official, official_layout, timm_layout
 from .files import HUB_PREFIX, atomic_write, fetch_hub
 from .weights import Weights, parse_model_config, read_torch_file, read_weights
 
@@ -121,8 +122,8 @@ def load_model(
     source: str | os.PathLike, model_type: str | None = None
 ) -> tuple[VisionTransformer, list[str]]:
     """(model in eval mode on the CPU, its class names) from any source; `model_type` is the variant
-    of an official `.npz` file, which the file does not say, or of a timm state dict (its heads).
-    Models without class names predict "class N"."""
+    of an official `.npz` file, which the file does not say, of a timm state dict (its heads) or of
+    a CLIP state dict (its GELU). Models without class names predict "class N"."""
     if str(source) in official.OFFICIAL_CHECKPOINTS:
         model = official.official_model(str(source))
         names = official.class_names(model.config.num_classes)
@@ -320,7 +321,9 @@ def _fitted_state(model: VisionTransformer, weights: Weights) -> tuple[dict, lis
 
 
 # How each source resamples its position table to another grid: (table (1, rows, D), prefix rows,
-# new grid side) -> the new table, as that library does when its model is built at another size.
+# new grid side) -> the new table, as that library does when its model is built at another size
+# (OpenCLIP's `resize_pos_embed` is timm's computation, bicubic and antialiased, in the table's
+# dtype where timm's is in float32).
 RESAMPLERS = {
     "official": official_layout.resample_positions,
     "timm": timm_layout.resample_positions,
@@ -329,6 +332,9 @@ RESAMPLERS = {
     "transformers Dinov2WithRegisters": functools.partial(
         hf_layout.resample_positions, float32=True, antialias=True
     ),
+    "openclip": timm_layout.resample_positions,
+    "dinov2": dinov2_layout.resample_positions,
+    "dinov2-reg": dinov2_layout.resample_positions_registers,
 }
 
 

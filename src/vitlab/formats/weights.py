@@ -1,10 +1,12 @@
 """Any checkpoint but an official `.npz`, read into vitlab's layout (`Weights`): a run's `.pt`, a
 vitlab `.safetensors` file, a timm state dict (`.safetensors`, `.bin`, `.pth`), a timm or
-transformers folder or its weights file; and vitlab's `.safetensors` written.
+transformers folder or its weights file, the original releases of the later families (Meta's
+DINOv2 `.pth`, OpenAI's and OpenCLIP's CLIP state dicts); and vitlab's `.safetensors` written.
 
 This module finds out what a file is and dispatches: timm's layout is in `timm_layout.py`,
-transformers' in `hf_layout.py`. Torch files are read with `weights_only=True`: nothing in them is
-executed.
+transformers' in `hf_layout.py`, the original releases' in `dinov2_layout.py` and
+`openclip_layout.py`. Torch files are read with `weights_only=True`: nothing
+in them is executed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from ..config import ModelConfig, get_config
 from ..errors import CheckpointError, ConfigError
 from ..model import VisionTransformer
+from . import dinov2_layout, openclip_layout
 from .files import atomic_write
 from .hf_layout import from_hf, is_hf_state
 from .timm_layout import from_timm, timm_keys
@@ -48,10 +51,11 @@ class Weights:
 
 
 def read_weights(path: Path, variant: str | ModelConfig | None = None) -> Weights:
-    """A vitlab `.pt` or `.safetensors` file, a timm state dict, or a timm or transformers folder or
-    weights file, in vitlab's layout. A timm state dict does not say its attention heads or how its
-    images were fed: `variant` (a variant's name the user gave, or the model it is loaded into)
-    does, else its config.json, else the variant table by width."""
+    """A vitlab `.pt` or `.safetensors` file, a timm state dict, a timm or transformers folder or
+    weights file, or an original release of a later family, in vitlab's layout. A timm state dict
+    does not say its attention heads or how its images were fed, a CLIP state dict its GELU:
+    `variant` (a variant's name the user gave, or the model it is loaded into) does, else its
+    config.json, else the variant table by width."""
     config_path = path / "config.json" if path.is_dir() else path.with_name("config.json")
     if path.is_dir():
         if not config_path.is_file():
@@ -106,6 +110,13 @@ def _convert(
             )
         preprocessor = _read_json(path.with_name("preprocessor_config.json"))
         return Weights(*from_hf(config_json, state, str(path), preprocessor, variant))
+    # Meta's DINOv2 has timm's keys: told apart first
+    for layout in (dinov2_layout, openclip_layout):
+        if layout.is_layout(state):
+            state = layout.timm_state(state, str(path))
+            variant = _variant(variant, state, path) if isinstance(variant, str) else variant
+            config, state, positions = layout.from_original(state, str(path), variant)
+            return Weights(config, state, positions=positions)
     if "patch_embed.proj.weight" in state:
         if isinstance(variant, str):
             variant = _variant(variant, state, path)
@@ -248,6 +259,7 @@ def _check_zip(path: Path, what: str) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
+            scripted = any(n.endswith("/constants.pkl") for n in archive.namelist())
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(
             f"{path}: not a readable {what} (not a complete torch zip archive: {e})"
@@ -255,6 +267,12 @@ def _check_zip(path: Path, what: str) -> None:
     if damaged is not None:
         raise CheckpointError(
             f"{path}: corrupt: {damaged} fails its CRC-32 check; nothing was loaded"
+        )
+    # torch.jit.save's archive (code beside the weights), which torch.load with weights_only refuses
+    if scripted:
+        raise CheckpointError(
+            f"{path}: a TorchScript archive (as OpenAI's CLIP files are), whose code vitlab does "
+            "not run; pass its state dict: torch.save(torch.jit.load(path).state_dict(), file)"
         )
 
 
