@@ -4,7 +4,7 @@
   `.safetensors` file, an official checkpoint name or `.npz` file, a timm state dict
   (`.safetensors`, `.bin`, `.pth`), a timm or transformers folder (or its weights file), an
   original release of a later family (Meta's DINOv2 `.pth`, a CLIP state dict of OpenAI's or
-  OpenCLIP's), or `hf-hub:ORG/NAME[@REVISION]`.
+  OpenCLIP's, big_vision's SigLIP `.npz`), or `hf-hub:ORG/NAME[@REVISION]`.
 - `load_pretrained(model, source)`: a model initialised from any source for fine-tuning (a head for
   another number of classes starts at zero, as the official fine-tuning does).
 - `save_training_checkpoint` / `restore_training_checkpoint`: a run's weights with everything a
@@ -27,6 +27,7 @@ from ..errors import CheckpointError
 from ..model import VisionTransformer
 from . import dinov2_layout, hf_layout, official, official_layout, timm_layout
 from .files import HUB_PREFIX, atomic_write, fetch_hub
+from .siglip_layout import is_two_tower
 from .weights import Weights, parse_model_config, read_torch_file, read_weights
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def load_model(
         names = official.class_names(model.config.num_classes)
     else:
         path = resolve_checkpoint(source)
-        if path.suffix == ".npz":
+        if _official_npz(path):
             model = official.npz_model(path, model_type)
             names = official.class_names(model.config.num_classes)
         else:
@@ -173,7 +174,7 @@ def load_pretrained(
     model must compute what the file's weights were trained to compute (`check_same_function`); a
     file that does not say its heads or how its images are fed takes the model's."""
     path = resolve_checkpoint(source)
-    if path.suffix == ".npz":
+    if _official_npz(path):
         return official.load_official(model, path, verbose)
     weights = read_weights(path, model.config)
     check_same_function(weights.config, model.config, path)
@@ -191,11 +192,17 @@ def pretrained_model(
     to keep); `chosen` names the fields the user set, which the file must not contradict. An
     official `.npz`, which says nothing of its model, is loaded into `wanted`'s."""
     path = resolve_checkpoint(source)
-    if path.suffix == ".npz":
+    if _official_npz(path):
         return official.load_official(VisionTransformer(wanted), path, verbose)
     weights = read_weights(path, wanted)
     config = fine_tuning_config(weights, wanted, chosen, path, verbose)
     return _load_weights(VisionTransformer(config), weights, path, verbose)
+
+
+def _official_npz(path: Path) -> bool:
+    """An `.npz` of vision_transformer's or big_vision's plain ViT (`official.py`), not the
+    image-text file of big_vision's two towers (SigLIP's), which says its own model."""
+    return path.suffix == ".npz" and not is_two_tower(path)
 
 
 # What fine-tuning sets whatever the file: the task (classes, image size) and the regularisation.
@@ -322,8 +329,8 @@ def _fitted_state(model: VisionTransformer, weights: Weights) -> tuple[dict, lis
 
 # How each source resamples its position table to another grid: (table (1, rows, D), prefix rows,
 # new grid side) -> the new table, as that library does when its model is built at another size
-# (OpenCLIP's `resize_pos_embed` is timm's computation, bicubic and antialiased, in the table's
-# dtype where timm's is in float32).
+# (big_vision's `resample_posemb` is the official one; OpenCLIP's `resize_pos_embed` is timm's
+# computation, bicubic and antialiased, in the table's dtype where timm's is in float32).
 RESAMPLERS = {
     "official": official_layout.resample_positions,
     "timm": timm_layout.resample_positions,

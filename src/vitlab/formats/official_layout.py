@@ -137,9 +137,11 @@ def to_official_arrays(model: VisionTransformer) -> dict[str, np.ndarray]:
     return arrays
 
 
-# big_vision's layout (as timm's loader reads it): everything under "opt/target/", the blocks
-# stacked on one leading axis under "Transformer/encoderblock/", sub-modules numbered from 0
-# (attention 0, second LayerNorm 1, MLP 0), and the position embeddings at the top level.
+# big_vision's layout (as timm's loader reads it): everything under a prefix ("opt/target/" in its
+# training checkpoints, "params/img/" for the image tower of its two-tower files: SigLIP, LiT), the
+# position embeddings at the top level, the sub-modules of a block numbered from 0 (attention 0,
+# second LayerNorm 1, MLP 0), the blocks stacked on one leading axis under
+# "Transformer/encoderblock/" (scanned) or one key each.
 _BIG_VISION_NAMES = (
     ("/MultiHeadDotProductAttention_0/", "/MultiHeadDotProductAttention_1/"),
     ("/LayerNorm_1/", "/LayerNorm_2/"),
@@ -147,29 +149,37 @@ _BIG_VISION_NAMES = (
 )
 
 
-def normalise_keys(arrays: dict[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
-    """Keys of any supported layout in the original vision_transformer layout."""
-    if not any(k.startswith("opt/target/") for k in arrays):
+def normalise_keys(
+    arrays: dict[str, np.ndarray], depth: int, prefix: str = "opt/target/"
+) -> dict[str, np.ndarray]:
+    """Keys of any supported layout in the original vision_transformer layout; a big_vision file's
+    are those under `prefix` (the rest, an optimizer's state or another tower, left out)."""
+    if not any(k.startswith(prefix) for k in arrays):
         return arrays
+    arrays = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+    # As timm tells big_vision's numbering: a top-level position table, or stacked blocks
+    renumber = "pos_embedding" in arrays or any(
+        k.startswith("Transformer/encoderblock/") for k in arrays
+    )
     out = {}
     for key, value in arrays.items():
-        if not key.startswith("opt/target/"):
-            continue  # optimizer state
-        key = key.removeprefix("opt/target/")
         if key == "pos_embedding":
             out["Transformer/posembed_input/pos_embedding"] = value
             continue
-        stacked = re.match(r"Transformer/encoderblock/(.*)", key)
-        if not stacked:
+        block = re.fullmatch(r"Transformer/encoderblock(_\d+)?(/.*)", key)
+        if not block or not renumber:
             out[key] = value
+            continue
+        name = block[2]
+        for old, new in _BIG_VISION_NAMES:
+            name = name.replace(old, new)
+        if block[1]:
+            out[f"Transformer/encoderblock{block[1]}{name}"] = value
             continue
         if value.shape[0] != depth:
             raise CheckpointError(
                 f"stacked block parameter {key} has {value.shape[0]} layers, the model has {depth}"
             )
-        name = "/" + stacked.group(1)
-        for old, new in _BIG_VISION_NAMES:
-            name = name.replace(old, new)
         for i in range(depth):  # (depth, ...) -> one key per block
             out[f"Transformer/encoderblock_{i}{name}"] = value[i]
     return out
@@ -199,14 +209,14 @@ _HEADER_READERS = {
 }
 
 
-def _check_npz_sizes(path: Path, budget: int) -> None:
+def _check_npz_sizes(path: Path, budget: int, prefix: str) -> None:
     """Each array's header read (a few bytes, not its data): its stored size must be what its shape
-    and dtype say, and all together at most `budget` numbers. So an archive whose member inflates to
-    gigabytes is refused first."""
+    and dtype say, and all together (those under `prefix`) at most `budget` numbers. So an archive
+    whose member inflates to gigabytes is refused first."""
     total = 0
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
-            if not info.filename.endswith(".npy"):
+            if not info.filename.endswith(".npy") or not info.filename.startswith(prefix):
                 continue
             with archive.open(info) as f:
                 reader = _HEADER_READERS.get(np.lib.format.read_magic(f))
@@ -227,21 +237,24 @@ def _check_npz_sizes(path: Path, budget: int) -> None:
         )
 
 
-def read_npz(path: str | os.PathLike, config: ModelConfig | None = None) -> dict[str, np.ndarray]:
-    """All arrays of an `.npz` file, read without pickle, checked against the size of `config`'s
-    checkpoints (`npz_budget`; ViT-H/14's when None) before reading; one clear error for any
-    damage."""
+def read_npz(
+    path: str | os.PathLike, config: ModelConfig | None = None, prefix: str = ""
+) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` file whose keys start with `prefix` (all by default; the image tower
+    of a two-tower file is read alone), read without pickle, checked against the size of
+    `config`'s checkpoints (`npz_budget`; ViT-H/14's when None) before reading; one clear error for
+    any damage."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         if zipfile.is_zipfile(path):
-            _check_npz_sizes(path, npz_budget(config or get_config("H/14")))
+            _check_npz_sizes(path, npz_budget(config or get_config("H/14")), prefix)
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise CheckpointError(f"{path}: a single .npy array, not an .npz checkpoint")
         with data:
-            arrays = {key: data[key] for key in data.files}
+            arrays = {key: data[key] for key in data.files if key.startswith(prefix)}
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:

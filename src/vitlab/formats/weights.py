@@ -1,11 +1,12 @@
 """Any checkpoint but an official `.npz`, read into vitlab's layout (`Weights`): a run's `.pt`, a
 vitlab `.safetensors` file, a timm state dict (`.safetensors`, `.bin`, `.pth`), a timm or
 transformers folder or its weights file, the original releases of the later families (Meta's
-DINOv2 `.pth`, OpenAI's and OpenCLIP's CLIP state dicts); and vitlab's `.safetensors` written.
+DINOv2 `.pth`, OpenAI's and OpenCLIP's CLIP state dicts, big_vision's SigLIP `.npz`); and vitlab's
+`.safetensors` written.
 
 This module finds out what a file is and dispatches: timm's layout is in `timm_layout.py`,
-transformers' in `hf_layout.py`, the original releases' in `dinov2_layout.py` and
-`openclip_layout.py`. Torch files are read with `weights_only=True`: nothing
+transformers' in `hf_layout.py`, the original releases' in `dinov2_layout.py`,
+`openclip_layout.py` and `siglip_layout.py`. Torch files are read with `weights_only=True`: nothing
 in them is executed.
 """
 
@@ -27,6 +28,7 @@ from ..model import VisionTransformer
 from . import dinov2_layout, openclip_layout
 from .files import atomic_write
 from .hf_layout import from_hf, is_hf_state
+from .siglip_layout import is_two_tower, read_siglip
 from .timm_layout import from_timm, timm_keys
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +44,8 @@ class Weights:
     state: dict[str, torch.Tensor]
     class_names: list[str] | None = None
     # Whose rule resamples the position table to another grid (checkpoints.RESAMPLERS): the
-    # library that wrote the file; vitlab's own files follow the official fine-tuning.
+    # library that wrote the file; vitlab's own files and big_vision's follow the official
+    # fine-tuning.
     positions: str = "official"
 
     @property
@@ -67,6 +70,8 @@ def read_weights(path: Path, variant: str | ModelConfig | None = None) -> Weight
             (path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()),
             None,
         ) or _no_weights(path)
+    if is_two_tower(path):
+        return Weights(*read_siglip(path, variant))
     if path.suffix == ".safetensors" or _is_safetensors(path):
         state, metadata = _read_safetensors(path)
     else:
