@@ -28,7 +28,8 @@ from . import commands, frozen
 
 SOURCE_HELP = (
     "a run's checkpoint (.pt), a vitlab .safetensors file, an official checkpoint name or .npz "
-    "file, a timm state dict (.safetensors, .bin, .pth), a transformers or timm folder, or "
+    "file, a timm state dict (.safetensors, .bin, .pth), a transformers or timm folder, Meta's "
+    "DINOv2 .pth, an OpenAI or OpenCLIP CLIP state dict, big_vision's SigLIP .npz, or "
     "hf-hub:ORG/NAME[@REVISION]"
 )
 
@@ -145,7 +146,8 @@ def _add_source(p: argparse.ArgumentParser) -> None:
         "--model_type",
         "--model-type",
         help="the variant of an official .npz file or a timm state dict (which do "
-        "not say it), e.g. B/16 (`vitlab models`)",
+        "not say it), e.g. B/16, or of a CLIP state dict (its GELU: clip-B/16 or openclip-B/16; "
+        "`vitlab models`)",
     )
 
 

@@ -109,7 +109,9 @@ def _hub_sources() -> str:
         "  timm ViTs                e.g. "
         f"{HUB_PREFIX}timm/vit_base_patch16_224.augreg2_in21k_ft_in1k\n"
         "local files: a run's .pt, vitlab .safetensors, official .npz (with --model_type), timm "
-        "state dicts (.safetensors, .bin, .pth), transformers and timm folders"
+        "state dicts (.safetensors, .bin, .pth), transformers and timm folders, Meta's DINOv2 "
+        ".pth, CLIP state dicts of OpenAI and OpenCLIP (with --model_type), big_vision's SigLIP "
+        ".npz"
     )
 
 
