@@ -13,7 +13,9 @@ from torch import nn
 
 from vitlab.app.cli import main
 from vitlab.config import get_config
-from vitlab.formats.checkpoints import load_model, pretrained_model
+from vitlab.errors import CheckpointError
+from vitlab.formats.checkpoints import load_model, load_pretrained, pretrained_model
+from vitlab.model import create_model
 
 from parity import assert_parity, one_error_line, timm_model
 
@@ -154,6 +156,19 @@ def test_fine_tuning_at_another_size_resamples_as_openclip_does(tmp_path, random
     assert "resized from 4 to 9 patches (openclip's rule)" in capsys.readouterr().out
     # timm resamples as OpenCLIP's resize_pos_embed does (bicubic, antialiased) a float32 table; the head is kept
     assert_parity(ours, timm_clip(arch, path, 48), 48, "OpenCLIP at 48 px")
+
+
+def test_clip_state_dict_loads_into_a_clip_model(tmp_path, randomise):
+    arch = "vit_base_patch16_clip_quickgelu_224"
+    path = tmp_path / "clip.bin"
+    torch.save(openai_state(timm_model(arch, 32, randomise, depth=2)), path)
+    # The Python API's fine-tuning: the model says the GELU, its own head of the file's 7 classes is kept
+    model = create_model("clip-B/16", depth=2, img_size=32, num_classes=7, dropout_rate=0.0)
+    load_pretrained(model, path, verbose=False)
+    assert_parity(model.eval(), timm_clip(arch, path, 32), 32, "CLIP into a clip-B/16 model")
+    plain = create_model("B/16", depth=2, img_size=32, num_classes=7)
+    with pytest.raises(CheckpointError, match="does not say its GELU: .*; B/16 is not one"):
+        load_pretrained(plain, path)
 
 
 def _with(**keys):
