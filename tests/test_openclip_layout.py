@@ -216,6 +216,7 @@ def test_clip_refusals(case, tmp_path, randomise, capsys):
     assert str(path) in line and expected in line, line
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|save)` is deprecated:FutureWarning")
 def test_openais_torchscript_file_is_refused_naming_its_state_dict(tmp_path, capsys):
     # OpenAI's released ViT-B-16.pt is a TorchScript archive: code, which vitlab does not run
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "ViT-B-16.pt")
