@@ -40,16 +40,25 @@ def assert_parity(ours: nn.Module, reference: nn.Module, size: int, case: str, o
     assert difference <= PARITY_ATOL, case
 
 
-class Features(nn.Module):
-    """A vitlab model's pooled features (its head's input): what a file without a head computes, against another
-    library's model without a classifier."""
+class Pooled(nn.Module):
+    """vitlab's model to the vector its head reads (`pooled`: what a file without a head computes), or to its tokens
+    after the final norm."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, pooled: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.pooled = model, pooled
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.model.forward_features(images)
+        return self.model.forward_head(tokens, pre_logits=True) if self.pooled else tokens
+
+
+def backbone_equal(backbone: nn.Module, model: nn.Module) -> None:
+    """`backbone` (a file read without its head) holds `model`'s weights but the head's."""
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("head")}
+    assert ours.keys() <= backbone.state_dict().keys()
+    for key, value in ours.items():
+        assert torch.equal(backbone.state_dict()[key], value), key
 
 
 def one_error_line(capsys) -> str:

@@ -15,9 +15,9 @@ from torch import nn
 from vitlab.app.cli import main
 from vitlab.config import get_config
 from vitlab.errors import CheckpointError
-from vitlab.formats.checkpoints import load_model, pretrained_model
+from vitlab.formats.checkpoints import load_backbone, load_model, pretrained_model
 
-from parity import Features, assert_parity, one_error_line, timm_model
+from parity import Pooled, assert_parity, backbone_equal, one_error_line, timm_model
 
 timm = pytest.importorskip("timm")
 
@@ -102,7 +102,8 @@ def test_meta_dinov2_file_gives_timms_features(case, tmp_path, randomise, capsys
     )
     assert {f: getattr(ours.config, f) for f in {**expected, **dinov2}} == {**expected, **dinov2}
     assert ours.config.num_heads == 6 and ours.config.img_size == 28
-    assert_parity(Features(ours), reference, 28, f"Meta's DINOv2 {case}")
+    assert_parity(Pooled(ours), reference, 28, f"Meta's DINOv2 {case}")
+    backbone_equal(load_backbone(path), ours)  # the frozen-feature commands' reading
     # A hub file has no head: the commands that classify refuse it, naming fine-tuning
     assert main(["predict", str(path), "x.png"]) == 1
     assert "holds no classification head (a feature extractor)" in one_error_line(capsys)
@@ -153,7 +154,7 @@ def test_fine_tuning_at_another_size_resamples_as_dinov2_does(case, tmp_path, ra
     resized = dinov2_positions(state["pos_embed"], 42, 14, offset, antialias)
     torch.save({**state, "pos_embed": resized}, tmp_path / "dinov2-42.pth")
     reference = timm_dinov2(arch, tmp_path / "dinov2-42.pth", 42, depth=2)
-    assert_parity(Features(ours), reference, 42, f"Meta's DINOv2 {case} at 42 px")
+    assert_parity(Pooled(ours), reference, 42, f"Meta's DINOv2 {case} at 42 px")
     # which DINOv2's other rule (timm's, for the models without registers) would not have given
     other = dinov2_positions(state["pos_embed"], 42, 14, 0.1 - offset, not antialias)
     assert not torch.allclose(other, resized, rtol=0, atol=1e-4)

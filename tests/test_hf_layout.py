@@ -24,6 +24,7 @@ from vitlab.model import VisionTransformer, create_model
 from parity import (
     LOGITS,
     PARITY_ATOL,
+    Pooled,
     assert_parity,
     images,
     one_error_line,
@@ -78,18 +79,6 @@ def hf_model(cls: str, seed: int = 0, **tower) -> nn.Module:
             if "Registers" in cls and name.endswith(("cls_token", "position_embeddings")):
                 p.copy_(torch.round(p * 4096) / 4096)
     return model.eval()
-
-
-class Pooled(nn.Module):
-    """vitlab's model to the vector its head reads (`pooled`), or to its tokens after the final norm."""
-
-    def __init__(self, model: VisionTransformer, pooled: bool):
-        super().__init__()
-        self.model, self.pooled = model, pooled
-
-    def forward(self, images):
-        tokens = self.model.forward_features(images)
-        return self.model.forward_head(tokens, pre_logits=True) if self.pooled else tokens
 
 
 class ImageFeatures(nn.Module):

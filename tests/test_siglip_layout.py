@@ -12,9 +12,9 @@ from torch import nn
 
 from vitlab.app.cli import main
 from vitlab.config import get_config
-from vitlab.formats.checkpoints import load_model, pretrained_model
+from vitlab.formats.checkpoints import load_backbone, load_model, pretrained_model
 
-from parity import Features, assert_parity, one_error_line, timm_model
+from parity import Pooled, assert_parity, backbone_equal, one_error_line, timm_model
 
 timm = pytest.importorskip("timm")
 scipy_ndimage = pytest.importorskip("scipy.ndimage")
@@ -161,7 +161,8 @@ def test_siglip_npz_gives_timms_logits(case, tmp_path, randomise, capsys):
         assert main(["predict", str(path), "x.png"]) == 1
         assert "holds no classification head (a feature extractor)" in one_error_line(capsys)
         wanted = get_config("siglip-B/16", depth=2, img_size=32, num_classes=7)
-        ours = Features(pretrained_model(path, wanted, verbose=False).eval())
+        ours = Pooled(pretrained_model(path, wanted, verbose=False).eval())
+        backbone_equal(load_backbone(path), ours.model)  # the frozen-feature commands' reading
     config = (ours.model if not head else ours).config
     siglip = dict(
         name="siglip-B/16",

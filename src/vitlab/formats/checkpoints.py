@@ -154,7 +154,7 @@ def load_backbone(source: str | os.PathLike, model_type: str | None = None) -> V
     extractor, as DINOv2 and SigLIP are released): its blocks are what counts, a missing head is
     zero."""
     path = None if str(source) in official.OFFICIAL_CHECKPOINTS else resolve_checkpoint(source)
-    if path is None or path.suffix == ".npz":
+    if path is None or _official_npz(path):
         return load_model(source, model_type)[0]
     weights = read_weights(path, model_type)
     if not weights.has_head:

@@ -23,8 +23,9 @@ import re
 import torch
 import torch.nn.functional as F
 
-from ..config import VARIANTS, ModelConfig, family
+from ..config import VARIANTS, ModelConfig
 from ..errors import CheckpointError
+from .interop import family_variant
 from .timm_layout import from_timm
 
 # What every DinoVisionTransformer computes (dinov2/models/vision_transformer.py: nn.GELU,
@@ -45,16 +46,9 @@ def from_original(state: dict[str, torch.Tensor], name: str, variant: ModelConfi
     else the DINOv2 variant of the file's width."""
     registers = "reg_token" in state
     width = state["pos_embed"].shape[-1] if "pos_embed" in state else 0
-    base = variant or next(
-        (
-            v
-            for v in VARIANTS.values()
-            if family(v.name) == ("dinov2-reg" if registers else "dinov2")
-            and v.hidden_size == width
-        ),
-        None,
-    )
-    if base is None:
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    base = variant or family_variant("dinov2-reg" if registers else "dinov2", width, patch)
+    if variant is None and base.hidden_size != width:
         raise CheckpointError(
             f"{name}: a DINOv2 model of width {width} is no vitlab variant's and the weights do "
             "not say its attention heads; pass the variant with --model_type"
@@ -65,8 +59,8 @@ def from_original(state: dict[str, torch.Tensor], name: str, variant: ModelConfi
 
 
 def timm_state(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """Meta's state dict in timm's keys: the mask token dropped, the registers' class row folded
-    into the class token, the SwiGLU's w12 and w3 named fc1 and fc2."""
+    """Meta's state dict in timm's keys: the mask token dropped, with registers the class token's
+    position row folded into the class token, the SwiGLU's w12 and w3 named fc1 and fc2."""
     state = {k: v for k, v in state.items() if k != "mask_token"}
     if {"register_tokens", "cls_token", "pos_embed"} <= state.keys():
         pos_embed, cls_token = state.pop("pos_embed"), state.pop("cls_token")

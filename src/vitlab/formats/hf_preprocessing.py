@@ -24,9 +24,8 @@ _SHORTEST_EDGE_PROCESSORS = ("CLIP", "Bit")
 def read_preprocessing(processor: dict | None, fallback: ModelConfig, name: str) -> dict:
     """The ModelConfig fields of how images are fed, from `processor` (preprocessor_config.json),
     else `fallback`'s (the variant the weights are loaded into, or their family's)."""
-    fields = ("image_mean", "image_std", "resize", "crop_pct", "interpolation")
     if not processor:
-        return {f: getattr(fallback, f) for f in fields}
+        return fallback.preprocessing()
 
     def refuse(field: str, why: str):
         raise CheckpointError(

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import VARIANTS, ModelConfig, family, get_config
+from ..config import VARIANTS, ModelConfig, get_config
 from ..errors import CheckpointError, ConfigError
 from ..model import VisionTransformer
+from .interop import family_variant
 from .official_layout import OfficialArrays, normalise_keys, official_state, read_npz
 
 IMAGE_TOWER = "params/img/"
-SIGLIP = [v for v in VARIANTS.values() if family(v.name) == "siglip"]
 
 
 def is_two_tower(path: Path) -> bool:
@@ -120,7 +120,7 @@ def _config(
         )
     pre_logits, head = arrays.get("pre_logits/bias"), arrays.get("head/bias")
     return ModelConfig(
-        name=named.name if named else _siglip_name(width, patch),
+        name=(named or family_variant("siglip", width, patch)).name,
         patch_size=patch,
         hidden_size=width,
         depth=depth,
@@ -133,7 +133,7 @@ def _config(
         img_size=grid * patch,
         gelu="tanh",
         layer_norm_eps=1e-6,
-        **SIGLIP[0].preprocessing(),  # every SigLIP is fed alike
+        **VARIANTS["siglip-B/16"].preprocessing(),  # every SigLIP is fed alike
     )
 
 
@@ -144,12 +144,6 @@ def _need(arrays: dict[str, np.ndarray], key: str, ndim: int, name: str) -> np.n
             "image tower"
         )
     return arrays[key]
-
-
-def _siglip_name(width: int, patch: int) -> str:
-    """The SigLIP variant of this width (and patch size, where one has it): the model's name."""
-    same = [v for v in SIGLIP if v.hidden_size == width]
-    return next((v.name for v in same if v.patch_size == patch), (same or SIGLIP)[0].name)
 
 
 def _map_head(tower: OfficialArrays) -> dict[str, torch.Tensor]:
