@@ -173,6 +173,7 @@ def test_siglip_npz_gives_timms_logits(case, tmp_path, randomise, capsys):
         layer_norm_eps=1e-6,
         image_mean=(0.5, 0.5, 0.5),
         resize="squash",
+        interpolation="bilinear",  # big_vision's resize, where timm and transformers say bicubic
         img_size=32,
     )
     assert {f: getattr(config, f) for f in siglip} == siglip

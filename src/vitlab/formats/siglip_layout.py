@@ -8,7 +8,7 @@ Such a file holds the image tower under `params/img/`: big_vision's ViT (`embedd
 projects, a `head`. The text tower (`params/txt/`) and the loss's temperature and bias (`params/t`,
 `params/b`) are not read. The arrays say the whole shape, the attention heads too (a query kernel
 is (D, heads, head_dim)); big_vision computes as flax does (the tanh GELU, LayerNorm eps 1e-6) and
-feeds SigLIP images squashed to the model's size, in [-1, 1]. The conversion is timm's
+feeds SigLIP images squashed to the model's size, bilinear, in [-1, 1]. The conversion is timm's
 `_load_weights` (its big_vision branch). Block by block the layout is big_vision's plain ViT,
 which `official_layout.py` reads; this module adds the pooling head and what the file says of its
 model.
@@ -31,6 +31,10 @@ from .interop import family_variant
 from .official_layout import OfficialArrays, normalise_keys, official_state, read_npz
 
 IMAGE_TOWER = "params/img/"
+# How big_vision feeds SigLIP's images: squashed to the model's size, bilinear, in [-1, 1]
+# (SigLIP_demo.ipynb: resize(RES)|value_range(-1, 1); pp/ops_image.py: get_resize's "bilinear").
+# timm's and transformers' copies of the weights say bicubic, as the siglip variants do.
+BIG_VISION_IMAGES = {**VARIANTS["siglip-B/16"].preprocessing(), "interpolation": "bilinear"}
 
 
 def is_two_tower(path: Path) -> bool:
@@ -133,7 +137,7 @@ def _config(
         img_size=grid * patch,
         gelu="tanh",
         layer_norm_eps=1e-6,
-        **VARIANTS["siglip-B/16"].preprocessing(),  # every SigLIP is fed alike
+        **BIG_VISION_IMAGES,
     )
 
 
