@@ -90,19 +90,21 @@ def knn_accuracy(
     classified by the k most similar of `train` (features, labels)."""
     if max(ks) > len(train[0]):
         raise DataError(f"k {max(ks)} is more than the {len(train[0])} training images")
-    bank, bank_labels = F.normalize(train[0].float(), dim=1).T, train[1]  # (D, N)
-    queries, labels = F.normalize(test[0].float(), dim=1), test[1]
+    # In float64: near the k-th neighbour and between two classes' votes, float32's rounding can
+    # decide; the formula's own answer does not depend on it
+    bank, bank_labels = F.normalize(train[0].double(), dim=1).T, train[1]  # (D, N)
+    queries, labels = F.normalize(test[0].double(), dim=1), test[1]
     correct = {k: torch.zeros(2) for k in ks}
     for start in range(0, len(queries), chunk):
         similarity = queries[start : start + chunk] @ bank  # (b, N)
         top, index = similarity.topk(max(ks), dim=1)  # sorted, most similar first
-        votes = F.one_hot(bank_labels[index], num_classes).float()  # (b, K, classes)
+        votes = F.one_hot(bank_labels[index], num_classes).double()  # (b, K, classes)
         weights = (top / temperature).exp()[..., None]
         truth = labels[start : start + chunk, None]
         for k in ks:
             ranked = (votes[:, :k] * weights[:, :k]).sum(dim=1).argsort(dim=1, descending=True)
             hits = ranked[:, : min(5, k)] == truth
-            correct[k] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
+            correct[k] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
     return {k: (c[0].item() / len(queries), c[1].item() / len(queries)) for k, c in correct.items()}
 
 
