@@ -1,8 +1,8 @@
 """A run's folders and what guards them: output/<name> and logs/<name> claimed by one live run (a
 lock in each), an earlier run never replaced unless asked, a resume refused where it would change
-the run's course, the metrics log replayed from a checkpoint, and the signals a scheduler sends
-before it preempts a job turned into a stop at the next step boundary. `train.py` is the training
-itself."""
+the run's course, the metrics log replayed from a checkpoint, the progress bar, and the signals a
+scheduler sends before it preempts a job turned into a stop at the next step boundary. `train.py`
+is the training itself."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import threading
 import time
 import warnings
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, VitlabError, VitlabWarning
@@ -176,6 +178,29 @@ def _record_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
         return math.inf
+
+
+def progress_bar(config: TrainConfig, step: int, show: bool) -> tqdm:
+    """The run's bar: steps done, the remaining time at the average rate (evaluations included as
+    they come, which a moving average would take for a slowdown), loss and images/s."""
+    return tqdm(
+        total=config.num_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not show,
+        dynamic_ncols=True,
+        smoothing=0,
+    )
+
+
+def time_from_here(bar: tqdm) -> None:
+    """Count the bar's rate, and so the remaining time, from the end of the run's first step: that
+    step also pays for one-off set-up (kernels chosen and built, memory first touched; 2-3x a later
+    step on a 2-core CPU), which would stretch the whole run's estimate."""
+    if not bar.disable:
+        bar.initial = bar.n
+        bar.start_t += bar.format_dict["elapsed"]  # now, on tqdm's clock
 
 
 # ---------------------------------------------------------------------------------------------
