@@ -504,18 +504,17 @@ def test_the_remaining_time_is_counted_from_the_end_of_the_first_step(monkeypatc
 
     clock = [1000.0]
     monkeypatch.setattr(std, "time", lambda: clock[0])  # tqdm's clock
-    bar = runs.progress_bar(TrainConfig(name="x", num_steps=11), 0, show=True)
+    bar = runs.ProgressBar(TrainConfig(name="x", num_steps=11), 0, show=True)
     clock[0] += 30.0  # the first step, with its one-off set-up
     bar.update(1)
-    runs.time_from_here(bar)
+    bar.time_from_here()
     for _ in range(2):
         clock[0] += 2.0
         bar.update(1)
     shown = bar.format_meter(**bar.format_dict)
     bar.close()
-    assert (
-        "3/11 [00:04<00:16," in shown
-    )  # 8 steps left at 2 s each; 30 s in the first would have said 01:31
+    # 8 steps left at 2 s each (the first step's 30 s counted would have said 01:31), 34 s elapsed
+    assert "3/11 [00:34<00:16,  2.00s/step" in shown
 
 
 # ---------------------------------------------------------------------------------------------

@@ -180,27 +180,34 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
-def progress_bar(config: TrainConfig, step: int, show: bool) -> tqdm:
-    """The run's bar: steps done, the remaining time at the average rate (evaluations included as
-    they come, which a moving average would take for a slowdown), loss and images/s."""
-    return tqdm(
-        total=config.num_steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=not show,
-        dynamic_ncols=True,
-        smoothing=0,
-    )
+class ProgressBar(tqdm):
+    """The run's bar: steps done, the time elapsed and the time remaining at the average rate (the
+    evaluations counted as they come, which a moving average would take for a slowdown), counted
+    from the end of the first step once `time_from_here` is called there: that step also pays for
+    one-off set-up (kernels chosen and built, memory first touched; 2-3x a later step on a 2-core
+    CPU), which would stretch the whole run's estimate."""
 
+    def __init__(self, config: TrainConfig, step: int, show: bool):
+        self.since: tuple[float, float] | None = None  # (elapsed, steps) where the rate starts
+        super().__init__(
+            total=config.num_steps,
+            initial=step,
+            desc="train",
+            unit="step",
+            disable=not show,
+            dynamic_ncols=True,
+            smoothing=0,
+        )
 
-def time_from_here(bar: tqdm) -> None:
-    """Count the bar's rate, and so the remaining time, from the end of the run's first step: that
-    step also pays for one-off set-up (kernels chosen and built, memory first touched; 2-3x a later
-    step on a 2-core CPU), which would stretch the whole run's estimate."""
-    if not bar.disable:
-        bar.initial = bar.n
-        bar.start_t += bar.format_dict["elapsed"]  # now, on tqdm's clock
+    def time_from_here(self) -> None:
+        self.since = (self.format_dict["elapsed"], self.n)
+
+    @property
+    def format_dict(self) -> dict:
+        values = super().format_dict
+        if self.since and values["elapsed"] > self.since[0] and values["n"] > self.since[1]:
+            values["rate"] = (values["n"] - self.since[1]) / (values["elapsed"] - self.since[0])
+        return values
 
 
 # ---------------------------------------------------------------------------------------------

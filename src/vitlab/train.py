@@ -37,13 +37,12 @@ from .model import VisionTransformer
 from .optim import configure_optimizer, freeze, set_learning_rate
 from .runs import (
     MetricsLog,
+    ProgressBar,
     Stopped,
     StopSignals,
     check_resume,
     claim_run_directory,
-    progress_bar,
     release,
-    time_from_here,
 )
 from .runtime import DTYPES, Processes, autocast, micro_batches, precision_line, resolve_precision
 
@@ -111,7 +110,7 @@ def train(config: TrainConfig) -> dict:
             num_workers=config.num_workers,
         )
         state = start(job)
-        bar = progress_bar(config, state.step, show=processes.is_main)
+        bar = ProgressBar(config, state.step, show=processes.is_main)
         job.train_model.train()
         started, images_seen, first = time.perf_counter(), 0, state.step
         with bar, StopSignals() as stops:
@@ -126,7 +125,7 @@ def train(config: TrainConfig) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.1f}")
                 if state.step == first + 1:
-                    time_from_here(bar)
+                    bar.time_from_here()
                 if job.log and (
                     state.step % config.log_every == 0 or state.step == config.num_steps
                 ):
