@@ -3,6 +3,7 @@ user can fix (torch's included), tracebacks for bugs and under --debug."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from types import SimpleNamespace
 
@@ -320,10 +321,12 @@ def test_a_steps_memory_is_what_autograd_keeps_counted_as_it_runs(precision, per
     saved = [runtime._saved_bytes(model, n, precision=precision, device=cpu) for n in (1, 2, 3)]
     assert saved == [weights + n * per_image for n in (1, 2, 3)]
     step = runtime.step_memory(model, batch_size=8, precision=precision, device=cpu)
-    # And a block's activations and their gradients in its backward (depth 1: the whole network again, twice)
-    assert step.per_image == 3 * per_image
+    # And a block's activations and their gradients in its backward (depth 1: the whole network again, twice),
+    # with the slack of a CPU's heap
+    assert step.per_image == math.ceil(3 * per_image * runtime.CPU_HEAP_SLACK)
     trained = sum(p.numel() for p in model.parameters()) * 4
-    assert step.fixed == 3 * trained + weights + 3 * 8 * 3 * 4 * 4 * 4
+    images = 3 * 8 * 3 * 4 * 4 * 4
+    assert step.fixed == math.ceil((3 * trained + weights + images) * runtime.CPU_HEAP_SLACK)
 
 
 def test_measuring_a_step_leaves_the_random_state_and_the_mode_as_they_were():
