@@ -281,15 +281,17 @@ def _saved_bytes(model: torch.nn.Module, n: int, *, precision: str, device: torc
         return t
 
     size, training = model.config.img_size, model.training
-    with (
-        torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []),
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        autocast(device, precision),
-    ):
-        images = torch.rand(n, 3, size, size, device=device) * 2 - 1
-        out = model.train()(images.to(DTYPES[precision]))
-    del out
-    model.train(training)
+    try:
+        with (
+            torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            autocast(device, precision),
+        ):
+            images = torch.rand(n, 3, size, size, device=device) * 2 - 1
+            out = model.train()(images.to(DTYPES[precision]))
+        del out
+    finally:
+        model.train(training)
     return sum(storages.values())
 
 
