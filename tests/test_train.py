@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlab import fastpaths
+from vitlab import fastpaths, runs, runtime
 from vitlab import train as vtrain
 from vitlab.app.cli import build_parser, main, train_config_from_args
 from vitlab.batches import eval_batches
@@ -163,48 +164,108 @@ def parse(argv: list[str]) -> TrainConfig:
     return train_config_from_args(build_parser().parse_args(argv))
 
 
-def test_seed_command_line_has_the_seeds_defaults():
+# The seed: the tutorial's train.py, every flag with its default and, where it has them, its choices (its
+# --train_batch_size is 16: the run behind its headline, 95.66% after 100 steps, logs train_batch_size=16).
+SEED_FLAGS = {
+    "name": (None, None),  # required
+    "dataset": ("cifar10", ("cifar10", "cifar100")),
+    "model_type": (
+        "ViT-B_16",
+        ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "R50-ViT-B_16"),
+    ),
+    "pretrained_dir": ("checkpoint/ViT-B_16.npz", None),
+    "output_dir": ("output", None),
+    "img_size": (224, None),
+    "train_batch_size": (16, None),
+    "eval_batch_size": (64, None),
+    "eval_every": (100, None),
+    "learning_rate": (3e-2, None),
+    "weight_decay": (0, None),
+    "num_steps": (10000, None),
+    "decay_type": ("cosine", ("cosine", "linear")),
+    "warmup_steps": (500, None),
+    "max_grad_norm": (1.0, None),
+    "local_rank": (-1, None),
+    "seed": (42, None),
+    "gradient_accumulation_steps": (1, None),
+    "fp16": (False, None),  # store_true
+    "fp16_opt_level": ("O2", None),
+    "loss_scale": (0, None),
+}
+ANY = object()  # a setting the seed's run never reads (AdamW's betas: it ran SGD)
+# vitlab's own settings that change a run's course (resume="same"), at the value that computes what the seed did
+SEED_BEHAVIOUR = {
+    "val_split": 0.0,  # it evaluated on the test split
+    "precision": "fp32",
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "adam_betas": ANY,
+    "label_smoothing": 0.0,
+    "augment": "resized_crop",
+    "min_scale": 0.05,
+    "hflip": False,
+    "randaugment": "",
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "mixup_switch_prob": ANY,
+    "random_erasing": 0.0,
+    "ema": 0.0,
+    "layer_decay": 1.0,
+    "freeze": "none",
+    "model": {},
+}
+
+
+def seed_departures() -> dict[str, object]:
+    """vitlab's defaults that differ from what the seed ran, by setting."""
+    seed = {name: default for name, (default, _) in SEED_FLAGS.items()} | SEED_BEHAVIOUR
+    defaults = TrainConfig()
+    return {
+        name: getattr(defaults, name)
+        for name, value in seed.items()
+        if name != "name" and value is not ANY and getattr(defaults, name) != value
+    }
+
+
+def test_every_flag_of_the_seed_keeps_its_default_and_choices():
+    defaults = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, (default, choices) in SEED_FLAGS.items():
+        assert name in defaults, name
+        if name != "name" and name not in seed_departures():
+            assert getattr(TrainConfig(), name) == default, name
+        for choice in choices or ():  # each of the seed's choices is taken
+            parse(["train", "--name", "x", f"--{name}", choice]).validate()
+    # --name is required, and the tutorial's job's command line gives the seed's run
+    with pytest.raises(ConfigError, match="--name is required"):
+        parse(["train"]).validate()
     config = parse(
-        [
-            "train",
-            "--name",
-            "cifar10-100_500",
-            "--dataset",
-            "cifar10",
-            "--model_type",
-            "ViT-B_16",
-            "--num_steps",
-            "100",
-        ]
+        "train --name cifar10-100_500 --dataset cifar10 --model_type ViT-B_16 --num_steps 100".split()
     )
-    expected = dict(
-        name="cifar10-100_500",
-        dataset="cifar10",
-        model_type="ViT-B_16",
-        num_steps=100,
-        img_size=224,
-        train_batch_size=512,
-        eval_batch_size=64,
-        eval_every=100,
-        learning_rate=3e-2,
-        weight_decay=0.0,
-        decay_type="cosine",
-        warmup_steps=500,
-        max_grad_norm=1.0,
-        local_rank=-1,
-        seed=42,
-        gradient_accumulation_steps=1,
-        fp16=False,
-        fp16_opt_level="O2",
-        loss_scale=0.0,
-        output_dir="output",
-    )
-    for key, value in expected.items():
-        assert getattr(config, key) == value, key
-        assert type(getattr(config, key)) is type(value), key
     config.validate()
-    # Every other setting is the default
     assert config == TrainConfig(name="cifar10-100_500", num_steps=100)
+    assert (config.train_batch_size, config.gradient_accumulation_steps) == (16, 1)
+
+
+def test_vitlabs_settings_that_change_a_run_are_each_at_the_seeds_value_or_a_listed_departure():
+    # A new setting that changes a run's course must say what the seed did, here
+    course = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume") == "same"}
+    assert course - set(SEED_FLAGS) == set(SEED_BEHAVIOUR)
+    assert seed_departures() == {
+        "pretrained_dir": "auto",
+        "val_split": 0.02,
+        "hflip": True,
+        "precision": "auto",
+    }
+
+
+def test_the_readme_lists_the_departures_from_the_seed():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = readme.split("Departures from the tutorial's run", 1)[1].split("\n\n", 1)[0]
+    items = re.findall(r"^- `--(\w+)(?: ([^`]+))?`", listed, flags=re.MULTILINE)
+    assert {name: value or True for name, value in items} == {
+        name: str(value) if not isinstance(value, bool) else value
+        for name, value in seed_departures().items()
+    }
 
 
 def test_the_vitlab_command_keeps_freed_memory_for_reuse(monkeypatch):
@@ -381,6 +442,79 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     bound = reordered_training_bound(tiny_config(tmp_path, "bound", data, num_steps=5))
     for key in states[1]:
         assert_within(states[4][key], states[1][key], bound(states[1][key]), key)
+
+
+def memory_holding(monkeypatch, images: float) -> None:
+    """This machine's memory, as `vitlab train` measures it, made to hold `images` images a micro-batch."""
+    monkeypatch.setattr(
+        runtime, "step_memory", lambda *a, **k: runtime.StepMemory(fixed=0, per_image=1)
+    )
+    monkeypatch.setattr(
+        runtime, "available_memory", lambda device: runtime.Memory(images, "free", 1.0)
+    )
+
+
+def test_a_batch_that_does_not_fit_is_accumulated_to_the_same_update(tmp_path, monkeypatch, capsys):
+    # 10 images where 4 fit: micro-batches of 4, 3 and 3, each loss weighted by its share of the batch
+    data = make_image_folder(tmp_path / "data")
+    states, lines = {}, {}
+    for name, fits in (("whole", 100), ("split", 4.5)):
+        memory_holding(monkeypatch, fits)
+        capsys.readouterr()
+        train(tiny_config(tmp_path, name, data, train_batch_size=10, num_steps=5, eval_every=5))
+        lines[name] = [
+            line for line in capsys.readouterr().out.splitlines() if line.startswith("batch ")
+        ]
+        checkpoint = read_checkpoint(tmp_path / "output" / name / "last.pt")
+        states[name] = (checkpoint["model"], checkpoint["accumulation_steps"])
+    assert lines["whole"] == [lines["whole"][0]] and lines["whole"][0].startswith(
+        "batch 10 in one pass (it fits;"
+    )
+    assert lines["split"][0].startswith(
+        "batch 10: 3 micro-batches of at most 4 images, accumulated (the whole batch would not fit;"
+    )
+    assert (states["whole"][1], states["split"][1]) == (1, 3)
+    bound = reordered_training_bound(
+        tiny_config(tmp_path, "bound", data, train_batch_size=10, num_steps=5)
+    )
+    for key, value in states["whole"][0].items():
+        assert_within(states["split"][0][key], value, bound(value), key)
+
+
+def test_resume_keeps_the_runs_micro_batches_where_they_fit(data_dir, monkeypatch, capsys):
+    memory_holding(monkeypatch, 4)  # 8 images: 2 micro-batches of 4
+    assert run_cli(base_argv(data_dir, "--num_steps", "2"), capsys)[0] == 0
+    memory_holding(monkeypatch, 100)
+    rc, out, err = run_cli(base_argv(data_dir, "--num_steps", "4", "--resume"), capsys)
+    assert rc == 0, err
+    assert "batch 8: 2 micro-batches of 4 images, accumulated (as the run resumed had it;" in out
+    assert read_checkpoint(Path("output") / "x" / "last.pt")["accumulation_steps"] == 2
+    memory_holding(monkeypatch, 2)
+    rc, out, err = run_cli(base_argv(data_dir, "--num_steps", "6", "--resume"), capsys)
+    assert rc == 0, err
+    assert (
+        "vitlab: warning: the run accumulated 2 micro-batches an update and goes on with 4 here: it will not be "
+        "bit-exact with an uninterrupted run\n"
+    ) in err
+    assert read_checkpoint(Path("output") / "x" / "last.pt")["accumulation_steps"] == 4
+
+
+def test_the_remaining_time_is_counted_from_the_end_of_the_first_step(monkeypatch, capsys):
+    from tqdm import std
+
+    clock = [1000.0]
+    monkeypatch.setattr(std, "time", lambda: clock[0])  # tqdm's clock
+    bar = runs.ProgressBar(TrainConfig(name="x", num_steps=11), 0, show=True)
+    clock[0] += 30.0  # the first step, with its one-off set-up
+    bar.update(1)
+    bar.time_from_here()
+    for _ in range(2):
+        clock[0] += 2.0
+        bar.update(1)
+    shown = bar.format_meter(**bar.format_dict)
+    bar.close()
+    # 8 steps left at 2 s each (the first step's 30 s counted would have said 01:31), 34 s elapsed
+    assert "3/11 [00:34<00:16,  2.00s/step" in shown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,6 +857,8 @@ def test_a_second_live_run_on_the_same_name_is_refused(tmp_path):
         (["--train_batch_size", "4"], "--train_batch_size 8"),
         (["--learning_rate", "0.1"], "--learning_rate 0.05, this one 0.1"),
         (["--patch_drop_rate", "0.25"], "--patch_drop_rate the variant's, this one 0.25"),
+        (["--precision", "bf16"], "--precision fp32, this one bf16"),
+        (["--precision", "auto"], "--precision fp32, this one auto"),
     ],
 )
 def test_resume_with_a_setting_that_changes_the_run_is_refused(data_dir, capsys, change, named):
@@ -1038,9 +1174,32 @@ def test_from_scratch_recipe_trains(tmp_path, monkeypatch, capsys):
     )
     native = fastpaths.native_bf16(torch.device("cpu"))
     # Auto: bf16 only where it is native
-    assert f"device cpu, precision {'bf16' if native else 'fp32'};" in out
+    assert f"device cpu, precision {'bf16' if native else 'fp32'} (auto: " in out
     state = read_checkpoint(tmp_path / "output" / "scratch" / "last.pt")
     assert set(state["optimizer"]) == {"muon", "adamw"} and state["step"] == 2
+
+
+def test_train_runs_auto_precision_by_default_and_says_so_in_its_first_lines(data_dir, capsys):
+    argv = base_argv(data_dir, name="default")
+    del argv[
+        argv.index("--precision") : argv.index("--precision") + 2
+    ]  # TINY's fp32 out: the default
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    native = fastpaths.native_bf16(torch.device("cpu"))
+    why = "bf16 runs natively here" if native else "bf16 is not native here"
+    first = f"device cpu, precision {'bf16' if native else 'fp32'} (auto: {why}; --precision fp32 computes as the tutorial did)"
+    lines = out.splitlines()
+    at = lines.index(first)
+    assert lines[at + 1].startswith("batch 8 in one pass (it fits; a step needs about ")
+    assert lines[at + 2].startswith("fast paths: ")
+    assert json.loads(Path("output/default/config.json").read_text())["precision"] == "auto"
+    assert read_checkpoint(Path("output/default/last.pt"))["precision"] == (
+        "bf16" if native else "fp32"
+    )
+    rc, out, err = run_cli(base_argv(data_dir, "--precision", "fp32", name="fp32"), capsys)
+    assert rc == 0, err
+    assert "device cpu, precision fp32" in out.splitlines()
 
 
 def test_resume_with_another_optimizer_is_refused(data_dir, capsys):

@@ -1,8 +1,8 @@
 """A run's folders and what guards them: output/<name> and logs/<name> claimed by one live run (a
 lock in each), an earlier run never replaced unless asked, a resume refused where it would change
-the run's course, the metrics log replayed from a checkpoint, and the signals a scheduler sends
-before it preempts a job turned into a stop at the next step boundary. `train.py` is the training
-itself."""
+the run's course, the metrics log replayed from a checkpoint, the progress bar, and the signals a
+scheduler sends before it preempts a job turned into a stop at the next step boundary. `train.py`
+is the training itself."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import threading
 import time
 import warnings
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, VitlabError, VitlabWarning
@@ -176,6 +178,36 @@ def _record_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
         return math.inf
+
+
+class ProgressBar(tqdm):
+    """The run's bar: steps done, the time elapsed and the time remaining at the average rate (the
+    evaluations counted as they come, which a moving average would take for a slowdown), counted
+    from the end of the first step once `time_from_here` is called there: that step also pays for
+    one-off set-up (kernels chosen and built, memory first touched; 2-3x a later step on a 2-core
+    CPU), which would stretch the whole run's estimate."""
+
+    def __init__(self, config: TrainConfig, step: int, show: bool):
+        self.since: tuple[float, float] | None = None  # (elapsed, steps) where the rate starts
+        super().__init__(
+            total=config.num_steps,
+            initial=step,
+            desc="train",
+            unit="step",
+            disable=not show,
+            dynamic_ncols=True,
+            smoothing=0,
+        )
+
+    def time_from_here(self) -> None:
+        self.since = (self.format_dict["elapsed"], self.n)
+
+    @property
+    def format_dict(self) -> dict:
+        values = super().format_dict
+        if self.since and values["elapsed"] > self.since[0] and values["n"] > self.since[1]:
+            values["rate"] = (values["n"] - self.since[1]) / (values["elapsed"] - self.since[0])
+        return values
 
 
 # ---------------------------------------------------------------------------------------------

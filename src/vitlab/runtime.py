@@ -1,11 +1,15 @@
 """Where and how a job runs: one device resolver and one precision vocabulary for every command,
-autocast, and the processes of a multi-process (torchrun) run."""
+autocast, the processes of a multi-process (torchrun) run, and how many images of a training
+batch fit the device's memory at once."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -73,6 +77,14 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def precision_line(requested: str, resolved: str) -> str:
+    """The run's precision and why, for its first lines."""
+    if requested != "auto":
+        return f"precision {resolved}"
+    why = "bf16 runs natively here" if resolved == "bf16" else "bf16 is not native here"
+    return f"precision {resolved} (auto: {why}; --precision fp32 computes as the tutorial did)"
+
+
 # The dtype each resolved precision computes in (autocast's; the training batches are made in it).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -131,3 +143,193 @@ class Processes:
     def close(self) -> None:
         if self.distributed:
             torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: how many images of a training batch fit at once
+
+# A CPU run takes half of the memory available when it starts, shared among the processes on the
+# machine; the other half stays with the machine's other programs and the page cache. A GPU run
+# takes 85% of the device's free memory: the rest absorbs the caching allocator's fragmentation.
+CPU_SHARE, CUDA_SHARE = 0.5, 0.85
+# On a CPU a step's peak resident memory exceeds its live tensors: glibc's heap, as the vitlab command
+# keeps it (fastpaths.keep_freed_memory), fragments. Measured up to 1.59x (B/16 at 224 px in bf16, 8
+# micro-batches of 64: benchmarks/RESULTS.md, 2026-12-05).
+CPU_HEAP_SLACK = 1.6
+# A cgroup without a limit reads "max" (v2) or a number near 2**63 (v1)
+_NO_LIMIT = 1 << 60
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes free on this process's device, where that figure comes from, and the share of it this
+    process may use."""
+
+    available: int
+    source: str
+    share: float
+
+    @property
+    def usable(self) -> float:
+        return self.available * self.share
+
+
+def available_memory(
+    device: torch.device, *, meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup"
+) -> Memory | None:
+    """The device's free memory; on a CPU, the machine's MemAvailable, or the cgroup's limit less
+    its usage where that is lower. None where the system does not say (a CPU without /proc)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return Memory(free + cached, f"free on {torch.cuda.get_device_name(device)}", CUDA_SHARE)
+    share = CPU_SHARE / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    found = []
+    try:
+        fields = dict(line.split(":", 1) for line in Path(meminfo).read_text().splitlines())
+        found.append(Memory(int(fields["MemAvailable"].split()[0]) * 1024, "available", share))
+    except (OSError, KeyError, ValueError):
+        pass
+    # v2, then v1; usage counts the cgroup's page cache, so this errs low
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit = Path(cgroup, limit_file).read_text().strip()
+            usage = int(Path(cgroup, usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < _NO_LIMIT:
+            found.append(Memory(max(int(limit) - usage, 0), "left under the cgroup's limit", share))
+        break
+    return min(found, key=lambda m: m.available) if found else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepMemory:
+    """Bytes a training step of one process needs: `fixed` whatever the micro-batch (gradients,
+    optimizer state, the update's images, the forward's weight copies), `per_image` for each image
+    of a micro-batch (what its forward keeps for the backward, and what a block's backward makes)."""
+
+    fixed: int
+    per_image: int
+
+
+def micro_batches(
+    model: torch.nn.Module,
+    *,
+    batch_size: int,
+    at_least: int,
+    precision: str,
+    previous: int | None = None,
+) -> tuple[int, str]:
+    """How many micro-batches an update's `batch_size` images (this process's) are split into on the
+    model's device, and why (`choose_accumulation`, with the step measured on `model`); a resumed
+    run's split, `previous`, is kept where it fits, and a warning says where it is not."""
+    device = next(model.parameters()).device
+    step = step_memory(model, batch_size=batch_size, precision=precision, device=device)
+    steps, line = choose_accumulation(
+        batch_size, at_least=at_least, step=step, memory=available_memory(device), previous=previous
+    )
+    if previous is not None and steps != previous:
+        warnings.warn(
+            f"the run accumulated {previous} micro-batches an update and goes on with {steps} "
+            "here: it will not be bit-exact with an uninterrupted run",
+            VitlabWarning,
+            stacklevel=2,
+        )
+    return steps, line
+
+
+def step_memory(
+    model: torch.nn.Module, *, batch_size: int, precision: str, device: torch.device
+) -> StepMemory:
+    """Measured on the model as it will train: a forward of 1 and of 2 images, with autograd's
+    saved tensors counted (their difference is an image's; the rest, weight copies)."""
+    saved = [_saved_bytes(model, n, precision=precision, device=device) for n in (1, 2)]
+    block = (saved[1] - saved[0]) / model.config.depth
+    if model.grad_checkpointing:  # the block that the backward recomputes, unchecked
+        try:
+            model.grad_checkpointing = False
+            block = _saved_bytes(model, 1, precision=precision, device=device) / model.config.depth
+        finally:
+            model.grad_checkpointing = True
+    # Each image: what it keeps, and a block's activations and their gradients in the backward
+    per_image = saved[1] - saved[0] + 2 * block
+    # Gradients and two optimizer tensors a parameter (AdamW's; SGD and Muon keep one), and the
+    # update's images with the augmentation's working copies, three in float32
+    trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    images = 3 * batch_size * 3 * model.config.img_size**2 * 4
+    fixed = 3 * trained + 2 * saved[0] - saved[1] + images
+    slack = CPU_HEAP_SLACK if device.type == "cpu" else 1.0
+    return StepMemory(
+        fixed=max(math.ceil(fixed * slack), 0), per_image=max(math.ceil(per_image * slack), 1)
+    )
+
+
+def _saved_bytes(model: torch.nn.Module, n: int, *, precision: str, device: torch.device) -> int:
+    """Bytes of the tensors autograd keeps from a training forward of `n` random images, the
+    parameters not counted; the random state and the model's mode are left as they were."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    size, training = model.config.img_size, model.training
+    try:
+        with (
+            torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            autocast(device, precision),
+        ):
+            images = torch.rand(n, 3, size, size, device=device) * 2 - 1
+            out = model.train()(images.to(DTYPES[precision]))
+        del out
+    finally:
+        model.train(training)
+    return sum(storages.values())
+
+
+def choose_accumulation(
+    batch_size: int,
+    *,
+    at_least: int,
+    step: StepMemory,
+    memory: Memory | None,
+    previous: int | None = None,
+) -> tuple[int, str]:
+    """How many micro-batches (of sizes that differ by one at most) an update's `batch_size` images
+    are split into, and why: `at_least` of them, and as few as fit `memory`'s usable share with
+    `step`'s needs, the largest a power of two when the batch does not fit whole (a small change in
+    the memory free then leaves the split as it was); or `previous`, a resumed run's split, where it
+    fits and is not fewer than asked."""
+    asked = f"--gradient_accumulation_steps {at_least}"
+    if memory is None:
+        return at_least, f"{asked}: this system does not say how much memory is free"
+    fits = int((memory.usable - step.fixed) // step.per_image)
+    if previous is not None and previous >= at_least and math.ceil(batch_size / previous) <= fits:
+        steps, why = previous, "as the run resumed had it"
+    elif math.ceil(batch_size / at_least) <= fits:
+        steps, why = at_least, "it fits" if at_least == 1 else f"{asked}; it fits"
+    else:
+        micro = 2 ** int(math.log2(max(fits, 1)))
+        steps, why = max(at_least, math.ceil(batch_size / micro)), "the whole batch would not fit"
+    micro = math.ceil(batch_size / steps)
+    split = (
+        f": {steps} micro-batches of {'' if batch_size % steps == 0 else 'at most '}{micro} "
+        f"image{'s' if micro > 1 else ''}, accumulated"
+        if steps > 1
+        else " in one pass"
+    )
+    needs = step.fixed + micro * step.per_image
+    line = (
+        f"batch {batch_size}{split} ({why}; a step needs about {needs / 1e9:.1f} GB of the "
+        f"{memory.usable / 1e9:.1f} GB usable, {memory.share:.0%} of the "
+        f"{memory.available / 1e9:.1f} GB {memory.source})"
+    )
+    return steps, line + ("; even one image may not fit" if fits < 1 else "")

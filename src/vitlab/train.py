@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
 
 from . import randomness
 from .augment import Augmentation
@@ -36,8 +35,16 @@ from .fastpaths import describe
 from .formats import checkpoints, official
 from .model import VisionTransformer
 from .optim import configure_optimizer, freeze, set_learning_rate
-from .runs import MetricsLog, Stopped, StopSignals, check_resume, claim_run_directory, release
-from .runtime import DTYPES, Processes, autocast, resolve_precision
+from .runs import (
+    MetricsLog,
+    ProgressBar,
+    Stopped,
+    StopSignals,
+    check_resume,
+    claim_run_directory,
+    release,
+)
+from .runtime import DTYPES, Processes, autocast, micro_batches, precision_line, resolve_precision
 
 
 @dataclass
@@ -49,9 +56,11 @@ class TrainState:
     best_accuracy: float = -1.0
     best_step: int = 0
     saved_step: int = 0  # the step of last.pt, the last good checkpoint
+    accumulation_steps: int = 1  # micro-batches an update (runtime.choose_accumulation)
 
     def progress(self) -> dict:
-        return {"step": self.step, "best": {"accuracy": self.best_accuracy, "step": self.best_step}}
+        best = {"accuracy": self.best_accuracy, "step": self.best_step}
+        return {"step": self.step, "best": best, "accumulation_steps": self.accumulation_steps}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,8 +99,7 @@ def train(config: TrainConfig) -> dict:
         config.validate(processes.world_size)
         locks = claim_run_directory(config) if processes.is_main else []  # before any slow set-up
         job = set_up(config, processes)
-        state = start(job)
-        batches = TrainBatches(
+        batches = TrainBatches(  # the dataset on the device before its memory is measured
             job.train_data,
             Augmentation.from_config(config, job.model.config, DTYPES[job.precision]),
             batch_size=config.train_batch_size,
@@ -101,16 +109,10 @@ def train(config: TrainConfig) -> dict:
             world_size=processes.world_size,
             num_workers=config.num_workers,
         )
-        bar = tqdm(
-            total=config.num_steps,
-            initial=state.step,
-            desc="train",
-            unit="step",
-            disable=not processes.is_main,
-            dynamic_ncols=True,
-        )
+        state = start(job)
+        bar = ProgressBar(config, state.step, show=processes.is_main)
         job.train_model.train()
-        started, images_seen = time.perf_counter(), 0
+        started, images_seen, first = time.perf_counter(), 0, state.step
         with bar, StopSignals() as stops:
             for images, labels in batches(state.step, config.num_steps):
                 lr = set_learning_rate(job.optimizer, config, state.step)
@@ -122,6 +124,8 @@ def train(config: TrainConfig) -> dict:
                 speed = images_seen / (time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.1f}")
+                if state.step == first + 1:
+                    bar.time_from_here()
                 if job.log and (
                     state.step % config.log_every == 0 or state.step == config.num_steps
                 ):
@@ -212,8 +216,8 @@ def make_scaler(config: TrainConfig, precision: str, device: torch.device) -> to
 
 def start(job: Job) -> TrainState:
     """A fresh state, or the state of the checkpoint --resume names (weights, optimizer and scaler
-    restored too)."""
-    config, state = job.config, TrainState()
+    restored too); the update's micro-batches chosen, and the run's first lines printed."""
+    config, state, payload = job.config, TrainState(), {}
     if config.resume:
         path = job.out_dir / "last.pt" if config.resume == "last" else Path(config.resume)
         payload = checkpoints.read_checkpoint(path)
@@ -224,12 +228,20 @@ def start(job: Job) -> TrainState:
         )
         best = payload["best"]
         state = TrainState(payload["step"], best["accuracy"], best["step"], payload["step"])
+    state.accumulation_steps, split = micro_batches(
+        job.model,
+        batch_size=config.train_batch_size // job.processes.world_size,
+        at_least=config.gradient_accumulation_steps,
+        precision=job.precision,
+        previous=payload.get("accumulation_steps"),
+    )
     if job.processes.is_main:
         if config.resume:
             print(f"resuming from step {state.step} ({path})")
         print(json.dumps(config.to_dict(), indent=2))
         print(
-            f"device {job.processes.device}, precision {job.precision}; "
+            f"device {job.processes.device}, "
+            f"{precision_line(config.effective_precision(), job.precision)}\n{split}\n"
             f"{describe(job.processes.device)}"
         )
         (job.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -242,15 +254,15 @@ def start(job: Job) -> TrainState:
 
 
 def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor, state: TrainState) -> float:
-    """One update from this process's share of the batch, split into accumulation steps; returns the
-    loss of the whole batch (averaged over processes). A non-finite loss or gradient stops the run
+    """One update from this process's share of the batch, split into the run's micro-batches; returns
+    the loss of the whole batch (averaged over processes). A non-finite loss or gradient stops the run
     (fp16's scaler skips steps with overflowing gradients by design)."""
     config, processes = job.config, job.processes
-    accum = config.gradient_accumulation_steps
-    micro = len(images) // accum
+    accum = state.accumulation_steps
     loss_sum = torch.zeros((), device=processes.device)
-    for i in range(accum):
-        x, y = images[i * micro : (i + 1) * micro], labels[i * micro : (i + 1) * micro]
+    for i, (x, y) in enumerate(
+        zip(images.tensor_split(accum), labels.tensor_split(accum), strict=True)
+    ):
         # DDP all-reduces gradients on the last micro-batch only
         sync = i == accum - 1 or not processes.distributed
         with (
@@ -258,8 +270,9 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor, state: Trai
             autocast(processes.device, job.precision),
         ):
             logits = job.train_model(x)
-            loss = (
-                F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing) / accum
+            # Its share of the batch's mean: 1 / accum where the micro-batches are equal
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing) / (
+                len(images) / len(x)
             )
         job.scaler.scale(loss).backward()
         loss_sum += loss.detach()

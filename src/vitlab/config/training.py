@@ -19,8 +19,11 @@ DATASETS = ("cifar10", "cifar100", "imagefolder")
 @dataclass
 class TrainConfig:
     """Every setting of a training run. Defaults are the tutorial's (its `train.py`) up to
-    `loss_scale`; the rest are vitlab's. Built from recipe < config file < command-line flags,
-    printed at the start and saved as `output/<name>/config.json`."""
+    `loss_scale`, but for `pretrained_dir`; the rest are vitlab's. Where vitlab's defaults depart
+    from the tutorial's run (README's list: `--pretrained_dir auto`, the held-out validation split,
+    random flips, `auto` precision), tests/test_train.py holds them to that list. Built from recipe <
+    config file < command-line flags, printed at the start and saved as
+    `output/<name>/config.json`."""
 
     name: str = setting("", "the run's name (required): output/<name>/ and logs/<name>/")
     dataset: str = setting(
@@ -42,8 +45,9 @@ class TrainConfig:
     output_dir: str = setting("output", "where output/<name>/ goes")
     img_size: int = setting(224, "image side in pixels", resume="same", valid=POSITIVE)
     train_batch_size: int = setting(
-        512,
-        "images per update, over accumulation steps and processes",
+        16,
+        "images per update, over accumulation steps and processes (the tutorial's 16; micro-batches "
+        "that fit the device's memory are accumulated to it)",
         resume="same",
         valid=POSITIVE,
     )
@@ -80,7 +84,10 @@ class TrainConfig:
         valid=AT_LEAST_0,
     )
     gradient_accumulation_steps: int = setting(
-        1, "micro-batches per update (same update, less memory)", valid=POSITIVE
+        1,
+        "at least this many micro-batches per update (same update, less memory); more where the "
+        "batch does not fit the device's memory",
+        valid=POSITIVE,
     )
     fp16: bool = setting(
         False, "fp16 mixed precision (the same as --precision fp16; CUDA only)", resume="same"
@@ -106,9 +113,9 @@ class TrainConfig:
         valid=FRACTION,
     )
     precision: str = setting(
-        "fp32",
-        "fp32 (the tutorial's), bf16 or fp16 autocast (fp16 needs CUDA), or auto: bf16 where the "
-        "hardware runs it natively, else fp32",
+        "auto",
+        "auto: bf16 where the hardware runs it natively, else fp32; fp32 (the tutorial's "
+        "arithmetic), bf16 or fp16 autocast (fp16 needs CUDA)",
         ("auto", "fp32", "bf16", "fp16"),
         resume="same",
     )
@@ -237,8 +244,9 @@ class TrainConfig:
         )
 
     def effective_precision(self) -> str:
-        if self.fp16 and self.fp16_opt_level != "O0":
-            return "fp16"
+        """--precision, or what the tutorial's --fp16 asks for: fp16, or at opt level O0 fp32."""
+        if self.fp16:
+            return "fp32" if self.fp16_opt_level == "O0" else "fp16"
         return self.precision
 
     def validate(self, world_size: int = 1) -> None:
