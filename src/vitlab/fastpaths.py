@@ -90,10 +90,15 @@ POLICY: dict[str, dict[str, bool]] = {
 }
 
 
+def enabled() -> bool:
+    """Whether the fast paths may run at all: VITLAB_FASTPATHS is not off."""
+    return os.environ.get("VITLAB_FASTPATHS", "on").lower() not in ("0", "off", "false", "no")
+
+
 def wanted(path: str) -> bool:
     """Whether the policy turns `path` on for this CPU (before its self-check), and VITLAB_FASTPATHS
     is not off."""
-    if os.environ.get("VITLAB_FASTPATHS", "on").lower() in ("0", "off", "false", "no"):
+    if not enabled():
         return False
     # Any other CPU: plain torch, as AVX2
     return POLICY.get(instruction_set(), POLICY["AVX2"])[path]
