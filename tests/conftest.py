@@ -22,6 +22,19 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The tests' own VITLAB_CACHE, for this process and the commands it starts: the fast paths' timing verdicts
+    (vitlab.timings) of the tests' tiny shapes stay out of the user's cache."""
+    before = os.environ.get("VITLAB_CACHE")
+    os.environ["VITLAB_CACHE"] = str(tmp_path_factory.mktemp("vitlab-cache"))
+    yield
+    if before is None:
+        del os.environ["VITLAB_CACHE"]
+    else:
+        os.environ["VITLAB_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The project's shared data directory ($VITLAB_SHARED, else <repo>/../shared); skips when absent."""
