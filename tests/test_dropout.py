@@ -13,8 +13,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab import dropout, randomness
-from vitlab.dropout import Dropout, dropped_positions, gaps_of, use_sparse_dropout
+from vitlab.dropout import (
+    Dropout,
+    DroppedLinear,
+    DroppedMlp,
+    dropped_positions,
+    gaps_of,
+    use_sparse_dropout,
+)
 from vitlab.model import create_model
+
+from conftest import randomise_parameters
 
 # Counts of events are held within this many standard deviations of their expected value: at fixed seeds the counts
 # are fixed numbers, and a correct sampler lands outside 7 sigmas once in about 10^11 draws of the seed.
@@ -148,14 +157,72 @@ def test_torch_dropout_runs_where_the_sparse_path_does_not(case, monkeypatch):
     assert torch.equal(got, want)
 
 
-def test_the_model_uses_it_for_every_dropout_and_keeps_its_state_dict():
-    model = create_model(
-        "Ti/16", img_size=16, patch_size=4, depth=2, num_classes=3, dropout_rate=0.1
+def tiny(dropout_rate: float):
+    return create_model(
+        "Ti/16", img_size=16, patch_size=4, depth=2, num_classes=3, dropout_rate=dropout_rate
     )
-    layers = [m for m in model.modules() if isinstance(m, nn.Dropout)]
-    assert (
-        len(layers) == 1 + 2 * 3
-    )  # after the embeddings; per block: attention weights and output, MLP
-    assert all(type(m) is Dropout and m.p in (0.1, 0.0) for m in layers)
+
+
+def test_the_model_uses_it_for_every_dropout_fused_in_its_blocks_and_keeps_its_state_dict():
+    model = tiny(0.1)
+    assert type(model.pos_drop) is Dropout and model.pos_drop.p == 0.1
+    for block in model.blocks:
+        assert type(block.mlp) is DroppedMlp and block.mlp.drop.p == 0.1
+        assert type(block.attn.proj) is DroppedLinear and block.attn.proj.p == 0.1
+        assert isinstance(block.drop, nn.Identity) and type(block.attn.attn_drop) is Dropout
+    assert model.state_dict().keys() == tiny(0.0).state_dict().keys()
     plain = nn.Sequential(nn.Dropout(0.2))
-    assert use_sparse_dropout(plain)[0].p == 0.2 and plain.state_dict() == {}
+    assert type(use_sparse_dropout(plain)[0]) is Dropout and plain[0].p == 0.2
+
+
+def unfused_twin(model):
+    """The same model with its dropout unfused: vitlab's Dropout after each layer, as model.py writes it."""
+    twin = tiny(0.0)  # rate 0: nothing fused
+    twin.load_state_dict(model.state_dict())
+    for name, layer in twin.named_modules():
+        if isinstance(layer, Dropout) and not name.endswith("attn_drop"):
+            layer.p = model.config.dropout_rate
+    return twin.to(next(model.parameters()).dtype)
+
+
+def outputs_and_gradients(model, images, seed: int = 5):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model.train()(images)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_the_fused_blocks_draw_the_same_masks_and_compute_the_same_function():
+    # In float64 the 1/(1-p) folded into fc2's and the projection's weights moves results by float64's rounding only;
+    # a mask drawn otherwise would move them by the size of the dropped elements.
+    model = randomise_parameters(tiny(0.1), seed=2, std=0.3).double()
+    twin = unfused_twin(model)
+    images = torch.rand(
+        3, 3, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    got, got_grads = outputs_and_gradients(model, images)
+    want, want_grads = outputs_and_gradients(twin, images)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert (got - outputs_and_gradients(twin, images, seed=6)[0]).abs().max() > 1e-3  # another mask
+
+
+@pytest.mark.parametrize("case", ["evaluation", "fast paths off"])
+def test_the_fused_blocks_are_the_plain_computation_elsewhere(case, monkeypatch):
+    model = randomise_parameters(tiny(0.1), seed=2, std=0.3)
+    twin = unfused_twin(model)
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    if case == "evaluation":
+        with torch.no_grad():
+            assert torch.equal(model.eval()(images), twin.eval()(images))
+        return
+    monkeypatch.setenv(
+        "VITLAB_FASTPATHS", "off"
+    )  # torch's dropout in both, the same draws in the same order
+    got, got_grads = outputs_and_gradients(model, images)
+    want, want_grads = outputs_and_gradients(twin, images)
+    assert torch.equal(got, want)
+    for name, grad in want_grads.items():
+        assert torch.equal(got_grads[name], grad), name

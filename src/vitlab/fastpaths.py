@@ -39,7 +39,12 @@ from .timings import cpu_name  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # The switch
 
-_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_NAMES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float64: "fp64",
+}
 
 
 def enabled() -> bool:
@@ -125,7 +130,9 @@ class _OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return onednn_linear(x, weight, bias)
+        # oneDNN's result is a view of its 2-D output; detached, autograd lets the next op (a fused
+        # dropout, dropout.py) write into it
+        return onednn_linear(x, weight, bias).detach()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -229,6 +236,10 @@ def onednn_linear_faster(
     return timings.faster("oneDNN linear", case, ways)
 
 
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.requires_grad or weight.requires_grad
+
+
 class Linear(nn.Linear):
     """nn.Linear, optionally followed by a GELU; the same parameters, state dict and results to
     float rounding. On CPUs where the oneDNN path is on it computes the matmul, bias and (at
@@ -257,20 +268,25 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._onednn_dtype(x)
-        if dtype is None:
-            y = F.linear(x, self.weight, self.bias)
-        else:
-            # Autocast's casts, by hand
-            x, weight, bias = (
-                x.to(dtype),
-                self.weight.to(dtype),
-                self.bias.to(dtype),
-            )
-            if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-                return onednn_linear(x, weight, bias, self.gelu)  # inference: the GELU fused too
-            # The backward needs the GELU's input: not fused
-            y = _OneDnnLinear.apply(x, weight, bias)
+        if dtype is not None and not (torch.is_grad_enabled() and _needs_grad(x, self.weight)):
+            weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+            return onednn_linear(x.to(dtype), weight, bias, self.gelu)  # inference: the GELU fused
+        y = self.product(x)  # the backward needs the GELU's input: not fused
         return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
+
+    def product(
+        self, x: torch.Tensor, weight_scale: float = 1.0, bias_scale: float = 1.0
+    ) -> torch.Tensor:
+        """x @ (weight * weight_scale).T + bias * bias_scale, without the GELU, differentiable, by
+        oneDNN where it is on: the scales carry a dropout's 1/(1-p) into the weights (dropout.py)."""
+        dtype, weight, bias = self._onednn_dtype(x), self.weight, self.bias
+        if dtype is not None:  # oneDNN in `dtype`: autocast's casts, by hand
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        if weight_scale != 1.0:
+            weight = weight * weight_scale
+        if bias is not None and bias_scale != 1.0:
+            bias = bias * bias_scale
+        return F.linear(x, weight, bias) if dtype is None else _OneDnnLinear.apply(x, weight, bias)
 
     def _onednn_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype to compute in by oneDNN (autocast's, else the input's), or None for
@@ -288,7 +304,7 @@ class Linear(nn.Linear):
             usable = dtype in floats and dtype == self.weight.dtype
         if not (usable and onednn_linear_usable(dtype, self.gelu)):
             return None
-        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        training = torch.is_grad_enabled() and _needs_grad(x, self.weight)
         shape = (x.shape[:-1].numel(), self.in_features, self.out_features)
         return dtype if onednn_linear_faster(dtype, training, shape, self.gelu) else None
 
@@ -345,7 +361,7 @@ SDPA = SelfChecked(
 def use_explicit_attention(q: torch.Tensor, impl: str) -> bool:
     """Whether attention should take the explicit softmax rather than SDPA: asked for ("math"),
     SDPA failed its self-check for this dtype and device, or measured faster here ("auto", CPUs
-    in bf16 or fp16: `explicit_attention_faster`)."""
+    in any dtype but fp32: `explicit_attention_faster`)."""
     if impl == "math":
         return True
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
