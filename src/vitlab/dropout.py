@@ -18,9 +18,9 @@ How exact: u has 24 random bits, so each gap's probabilities, and the drop rate,
 In a block the dropouts are fused with the layers around them (`use_sparse_dropout`): the 1/(1-p)
 goes into the next linear layer's weights, the zeros into fresh outputs and gradients in place, the
 MLP's GELU and its dropout are one op, so the hidden activations are not passed over again. With
-both, a training step of the patch-4 ViT at dropout 0.1 took 1.12x (fp32) and 1.14x (bf16) the
-time of one without, where torch's dropout took 1.54x and 1.93x (one core of an Intel Xeon, CPU
-time, issue 28).
+both, a training step at dropout 0.1 took 1.13x (fp32) and 1.14-1.22x (bf16) the time of one
+without for the patch-4 ViT (batch 256), 1.03x and 1.09x for B/16 (batch 16), where torch's
+dropout took 1.35x, 1.91x, 1.06x and 1.44x (CPU time on one core of a shared Intel Xeon, issue 28).
 
 The uniforms come from torch's global generator, as torch's dropout's do: the masks follow the
 run's seed and step (train.py reseeds it every step), and gradient checkpointing, which replays
