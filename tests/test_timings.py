@@ -12,13 +12,17 @@ import torch
 from vitlab import fastpaths, timings
 from vitlab.fastpaths import Linear
 
+from conftest import REAL_MEASURE
+
 
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
-    """An empty cache folder, and a process that has measured and read nothing yet."""
+    """An empty cache folder, a process that has measured and read nothing yet, and the real timing (conftest fixes
+    the verdicts of every other test)."""
     monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(timings, "_verdicts", {})
     monkeypatch.setattr(timings, "_loaded", False)
+    monkeypatch.setattr(timings, "measure", REAL_MEASURE)
 
 
 def fake_timings(monkeypatch, fast_s: float, plain_s: float) -> list[str]:
