@@ -47,13 +47,14 @@ import vitlab  # before torch: vitlab turns torch's huge-page allocator on, as f
 # isort: split
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vitlab import fastpaths
-from vitlab.augment import Augmentation, crop_and_resize, resized_crop_boxes
+from vitlab.augment import Augmentation
 from vitlab.batches import TrainBatches
 from vitlab.data import ImageSet, load_image_folder
 from vitlab.preprocessing import to_float
+
+from crops import crop_kernels
 
 BATCH = 256
 MIN_SCALE = 0.05  # the tutorial's RandomResizedCrop scale=(0.05, 1.0)
@@ -202,80 +203,6 @@ def compare(
 
 
 # ---------------------------------------------------------------------------------------------
-# The 224 px crop alone
-
-
-def grid_sample_crop(
-    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor
-) -> torch.Tensor:
-    """The same crop as one F.grid_sample (bilinear, align_corners=False, border), vitlab's former formulation."""
-    B, _, H, W = images.shape
-    top, left, h, w = boxes.to(images.device, images.dtype).unbind(1)
-    steps = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size
-    xs = (left[:, None] + steps * w[:, None]) / W * 2 - 1  # (B, size), in grid_sample's [-1, 1]
-    ys = (top[:, None] + steps * h[:, None]) / H * 2 - 1
-    xs = torch.where(flip.to(images.device)[:, None], xs.flip(1), xs)
-    grid = torch.stack(
-        [xs[:, None, :].expand(B, size, size), ys[:, :, None].expand(B, size, size)], dim=-1
-    )
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def matmul_crop(
-    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor
-) -> torch.Tensor:
-    """The same crop as two batched matmuls, out = Ry @ image @ Rx^T with per-sample tent matrices, vitlab's former formulation."""
-    B, C, H, W = images.shape
-    top, left, h, w = boxes.to(images.device, torch.float32).unbind(1)
-    steps = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size
-
-    # (B, size, in_size)
-    def tents(start: torch.Tensor, length: torch.Tensor, in_size: int) -> torch.Tensor:
-        centres = (start[:, None] + steps * length[:, None] - 0.5).clamp(0, in_size - 1)
-        return (
-            (1 - (centres[..., None] - torch.arange(in_size, device=images.device)).abs())
-            .clamp(min=0)
-            .to(images.dtype)
-        )
-
-    rows, cols = tents(top, h, H), tents(left, w, W)
-    cols = torch.where(flip.to(images.device)[:, None, None], cols.flip(1), cols)
-    x = torch.matmul(rows[:, None], images)  # (B, C, size, W)
-    return torch.bmm(x.reshape(B, C * size, W), cols.transpose(1, 2)).view(B, C, size, size)
-
-
-class Kernel(Pipeline):
-    def __init__(self, name: str, fn):
-        self.name, self.fn = name, fn
-
-    def next(self):
-        return self.fn()
-
-
-def crop_kernels(images: torch.Tensor, device: torch.device) -> tuple[list, float]:
-    g = torch.Generator().manual_seed(0)
-    x = to_float(images[:BATCH].to(device), MEAN, STD)
-    boxes = resized_crop_boxes(BATCH, x.shape[2], x.shape[3], (MIN_SCALE, 1.0), g)
-    flip = torch.rand(BATCH, generator=g) < 0.5
-    size = 224
-    ours = crop_and_resize(x, boxes, size, flip)
-    difference = max(
-        (ours - other(x, boxes, size, flip)).abs().max().item()
-        for other in (matmul_crop, grid_sample_crop)
-    )
-    kernels = [
-        Kernel("vitlab.augment.crop_and_resize", lambda: crop_and_resize(x, boxes, size, flip)),
-        Kernel("two batched matmuls", lambda: matmul_crop(x, boxes, size, flip)),
-        Kernel("one F.grid_sample", lambda: grid_sample_crop(x, boxes, size, flip)),
-        Kernel(
-            "write a fresh output only",
-            lambda: torch.empty(BATCH, 3, size, size, device=device).fill_(0.0),
-        ),
-    ]
-    return kernels, difference
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def load_images(args: argparse.Namespace) -> tuple[ImageSet, str]:
@@ -294,11 +221,17 @@ def load_images(args: argparse.Namespace) -> tuple[ImageSet, str]:
     ), f"{args.num_images} random 32x32 images"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
+    _what_to_time(p.add_argument)
+    _how_to_time(p.add_argument)
+    return p
+
+
+def _what_to_time(add) -> None:
+    add(
         "--sizes",
         type=int,
         nargs="+",
@@ -306,76 +239,118 @@ def main() -> None:
         default=[224, 32],
         help="output sizes (default: both)",
     )
-    parser.add_argument(
+    add(
         "--workers",
         type=int,
         nargs="*",
         default=[0, 2],
-        help="DataLoader workers of the tutorial's pipeline, one pipeline each; none given: vitlab's alone (default: 0 2)",
+        help="DataLoader workers of the tutorial's pipeline, one "
+        "pipeline each; none given: vitlab's alone (default: 0 2)",
     )
-    parser.add_argument(
+    add(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
         help="where batches must end up; auto: CUDA when present",
     )
-    parser.add_argument(
+
+
+def _how_to_time(add) -> None:
+    on = argparse.BooleanOptionalAction
+    add(
         "--threads",
         type=int,
         default=len(os.sched_getaffinity(0)),
         help="torch.set_num_threads (default: all cores)",
     )
-    parser.add_argument(
-        "--rounds", type=int, default=5, help="timed rounds; the median is reported (default 5)"
-    )
-    parser.add_argument(
+    add("--rounds", type=int, default=5, help="timed rounds; the median is reported (default 5)")
+    add(
         "--min_seconds",
         type=float,
         default=2.0,
         help="each measurement lasts at least this long (default 2)",
     )
-    parser.add_argument(
-        "--warmup", type=int, default=3, help="untimed batches per pipeline first (default 3)"
-    )
-    parser.add_argument(
-        "--num_images", type=int, default=5000, help="random images to generate (default 5000)"
-    )
-    parser.add_argument(
+    add("--warmup", type=int, default=3, help="untimed batches per pipeline first (default 3)")
+    add("--num_images", type=int, default=5000, help="random images to generate (default 5000)")
+    add(
         "--data_dir",
-        help="a folder of 32x32 images, <class>/<image> (e.g. a CIFAR-10 image folder) instead of random ones",
+        help="a folder of 32x32 images, <class>/<image> (e.g. a CIFAR-10 image folder) instead of "
+        "random ones",
     )
-    parser.add_argument(
-        "--kernels",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also time the 224 px crop alone (default: on)",
-    )
-    parser.add_argument(
+    add("--kernels", action=on, default=True, help="also time the 224 px crop alone (default: on)")
+    add(
         "--quick",
         action="store_true",
         help="3 rounds of about 0.3 s per pipeline, one warm-up batch",
     )
-    parser.add_argument(
+    add(
         "--kit",
-        action=argparse.BooleanOptionalAction,
+        action=on,
         default=True,
-        help="also time vitlab's pipeline with RandAugment 2,9, random erasing and mixup/CutMix (default: on)",
+        help="also time vitlab's pipeline with RandAugment 2,9, random erasing "
+        "and mixup/CutMix (default: on)",
     )
-    parser.add_argument(
+    add(
         "--keep_freed_memory",
-        action=argparse.BooleanOptionalAction,
+        action=on,
         default=True,
-        help="malloc keeps freed memory for reuse, as under the `vitlab` command (vitlab.keep_freed_memory) (default: on)",
+        help="malloc keeps freed memory for reuse, as under the "
+        "`vitlab` command (vitlab.keep_freed_memory) (default: on)",
     )
-    parser.add_argument(
+    add(
         "--dtypes",
         nargs="+",
         choices=["fp32", "bf16"],
         help="vitlab's batch precisions (default: fp32, and bf16 "
         "where the hardware runs it natively)",
     )
-    parser.add_argument("--json", type=Path, help="write every number to this JSON file")
-    args = parser.parse_args()
+    add("--json", type=Path, help="write every number to this JSON file")
+
+
+def time_size(size: int, data: ImageSet, device: torch.device, args: argparse.Namespace) -> dict:
+    """Every pipeline at one output size, printed, and vitlab's against the best of the tutorial's."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    ours = [
+        VitlabPipeline(data, size, device, dtypes[d], kit)
+        for d in args.dtypes
+        for kit in ((False, True) if args.kit else (False,))
+    ]
+    pipelines = ours + [TutorialPipeline(data, size, device, w) for w in args.workers]
+    rows = compare(pipelines, args.rounds, args.min_seconds, args.warmup, device)
+    tutorial_rows = rows[len(ours) :]
+    print(f"\n{size} px: images/s, median of {args.rounds} rounds")
+    for row in rows:
+        print(f"  {row['pipeline']:<48}{row['images_per_second']:>10.0f}")
+    entry = {"pipelines": rows}
+    if tutorial_rows:
+        best = max(row["images_per_second"] for row in tutorial_rows)
+        ratios = {row["pipeline"]: row["images_per_second"] / best for row in rows[: len(ours)]}
+        entry["vitlab_vs_best_tutorial"] = ratios
+        print(
+            "  vitlab / best tutorial pipeline: "
+            + ", ".join(
+                f"{r:.1f}x ({name.removeprefix('vitlab TrainBatches, ')})"
+                for name, r in ratios.items()
+            )
+        )
+    return entry
+
+
+def time_kernels(data: ImageSet, device: torch.device, args: argparse.Namespace) -> dict:
+    x = to_float(data.images[:BATCH].to(device), MEAN, STD)
+    kernels, difference = crop_kernels(x, MIN_SCALE)
+    rows = compare(kernels, args.rounds, args.min_seconds, args.warmup, device)
+    print(
+        f"\n224 px crop of a float batch alone: images/s, median of {args.rounds} rounds (largest abs difference "
+        f"from vitlab's crop: {difference:.1e})"
+    )
+    for row in rows:
+        print(f"  {row['pipeline']:<48}{row['images_per_second']:>10.0f}")
+    return {"rows": rows, "max_abs_difference": difference}
+
+
+def main() -> None:
+    args = parser().parse_args()
     kept = args.keep_freed_memory and vitlab.keep_freed_memory()
     if args.quick:
         args.rounds, args.min_seconds, args.warmup = 3, 0.3, 1
@@ -406,49 +381,10 @@ def main() -> None:
         "freed_memory_kept": kept,
         "instruction_set": fastpaths.instruction_set(),
         "args": vars(args),
-        "sizes": {},
+        "sizes": {str(size): time_size(size, data, device, args) for size in args.sizes},
     }
-    for size in args.sizes:
-        ours = [
-            VitlabPipeline(
-                data, size, device, {"fp32": torch.float32, "bf16": torch.bfloat16}[d], kit
-            )
-            for d in args.dtypes
-            for kit in ((False, True) if args.kit else (False,))
-        ]
-        pipelines = ours + [TutorialPipeline(data, size, device, w) for w in args.workers]
-        rows = compare(pipelines, args.rounds, args.min_seconds, args.warmup, device)
-        tutorial_rows = rows[len(ours) :]
-        best_tutorial = (
-            max(tutorial_rows, key=lambda row: row["images_per_second"]) if tutorial_rows else None
-        )
-        print(f"\n{size} px: images/s, median of {args.rounds} rounds")
-        for row in rows:
-            print(f"  {row['pipeline']:<48}{row['images_per_second']:>10.0f}")
-        entry = {"pipelines": rows}
-        if best_tutorial:
-            ratios = {
-                row["pipeline"]: row["images_per_second"] / best_tutorial["images_per_second"]
-                for row in rows[: len(ours)]
-            }
-            entry["vitlab_vs_best_tutorial"] = ratios
-            print(
-                "  vitlab / best tutorial pipeline: "
-                + ", ".join(
-                    f"{r:.1f}x ({name.removeprefix('vitlab TrainBatches, ')})"
-                    for name, r in ratios.items()
-                )
-            )
-        result["sizes"][str(size)] = entry
     if args.kernels:
-        kernels, difference = crop_kernels(data.images, device)
-        rows = compare(kernels, args.rounds, args.min_seconds, args.warmup, device)
-        print(
-            f"\n224 px crop of a float batch alone: images/s, median of {args.rounds} rounds (largest abs difference from vitlab's crop: {difference:.1e})"
-        )
-        for row in rows:
-            print(f"  {row['pipeline']:<48}{row['images_per_second']:>10.0f}")
-        result["crop_kernels"] = {"rows": rows, "max_abs_difference": difference}
+        result["crop_kernels"] = time_kernels(data, device, args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")

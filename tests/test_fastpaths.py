@@ -1,5 +1,6 @@
 """The fast paths: each equals the plain computation, turns itself off when its self-check fails (raises or
-disagrees), follows the per-CPU policy (an AVX2 CPU imitated by environment variables), and the memory settings."""
+disagrees), runs where its timing verdict says it is faster (tests/test_timings.py), an AVX2 CPU imitated by
+environment variables, and the memory settings."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitlab import fastpaths
+from vitlab import fastpaths, timings
 from vitlab.fastpaths import Linear
 from vitlab.model import create_model
 
@@ -36,8 +37,9 @@ def fresh_verdicts():
 
 
 def force_policy_on(monkeypatch):
-    """The fast paths wanted whatever this CPU's policy says, so that their checks and fallbacks run on any machine."""
-    monkeypatch.setattr(fastpaths, "wanted", lambda path: True)
+    """Every fast path taken as the faster, whatever its timing here, so that their checks and fallbacks run on any
+    machine."""
+    monkeypatch.setattr(timings, "faster", lambda path, case, ways: True)
 
 
 # Max |gelu'| and |gelu''| over the reals, both forms (computed in float64)
@@ -141,7 +143,8 @@ def test_the_rounding_bounds_tell_a_wrong_linear_layer_apart():
         )
 
 
-def test_linear_runs_through_onednn_where_it_is_on_and_f_linear_elsewhere():
+def test_linear_runs_through_onednn_where_it_is_on_and_f_linear_elsewhere(monkeypatch):
+    force_policy_on(monkeypatch)
     layer = Linear(16, 8)
     x = torch.randn(4, 16, requires_grad=True)
     on = fastpaths.onednn_linear_usable(torch.float32)
@@ -187,7 +190,7 @@ def assert_same_as_plain(model, precision, monkeypatch):
     got, got_grads = logits_and_gradients(model, precision)
     with monkeypatch.context() as m:
         m.setenv("VITLAB_FASTPATHS", "off")
-        m.setattr(fastpaths, "wanted", lambda path: False)
+        m.setattr(timings, "faster", lambda path, case, ways: False)
         plain, plain_grads = logits_and_gradients(model, precision)
     torch.testing.assert_close(got, plain, rtol=0, atol=0)
     for name in plain_grads:
@@ -264,8 +267,10 @@ def test_describe_names_the_instruction_set_and_each_path():
 
 
 def test_vitlab_fastpaths_off_turns_every_path_off(monkeypatch):
+    force_policy_on(monkeypatch)
     monkeypatch.setenv("VITLAB_FASTPATHS", "off")
-    assert not fastpaths.wanted("onednn_linear") and not fastpaths.wanted("explicit_softmax_bf16")
+    assert not fastpaths.enabled() and not fastpaths.onednn_linear_usable(torch.float32)
+    assert not fastpaths.use_explicit_attention(torch.zeros(2, 3, 5, 8).bfloat16(), "auto")
     layer = Linear(16, 8)
     assert type(layer(torch.randn(4, 16, requires_grad=True)).grad_fn).__name__ == "AddmmBackward0"
 
@@ -273,16 +278,16 @@ def test_vitlab_fastpaths_off_turns_every_path_off(monkeypatch):
 @pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="an x86 CPU's instruction sets"
 )
-def test_an_imitated_avx2_cpu_has_no_native_bf16_and_no_onednn_layers_yet_runs_bf16():
-    # What an AVX2 machine reports: bf16 is emulated there, so `auto` precision picks fp32, and the policy turns the
-    # oneDNN layers off; an explicit bf16 run still works (oneDNN refuses bf16 primitives at AVX2: the check catches it).
+def test_an_imitated_avx2_cpu_has_no_native_bf16_and_no_bf16_onednn_layers_yet_runs_bf16():
+    # What an AVX2 machine reports: bf16 is emulated there, so `auto` precision picks fp32; an explicit bf16 run still
+    # works (oneDNN refuses bf16 primitives at AVX2: the check catches it and turns them off).
     code = (
         "import torch, vitlab\n"
         "from vitlab import fastpaths\n"
         "m = vitlab.create_model('Ti/16', img_size=16, patch_size=4, depth=1, num_classes=3)\n"
         "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
         "    y = m(torch.rand(2, 3, 16, 16))\n"
-        "print(fastpaths.instruction_set(), fastpaths.native_bf16(torch.device('cpu')), fastpaths.wanted('onednn_linear'), y.dtype)\n"
+        "print(fastpaths.instruction_set(), fastpaths.native_bf16(torch.device('cpu')), fastpaths.onednn_linear_usable(torch.bfloat16), y.dtype)\n"
     )
     env = {**os.environ, **AVX2_IMITATION}
     done = subprocess.run(

@@ -3,10 +3,10 @@
 from . import fastpaths  # first: it sets torch's allocator up before torch allocates anything
 from .config import VARIANTS, ModelConfig, TrainConfig, get_config
 from .errors import CheckpointError, ConfigError, DataError, VitlabError
-from .fastpaths import keep_freed_memory
 from .formats.checkpoints import load_model, load_pretrained
 from .formats.official import OFFICIAL_CHECKPOINTS, load_official, official_model, save_npz
 from .model import VisionTransformer, create_model
+from .runtime import keep_freed_memory
 
 __version__ = "0.1.0"
 

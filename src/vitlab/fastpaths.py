@@ -1,24 +1,24 @@
 """Faster ways to compute what `model.py` computes plainly, and the process settings that speed up
 CPUs.
 
-Each fast path is used only where it measured faster (the `POLICY` table, by instruction set), and
-only after it has checked itself once per process, per dtype and variant, on a tiny input against
-the plain torch computation: where the call raises or disagrees beyond float tolerance, the path is
-off for the process and the plain computation runs. A fast path never crashes a run and never
-changes an answer beyond float rounding. `describe()` says which are on; `VITLAB_FASTPATHS=off`
-turns them all off.
+Each fast path whose benefit depends on the CPU is used only where it measured faster on this
+machine, at the shapes in use (timings.py: timed once, the verdict cached), and only after it has
+checked itself once per process, per dtype and variant, on a tiny input against the plain torch
+computation: where the call raises or disagrees beyond float tolerance, the path is off for the
+process and the plain computation runs. A fast path never crashes a run and never changes an answer
+beyond float rounding. `describe()` says which are on; `VITLAB_FASTPATHS=off` turns them all off.
 
-- oneDNN linear layers (x86 CPUs with AVX-512): the matmul with the bias, and at inference the GELU,
-  applied to each output tile while it is in cache, and the fp32 input gradient by oneDNN too.
-- the attention kernel: torch's fused `scaled_dot_product_attention`, or the explicit softmax where that
-  measured faster (CPUs in bf16).
-- native bf16: which devices run bf16 matmuls in hardware (precision `auto` picks bf16 only there).
-- memory: torch's CPU allocator on transparent huge pages, and glibc's malloc keeping freed memory.
+- oneDNN linear layers (x86 CPUs): the matmul with the bias, and at inference the GELU, applied to
+  each output tile while it is in cache, and the fp32 input gradient by oneDNN too.
+- the attention kernel: torch's fused `scaled_dot_product_attention`, or the explicit softmax where
+  that measured faster (CPUs in bf16).
+- dropout drawing only the dropped elements on CPUs (dropout.py).
+- memory: torch's CPU allocator on transparent huge pages (set here, before torch starts), and
+  glibc's malloc keeping freed memory (runtime.keep_freed_memory).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 
@@ -32,71 +32,24 @@ import torch  # noqa: E402  after the variable above
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from . import timings  # noqa: E402
+from .runtime import freed_memory_kept, instruction_set, native_bf16  # noqa: E402
+from .timings import cpu_name  # noqa: E402
+
 # ---------------------------------------------------------------------------------------------
-# The machine
+# The switch
 
-
-def instruction_set() -> str:
-    """torch's CPU kernel level: "AVX512", "AVX2", "DEFAULT" (or an ARM/POWER level).
-    ATEN_CPU_CAPABILITY lowers it, and ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN too: both are honoured,
-    so that setting them imitates an older CPU faithfully."""
-    level = torch.backends.cpu.get_cpu_capability()
-    onednn_cap = os.environ.get(
-        "ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")
-    ).upper()
-    if level.startswith("AVX512") and not (
-        onednn_cap == "ALL" or onednn_cap.startswith(("AVX512", "AVX10", "AMX"))
-    ):
-        return "AVX2"
-    return level
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what Python knows of the machine."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` runs bf16 matmuls in hardware: a GPU with bf16, or an x86 CPU with AVX-512
-    BF16 or AMX. Elsewhere bf16 is emulated, about 100x slower than fp32 on an AVX2 CPU (0.7 against
-    67 GFLOP/s)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu" or not instruction_set().startswith("AVX512"):
-        return False
-    # torch's probes are private; a torch without them is taken to have neither feature.
-    probes = (
-        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
-        getattr(torch.cpu, "_is_amx_tile_supported", None),
-    )
-    return any(probe() for probe in probes if probe is not None)
-
-
-# Which fast path is on, by instruction set, from measurements (benchmarks/RESULTS.md, issue 14):
-# - AVX-512 (AMD EPYC Zen 4, AVX-512 BF16): with oneDNN linear layers vitlab ran at 1.06-1.27x the best peer in
-#   inference, 1.05-1.50x in training; the explicit softmax trained bf16 1.4x faster than SDPA at patch 4 (100 against 71 images/s).
-# - AVX2 (AMD EPYC without AVX-512, issue 14): with the oneDNN linear layers vitlab trained at 0.69x timm's speed
-#   (patch 4) and 0.87x (B/16), and inferred no faster than transformers' nn.Linear: off. Without them, held to AVX2:
-#   0.97-1.01x, the same kernels as timm. bf16 is emulated there. Any other CPU: plain torch.
-POLICY: dict[str, dict[str, bool]] = {
-    "AVX512": {"onednn_linear": True, "explicit_softmax_bf16": True},
-    "AVX2": {"onednn_linear": False, "explicit_softmax_bf16": False},
+_NAMES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float64: "fp64",
 }
 
 
-def wanted(path: str) -> bool:
-    """Whether the policy turns `path` on for this CPU (before its self-check), and VITLAB_FASTPATHS
-    is not off."""
-    if os.environ.get("VITLAB_FASTPATHS", "on").lower() in ("0", "off", "false", "no"):
-        return False
-    # Any other CPU: plain torch, as AVX2
-    return POLICY.get(instruction_set(), POLICY["AVX2"])[path]
+def enabled() -> bool:
+    """Whether the fast paths may run at all: VITLAB_FASTPATHS is not off."""
+    return os.environ.get("VITLAB_FASTPATHS", "on").lower() not in ("0", "off", "false", "no")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +130,9 @@ class _OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return onednn_linear(x, weight, bias)
+        # oneDNN's result is a view of its 2-D output; detached, autograd lets the next op (a fused
+        # dropout, dropout.py) write into it
+        return onednn_linear(x, weight, bias).detach()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -228,15 +183,61 @@ ONEDNN_LINEAR = SelfChecked(
 
 
 def onednn_linear_works(dtype: torch.dtype, gelu: str | None = None) -> bool:
-    """oneDNN's linear layer for `dtype` (and GELU form) runs here and passed its check, whatever
-    the policy."""
+    """oneDNN's linear layer for `dtype` (and GELU form) runs here and passed its check, whether or
+    not the fast paths are on."""
     return _ONEDNN_AVAILABLE and ONEDNN_LINEAR.ok(dtype, gelu)
 
 
 def onednn_linear_usable(dtype: torch.dtype, gelu: str | None = None) -> bool:
-    """oneDNN's linear layer for `dtype` (and GELU form) is on: wanted on this CPU, available and
-    checked."""
-    return wanted("onednn_linear") and onednn_linear_works(dtype, gelu)
+    """oneDNN's linear layer for `dtype` (and GELU form) may run: the fast paths are on, and it is
+    available and checked (whether it is faster is asked per shape: `onednn_linear_faster`)."""
+    return enabled() and onednn_linear_works(dtype, gelu)
+
+
+# Rows of the input a linear layer's verdict is timed on, at most: at 1024 the two libraries' speed
+# ratio at B/16's layers in bf16 was within 0.07 of the whole batch's (3152 rows), at 256 within
+# 0.16, the winner changed (one core of the Intel Xeon, issue 28); its fc1 trains 1024 fp32 rows
+# there in 0.1 s.
+ROWS_TIMED = 1024
+
+
+def onednn_linear_faster(
+    dtype: torch.dtype,
+    training: bool,
+    shape: tuple[int, int, int],
+    gelu: str | None = None,
+) -> bool:
+    """Whether oneDNN's linear layer (with the GELU at inference) beats F.linear (+ F.gelu) here,
+    at `shape` (rows, in_features, out_features) and `dtype`, in training (forward and backward)
+    or inference: timed once on up to ROWS_TIMED rows, the verdict cached (timings.py)."""
+    rows, in_features, out_features = min(shape[0], ROWS_TIMED), *shape[1:]
+    mode = "train" if training else "infer" + (f" GELU {gelu}" if gelu else "")
+    case = f"{_NAMES[dtype]} {mode} {rows}x{in_features}->{out_features}"
+
+    def ways():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, in_features, generator=g).to(dtype)
+        weight = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(dtype)
+        bias = torch.zeros(out_features, dtype=dtype)
+        act = (lambda y: y) if gelu is None else (lambda y: F.gelu(y, approximate=gelu))
+        if not training:
+            return (
+                torch.no_grad()(lambda: onednn_linear(x, weight, bias, gelu)),
+                torch.no_grad()(lambda: act(F.linear(x, weight, bias))),
+            )
+        inputs = [t.requires_grad_() for t in (x, weight, bias)]
+        upstream = torch.randn(rows, out_features, generator=g).to(dtype)
+
+        def step(linear):
+            return lambda: torch.autograd.grad(act(linear(*inputs)), inputs, upstream)
+
+        return step(_OneDnnLinear.apply), step(F.linear)
+
+    return timings.faster("oneDNN linear", case, ways)
+
+
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.requires_grad or weight.requires_grad
 
 
 class Linear(nn.Linear):
@@ -267,20 +268,25 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._onednn_dtype(x)
-        if dtype is None:
-            y = F.linear(x, self.weight, self.bias)
-        else:
-            # Autocast's casts, by hand
-            x, weight, bias = (
-                x.to(dtype),
-                self.weight.to(dtype),
-                self.bias.to(dtype),
-            )
-            if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-                return onednn_linear(x, weight, bias, self.gelu)  # inference: the GELU fused too
-            # The backward needs the GELU's input: not fused
-            y = _OneDnnLinear.apply(x, weight, bias)
+        if dtype is not None and not (torch.is_grad_enabled() and _needs_grad(x, self.weight)):
+            weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+            return onednn_linear(x.to(dtype), weight, bias, self.gelu)  # inference: the GELU fused
+        y = self.product(x)  # the backward needs the GELU's input: not fused
         return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
+
+    def product(
+        self, x: torch.Tensor, weight_scale: float = 1.0, bias_scale: float = 1.0
+    ) -> torch.Tensor:
+        """x @ (weight * weight_scale).T + bias * bias_scale, without the GELU, differentiable, by
+        oneDNN where it is on: the scales carry a dropout's 1/(1-p) into the weights (dropout.py)."""
+        dtype, weight, bias = self._onednn_dtype(x), self.weight, self.bias
+        if dtype is not None:  # oneDNN in `dtype`: autocast's casts, by hand
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        if weight_scale != 1.0:
+            weight = weight * weight_scale
+        if bias is not None and bias_scale != 1.0:
+            bias = bias * bias_scale
+        return F.linear(x, weight, bias) if dtype is None else _OneDnnLinear.apply(x, weight, bias)
 
     def _onednn_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype to compute in by oneDNN (autocast's, else the input's), or None for
@@ -296,7 +302,11 @@ class Linear(nn.Linear):
         else:
             dtype = x.dtype
             usable = dtype in floats and dtype == self.weight.dtype
-        return dtype if usable and onednn_linear_usable(dtype, self.gelu) else None
+        if not (usable and onednn_linear_usable(dtype, self.gelu)):
+            return None
+        training = torch.is_grad_enabled() and _needs_grad(x, self.weight)
+        shape = (x.shape[:-1].numel(), self.in_features, self.out_features)
+        return dtype if onednn_linear_faster(dtype, training, shape, self.gelu) else None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", gelu={self.gelu}" if self.gelu else "")
@@ -350,72 +360,63 @@ SDPA = SelfChecked(
 
 def use_explicit_attention(q: torch.Tensor, impl: str) -> bool:
     """Whether attention should take the explicit softmax rather than SDPA: asked for ("math"),
-    measured faster ("auto": bf16 on CPUs where the policy says so), or SDPA failed its self-check
-    for this dtype and device."""
+    SDPA failed its self-check for this dtype and device, or measured faster here ("auto", CPUs
+    in any dtype but fp32: `explicit_attention_faster`)."""
     if impl == "math":
-        return True
-    if (
-        impl == "auto"
-        and q.device.type == "cpu"
-        and q.dtype != torch.float32
-        and wanted("explicit_softmax_bf16")
-    ):
         return True
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False  # traced and compiled graphs take SDPA as it is
-    return not SDPA.ok(q.dtype, q.device.type)
+    if not SDPA.ok(q.dtype, q.device.type):
+        return True
+    if impl == "auto" and q.device.type == "cpu" and q.dtype != torch.float32 and enabled():
+        return explicit_attention_faster(q.dtype, torch.is_grad_enabled(), q.shape)
+    return False
+
+
+# Images of a batch an attention verdict is timed on, at most: in bf16 training the explicit softmax
+# beat SDPA 6.4x on 8 images and 7.3x on 256 at patch 4, 2.2x and 1.7x on 16 at B/16 (one core of
+# the Intel Xeon, issue 28), where 8 images take 25 ms.
+IMAGES_TIMED = 8
+
+
+def explicit_attention_faster(dtype: torch.dtype, training: bool, shape: torch.Size) -> bool:
+    """Whether the explicit softmax beats SDPA here, for queries of `shape` (batch, heads, tokens,
+    head_dim) in `dtype`, in training (forward and backward) or inference: timed once on up to
+    IMAGES_TIMED images, the verdict cached (timings.py). It won bf16 training on an AMD EPYC at
+    patch 4 (100 against 71 images/s, issue 14)."""
+    shape = (min(shape[0], IMAGES_TIMED), *shape[1:])
+    case = f"{_NAMES[dtype]} {'train' if training else 'infer'} {'x'.join(map(str, shape))}"
+
+    def ways():
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (
+            torch.randn(shape, generator=g).to(dtype).requires_grad_(training) for _ in "qkv"
+        )
+        upstream = torch.randn(shape, generator=g).to(dtype)
+
+        def explicit():
+            return ((q * shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+        def way(attention):
+            if training:
+                return lambda: torch.autograd.grad(attention(), (q, k, v), upstream)
+            return torch.no_grad()(attention)
+
+        return way(explicit), way(lambda: F.scaled_dot_product_attention(q, k, v))
+
+    return timings.faster("explicit softmax", case, ways)
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory
-
-_MALLOC_ENV = (
-    "MALLOC_MMAP_MAX_",
-    "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_TRIM_THRESHOLD_",
-    "MALLOC_TOP_PAD_",
-)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # <malloc.h>
-_freed_memory_kept = False
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory in the process for the next allocation rather than
-    return it to the OS.
-
-    torch's CPU tensors come from malloc, which serves large blocks with a fresh mmap and unmaps
-    them when freed:
-    every training step then maps its activations anew and the kernel zeroes each page on first
-    touch. With mmap off and up to 2 GiB of free heap kept, a step reuses the last step's memory:
-    the patch-4 ViT's fp32 training step went from 138,000 page faults and 6.0 s to 900 and 4.1 s.
-    The cost: the process holds its peak memory until it exits, fine for a run of the `vitlab`
-    command, which calls this; a library import does not. Returns whether it took effect: Linux with
-    glibc only, and not where the user has set malloc's settings (MALLOC_*_ variables,
-    GLIBC_TUNABLES glibc.malloc.*)."""
-    global _freed_memory_kept
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if any(name in os.environ for name in _MALLOC_ENV) or "glibc.malloc." in os.environ.get(
-        "GLIBC_TUNABLES", ""
-    ):
-        return False
-    libc = ctypes.CDLL(None)  # this process's own malloc
-    # Arenas stay as they are: capped at one, the threads of timm's bf16 SDPA training step queued
-    # on its lock (-40%).
-    _freed_memory_kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    )
-    return _freed_memory_kept
-
-
-# ---------------------------------------------------------------------------------------------
+# What runs
 
 
 def describe(device: torch.device | str = "cpu") -> str:
-    """One line: the instruction set, native bf16, and which fast paths are on for fp32 and bf16
-    (their checks run now)."""
+    """One line: the instruction set, native bf16, which fast paths may run for fp32 and bf16
+    (their checks run now), and on a CPU the verdicts measured here so far (timings.py): which way
+    won each shape and by how much."""
     device = torch.device(device)
-    cpu = device.type == "cpu"
+    cpu = device.type == "cpu" and enabled()
     parts = [
         f"torch {torch.__version__}",
         f"CPU {cpu_name()} ({instruction_set()})",
@@ -426,14 +427,19 @@ def describe(device: torch.device | str = "cpu") -> str:
             on = all(onednn_linear_usable(dtype, gelu) for gelu in (None, "none", "tanh"))
             reason = next((r for k, r in ONEDNN_LINEAR.reasons.items() if k[0] == dtype), "")
             parts.append(
-                f"oneDNN linear {name} {'on' if on else 'off'}" + (f" ({reason})" if reason else "")
+                f"oneDNN linear {name} {'where faster' if on else 'off'}"
+                + (f" ({reason})" if reason else "")
             )
-        probe = torch.empty(0, dtype=dtype, device=device)
-        kernel = "explicit softmax" if use_explicit_attention(probe, "auto") else "SDPA"
+        kernel = "SDPA" if SDPA.ok(dtype, device.type) else "explicit softmax"
+        if cpu and dtype != torch.float32 and kernel == "SDPA":
+            kernel = "SDPA or explicit softmax, whichever is faster"
         parts.append(f"attention {name} {kernel}")
-    if cpu:
+    if device.type == "cpu":
+        parts.append(f"dropout {'sparse' if cpu else 'torch'}")
         parts.append(
             f"huge pages {'on' if os.environ.get('THP_MEM_ALLOC_ENABLE') == '1' else 'off'}"
         )
-        parts.append(f"freed memory kept {'yes' if _freed_memory_kept else 'no'}")
+        parts.append(f"freed memory kept {'yes' if freed_memory_kept() else 'no'}")
+    if cpu:
+        parts.append(f"measured here: {timings.summary()}")
     return "fast paths: " + ", ".join(parts)

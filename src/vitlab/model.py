@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, get_config
+from .dropout import use_sparse_dropout
 from .errors import DataError
 from .fastpaths import fuse_linear_layers, use_explicit_attention
 from .initialization import lecun_normal_, mimetic_init_, sincos_2d
@@ -209,8 +210,9 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(config.representation_size or pooled, config.num_classes)
         self._add_options(config, pooled)
         self.reset_parameters()
-        # The CPU fast paths (fastpaths.py): the same parameters, the same results
+        # The CPU fast paths (fastpaths.py, dropout.py): the same parameters, the same results
         fuse_linear_layers(self.blocks)
+        use_sparse_dropout(self)
 
     def _add_options(self, config: ModelConfig, pooled: int) -> None:
         """The parts later ViTs added, each None (or the identity) where the config leaves it out:

@@ -1,12 +1,15 @@
-"""Where and how a job runs: one device resolver and one precision vocabulary for every command,
-autocast, the processes of a multi-process (torchrun) run, and how many images of a training
-batch fit the device's memory at once."""
+"""Where and how a job runs: what the machine's CPU does natively, one device resolver and one
+precision vocabulary for every command, autocast, the processes of a multi-process (torchrun) run,
+how many images of a training batch fit the device's memory at once, and the heap that the
+`vitlab` command keeps."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
+import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +17,44 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, VitlabWarning
-from .fastpaths import instruction_set, native_bf16
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+
+
+def instruction_set() -> str:
+    """torch's CPU kernel level: "AVX512", "AVX2", "DEFAULT" (or an ARM/POWER level).
+    ATEN_CPU_CAPABILITY lowers it, and ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN too: both are honoured,
+    so that setting them imitates an older CPU faithfully."""
+    level = torch.backends.cpu.get_cpu_capability()
+    onednn_cap = os.environ.get(
+        "ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")
+    ).upper()
+    if level.startswith("AVX512") and not (
+        onednn_cap == "ALL" or onednn_cap.startswith(("AVX512", "AVX10", "AMX"))
+    ):
+        return "AVX2"
+    return level
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 matmuls in hardware: a GPU with bf16, or an x86 CPU with AVX-512
+    BF16 or AMX. Elsewhere bf16 is emulated, about 100x slower than fp32 on an AVX2 CPU (0.7 against
+    67 GFLOP/s)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or not instruction_set().startswith("AVX512"):
+        return False
+    # torch's probes are private; a torch without them is taken to have neither feature.
+    probes = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+        getattr(torch.cpu, "_is_amx_tile_supported", None),
+    )
+    return any(probe() for probe in probes if probe is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and precision
 
 DEVICES_HELP = "auto (a GPU when there is one), cpu, cuda (this process's GPU) or cuda:N"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -153,7 +193,7 @@ class Processes:
 # takes 85% of the device's free memory: the rest absorbs the caching allocator's fragmentation.
 CPU_SHARE, CUDA_SHARE = 0.5, 0.85
 # On a CPU a step's peak resident memory exceeds its live tensors: glibc's heap, as the vitlab command
-# keeps it (fastpaths.keep_freed_memory), fragments. Measured up to 1.59x (B/16 at 224 px in bf16, 8
+# keeps it (keep_freed_memory, below), fragments. Measured up to 1.59x (B/16 at 224 px in bf16, 8
 # micro-batches of 64: benchmarks/RESULTS.md, 2026-12-05).
 CPU_HEAP_SLACK = 1.6
 # A cgroup without a limit reads "max" (v2) or a number near 2**63 (v1)
@@ -333,3 +373,50 @@ def choose_accumulation(
         f"{memory.available / 1e9:.1f} GB {memory.source})"
     )
     return steps, line + ("; even one image may not fit" if fits < 1 else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: the process's heap
+
+_MALLOC_ENV = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # <malloc.h>
+_freed_memory_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process for the next allocation rather than
+    return it to the OS.
+
+    torch's CPU tensors come from malloc, which serves large blocks with a fresh mmap and unmaps
+    them when freed:
+    every training step then maps its activations anew and the kernel zeroes each page on first
+    touch. With mmap off and up to 2 GiB of free heap kept, a step reuses the last step's memory:
+    the patch-4 ViT's fp32 training step went from 138,000 page faults and 6.0 s to 900 and 4.1 s.
+    The cost: the process holds its peak memory until it exits, fine for a run of the `vitlab`
+    command, which calls this; a library import does not. Returns whether it took effect: Linux with
+    glibc only, and not where the user has set malloc's settings (MALLOC_*_ variables,
+    GLIBC_TUNABLES glibc.malloc.*)."""
+    global _freed_memory_kept
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in _MALLOC_ENV) or "glibc.malloc." in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
+        return False
+    libc = ctypes.CDLL(None)  # this process's own malloc
+    # Arenas stay as they are: capped at one, the threads of timm's bf16 SDPA training step queued
+    # on its lock (-40%).
+    _freed_memory_kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    )
+    return _freed_memory_kept
+
+
+def freed_memory_kept() -> bool:
+    """Whether keep_freed_memory took effect in this process."""
+    return _freed_memory_kept
