@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from vitlab.app.cli import main
 from vitlab.errors import CheckpointError
-from vitlab.formats import timm_layout
+from vitlab.formats import timm_arch, timm_layout
 from vitlab.formats.checkpoints import load_model, load_pretrained
 from vitlab.model import create_model
 
@@ -319,10 +319,10 @@ def test_vitlab_timm_vitlab_is_bit_exact(case, tmp_path, randomise, capsys):
     assert back_names == names and back.config == model.config
     state_equal(back, model)
     # the file is timm's own layout: the keys of timm's model, whose loader (the call printed) gives the same logits
-    name, kwargs = timm_layout.timm_args(model.config)
+    name, kwargs = timm_arch.timm_args(model.config)
     assert (
         f"timm.create_model({name!r}, pretrained=True, " in line
-        and timm_layout.format_args(kwargs) in line
+        and timm_arch.format_args(kwargs) in line
     )
     reference = timm.create_model(
         name,

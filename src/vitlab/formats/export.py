@@ -26,7 +26,7 @@ import torch
 from ..errors import ExportError
 from ..model import VisionTransformer
 from ..preprocessing import from_unit, metadata
-from . import hf_layout, official, timm_layout
+from . import hf_layout, official, timm_arch, timm_layout
 from .files import atomic_write, atomic_write_dir
 from .hf_preprocessing import write_preprocessing
 from .weights import save_safetensors
@@ -157,7 +157,7 @@ def export_timm(model: VisionTransformer, class_names: list[str], path: str | os
     from safetensors.torch import save
 
     state = timm_layout.to_timm(model)
-    name, kwargs = timm_layout.timm_args(model.config)
+    name, kwargs = timm_arch.timm_args(model.config)
     metadata = {
         "format": "pt",
         "model_config": json.dumps(model.config.to_dict()),
@@ -167,7 +167,7 @@ def export_timm(model: VisionTransformer, class_names: list[str], path: str | os
     overlay = {"file": str(path), "num_classes": model.config.num_classes}
     call = (
         f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, "
-        f"{timm_layout.format_args(kwargs)})"
+        f"{timm_arch.format_args(kwargs)})"
     )
     try:
         import timm

@@ -14,7 +14,6 @@ eps 1e-6) and images in [-1, 1]. A file without a classifier (num_classes=0) giv
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 
@@ -22,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig, family
-from ..errors import CheckpointError, ExportError
+from ..errors import CheckpointError
 from .interop import label_names, nearest_variant, refuse_unrepresentable, rename_keys
+from .timm_arch import GELUS, POOLS, timm_args
 
 # (their key prefix, ours), "{}" standing for a number; every key of a file must match one.
 _TIMM_KEYS = (
@@ -61,28 +61,6 @@ _TIMM_KEYS = (
         for m in ("q", "kv", "proj", "norm", "mlp.fc1", "mlp.fc2")
     ]
 )
-
-# timm's names of the sizes in vitlab's variant table, and its hybrids: (stages, width) -> (name,
-# depth, heads).
-_TIMM_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
-# size -> (width, depth, heads, patch sizes of its vit_<size>_patch<P>_224 architectures)
-_TIMM_SHAPES = {
-    "tiny": (192, 12, 3, (16,)),
-    "small": (384, 12, 6, (16, 32)),
-    "base": (768, 12, 12, (16, 32, 8)),
-    "large": (1024, 24, 16, (16, 32)),
-    "huge": (1280, 32, 16, (14,)),
-}
-_TIMM_HYBRIDS = {
-    ((3, 4, 9), 768): ("vit_base_r50_s16_224", 12, 12),
-    ((2, 2, 2, 2), 384): ("vit_small_r26_s32_224", 12, 6),
-    ((2, 2, 2, 2), 768): ("vit_base_r26_s32_224", 12, 12),
-    ((3, 4, 6, 3), 1024): ("vit_large_r50_s32_224", 24, 16),
-}
-# timm's act_layer names of the GELU forms vitlab computes (a SwiGLU MLP gates with SiLU)
-_GELUS = {"gelu": "exact", "gelu_tanh": "tanh", "quick_gelu": "quick"}
-_TIMM_ACTS = {form: name for name, form in _GELUS.items()}
-_POOLS = {"token": "token", "avg": "gap", "map": "map"}  # timm's global_pool -> vitlab's classifier
 
 
 def _stem(state: dict) -> tuple[tuple[int, ...], int]:
@@ -223,7 +201,7 @@ def _pooling(state: dict, config_json: dict, fc_norm: bool, name: str) -> str:
     else:
         pool = "avg" if fc_norm or "cls_token" not in state else "token"
     if (
-        pool not in _POOLS
+        pool not in POOLS
         or (pool == "token" and "cls_token" not in state)
         or (pool == "map" and "attn_pool.latent" not in state)
     ):
@@ -237,7 +215,7 @@ def _pooling(state: dict, config_json: dict, fc_norm: bool, name: str) -> str:
             f"{name}: attention pooling with {state['attn_pool.latent'].shape[1]} latent queries; "
             "vitlab's has one"
         )
-    return _POOLS[pool]
+    return POOLS[pool]
 
 
 def _mlp(state: dict, name: str) -> tuple[str, int]:
@@ -273,7 +251,7 @@ def _function(config_json: dict, variant: ModelConfig | None, mlp: str, name: st
                 f"{name}: model_args act_layer {act!r}: vitlab's SwiGLU gates with SiLU"
             )
         act = None
-    elif act is not None and act not in _GELUS:
+    elif act is not None and act not in GELUS:
         raise CheckpointError(
             f"{name}: model_args act_layer {act!r}: vitlab computes the GELU (exact, tanh or quick)"
         )
@@ -282,7 +260,7 @@ def _function(config_json: dict, variant: ModelConfig | None, mlp: str, name: st
             f"{name}: model_args norm_layer {args['norm_layer']!r}: vitlab computes LayerNorm only"
         )
     clip = "_clip_" in arch if arch else variant is not None and "clip" in family(variant.name)
-    gelu = _GELUS[act or "gelu"]
+    gelu = GELUS[act or "gelu"]
     if clip and act is None and mlp == "gelu" and variant is not None:
         # timm loads OpenAI's weights as vit_*_clip_224.openai (the exact GELU) and, from the same
         # repository, as vit_*_clip_quickgelu_224.openai: the name does not say what the weights
@@ -352,119 +330,3 @@ def to_timm(model) -> dict[str, torch.Tensor]:
     if config.final_norm == "after_pool":
         state = {("fc_norm." + k[5:] if k.startswith("norm.") else k): v for k, v in state.items()}
     return state
-
-
-def timm_args(config: ModelConfig) -> tuple[str, dict]:
-    """(timm architecture, `timm.create_model` keyword arguments) that build `config`'s function."""
-    refusals = [
-        (config.representation_size, "pre-logits layer (representation_size)"),
-        (
-            config.classifier == "token_gap",
-            "pooling of the class token beside the patches' mean (token_gap)",
-        ),
-        (
-            config.pre_norm and config.patch_bias,
-            "patch-embedding bias beside a norm before the blocks",
-        ),
-        (config.distilled and config.is_hybrid, "distilled hybrid"),
-    ]
-    for refused, what in refusals:
-        if refused:
-            raise ExportError(
-                f"timm's VisionTransformer has no {what}; export hf, safetensors or npz"
-            )
-    name, kwargs = _timm_base(config)
-    kwargs.update(_timm_options(config))
-    return name, kwargs
-
-
-def _timm_base(config: ModelConfig) -> tuple[str, dict]:
-    """The timm architecture closest to `config` and the shape arguments that make it `config`'s."""
-    kwargs = {"num_classes": config.num_classes}
-    if config.is_hybrid:
-        name, depth, heads = _TIMM_HYBRIDS.get(
-            (config.resnet_layers, config.hidden_size), (None, 0, 0)
-        )
-        if name is None or config.resnet_width_factor != 1:
-            raise ExportError(
-                f"timm has no hybrid of ResNet stages {config.resnet_layers} and width "
-                f"{config.hidden_size}"
-            )
-        if config.stem_norm != "timm":
-            raise ExportError(
-                "timm's hybrids standardise the stem's convolutions otherwise than the official "
-                "code (stem_norm flax)"
-            )
-        kernel = config.patch_size // config.stem_stride
-        base = {
-            "patch_size": 1,
-            "hidden_size": config.hidden_size,
-            "depth": depth,
-            "num_heads": heads,
-        }
-        kwargs.update({"patch_size": kernel} if kernel != 1 else {})
-    else:
-        size = _TIMM_SIZES.get(config.hidden_size, "base")
-        width, depth, heads, patches = _TIMM_SHAPES[size]
-        patch = config.patch_size if config.patch_size in patches else patches[0]
-        if config.distilled:  # timm's DeiT class, whose sizes stop at base
-            size = size if size in ("tiny", "small") else "base"
-            width, depth, heads, _ = _TIMM_SHAPES[size]
-            name, patch = f"deit_{size}_distilled_patch16_224", 16
-        else:
-            name = f"vit_{size}_patch{patch}_224"
-        base = {"patch_size": patch, "hidden_size": width, "depth": depth, "num_heads": heads}
-        kwargs.update({"patch_size": config.patch_size} if config.patch_size != patch else {})
-    timm_names = {"hidden_size": "embed_dim", "depth": "depth", "num_heads": "num_heads"}
-    kwargs.update(
-        {timm_names[f]: getattr(config, f) for f in timm_names if getattr(config, f) != base[f]}
-    )
-    if config.img_size != 224:
-        kwargs["img_size"] = config.img_size
-    return name, kwargs
-
-
-def _timm_options(config: ModelConfig) -> dict:
-    """timm's keyword arguments for everything in `config` beyond the shape."""
-    kwargs: dict = {}
-    hidden = config.mlp_dim * (2 if config.mlp == "swiglu" else 1)
-    if hidden != 4 * config.hidden_size:
-        kwargs["mlp_ratio"] = hidden / config.hidden_size
-    if config.mlp == "swiglu":
-        from timm.layers import SwiGLUPacked
-
-        kwargs.update(mlp_layer=SwiGLUPacked, act_layer="silu")
-    elif config.gelu != "exact":
-        kwargs["act_layer"] = _TIMM_ACTS[config.gelu]
-    if not config.has_class_token:
-        kwargs["class_token"] = False
-    pool = {v: k for k, v in _POOLS.items()}[config.classifier]
-    if pool != "token" or not config.has_class_token:
-        kwargs["global_pool"] = pool
-    # timm puts the final norm after average pooling by default, before any other
-    if (config.final_norm == "after_pool") != (pool == "avg"):
-        kwargs["fc_norm"] = config.final_norm == "after_pool"
-    if config.reg_tokens:
-        kwargs["reg_tokens"] = config.reg_tokens
-    if not config.pos_embed_prefix:
-        kwargs["no_embed_class"] = True
-    if config.layer_scale:
-        kwargs["init_values"] = config.layer_scale
-    if config.pre_norm:
-        kwargs["pre_norm"] = True
-    if config.layer_norm_eps != 1e-6:
-        kwargs["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=config.layer_norm_eps)
-    return kwargs
-
-
-def format_args(kwargs: dict) -> str:
-    """Keyword arguments as Python source (a LayerNorm of another eps, timm's SwiGLU included)."""
-
-    def shown(key, value) -> str:
-        if key == "norm_layer":
-            return f"functools.partial(torch.nn.LayerNorm, eps={value.keywords['eps']!r})"
-        if key == "mlp_layer":  # the only one vitlab passes
-            return "timm.layers.SwiGLUPacked"
-        return repr(value)
-
-    return ", ".join(f"{k}={shown(k, v)}" for k, v in kwargs.items())
