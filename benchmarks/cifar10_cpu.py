@@ -185,7 +185,7 @@ def steps_for_budget(
     return steps
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -196,7 +196,8 @@ def main() -> None:
         "--budget_minutes",
         type=float,
         default=28.0,
-        help="training time to fill, excluding data loading and the probe (default 28: with them, about 30)",
+        help="training time to fill, excluding data loading and the probe (default 28: with them, "
+        "about 30)",
     )
     parser.add_argument(
         "--num_steps", type=int, help="train this many steps instead of filling a budget (no probe)"
@@ -220,24 +221,78 @@ def main() -> None:
     parser.add_argument(
         "--json", type=Path, help="write the curve and the final numbers to this JSON file"
     )
-    args, extra = parser.parse_known_args()
+    return parser.parse_known_args()
+
+
+def plan_steps(
+    args: argparse.Namespace, extra: list[str], val_images: int
+) -> tuple[int, float | None]:
+    """The run's steps: --num_steps, else as many as fill the budget at the probed speed."""
+    if args.num_steps:
+        return args.num_steps, None
+    speed, batch = probe_speed(args.data_dir, args.probe_steps, extra)
+    steps = steps_for_budget(
+        args.budget_minutes * 60, speed, batch, val_images, kept_patches(extra)
+    )
+    print(
+        f"probe: {speed:.0f} training images/s -> {steps} steps of {batch} fill "
+        f"{args.budget_minutes:g} minutes with {EVALUATIONS} evaluations of {val_images} images"
+    )
+    return steps, speed
+
+
+def run_and_watch(command: list[str]) -> dict[int, float]:
+    """Run vitlab train, echoing its output; step -> seconds since the run was launched, when its
+    evaluation line appeared."""
+    started = time.perf_counter()
+    seen_at = {}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1) as run:
+        for line in run.stdout:
+            print(line, end="", flush=True)
+            found = re.match(r"step (\d+): val accuracy", line)
+            if found:
+                seen_at[int(found.group(1))] = time.perf_counter() - started
+    if run.returncode != 0:
+        raise SystemExit(f"vitlab train failed (exit {run.returncode})")
+    return seen_at
+
+
+def learning_curve(out: Path, seen_at: dict[int, float]) -> list[dict]:
+    records, batch = read_metrics(out / "metrics.jsonl"), run_batch(out)
+    return [
+        {
+            "step": r["step"],
+            "val_accuracy": r["val/accuracy"],
+            "training_seconds": training_seconds(records, r["step"], batch),
+            "seconds_since_launch": seen_at.get(r["step"]),
+        }
+        for r in records
+        if "val/accuracy" in r
+    ]
+
+
+def print_curve(curve: list[dict], final: dict, wall: float) -> None:
+    def shown(seconds: float | None) -> str:
+        return f"{seconds:.0f}" if seconds is not None else "-"
+
+    print(f"\n{'step':>6} {'training s':>11} {'since launch s':>15} {'val accuracy':>13}")
+    for point in curve:
+        train_s, launch_s = shown(point["training_seconds"]), shown(point["seconds_since_launch"])
+        print(f"{point['step']:>6} {train_s:>11} {launch_s:>15} {point['val_accuracy']:>13.4f}")
+    print(
+        f"best validation accuracy {final['best_val_accuracy']:.4f} (step {final['best_step']} of "
+        f"{final['steps']}), wall time {wall:.0f} s (training {final['train_seconds']:.0f} s), "
+        f"{final['images_per_second']:.0f} training images/s"
+    )
+
+
+def main() -> None:
+    args, extra = parse_args()
     if not args.data_dir.is_dir():
         raise SystemExit(f"{args.data_dir}: no such folder")
-    images = len(image_files(args.data_dir))
-    val_images = round(images * VAL_SPLIT)
+    val_images = round(len(image_files(args.data_dir)) * VAL_SPLIT)
     launched = time.perf_counter()
-    speed = None
-    if args.num_steps:
-        steps = args.num_steps
-    else:
-        speed, batch = probe_speed(args.data_dir, args.probe_steps, extra)
-        steps = steps_for_budget(
-            args.budget_minutes * 60, speed, batch, val_images, kept_patches(extra)
-        )
-        print(
-            f"probe: {speed:.0f} training images/s -> {steps} steps of {batch} fill {args.budget_minutes:g} minutes "
-            f"with {EVALUATIONS} evaluations of {val_images} images"
-        )
+    steps, speed = plan_steps(args, extra, val_images)
     # Evaluations fall on logged steps, which carry the speed
     log_every = 10 if steps >= 10 * EVALUATIONS else 1
     eval_every = max(log_every, math.ceil(steps / EVALUATIONS / log_every) * log_every)
@@ -255,47 +310,12 @@ def main() -> None:
         extra,
     )
     print("vitlab " + " ".join(command[3:]), flush=True)
-
-    started = time.perf_counter()
-    seen_at = {}  # step -> seconds since the run was launched, when its evaluation line appeared
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1) as run:
-        for line in run.stdout:
-            print(line, end="", flush=True)
-            found = re.match(r"step (\d+): val accuracy", line)
-            if found:
-                seen_at[int(found.group(1))] = time.perf_counter() - started
-    if run.returncode != 0:
-        raise SystemExit(f"vitlab train failed (exit {run.returncode})")
+    seen_at = run_and_watch(command)
     wall = time.perf_counter() - launched
     out = args.output_dir / name
-    records, batch = read_metrics(out / "metrics.jsonl"), run_batch(out)
     final = json.loads((out / "final_metrics.json").read_text())
-    curve = [
-        {
-            "step": r["step"],
-            "val_accuracy": r["val/accuracy"],
-            "training_seconds": training_seconds(records, r["step"], batch),
-            "seconds_since_launch": seen_at.get(r["step"]),
-        }
-        for r in records
-        if "val/accuracy" in r
-    ]
-
-    print(f"\n{'step':>6} {'training s':>11} {'since launch s':>15} {'val accuracy':>13}")
-    for point in curve:
-        train_s = (
-            f"{point['training_seconds']:.0f}" if point["training_seconds"] is not None else "-"
-        )
-        launch_s = (
-            f"{point['seconds_since_launch']:.0f}"
-            if point["seconds_since_launch"] is not None
-            else "-"
-        )
-        print(f"{point['step']:>6} {train_s:>11} {launch_s:>15} {point['val_accuracy']:>13.4f}")
-    print(
-        f"best validation accuracy {final['best_val_accuracy']:.4f} (step {final['best_step']} of {final['steps']}), "
-        f"wall time {wall:.0f} s (training {final['train_seconds']:.0f} s), {final['images_per_second']:.0f} training images/s"
-    )
+    curve = learning_curve(out, seen_at)
+    print_curve(curve, final, wall)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         result = {

@@ -39,6 +39,12 @@ DATA_HELP = (
 def add_parsers(sub, *, add_source, add_runtime, add_overwrite) -> None:
     """The three commands' flags, with the source, device and overwrite flags the other commands
     share (cli.py's)."""
+    _add_embed(sub, add_source=add_source, add_runtime=add_runtime, add_overwrite=add_overwrite)
+    _add_knn(sub, add_runtime=add_runtime)
+    _add_probe(sub, add_overwrite=add_overwrite)
+
+
+def _add_embed(sub, *, add_source, add_runtime, add_overwrite) -> None:
     p = sub.add_parser("embed", help="features of a dataset by a backbone, written to a file")
     add_source(p)
     p.add_argument("data", metavar="DATA", help=DATA_HELP)
@@ -52,6 +58,8 @@ def add_parsers(sub, *, add_source, add_runtime, add_overwrite) -> None:
     add_runtime(p)
     p.set_defaults(func=cmd_embed)
 
+
+def _add_knn(sub, *, add_runtime) -> None:
     p = sub.add_parser("knn", help="DINO's weighted k-NN accuracy on frozen features")
     p.add_argument(
         "train", help="a features file of the training images, or a backbone's checkpoint"
@@ -69,6 +77,8 @@ def add_parsers(sub, *, add_source, add_runtime, add_overwrite) -> None:
     add_runtime(p)
     p.set_defaults(func=cmd_knn)
 
+
+def _add_probe(sub, *, add_overwrite) -> None:
     p = sub.add_parser("probe", help="a linear classifier on frozen features, as a model file")
     p.add_argument("train", help="a features file of the training images")
     p.add_argument("test", help="a features file of the test images")
