@@ -93,9 +93,10 @@ DINOV2_VARIANTS = (
 )
 
 # CLIP's image towers (Radford et al. 2021; openai/CLIP's model.py): a norm before the blocks, no
-# patch-embedding bias, LayerNorm eps 1e-5, QuickGELU in OpenAI's weights, the exact GELU in
-# OpenCLIP's (LAION, DFN, MetaCLIP); the head is the image projection. Images: the shorter side to
-# 224, the centre, bicubic.
+# patch-embedding bias, LayerNorm eps 1e-5, QuickGELU in OpenAI's weights (and in those open_clip
+# pairs with a `-quickgelu` model, its DFN, MetaCLIP and LAION-400M ones: `clip-*` here), the exact
+# GELU in OpenCLIP's LAION-2B ones (`openclip-*`); the head is the image projection. Images: the shorter side to 224, the
+# centre, bicubic.
 _CLIP = dict(
     pre_norm=True,
     patch_bias=False,

@@ -7,9 +7,10 @@ archive), hold both towers: the image tower under `visual.` (`conv1`, `class_emb
 ln_2, mlp.c_fc, mlp.c_proj}`, `ln_post`, and `proj`, the projection into the joint embedding,
 which becomes vitlab's head with a zero bias), the text tower's keys beside it (ignored). The
 conversion is timm's `_convert_openai_clip`. Every CLIP's LayerNorm has torch's eps 1e-5, its
-images are fed as CLIP's `clip/clip.py` feeds them; the file does not say its GELU (OpenAI's
-QuickGELU, the exact GELU of OpenCLIP's LAION, DFN and MetaCLIP weights): a `clip-*` or
-`openclip-*` variant must.
+images are fed as CLIP's `clip/clip.py` feeds them; the file does not say its GELU: a `clip-*`
+(QuickGELU) or `openclip-*` (exact GELU) variant must. QuickGELU is OpenAI's and that of the weights
+open_clip pairs with a `-quickgelu` model (its DFN, MetaCLIP and LAION-400M releases: read them as
+`clip-*`); the exact GELU that of its others, such as the LAION-2B towers `openclip-*` names.
 """
 
 from __future__ import annotations
