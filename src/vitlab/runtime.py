@@ -292,7 +292,9 @@ def step_memory(
     if model.grad_checkpointing:  # the block that the backward recomputes, unchecked
         try:
             model.grad_checkpointing = False
-            block = _saved_bytes(model, 1, precision=precision, device=device) / model.config.depth
+            # An image's, as above: the weights' copies (bf16 casts, dropout's scaled weights) cancel
+            unchecked = [_saved_bytes(model, n, precision=precision, device=device) for n in (1, 2)]
+            block = (unchecked[1] - unchecked[0]) / model.config.depth
         finally:
             model.grad_checkpointing = True
     # Each image: what it keeps, and a block's activations and their gradients in the backward
