@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import randomness
@@ -33,6 +32,7 @@ from .errors import TrainingError
 from .evaluate import evaluate
 from .fastpaths import describe
 from .formats import checkpoints, official
+from .losses import Criterion, criterion
 from .model import VisionTransformer
 from .optim import configure_optimizer, freeze, set_learning_rate
 from .runs import (
@@ -77,6 +77,7 @@ class Job:
     # The same model, compiled and/or wrapped for DDP: what forward passes go through.
     train_model: torch.nn.Module
     ema: AveragedModel | None  # the moving average of the weights (--ema), which evaluation uses
+    criterion: Criterion  # what a step minimises
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     out_dir: Path
@@ -187,6 +188,7 @@ def set_up(config: TrainConfig, processes: Processes) -> Job:
         model=model,
         train_model=train_model,
         ema=ema,
+        criterion=criterion(config),
         optimizer=optimizer,
         scaler=scaler,
         out_dir=out_dir,
@@ -269,11 +271,8 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor, state: Trai
             contextlib.nullcontext() if sync else job.train_model.no_sync(),
             autocast(processes.device, job.precision),
         ):
-            logits = job.train_model(x)
             # Its share of the batch's mean: 1 / accum where the micro-batches are equal
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing) / (
-                len(images) / len(x)
-            )
+            loss = job.criterion(job.train_model(x), x, y) / (len(images) / len(x))
         job.scaler.scale(loss).backward()
         loss_sum += loss.detach()
     if processes.distributed:
