@@ -26,6 +26,31 @@ class Criterion:
         return F.cross_entropy(outputs.float(), labels, label_smoothing=self.label_smoothing)
 
 
-def criterion(config: TrainConfig) -> Criterion:
-    """The loss a run with `config` trains on."""
-    return Criterion(label_smoothing=config.label_smoothing)
+@dataclass(frozen=True, kw_only=True)
+class MultiLabelCriterion:
+    """Binary cross-entropy of multi-label classification, one sigmoid a class: labels are multi-hot
+    rows (B, classes), mixed by mixup/cutmix where they are on."""
+
+    label_smoothing: float = 0.0
+
+    def __call__(
+        self, outputs: torch.Tensor, images: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(
+            outputs.float(), smooth_multi_hot(labels.float(), self.label_smoothing)
+        )  # the mean over images and classes: transformers' BCEWithLogitsLoss(), timm's default
+
+
+def smooth_multi_hot(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Label smoothing as timm's BinaryCrossEntropy and mixup_target define it for C classes: a 1
+    becomes 1 - smoothing + smoothing / C, a 0 becomes smoothing / C, a mixed value in between
+    (the same line, so smoothing and mixing commute)."""
+    if not smoothing:
+        return targets
+    return targets * (1 - smoothing) + smoothing / targets.shape[-1]
+
+
+def criterion(config: TrainConfig, multi_label: bool = False) -> Criterion | MultiLabelCriterion:
+    """The loss a run with `config` trains on; `multi_label`: its model's classes are independent."""
+    kind = MultiLabelCriterion if multi_label else Criterion
+    return kind(label_smoothing=config.label_smoothing)
