@@ -277,3 +277,21 @@ def test_augmentation_normalises_as_the_model_is_fed():
     assert torch.equal(aug.apply(images, params), expected)
     # The official default: images in [-1, 1]
     assert Augmentation(8).image_mean == Augmentation(8).image_std == (0.5, 0.5, 0.5)
+
+
+def test_mixing_multi_hot_rows_blends_them_by_the_images_weights():
+    # A multi-label batch's labels are (B, classes) rows: each pair's rows mixed by its images' weight
+    _, x = unit_images(batch=8, size=16)
+    g = torch.Generator().manual_seed(6)
+    rows = (torch.rand(8, 5, generator=g) < 0.5).float()
+    params = mix_params(4, 16, mixup=0.8, cutmix=1.0, switch_prob=0.5, generator=g)
+    images, targets = mix(x, rows, params, 5)
+    for pair in range(4):
+        lam, (a, b) = params[pair, 0].item(), (2 * pair, 2 * pair + 1)
+        torch.testing.assert_close(targets[a], lam * rows[a] + (1 - lam) * rows[b])
+        torch.testing.assert_close(targets[b], lam * rows[b] + (1 - lam) * rows[a])
+    # One-hot rows mix exactly as their class indices do
+    labels = torch.arange(8) % 5
+    _, from_indices = mix(x, labels, params, 5)
+    _, from_rows = mix(x, F.one_hot(labels, 5).float(), params, 5)
+    torch.testing.assert_close(from_rows, from_indices, rtol=0, atol=0)

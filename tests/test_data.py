@@ -4,6 +4,7 @@ in-memory data or a few dozen PNG/JPEG files made in tmp_path."""
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -21,8 +22,10 @@ from vitlab.data import (
     ImageSet,
     load_datasets,
     load_image_folder,
+    load_labelled,
     read_image,
     split_validation,
+    training_data,
 )
 
 CLASSES = ("cat", "dog", "eel")
@@ -286,3 +289,92 @@ def test_split_validation_refuses_an_empty_side():
 def test_unknown_dataset_is_refused(tmp_path):
     with pytest.raises(DataError, match="unknown dataset"):
         load_datasets("mnist", str(tmp_path), 0.1, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels CSVs as a run's data (--labels, --test_labels)
+
+
+def labels_csvs(root, n_train=20, n_test=4):
+    """root/train.csv and root/test.csv over random 8 px PNGs, rows `path,label;label`: image i has
+    cat if i % 2 == 0, dog if i % 3 == 0 (none where neither)."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n_train + n_test):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+            root / "images" / f"{i}.png"
+        )
+        classes = [c for c, k in (("cat", 2), ("dog", 3)) if i % k == 0]
+        rows.append(f"images/{i}.png,{';'.join(classes)}\n")
+    (root / "train.csv").write_text("".join(rows[:n_train]))
+    (root / "test.csv").write_text("".join(rows[n_train:]))
+    return root / "train.csv", root / "test.csv"
+
+
+def test_labelled_data_carves_its_validation_from_the_training_csv_by_the_seed(tmp_path):
+    train_csv, test_csv = labels_csvs(tmp_path)
+    train, val, test = load_labelled(
+        str(train_csv), str(test_csv), multi_label=True, val_split=0.25, seed=3
+    )
+    assert train.class_names == val.class_names == test.class_names == ["cat", "dog"]
+    assert (len(train), len(val), len(test)) == (15, 5, 4)
+    assert set(train.paths).isdisjoint(val.paths)
+    assert sorted(train.paths + val.paths) == sorted(
+        str(tmp_path / "images" / f"{i}.png") for i in range(20)
+    )
+    for data in (train, val, test):  # each image keeps its own multi-hot row
+        for path, row in zip(data.paths, data.labels.tolist(), strict=True):
+            i = int(path.rsplit("/", 1)[1].split(".")[0])
+            assert row == [float(i % 2 == 0), float(i % 3 == 0)]
+    # The same seed carves the same split, as for a folder; another seed another
+    again = load_labelled(str(train_csv), "", multi_label=True, val_split=0.25, seed=3)
+    assert again[1].paths == val.paths and again[2] is None
+    other = load_labelled(str(train_csv), "", multi_label=True, val_split=0.25, seed=4)
+    assert other[1].paths != val.paths
+    # With val_split 0 the test CSV is the validation
+    train0, val0, test0 = load_labelled(
+        str(train_csv), str(test_csv), multi_label=True, val_split=0.0, seed=3
+    )
+    assert len(train0) == 20 and val0.paths == test.paths and test0 is None
+
+
+def test_training_data_reads_a_runs_csvs(tmp_path):
+    from vitlab.config import TrainConfig
+
+    train_csv, test_csv = labels_csvs(tmp_path)
+    config = TrainConfig.from_dict(
+        dict(
+            name="x",
+            dataset="imagefolder",
+            labels=str(train_csv),
+            test_labels=str(test_csv),
+            multi_label=True,
+            val_split=0.25,
+        )
+    )
+    train, val, test = training_data(config)
+    assert train.labels.shape == (15, 2) and val.labels.dtype == torch.float32 and len(test) == 4
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (dict(test="images/0.png,horse\n"), "labels ['horse'] are not among the 2 classes"),
+        (dict(train_name="missing.csv"), "missing.csv: no such labels file"),
+        (dict(val_split=0.0, test=None), "--val_split 0 validates on the test images"),
+        (dict(multi_label=False), "has not one label; --multi_label takes several"),
+    ],
+)
+def test_bad_labelled_data_is_one_line(tmp_path, change, expected):
+    train_csv, test_csv = labels_csvs(tmp_path)
+    if "test" in change and change["test"] is not None:
+        test_csv.write_text(change["test"])
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_labelled(
+            str(tmp_path / change.get("train_name", "train.csv")),
+            "" if change.get("test", "") is None else str(test_csv),
+            multi_label=change.get("multi_label", True),
+            val_split=change.get("val_split", 0.25),
+            seed=0,
+        )

@@ -654,6 +654,26 @@ def test_vitlab_hf_vitlab_is_bit_exact(case, tmp_path, randomise, capsys):
     )
 
 
+def test_a_multi_label_model_exports_as_transformers_multi_label_classification(
+    tmp_path, randomise, capsys
+):
+    spec = dict(name="Ti/16", img_size=32, depth=1, multi_label=True)
+    model, source = vitlab_source(tmp_path, randomise, spec, ["cat", "dog", "fish"])
+    out = tmp_path / "hf"
+    assert main(["export", str(source), "--format", "hf", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["problem_type"] == (
+        "multi_label_classification"
+    )
+    assert transformers.AutoConfig.from_pretrained(out).problem_type == "multi_label_classification"
+    back, _ = load_model(out)
+    assert back.config.multi_label
+    # A single-label model's says nothing of it (transformers' default: inferred from the labels)
+    single, source = vitlab_source(tmp_path, randomise, dict(spec, multi_label=False), ["a", "b"])
+    assert main(["export", str(source), "--format", "hf", "--out", str(tmp_path / "one")]) == 0
+    assert "problem_type" not in json.loads((tmp_path / "one" / "config.json").read_text())
+    assert not load_model(tmp_path / "one")[0].config.multi_label
+
+
 def test_export_over_its_own_folder_needs_overwrite(tmp_path, randomise, capsys):
     _, source = vitlab_source(
         tmp_path, randomise, dict(name="Ti/16", img_size=32, depth=1), ["a", "b"]

@@ -146,3 +146,17 @@ def test_eval_and_predict_of_a_multi_label_model(tmp_path, randomise, capsys):
     # a multi-label model is evaluated on its labels file
     assert main(["eval", str(tmp_path / "model.safetensors"), "--dataset", "imagefolder"]) == 2
     assert "--labels CSV" in one_error_line(capsys)
+
+
+def test_fine_tuning_sets_the_task_whatever_the_file_says(tiny_run):
+    # A softmax head over 3 classes fine-tuned as 3 independent sigmoids, and back: the same weights,
+    # the task the run chose (a model setting fine-tuning sets, as its classes)
+    from vitlab.formats.checkpoints import load_model, pretrained_model
+
+    trained, _ = load_model(tiny_run.checkpoint)
+    for multi_label in (True, False):
+        wanted = trained.config.replace(multi_label=multi_label)
+        tuned = pretrained_model(tiny_run.checkpoint, wanted, frozenset({"multi_label"}), False)
+        assert tuned.config.multi_label is multi_label
+        for key, value in trained.state_dict().items():
+            assert torch.equal(tuned.state_dict()[key], value), key

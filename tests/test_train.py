@@ -1410,13 +1410,17 @@ def test_fp16_on_a_cpu_only_machine_is_refused(data_dir, capsys):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_dir, capsys, monkeypatch):
-    real_cross_entropy = torch.nn.functional.cross_entropy
-    calls = {"n": 0}
+    real_criterion, calls = vtrain.criterion, {"n": 0}
 
-    def cross_entropy(*args, **kwargs):  # the training loss only; evaluation has its own
-        calls["n"] += 1
-        loss = real_cross_entropy(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 6 else loss
+    def criterion(*args):  # the training loss only (losses.py's seam); evaluation has its own
+        loss_of = real_criterion(*args)
+
+        def nan_at_the_sixth_step(*inputs):
+            calls["n"] += 1
+            loss = loss_of(*inputs)
+            return loss * float("nan") if calls["n"] == 6 else loss
+
+        return nan_at_the_sixth_step
 
     saved = {}
     real_save = checkpoints.save_training_checkpoint
@@ -1429,7 +1433,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_dir, capsys, 
                 {k: v.clone() for k, v in model.state_dict().items()},
             )
 
-    monkeypatch.setattr(vtrain, "F", SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(vtrain, "criterion", criterion)
     monkeypatch.setattr(checkpoints, "save_training_checkpoint", save_training_checkpoint)
     rc, _, err = run_cli(base_argv(data_dir, "--num_steps", "10", "--eval_every", "4"), capsys)
     assert rc not in (0, None)
@@ -1622,3 +1626,147 @@ def test_resume_from_another_run_that_never_improves_still_tests(tmp_path):
     assert not (tmp_path / "output" / "second" / "best.pt").exists()
     assert 0.0 <= final["test_accuracy"] <= 1.0
     assert (tmp_path / "output" / "second" / "final_metrics.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Multi-label runs from labels CSVs (--labels, --test_labels, --multi_label)
+
+
+def make_multi_label_csvs(root: Path, n_train: int = 32, n_test: int = 8) -> tuple[Path, Path]:
+    """root/train.csv and root/test.csv (`path,label;label`) over random 16 px PNGs in root/images,
+    each class present at random in half of them and brightening its own colour channel, so there
+    is something to learn."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n_train + n_test):
+        present = rng.random(3) < 0.5
+        image = rng.integers(0, 140, (16, 16, 3)) + present * 110
+        Image.fromarray(image.astype(np.uint8)).save(root / "images" / f"{i:03d}.png")
+        labels = ";".join(c for c, p in zip(CLASSES, present, strict=True) if p)
+        rows.append(f"images/{i:03d}.png,{labels}\n")
+    (root / "train.csv").write_text("".join(rows[:n_train]))
+    (root / "test.csv").write_text("".join(rows[n_train:]))
+    return root / "train.csv", root / "test.csv"
+
+
+def multi_label_argv(train_csv: Path, test_csv: Path, *extra: str, name: str = "ml") -> list[str]:
+    return [
+        "train",
+        *("--name", name, "--dataset", "imagefolder", "--multi_label"),
+        *("--labels", str(train_csv), "--test_labels", str(test_csv)),
+        *TINY_FLAGS,
+        *("--device", "cpu", "--num_workers", "0", "--val_split", "0.25"),
+        *("--train_batch_size", "8", "--num_steps", "6", "--eval_every", "2"),
+        *("--warmup_steps", "0", "--learning_rate", "0.1", "--label_smoothing", "0.1"),
+        *extra,
+    ]
+
+
+def test_a_multi_label_run_keeps_the_checkpoint_of_the_best_map(tmp_path, monkeypatch, capsys):
+    from vitlab.data import load_image_list
+    from vitlab.evaluate import evaluate_multi_label
+
+    monkeypatch.chdir(tmp_path)
+    train_csv, test_csv = make_multi_label_csvs(tmp_path)
+    rc, out, err = run_cli(multi_label_argv(train_csv, test_csv, "--mixup", "0.4"), capsys)
+    assert rc == 0, err[-3000:]
+    run_dir = tmp_path / "output" / "ml"
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    records = read_metrics(run_dir)
+    scores = [(r["step"], r["val/mAP"]) for r in records if "val/mAP" in r]
+    assert [s for s, _ in scores] == [2, 4, 6] and not any("val/accuracy" in r for r in records)
+    assert all("val/loss" in r for r in records if "val/mAP" in r)
+    # best.pt: the first evaluation of the highest mAP
+    best_step, best_map = max(scores, key=lambda s: (s[1], -s[0]))
+    assert (final["best_val_mAP"], final["best_step"]) == (best_map, best_step)
+    best = read_checkpoint(run_dir / "best.pt")
+    assert best["step"] == best_step and best["best"] == {"mAP": best_map, "step": best_step}
+    assert f"step {best_step}: val mAP {best_map:.4f}" in err + out
+    # The test of the best checkpoint, and `vitlab eval` of it, read the model as multi-label
+    model, class_names = checkpoints.load_model(run_dir / "best.pt")
+    assert model.config.multi_label and class_names == CLASSES
+    cpu = torch.device("cpu")
+    test = load_image_list(test_csv, multi_label=True, class_names=CLASSES)
+    expected = evaluate_multi_label(
+        model, eval_batches(test, model.config, 64, cpu, num_workers=0), 3, cpu, progress=False
+    )
+    assert final["test_mAP"] == pytest.approx(expected["mAP"], abs=1e-12)
+    assert final["test_f1_micro"] == pytest.approx(expected["f1_micro"], abs=1e-12)
+    argv = ["eval", str(run_dir / "best.pt"), "--labels", str(test_csv), "--precision", "fp32"]
+    assert run_cli(argv, capsys)[0] == 0
+    report = json.loads((run_dir / "best_test_eval.json").read_text())
+    assert report["mAP"] == pytest.approx(final["test_mAP"], abs=1e-12)
+    images = sorted(str(p) for p in (tmp_path / "images").glob("*.png"))[:4]
+    rc, out, _ = run_cli(["predict", str(run_dir / "best.pt"), *images, "--json"], capsys)
+    assert rc == 0 and all("labels" in entry for entry in json.loads(out))
+
+
+def test_resume_of_a_multi_label_run_is_bit_exact(tmp_path):
+    train_csv, test_csv = make_multi_label_csvs(tmp_path)
+    # Mixing multi-hot rows, label smoothing and dropout (the variant's 0.1) all replayed; the later
+    # --num_steps wins
+    mixing = ("--mixup", "0.4", "--cutmix", "1.0", "--num_steps", "12", "--log_every", "1")
+    argv = multi_label_argv(train_csv, test_csv, *mixing, name="ref")[1:]
+    rc, _, err = finish(train_subprocess(tmp_path, argv))
+    assert rc == 0, err[-3000:]
+    run_argv = multi_label_argv(train_csv, test_csv, *mixing, name="run")[1:]
+    process = train_subprocess(tmp_path, run_argv, code=SLOW_STEPS)
+    wait_for(tmp_path / "output" / "run" / "last.pt", process)
+    process.send_signal(signal.SIGKILL)
+    assert finish(process)[0] == -signal.SIGKILL
+    rc, out, err = finish(train_subprocess(tmp_path, [*run_argv, "--resume"]))
+    assert rc == 0, err[-3000:]
+    assert "resuming from step" in out
+    ref, run = (
+        read_checkpoint(tmp_path / "output" / "ref" / "last.pt"),
+        read_checkpoint(tmp_path / "output" / "run" / "last.pt"),
+    )
+    assert run["step"] == ref["step"] == 12 and run["best"] == ref["best"]
+    assert set(ref["best"]) == {"mAP", "step"}
+    for key in ref["model"]:
+        assert torch.equal(run["model"][key], ref["model"][key]), key
+    assert losses(tmp_path / "output" / "run") == losses(tmp_path / "output" / "ref")
+
+
+MULTI_LABEL_REFUSALS = {
+    "multi-label-on-cifar": (
+        ["--dataset", "cifar10", "--multi_label"],
+        "--multi_label trains on several labels an image: pass them as --labels CSV",
+        2,
+    ),
+    "labels-with-cifar": (
+        ["--dataset", "cifar10", "--labels", "{train}"],
+        "--labels names image files: pass --dataset imagefolder, not cifar10",
+        2,
+    ),
+    "test-labels-alone": (["--test_labels", "{test}"], "--test_labels needs --labels", 2),
+    "missing-csv": (
+        ["--labels", "gone.csv", "--multi_label"],
+        "gone.csv: no such labels file",
+        1,
+    ),
+    "unknown-label-in-test": (
+        ["--labels", "{train}", "--test_labels", "{horse}", "--multi_label"],
+        "labels ['horse'] are not among the 3 classes",
+        1,
+    ),
+    "several-labels-without-multi-label": (
+        ["--labels", "{train}"],
+        "has not one label; --multi_label takes several",
+        1,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MULTI_LABEL_REFUSALS))
+def test_a_refused_multi_label_input_is_one_line(case, data_dir, capsys):
+    extra, expected, status = MULTI_LABEL_REFUSALS[case]
+    train_csv, test_csv = make_multi_label_csvs(data_dir.parent / "csv")
+    (data_dir.parent / "horse.csv").write_text("csv/images/000.png,horse\n")
+    files = {"{train}": train_csv, "{test}": test_csv, "{horse}": data_dir.parent / "horse.csv"}
+    extra = [str(files.get(value, value)) for value in extra]
+    rc, _, err = run_cli(base_argv(data_dir, *extra), capsys)
+    assert rc == status
+    assert expected in one_error_line(err)
+    assert not (data_dir.parent / "output" / "x" / "best.pt").exists()

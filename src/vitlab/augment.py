@@ -212,8 +212,8 @@ def mix_params(
 def mix(
     x: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each pair's images mixed (or one's box pasted into the other) and their one-hot labels by the
-    same weight."""
+    """Each pair's images mixed (or one's box pasted into the other) and their labels by the same
+    weight: class indices (B,) as one-hot rows, or a multi-label set's multi-hot rows (B, classes)."""
     B = x.shape[0]
     partner = torch.arange(B, device=x.device) ^ 1
     lam = params[:, 0].repeat_interleave(2).to(x.device)
@@ -224,7 +224,7 @@ def mix(
     # a CutMix pair.
     own = torch.where(cut, (~inside).to(x.dtype), lam.view(-1, 1, 1, 1).to(x.dtype))
     mixed = torch.lerp(x[partner], x, own)  # one pass over the batch: partner + own * (x - partner)
-    targets = F.one_hot(labels, num_classes).float()
+    targets = labels.float() if labels.dim() == 2 else F.one_hot(labels, num_classes).float()
     return mixed, lam[:, None] * targets + (1 - lam[:, None]) * targets[partner]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import randomness
-from .config import DATASETS
+from .config import DATASETS, TrainConfig
 from .errors import DataError
 
 IMAGE_EXTENSIONS = (
@@ -43,7 +43,7 @@ class ImageSet:
     """Images and labels. `images` is a uint8 (N, H, W, 3) tensor, or None with `paths` set for
     streaming; a folder's `paths` are kept either way (CIFAR's images have none)."""
 
-    labels: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64 class indices, or a multi-label set's (N, classes) float 0/1
     class_names: list[str]
     images: torch.Tensor | None = None
     paths: list[str] | None = None
@@ -314,17 +314,56 @@ def load_datasets(
         test = load_image_folder(test_dir, train.class_names) if test_dir else None
     else:
         train, test = load_image_folder(data_dir), None
+    no_test = (
+        f"{data_dir} has no val/ or test/ folder; use --val_split > 0 to hold out part of train"
+    )
+    return _held_out(train, test, data_dir, val_split, seed, no_test)
+
+
+def load_labelled(
+    labels: str, test_labels: str, *, multi_label: bool, val_split: float, seed: int
+) -> tuple[ImageSet, ImageSet, ImageSet | None]:
+    """(train, validation, test) from labels CSVs (`load_image_list`): the validation split carved
+    from `labels`' images as from a folder's, the test images `test_labels`' (classes: those
+    `labels` names), or with val_split 0 the test images are the validation, as in the tutorial."""
+    train = load_image_list(labels, multi_label=multi_label)
+    test = (
+        load_image_list(test_labels, multi_label=multi_label, class_names=train.class_names)
+        if test_labels
+        else None
+    )
+    no_test = (
+        "--val_split 0 validates on the test images: pass --test_labels CSV, or --val_split > 0"
+    )
+    return _held_out(train, test, labels, val_split, seed, no_test)
+
+
+def training_data(config: TrainConfig) -> tuple[ImageSet, ImageSet, ImageSet | None]:
+    """A run's (train, validation, test): from its --labels CSVs, or from its dataset."""
+    if config.labels:
+        return load_labelled(
+            config.labels,
+            config.test_labels,
+            multi_label=config.multi_label,
+            val_split=config.val_split,
+            seed=config.seed,
+        )
+    return load_datasets(config.dataset, config.data_dir, config.val_split, config.seed)
+
+
+def _held_out(
+    train: ImageSet, test: ImageSet | None, where, val_split: float, seed: int, no_test: str
+) -> tuple[ImageSet, ImageSet, ImageSet | None]:
+    """(train, validation, test): the validation split carved from `train` by the seed, or with
+    val_split 0 the test images (`no_test` says what to do where there are none)."""
     if len(train.class_names) < 2:
         raise DataError(
-            f"{data_dir}: one class ({train.class_names[0]}); a classifier needs at least 2 "
+            f"{where}: one class ({train.class_names[0]}); a classifier needs at least 2 "
             "classes to train on"
         )
     if val_split == 0:
         if test is None:
-            raise DataError(
-                f"{data_dir} has no val/ or test/ folder; use --val_split > 0 to hold out part of "
-                "train"
-            )
+            raise DataError(no_test)
         return train, test, None
     train, val = split_validation(train, val_split, seed)
     return train, val, test

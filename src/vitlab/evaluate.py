@@ -3,6 +3,7 @@ report for people: a printed table and a confusion-matrix picture."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -10,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .batches import eval_batches
+from .config import ModelConfig, TrainConfig
 from .formats.files import atomic_write
-from .runtime import autocast
+from .runtime import Processes, autocast
 
 # a wider matrix wraps in a terminal; the JSON and the PNG hold it whole
 PRINTED_CONFUSION_MAX_CLASSES = 20
@@ -138,6 +141,51 @@ def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float | N
     recall = true_positives / hits.sum()
     gained = torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64))
     return float((gained * true_positives / seen).sum())
+
+
+def ranked_by(config: ModelConfig) -> str:
+    """The validation figure that picks a run's best.pt: mAP for a multi-label model, top-1
+    accuracy otherwise."""
+    return "mAP" if config.multi_label else "accuracy"
+
+
+def headline(metrics: dict) -> dict:
+    """The figures of `metrics` a run logs and keeps in final_metrics.json: the loss, the ranking
+    figure, and top-5 accuracy or (multi-label) the F1s at the threshold."""
+    shown = ("mAP", "f1_micro", "f1_macro") if "mAP" in metrics else ("accuracy", "top5_accuracy")
+    return {"loss": metrics["loss"], **{k: metrics[k] for k in shown}}
+
+
+def evaluate_run(
+    model: torch.nn.Module,
+    data,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    processes: Processes,
+    precision: str,
+) -> dict:
+    """A training run's evaluation of `model` on `data` (an ImageSet), fed as `model_config` says,
+    this process's shard: `evaluate`'s metrics, or `evaluate_multi_label`'s at threshold 0.5."""
+    shards = eval_batches(
+        data,
+        model_config,
+        config.eval_batch_size,
+        processes.device,
+        rank=processes.rank,
+        world_size=processes.world_size,
+        num_workers=config.num_workers,
+    )
+    run = evaluate_multi_label if model_config.multi_label else evaluate
+    return run(
+        model,
+        shards,
+        len(data.class_names),
+        processes.device,
+        precision=precision,
+        total=math.ceil(len(data) / processes.world_size / config.eval_batch_size),
+        progress=processes.is_main,
+        distributed=processes.distributed,
+    )
 
 
 def format_report(metrics: dict, class_names: list[str]) -> str:

@@ -21,18 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import randomness
 from .augment import Augmentation
-from .batches import TrainBatches, eval_batches
+from .batches import TrainBatches
 from .config import TrainConfig
-from .data import ImageSet, load_datasets
+from .data import ImageSet, training_data
 from .errors import TrainingError
-from .evaluate import evaluate
+from .evaluate import evaluate_run, headline, ranked_by
 from .fastpaths import describe
 from .formats import checkpoints, official
+from .losses import Criterion, criterion
 from .model import VisionTransformer
 from .optim import configure_optimizer, freeze, set_learning_rate
 from .runs import (
@@ -53,13 +53,14 @@ class TrainState:
     best so far."""
 
     step: int = 0
-    best_accuracy: float = -1.0
+    best: float = -1.0  # the best validation figure so far, of `metric`
     best_step: int = 0
     saved_step: int = 0  # the step of last.pt, the last good checkpoint
     accumulation_steps: int = 1  # micro-batches an update (runtime.choose_accumulation)
+    metric: str = "accuracy"  # what ranks checkpoints (evaluate.ranked_by), the key of `best`
 
     def progress(self) -> dict:
-        best = {"accuracy": self.best_accuracy, "step": self.best_step}
+        best = {self.metric: self.best, "step": self.best_step}
         return {"step": self.step, "best": best, "accumulation_steps": self.accumulation_steps}
 
 
@@ -77,6 +78,7 @@ class Job:
     # The same model, compiled and/or wrapped for DDP: what forward passes go through.
     train_model: torch.nn.Module
     ema: AveragedModel | None  # the moving average of the weights (--ema), which evaluation uses
+    criterion: Criterion  # what a step minimises
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     out_dir: Path
@@ -157,9 +159,7 @@ def set_up(config: TrainConfig, processes: Processes) -> Job:
     scaler = make_scaler(config, precision, processes.device)
     torch.manual_seed(randomness.stream_seed(config.seed, "init"))
     with processes.main_first():  # rank 0 downloads first
-        train_data, val_data, test_data = load_datasets(
-            config.dataset, config.data_dir, config.val_split, config.seed
-        )
+        train_data, val_data, test_data = training_data(config)
         model = build_model(config, len(train_data.class_names), verbose=processes.is_main).to(
             processes.device
         )
@@ -187,6 +187,7 @@ def set_up(config: TrainConfig, processes: Processes) -> Job:
         model=model,
         train_model=train_model,
         ema=ema,
+        criterion=criterion(config, model.config.multi_label),
         optimizer=optimizer,
         scaler=scaler,
         out_dir=out_dir,
@@ -217,7 +218,7 @@ def make_scaler(config: TrainConfig, precision: str, device: torch.device) -> to
 def start(job: Job) -> TrainState:
     """A fresh state, or the state of the checkpoint --resume names (weights, optimizer and scaler
     restored too); the update's micro-batches chosen, and the run's first lines printed."""
-    config, state, payload = job.config, TrainState(), {}
+    config, state, payload = job.config, TrainState(metric=ranked_by(job.model.config)), {}
     if config.resume:
         path = job.out_dir / "last.pt" if config.resume == "last" else Path(config.resume)
         payload = checkpoints.read_checkpoint(path)
@@ -226,8 +227,10 @@ def start(job: Job) -> TrainState:
         checkpoints.restore_training_checkpoint(
             payload, path, job.model, optimizer=job.optimizer, scaler=job.scaler, ema=job.ema
         )
-        best = payload["best"]
-        state = TrainState(payload["step"], best["accuracy"], best["step"], payload["step"])
+        best, metric = payload["best"], state.metric  # older runs' files: {"accuracy", "step"}
+        state = TrainState(
+            payload["step"], best[metric], best["step"], payload["step"], metric=metric
+        )
     state.accumulation_steps, split = micro_batches(
         job.model,
         batch_size=config.train_batch_size // job.processes.world_size,
@@ -269,11 +272,8 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor, state: Trai
             contextlib.nullcontext() if sync else job.train_model.no_sync(),
             autocast(processes.device, job.precision),
         ):
-            logits = job.train_model(x)
             # Its share of the batch's mean: 1 / accum where the micro-batches are equal
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing) / (
-                len(images) / len(x)
-            )
+            loss = job.criterion(job.train_model(x), x, y) / (len(images) / len(x))
         job.scaler.scale(loss).backward()
         loss_sum += loss.detach()
     if processes.distributed:
@@ -351,75 +351,52 @@ def stop_at_step_boundary(job: Job, state: TrainState, signum: int) -> None:
 
 
 def evaluate_on(job: Job, data: ImageSet) -> dict:
-    config, processes = job.config, job.processes
-    shards = eval_batches(
-        data,
-        job.model.config,  # how its images are fed
-        config.eval_batch_size,
-        processes.device,
-        rank=processes.rank,
-        world_size=processes.world_size,
-        num_workers=config.num_workers,
-    )
-    total = math.ceil(len(data) / processes.world_size / config.eval_batch_size)
-    return evaluate(
-        job.eval_model,
-        shards,
-        len(job.class_names),
-        processes.device,
-        precision=job.precision,
-        total=total,
-        progress=processes.is_main,
-        distributed=processes.distributed,
+    # Fed as the model's config says
+    return evaluate_run(
+        job.eval_model, data, job.model.config, job.config, job.processes, job.precision
     )
 
 
 def evaluate_and_save(job: Job, state: TrainState, bar) -> None:
-    """Validation accuracy now; best.pt if it is the best so far, and last.pt, unless the weights
-    went non-finite."""
+    """Validation accuracy (a multi-label run's mAP) now; best.pt if it is the best so far, and
+    last.pt, unless the weights went non-finite."""
     check_finite(job, state)
-    result = evaluate_on(job, job.val_data)
-    improved = result["accuracy"] > state.best_accuracy
+    result, metric = evaluate_on(job, job.val_data), state.metric
+    improved = result[metric] > state.best
     if improved:
-        state.best_accuracy, state.best_step = result["accuracy"], state.step
+        state.best, state.best_step = result[metric], state.step
     if job.processes.is_main:
         tag = "test" if job.config.val_split == 0 else "val"
         job.log.write(
-            state.step, **{f"{tag}/loss": result["loss"], f"{tag}/accuracy": result["accuracy"]}
+            state.step, **{f"{tag}/loss": result["loss"], f"{tag}/{metric}": result[metric]}
         )
         bar.write(
-            f"step {state.step}: {tag} accuracy {result['accuracy']:.4f}, loss "
-            f"{result['loss']:.4f} (best {state.best_accuracy:.4f} at step {state.best_step})"
+            f"step {state.step}: {tag} {metric} {result[metric]:.4f}, loss "
+            f"{result['loss']:.4f} (best {state.best:.4f} at step {state.best_step})"
         )
     save_checkpoints(job, state, ("best.pt", "last.pt") if improved else ("last.pt",))
 
 
 def finish(job: Job, state: TrainState, seconds: float, images_seen: int) -> dict:
     """Final metrics; the test split, if held apart, evaluated once on the best checkpoint."""
+    metric = state.metric
     final = {
-        "best_val_accuracy": state.best_accuracy,
+        f"best_val_{metric}": state.best,
         "best_step": state.best_step,
         "steps": state.step,
         "train_seconds": seconds,
         "images_per_second": images_seen / seconds if seconds else 0.0,
     }
     if job.config.val_split == 0:
-        final["test_accuracy"] = state.best_accuracy
+        final[f"test_{metric}"] = state.best
     elif job.test_data is not None:
         load_best(job)
         test = evaluate_on(job, job.test_data)
-        final.update(
-            test_accuracy=test["accuracy"],
-            test_loss=test["loss"],
-            test_top5_accuracy=test["top5_accuracy"],
-        )
+        final.update({f"test_{k}": v for k, v in headline(test).items()})
         if job.log:
-            job.log.write(
-                state.step, **{"test/accuracy": test["accuracy"], "test/loss": test["loss"]}
-            )
+            job.log.write(state.step, **{f"test/{metric}": test[metric], "test/loss": test["loss"]})
             print(
-                f"test accuracy of the best checkpoint (step {state.best_step}): "
-                f"{test['accuracy']:.4f}"
+                f"test {metric} of the best checkpoint (step {state.best_step}): {test[metric]:.4f}"
             )
     if job.log:
         (job.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")

@@ -104,6 +104,17 @@ class TrainConfig:
     )
     # vitlab's own settings
     data_dir: str = setting("data", "CIFAR download folder, or the image folder's root")
+    labels: str = setting(
+        "",
+        "a CSV of the training images and their labels instead of --data_dir's folders: rows "
+        "path,label;label;... or a header path,<class>,... over 0/1 columns, paths relative to "
+        "the CSV's folder (with --dataset imagefolder; the validation split is carved from it)",
+    )
+    test_labels: str = setting(
+        "",
+        "with --labels, a CSV of the test images, tested with best.pt at the end (with --val_split "
+        "0, validated on instead); empty: none",
+    )
     log_dir: str = setting("logs", "TensorBoard logs go to <log_dir>/<name>")
     val_split: float = setting(
         0.02,
@@ -243,6 +254,11 @@ class TrainConfig:
             self.model_type, num_classes=num_classes, img_size=self.img_size, **self.model
         )
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model's classes are independent (--multi_label, a model setting)."""
+        return bool(self.model.get("multi_label", False))
+
     def effective_precision(self) -> str:
         """--precision, or what the tutorial's --fp16 asks for: fp16, or at opt level O0 fp32."""
         if self.fp16:
@@ -267,6 +283,19 @@ class TrainConfig:
             (
                 not (self.fp16 and self.precision == "bf16"),
                 "--fp16 and --precision bf16 contradict each other",
+            ),
+            (
+                not self.labels or self.dataset == "imagefolder",
+                f"--labels names image files: pass --dataset imagefolder, not {self.dataset}",
+            ),
+            (
+                not self.test_labels or self.labels,
+                "--test_labels needs --labels (the training CSV)",
+            ),
+            (
+                not self.multi_label or self.labels,
+                "--multi_label trains on several labels an image: pass them as --labels CSV "
+                "(path,label;label;...)",
             ),
         ]
         for ok, message in checks:

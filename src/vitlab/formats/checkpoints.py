@@ -208,6 +208,7 @@ def _official_npz(path: Path) -> bool:
 # What fine-tuning sets whatever the file: the task (classes, image size) and the regularisation.
 TUNED_FIELDS = (
     "num_classes",
+    "multi_label",  # a softmax or a sigmoid a class over the same logits: the task's choice
     "img_size",
     "dropout_rate",
     "attention_dropout_rate",

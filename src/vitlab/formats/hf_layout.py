@@ -98,6 +98,7 @@ def from_hf(
                 state["pre_logits.0.weight"].shape[0] if "pre_logits.0.weight" in state else None
             ),
             num_classes=num_classes,
+            multi_label=config_json.get("problem_type") == "multi_label_classification",
             **read_preprocessing(preprocessor, variant or base, name),
         )
     except ConfigError as e:
@@ -412,6 +413,8 @@ def _config_json(config: ModelConfig, architecture: str, class_names: list[str])
         "label2id": {n: i for i, n in enumerate(class_names)},
     }
     top = {"architectures": [architecture]}
+    if config.multi_label:  # transformers' classifiers then train with BCEWithLogitsLoss
+        top["problem_type"] = "multi_label_classification"
     if tower.model_type == "siglip_vision_model":  # a SiglipConfig: the vision tower's, a text's
         values["vision_use_head"] = False  # SiglipForImageClassification does not use it
         return {
