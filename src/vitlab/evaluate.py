@@ -159,6 +159,7 @@ def headline(metrics: dict) -> dict:
 def evaluate_run(
     model: torch.nn.Module,
     data,
+    *,
     model_config: ModelConfig,
     config: TrainConfig,
     processes: Processes,

@@ -353,7 +353,12 @@ def stop_at_step_boundary(job: Job, state: TrainState, signum: int) -> None:
 def evaluate_on(job: Job, data: ImageSet) -> dict:
     # Fed as the model's config says
     return evaluate_run(
-        job.eval_model, data, job.model.config, job.config, job.processes, job.precision
+        job.eval_model,
+        data,
+        model_config=job.model.config,
+        config=job.config,
+        processes=job.processes,
+        precision=job.precision,
     )
 
 
