@@ -28,6 +28,7 @@ from .augment import Augmentation
 from .batches import TrainBatches, eval_batches
 from .config import TrainConfig
 from .data import ImageSet, load_datasets
+from .distillation import with_teacher
 from .errors import TrainingError
 from .evaluate import evaluate
 from .fastpaths import describe
@@ -188,7 +189,7 @@ def set_up(config: TrainConfig, processes: Processes) -> Job:
         model=model,
         train_model=train_model,
         ema=ema,
-        criterion=criterion(config),
+        criterion=with_teacher(criterion(config), config, model, train_data.class_names, processes),
         optimizer=optimizer,
         scaler=scaler,
         out_dir=out_dir,
