@@ -144,6 +144,17 @@ def test_the_teacher_gets_no_gradient_and_stays_in_eval_mode():
     assert torch.is_tensor(student(images))
 
 
+def test_the_teacher_computes_at_its_own_precision_inside_the_students_autocast():
+    teacher = Teacher(tiny_model(), tiny_model().config, torch.device("cpu"))
+    teacher.precision = "fp32"  # as `auto` resolves where bf16 is not native
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = teacher(images.bfloat16().float())
+    # A student training in bf16: its batch is bf16, its autocast around the loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = teacher(images.bfloat16())
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs
 

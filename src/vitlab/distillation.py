@@ -60,7 +60,8 @@ class Teacher:
             else autocast(self.device, self.precision)
         )
         with cast:
-            return self.model(self.inputs(images)).float()
+            # float32 in: an fp32 teacher cannot take a bf16 batch, and autocast casts it anyway
+            return self.model(self.inputs(images).float()).float()
 
     def describe(self, source: str) -> str:
         """One line for the run's first lines: what teaches, how it is fed."""

@@ -46,7 +46,10 @@ class Distillation:
     tau: float = 1.0
 
     def __call__(
-        self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], images, labels
+        self,
+        outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        images: torch.Tensor,
+        labels: torch.Tensor,
     ) -> torch.Tensor:
         # A DeiT student training with a teacher gives its two heads' logits (model.heads_apart)
         cls, dist = outputs if isinstance(outputs, tuple) else (outputs, outputs)
