@@ -241,8 +241,8 @@ class TrainConfig:
     )
     distillation: str = setting(
         "hard",
-        "with --teacher: hard: cross-entropy against the teacher's top class (DeiT's default and "
-        "best); soft: KL divergence from its softened probabilities. A DeiT student "
+        "with --teacher: hard: cross-entropy against the teacher's top class (what DeiT's "
+        "distilled models were trained with, its best); soft: KL divergence from its softened probabilities. A DeiT student "
         "(--distilled) learns it in its distillation head, another its one head",
         ("hard", "soft"),
         resume="same",
