@@ -13,7 +13,7 @@ Every run is `vitlab train --recipe scratch-cifar10-cpu --dataset imagefolder --
 --val_split 0.1 --device cpu` (5,000 images held out from all of them, the same 5,000: the split is
 drawn from the seed, 42 in every run) at --batch images a step, warmup WARMUP_SHARE of the steps,
 one evaluation at the end. The teacher is the recipe's model (width 192, depth 6, 6 heads, MLP 384:
-2.7 M parameters); the student is STUDENT (width 96, depth 4, 3 heads, MLP 192: 0.45 M), both with
+1.8 M parameters); the student is STUDENT (width 96, depth 4, 3 heads, MLP 192: 0.31 M), both with
 the recipe's average pooling, so the student distils into its one head (logit distillation; a DeiT
 student needs a class token). The distilled student is the student's run with `--teacher
 WORK/teacher/best.pt --distillation hard` (and soft): the same seed, data order, augmentation and
