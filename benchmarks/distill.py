@@ -7,6 +7,7 @@ Run from the repository root, in the project's environment, with DATA_DIR a CIFA
 
     python benchmarks/distill.py DATA_DIR                       # teacher, student alone, student hard-distilled
     python benchmarks/distill.py DATA_DIR --soft                # and soft-distilled
+    python benchmarks/distill.py DATA_DIR --soft --student_steps 900 --tag -900   # longer students, same teacher
     python benchmarks/distill.py DATA_DIR --teacher_steps 40 --student_steps 20   # a quick dry run
 
 Every run is `vitlab train --recipe scratch-cifar10-cpu --dataset imagefolder --data_dir DATA_DIR
@@ -96,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher_steps", type=int, default=360)
     p.add_argument("--student_steps", type=int, default=300, help="steps of each student run")
     p.add_argument("--soft", action="store_true", help="also a soft-distilled student")
+    p.add_argument(
+        "--tag", default="", help="appended to the students' names: runs of other lengths beside"
+    )
     return p.parse_args(argv)
 
 
@@ -108,9 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.soft:
         students["soft"] = [*teacher, "--distillation", "soft"]
     for name, extra in students.items():
-        results[name] = run(args, f"student-{name}", args.student_steps, STUDENT + extra)
+        results[name] = run(args, f"student-{name}{args.tag}", args.student_steps, STUDENT + extra)
     summary = {name: r["best_val_accuracy"] for name, r in results.items()}
-    (args.work / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.work / f"summary{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(summary))
 
 
