@@ -242,8 +242,9 @@ class TrainConfig:
     distillation: str = setting(
         "hard",
         "with --teacher: hard: cross-entropy against the teacher's top class (what DeiT's "
-        "distilled models were trained with, its best); soft: KL divergence from its softened probabilities. A DeiT student "
-        "(--distilled) learns it in its distillation head, another its one head",
+        "distilled models were trained with, its best); soft: KL divergence from its softened "
+        "probabilities. A DeiT student (--distilled) learns it in its distillation head, another "
+        "its one head",
         ("hard", "soft"),
         resume="same",
     )
