@@ -213,6 +213,10 @@ SEED_BEHAVIOUR = {
     "layer_decay": 1.0,
     "freeze": "none",
     "model": {},
+    "teacher": "",
+    "distillation": ANY,  # read only with a teacher
+    "distillation_alpha": ANY,
+    "distillation_tau": ANY,
 }
 
 

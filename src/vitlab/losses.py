@@ -4,6 +4,7 @@ whatever the task."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,3 +55,52 @@ def criterion(config: TrainConfig, multi_label: bool = False) -> Criterion | Mul
     """The loss a run with `config` trains on; `multi_label`: its model's classes are independent."""
     kind = MultiLabelCriterion if multi_label else Criterion
     return kind(label_smoothing=config.label_smoothing)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Distillation:
+    """DeiT's distillation (Touvron et al. 2021; its losses.py, DistillationLoss): (1 - alpha) times
+    the base loss of the class head, plus alpha times the distillation head's loss against the
+    teacher's logits of the same images (mixed, where mixup mixed them). A student without a
+    distillation token distils into its one head (logit distillation)."""
+
+    base: Criterion  # what the class head learns from the labels: label smoothing, mixed targets
+    teacher: Callable[[torch.Tensor], torch.Tensor]  # the student's images -> the teacher's logits
+    kind: str = "hard"  # TrainConfig.distillation
+    alpha: float = 0.5
+    tau: float = 1.0
+
+    def __call__(
+        self,
+        outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        # A DeiT student training with a teacher gives its two heads' logits (model.heads_apart)
+        cls, dist = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+        teacher = self.teacher(images)
+        term = distillation_term(dist.float(), teacher.float(), self.kind, self.tau)
+        return (1 - self.alpha) * self.base(cls, images, labels) + self.alpha * term
+
+
+def distillation_term(
+    student: torch.Tensor, teacher: torch.Tensor, kind: str, tau: float
+) -> torch.Tensor:
+    """What the distillation head minimises, from logits (B, classes) of the student and teacher:
+    hard, the cross-entropy against the teacher's top class; soft, DeiT's KL divergence of the
+    student's softened probabilities from the teacher's, times tau^2. As DeiT computes it, the KL is
+    summed over images and classes and divided by both (numel), not by the images alone: the
+    per-image KL over the number of classes."""
+    if kind == "hard":
+        return F.cross_entropy(student, teacher.argmax(dim=1))
+    divergence = F.kl_div(
+        F.log_softmax(student / tau, dim=1),
+        F.log_softmax(teacher / tau, dim=1),
+        reduction="sum",
+        log_target=True,
+    )
+    return divergence * tau**2 / student.numel()
+
+
+# Whatever a step minimises: train.Job.criterion
+Loss = Criterion | MultiLabelCriterion | Distillation

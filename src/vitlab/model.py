@@ -197,6 +197,9 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         # recompute each block in the backward instead of keeping its activations
         self.grad_checkpointing = False
+        # DeiT's training with a teacher (distillation.py): in training, the class and distillation
+        # heads' logits apart, (cls, dist); an attribute, so that DDP's and compile's forward keep it
+        self.heads_apart = False
         # Flax's 1e-6; torch's 1e-5 moves B/16 logits by about 2e-3
         self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.norm_tokens = config.final_norm == "before_pool"
@@ -390,13 +393,17 @@ class VisionTransformer(nn.Module):
         # DeiT: the distillation token's own head, the two averaged
         dist = tokens[:, 1] if self.norm_tokens else self.norm(tokens[:, 1])
         dist = self.pre_logits(dist)
-        return (x + dist) / 2 if pre_logits else (self.head(x) + self.head_dist(dist)) / 2
+        if pre_logits:
+            return (x + dist) / 2
+        if self.heads_apart and self.training:
+            return self.head(x), self.head_dist(dist)
+        return (self.head(x) + self.head_dist(dist)) / 2
 
     def forward(
         self, images: torch.Tensor, return_attention: bool = False, pre_logits: bool = False
     ):
         """Logits (B, num_classes), or with `pre_logits` the vector the head reads: a frozen
-        feature."""
+        feature; a DeiT model training with `heads_apart`, its two heads' logits (cls, dist)."""
         blocks, attention = self.encode(images, return_attention)
         normed = self._normed(blocks)
         out = self.forward_head(normed if len(normed) > 1 else normed[0], pre_logits=pre_logits)

@@ -28,11 +28,12 @@ from .augment import Augmentation
 from .batches import TrainBatches
 from .config import TrainConfig
 from .data import ImageSet, training_data
+from .distillation import with_teacher
 from .errors import TrainingError
 from .evaluate import evaluate_run, headline, ranked_by
 from .fastpaths import describe
 from .formats import checkpoints, official
-from .losses import Criterion, criterion
+from .losses import Loss, criterion
 from .model import VisionTransformer
 from .optim import configure_optimizer, freeze, set_learning_rate
 from .runs import (
@@ -78,7 +79,7 @@ class Job:
     # The same model, compiled and/or wrapped for DDP: what forward passes go through.
     train_model: torch.nn.Module
     ema: AveragedModel | None  # the moving average of the weights (--ema), which evaluation uses
-    criterion: Criterion  # what a step minimises
+    criterion: Loss  # what a step minimises
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     out_dir: Path
@@ -187,7 +188,13 @@ def set_up(config: TrainConfig, processes: Processes) -> Job:
         model=model,
         train_model=train_model,
         ema=ema,
-        criterion=criterion(config, model.config.multi_label),
+        criterion=with_teacher(
+            criterion(config, model.config.multi_label),
+            config,
+            model,
+            train_data.class_names,
+            processes,
+        ),
         optimizer=optimizer,
         scaler=scaler,
         out_dir=out_dir,

@@ -243,6 +243,34 @@ class TrainConfig:
         "recompute each block in the backward instead of keeping its activations: "
         "less memory, about a third more compute",
     )
+    teacher: str = setting(
+        "",
+        "distil from this model (Touvron et al. 2021): any checkpoint the other commands take, "
+        "with the run's classes; it runs in eval mode at precision auto, fed as its own "
+        "preprocessing says; empty: no teacher",
+        resume="same",
+    )
+    distillation: str = setting(
+        "hard",
+        "with --teacher: hard: cross-entropy against the teacher's top class (what DeiT's "
+        "distilled models were trained with, its best); soft: KL divergence from its softened "
+        "probabilities. A DeiT student (--distilled) learns it in its distillation head, another "
+        "its one head",
+        ("hard", "soft"),
+        resume="same",
+    )
+    distillation_alpha: float = setting(
+        0.5,
+        "with --teacher: the distillation term's weight, the labels' 1 - alpha (DeiT's 0.5)",
+        resume="same",
+        valid=PROBABILITY,
+    )
+    distillation_tau: float = setting(
+        1.0,
+        "with --distillation soft: the softmax temperature (DeiT's 1)",
+        resume="same",
+        valid=POSITIVE,
+    )
     model: dict[str, Any] = setting(
         {},
         'overrides of the variant\'s model settings, e.g. {"patch_size": 4}; each is also a flag',
@@ -314,12 +342,25 @@ class TrainConfig:
                 f"{self.train_batch_size} on {world_size} processes (each random stream's seeds)"
             )
         self.randaugment_ops()
+        self.check_distillation()
         if (self.mixup > 0 or self.cutmix > 0) and (self.train_batch_size // parts) % 2:
             raise ConfigError(
                 "--mixup and --cutmix mix pairs of images: each process's micro-batch "
                 f"({self.train_batch_size // parts}) must be even"
             )
         self.model_config(num_classes=2)  # the model's own checks, before any data is loaded
+
+    def check_distillation(self) -> None:
+        """The distillation settings only with a teacher, the temperature only with soft."""
+        defaults = TrainConfig()
+        for name in ("distillation", "distillation_alpha", "distillation_tau"):
+            if not self.teacher and getattr(self, name) != getattr(defaults, name):
+                raise ConfigError(f"--{name} {getattr(self, name)}: distils only with --teacher")
+        if self.distillation == "hard" and self.distillation_tau != defaults.distillation_tau:
+            raise ConfigError(
+                "--distillation_tau is soft distillation's temperature; hard takes the teacher's "
+                "top class"
+            )
 
     def randaugment_ops(self) -> tuple[int, int] | None:
         """--randaugment as (operations per image, magnitude of 30), or None."""
