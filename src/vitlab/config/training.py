@@ -321,6 +321,10 @@ class TrainConfig:
                 "--test_labels needs --labels (the training CSV)",
             ),
             (
+                not (self.teacher and self.multi_label),
+                "--teacher: distillation of a multi-label model is not supported yet",
+            ),
+            (
                 not self.multi_label or self.labels,
                 "--multi_label trains on several labels an image: pass them as --labels CSV "
                 "(path,label;label;...)",
