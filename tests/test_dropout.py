@@ -175,6 +175,18 @@ def test_the_model_uses_it_for_every_dropout_fused_in_its_blocks_and_keeps_its_s
     assert type(use_sparse_dropout(plain)[0]) is Dropout and plain[0].p == 0.2
 
 
+def test_a_rate_set_on_the_models_dropout_modules_reaches_every_fused_dropout():
+    # Setting every nn.Dropout's p (timm's way, the benchmarks') must reach the fused layers too
+    model = tiny(0.1).train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(images), model.eval()(images))
+    assert all(block.attn.proj.p == 0.0 for block in model.blocks)
+
+
 def unfused_twin(model):
     """The same model with its dropout unfused: vitlab's Dropout after each layer, as model.py writes it."""
     twin = tiny(0.0)  # rate 0: nothing fused

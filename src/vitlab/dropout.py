@@ -161,20 +161,23 @@ def _zeroed(y: torch.Tensor, p: float) -> torch.Tensor:
 class DroppedLinear(Linear):
     """A Linear followed by dropout p: on the sparse path the 1/(1-p) is in its weight and bias and
     the dropped positions are zeroed in its own output, saving two passes over it; elsewhere the
-    Linear, then torch's dropout. The same parameters and state dict as the Linear."""
+    Linear, then the dropout. The same parameters and state dict as the Linear. The rate lives in
+    its `drop` module, as DroppedMlp's: whatever sets the rate of a model's nn.Dropout modules
+    (timm's and the benchmarks' way) sets this one too."""
 
     def __init__(self, *args, p: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.p = p
+        self.drop = Dropout(p)
+
+    @property
+    def p(self) -> float:
+        return self.drop.p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and sparse_dropout_applies(x, self.p)):
-            return F.dropout(super().forward(x), self.p, self.training)
+            return self.drop(super().forward(x))
         scale = 1 / (1 - self.p)
         return _zeroed(self.product(x, scale, scale), self.p)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", dropout={self.p}"
 
 
 class DroppedMlp(nn.Module):
@@ -208,7 +211,7 @@ def use_sparse_dropout(module: nn.Module) -> nn.Module:
         proj = getattr(getattr(parent, "attn", None), "proj", None)
         if type(drop) is nn.Dropout and drop.p > 0 and type(proj) is Linear and not proj.gelu:
             parent.attn.proj, parent.drop = DroppedLinear.adopt(proj), nn.Identity()
-            parent.attn.proj.p = drop.p
+            parent.attn.proj.drop.p = drop.p
         fc1, act = getattr(mlp, "fc1", None), getattr(mlp, "act", None)
         if type(fc1) is Linear and fc1.gelu and isinstance(act, nn.Identity) and mlp.drop.p > 0:
             parent.mlp = DroppedMlp(fc1, mlp.fc2, Dropout(mlp.drop.p))
