@@ -176,7 +176,9 @@ def _logistic_regression(
         max_iter=max_iter,
         tolerance_grad=1e-4,
         tolerance_change=1e-9,
-        history_size=10,
+        # scikit-learn's and scipy's 10 pairs took 648 evaluations for a CIFAR probe at strength 10,
+        # 100 pairs 370 to the same objective (7,690 parameters: the history costs nothing)
+        history_size=100,
         line_search_fn="strong_wolfe",
     )
 
