@@ -17,7 +17,7 @@ import torch
 from .config import ModelConfig, TrainConfig
 from .errors import ConfigError
 from .formats.checkpoints import load_model
-from .losses import Criterion, Distillation
+from .losses import Criterion, Distillation, Loss, MultiLabelCriterion
 from .model import VisionTransformer
 from .preprocessing import from_unit, resize, to_unit
 from .runtime import Processes, autocast, resolve_precision
@@ -84,12 +84,13 @@ def _named(names: list[str]) -> str:
 
 
 def with_teacher(
-    base: Criterion,
+    base: Criterion | MultiLabelCriterion,
+    *,
     config: TrainConfig,
     model: VisionTransformer,
     class_names: list[str],
     processes: Processes,
-) -> Criterion | Distillation:
+) -> Loss:
     """The loss a run minimises: `base`, or with --teacher, `base` and the teacher's distillation
     (DeiT's). A DeiT student is set to give its two heads' logits apart in training."""
     if not config.teacher:
