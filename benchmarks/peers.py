@@ -25,6 +25,7 @@ import importlib.util
 import os
 import time
 from dataclasses import dataclass
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -222,16 +223,10 @@ def dropout_calls(model: nn.Module, forward, images: torch.Tensor) -> int:
     ]
     # vitlab's fused dropout draws inside the layer it follows, its module not called: counted on
     # the plain path, which calls each
-    plain = os.environ.get("VITLAB_FASTPATHS")
-    os.environ["VITLAB_FASTPATHS"] = "off"
     try:
-        with torch.no_grad():
+        with patch.dict(os.environ, VITLAB_FASTPATHS="off"), torch.no_grad():
             forward(images[:1])
     finally:
-        if plain is None:
-            del os.environ["VITLAB_FASTPATHS"]
-        else:
-            os.environ["VITLAB_FASTPATHS"] = plain
         for hook in hooks:
             hook.remove()
     return len(calls)
