@@ -10,7 +10,9 @@ commit and shape, in the order A B in odd rounds and B A in even ones, so that d
 alike; each process imports that commit's vitlab (PYTHONPATH), builds the shape with `vitlab.create_model` and
 random weights (dropout 0, exact GELU, 10 classes), and times four cells: inference in fp32 and bf16
 (torch.inference_mode) and a training step in fp32 and bf16 (forward, cross-entropy, backward, SGD with momentum),
-bf16 being `vitlab.runtime.autocast` over fp32 weights. A cell is warmed up twice, then repeated for at least
+bf16 being `vitlab.runtime.autocast` over fp32 weights; with --dropout P, two more cells time the training step
+of the same weights built at dropout P (the seed's 0.1: `python benchmarks/ab.py main HEAD --dropout 0.1`). A cell
+is warmed up twice, then repeated for at least
 --seconds; its images/s is the batch over the mean time. The result: the median over rounds of each cell, and
 B's over A's. Both commits must build models with `vitlab.create_model` and offer `vitlab.runtime.autocast`
 (every commit since 2026-11-20). The line printed first names the CPU, instruction set and torch.
@@ -34,9 +36,10 @@ SHAPES = {
     "Ti/4-32": ("Ti/16", 32, 4, 192, 12, 3, 768, 256),
 }
 CELLS = ("infer fp32", "infer bf16", "train fp32", "train bf16")
+DROPOUT_CELLS = ("drop fp32", "drop bf16")  # the training step at --dropout
 
 
-def worker(shape: str, seconds: float) -> dict:
+def worker(shape: str, seconds: float, dropout: float) -> dict:
     """Images/s of each cell at `shape`, and the vitlab that computed them (one commit's)."""
     import vitlab  # first, as under the `vitlab` command: its allocator settings apply to torch
 
@@ -47,47 +50,59 @@ def worker(shape: str, seconds: float) -> dict:
 
     variant, size, patch, width, depth, heads, mlp, batch = SHAPES[shape]
     shape_args = dict(img_size=size, patch_size=patch, hidden_size=width, depth=depth)
-    model = vitlab.create_model(
-        variant,
-        **shape_args,
-        num_heads=heads,
-        mlp_dim=mlp,
-        num_classes=10,
-        dropout_rate=0.0,
-        gelu="exact",
-    )
+
+    def build(rate: float) -> torch.nn.Module:
+        return vitlab.create_model(
+            variant,
+            **shape_args,
+            num_heads=heads,
+            mlp_dim=mlp,
+            num_classes=10,
+            dropout_rate=rate,
+            gelu="exact",
+        )
+
+    # kind -> the model it times: "drop" the same weights at `dropout`, with its own optimizer
+    models = {"infer": build(0.0)}
+    models["train"] = models["infer"]
+    if dropout > 0:
+        models["drop"] = build(dropout)
+        models["drop"].load_state_dict(models["infer"].state_dict())
+    optimizers = {
+        kind: torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        for kind, model in models.items()
+    }
     images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     cpu = torch.device("cpu")
 
-    def infer(precision: str) -> None:
-        with torch.inference_mode(), autocast(cpu, precision):
-            model.eval()(images)
-
-    def train(precision: str) -> None:
+    def step(kind: str, precision: str) -> None:
+        if kind == "infer":
+            with torch.inference_mode(), autocast(cpu, precision):
+                models[kind].eval()(images)
+            return
         with autocast(cpu, precision):
-            loss = torch.nn.functional.cross_entropy(model.train()(images).float(), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            logits = models[kind].train()(images)
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        optimizers[kind].step()
+        optimizers[kind].zero_grad(set_to_none=True)
 
     result = {}
-    for cell in CELLS:
+    for cell in CELLS + (DROPOUT_CELLS if dropout > 0 else ()):
         kind, precision = cell.split()
-        step = infer if kind == "infer" else train
         for _ in range(2):
-            step(precision)
+            step(kind, precision)
         started, count = time.perf_counter(), 0
         while count == 0 or time.perf_counter() - started < seconds:
-            step(precision)
+            step(kind, precision)
             count += 1
         result[cell] = batch * count / (time.perf_counter() - started)
     return {"cells": result, "vitlab": vitlab.__file__}
 
 
-def run(tree: Path, shape: str, seconds: float) -> dict:
+def run(tree: Path, shape: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
-    command = [sys.executable, __file__, "--worker", shape, "--seconds", str(seconds)]
+    command = [sys.executable, __file__, "--worker", shape, "--seconds", str(args.seconds)]
+    command += ["--dropout", str(args.dropout)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{tree}: {shape} failed:\n{done.stderr[-2000:]}")
@@ -108,12 +123,13 @@ def machine() -> str:
 
 
 def compare(revs: tuple[str, str], args: argparse.Namespace, trees: list[Path]) -> dict:
-    figures = {rev: {s: {c: [] for c in CELLS} for s in args.shapes} for rev in revs}
+    cells = CELLS + (DROPOUT_CELLS if args.dropout > 0 else ())
+    figures = {rev: {s: {c: [] for c in cells} for s in args.shapes} for rev in revs}
     for r in range(args.rounds):
         order = (0, 1) if r % 2 == 0 else (1, 0)
         for shape in args.shapes:
             for i in order:
-                for cell, value in run(trees[i], shape, args.seconds).items():
+                for cell, value in run(trees[i], shape, args).items():
                     figures[revs[i]][shape][cell].append(value)
         print(f"round {r + 1} of {args.rounds} done", file=sys.stderr, flush=True)
     return figures
@@ -123,7 +139,7 @@ def report(revs: tuple[str, str], figures: dict, shapes: list[str]) -> None:
     a, b = revs
     print(f"{'shape':<9} {'cell':<11} {a[:12]:>12} {b[:12]:>12} {'B / A':>7}  (median images/s)")
     for shape in shapes:
-        for cell in CELLS:
+        for cell in figures[a][shape]:
             ma = statistics.median(figures[a][shape][cell])
             mb = statistics.median(figures[b][shape][cell])
             print(f"{shape:<9} {cell:<11} {ma:>12.2f} {mb:>12.2f} {mb / ma:>6.3f}x")
@@ -138,10 +154,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternations (default 3)")
     parser.add_argument("--seconds", type=float, default=2.0, help="per cell (default 2)")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    parser.add_argument(
+        "--dropout", type=float, default=0.0, help="time the training step at this dropout too"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.seconds)))
+        print(json.dumps(worker(args.worker, args.seconds, args.dropout)))
         return
     if len(args.revs) != 2:
         parser.error("name two commits")
