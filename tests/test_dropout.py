@@ -44,10 +44,17 @@ def test_the_gaps_of_every_float32_uniform_give_rate_p_to_2_to_the_minus_22(p):
     assert abs(rate - p) <= 2.0**-22
 
 
-def test_torch_rand_draws_on_the_grid_the_enumeration_assumes():
-    torch.manual_seed(0)
-    u = torch.rand(100_000, dtype=torch.float32).double() * 2**24
-    assert torch.equal(u, u.floor()) and u.max() < 2**24
+def test_the_uniforms_lie_on_the_grid_the_enumeration_assumes():
+    u = dropout.uniforms(2**62 - 1, 0, 100_000).double() * 2**24
+    assert torch.equal(u, u.floor()) and u.min() >= 0 and u.max() < 2**24
+    assert abs(u.mean().item() / 2**24 - 0.5) < SIGMAS * math.sqrt(1 / 12 / 100_000)
+
+
+def test_the_uniforms_taken_up_from_any_start_are_the_streams_own():
+    whole = dropout.uniforms(77, 0, 5_001)
+    for start in (1, 2, 999, 2_500):  # odd starts take up a 64-bit output half drawn
+        assert torch.equal(dropout.uniforms(77, start, 5_001 - start), whole[start:])
+    assert not torch.equal(dropout.uniforms(78, 0, 5_001), whole)
 
 
 @pytest.mark.parametrize("p", [0.01, 0.1, 0.25, 0.5])

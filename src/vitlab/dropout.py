@@ -6,13 +6,13 @@ Why: torch's CPU dropout draws one uniform per element from its Mersenne Twister
 one thread (`bernoulli_`, 5.5 ns an element), then multiplies by the mask in two more passes: at
 dropout 0.1 it took the patch-4 ViT's training step from 60 to 35 images/s (issue 28). Here only
 the dropped elements are drawn. The gaps between consecutive dropped elements of a Bernoulli(p)
-sequence are independent and geometric, P(gap = k) = (1 - p)^(k-1) p; one float32 uniform u gives
-one gap, 1 + floor(log(1 - u) / log(1 - p)), a cumulative sum gives the positions, and index_fill_
-zeroes them in the scaled copy: one uniform per dropped element (a tenth of them at p = 0.1) and
-one pass over the tensor each way. The positions are kept for the backward, 8p bytes an element
-(0.8 at p = 0.1; torch keeps its float mask, 4 in fp32).
+sequence are independent and geometric, P(gap = k) = (1 - p)^(k-1) p; one float32 uniform v in
+(0, 1] gives one gap, 1 + floor(log(v) / log(1 - p)), a cumulative sum gives the positions, and
+index_fill_ zeroes them in the scaled copy: one uniform per dropped element (a tenth of them at
+p = 0.1) and one pass over the tensor each way. The positions are kept for the backward, 8p bytes
+an element (0.8 at p = 0.1; torch keeps its float mask, 4 in fp32).
 
-How exact: u has 24 random bits, so each gap's probabilities, and the drop rate, are p's to within
+How exact: v has 24 random bits, so each gap's probabilities, and the drop rate, are p's to within
 2^-22 (tests/test_dropout.py enumerates all 2^24 uniforms through the same float32 arithmetic).
 
 In a block the dropouts are fused with the layers around them (`use_sparse_dropout`): the 1/(1-p)
@@ -22,17 +22,19 @@ both, a training step at dropout 0.1 took 1.13x (fp32) and 1.14-1.22x (bf16) the
 without for the patch-4 ViT (batch 256), 1.03x and 1.09x for B/16 (batch 16), where torch's
 dropout took 1.35x, 1.91x, 1.06x and 1.44x (CPU time on one core of a shared Intel Xeon, issue 28).
 
-The uniforms come from torch's global generator, as torch's dropout's do: the masks follow the
-run's seed and step (train.py reseeds it every step), and gradient checkpointing, which replays
-the generator's state, recomputes the same masks. Elsewhere (CUDA, whose Philox generator is fast;
-tracing and torch.compile; p above one half, where the positions would outgrow a mask;
-VITLAB_FASTPATHS=off) it is torch's own dropout.
+The uniforms follow torch's global generator, as torch's dropout's do: each call draws one key from
+it, so the masks follow the run's seed and step (train.py reseeds it every step), and gradient
+checkpointing, which replays the generator's state, recomputes the same masks. The uniforms
+themselves come from numpy's PCG64 seeded with the key: 1.5 ns a uniform where torch.rand's
+Mersenne Twister takes 2.7 (a second thread drawing half of them lost more than it gained inside a
+training step, whose own threads hold both cores).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,26 +51,42 @@ _MARGIN_SIGMAS = 8
 
 
 def gaps_of(u: torch.Tensor, p: float) -> torch.Tensor:
-    """The geometric gaps (int64, >= 1) for drop probability `p` that float32 uniforms `u` in [0, 1)
-    give, overwriting `u`: floor(log(1 - u) / log(1 - p)) + 1, so u < p gives 1 and
-    P(gap > k) = (1 - p)^k."""
-    return u.neg_().log1p_().div_(math.log1p(-p)).floor_().to(torch.int64).add_(1)
+    """The geometric gaps (int64, >= 1) for drop probability `p` that float32 uniforms `u`, the
+    multiples of 2^-24 in [0, 1), give, overwriting `u`: with v = u + 2^-24 (exact; uniform on the
+    multiples in (0, 1]), trunc(log(v) / log(1 - p) + 1), so P(gap > k) = (1 - p)^k. The sum is
+    >= 1, so the cast to int64 is the floor; log rather than log1p(-u), and the 1 added in
+    float32, save two of six passes (tests/test_dropout.py enumerates every uniform through this
+    arithmetic)."""
+    return u.add_(2.0**-24).log_().mul_(1 / math.log1p(-p)).add_(1).to(torch.int64)
 
 
-def _gaps(expected: float, p: float) -> torch.Tensor:
-    """Enough gaps for `expected` drops but once in about 10^15 calls, from as many uniforms of
-    torch's global generator."""
-    count = int(expected + _MARGIN_SIGMAS * math.sqrt(expected * (1 - p))) + 16
-    return gaps_of(torch.rand(count, dtype=torch.float32), p)
+def uniforms(key: int, start: int, count: int) -> torch.Tensor:
+    """Uniforms `start` to `start + count` of the stream `key`: float32 multiples of 2^-24 in
+    [0, 1), numpy's (next 32 bits >> 8) * 2^-24 as torch.rand's, two to each 64-bit output of
+    PCG64 seeded with `key` (`advance` skips whole outputs)."""
+    bits = np.random.PCG64(key)
+    bits.advance(start // 2)
+    rng = np.random.Generator(bits)
+    if start % 2:  # the first half of that output was drawn
+        rng.random(1, np.float32)
+    return torch.from_numpy(rng.random(count, np.float32))
+
+
+def _enough(expected: float, p: float) -> int:
+    """Uniforms enough for `expected` drops but once in about 10^15 calls."""
+    return int(expected + _MARGIN_SIGMAS * math.sqrt(expected * (1 - p))) + 16
 
 
 def dropped_positions(numel: int, p: float) -> torch.Tensor:
     """The sorted positions (int64) that dropout with probability `p` zeroes in a tensor of `numel`
     elements, flattened in row-major order: each position independently with probability `p`."""
-    parts = [_gaps(numel * p, p).cumsum_(0).sub_(1)]
-    while parts[-1][-1] < numel:  # ran short: go on from the last position drawn
-        last = parts[-1][-1]
-        parts.append(_gaps((numel - 1 - int(last)) * p, p).cumsum_(0).add_(last))
+    key, drawn, last, parts = int(torch.randint(2**62, ())), 0, -1, []
+    while last < numel:  # the second round, once in 10^15 calls, goes on from the last position
+        count = _enough((numel - 1 - last) * p, p)
+        gaps = gaps_of(uniforms(key, drawn, count), p)
+        gaps[0] += last  # position = last + cumulative gap
+        parts.append(gaps.cumsum_(0))
+        drawn, last = drawn + count, int(parts[-1][-1])
     positions = torch.cat(parts) if len(parts) > 1 else parts[0]
     return positions[: int(torch.searchsorted(positions, numel))]
 
