@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitlab import dropout, randomness
+from vitlab import dropout, fastpaths, randomness
 from vitlab.dropout import (
     Dropout,
     DroppedLinear,
@@ -226,6 +226,27 @@ def test_the_fused_blocks_draw_the_same_masks_and_compute_the_same_function():
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
     assert (got - outputs_and_gradients(twin, images, seed=6)[0]).abs().max() > 1e-3  # another mask
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_dropouts_zero_fresh_tensors_that_autograd_need_not_copy(
+    dtype, onednn, monkeypatch
+):
+    # Zeroing a view in place makes autograd copy the whole gradient through CopySlices and AsStridedBackward.
+    monkeypatch.setattr(fastpaths, "onednn_linear_faster", lambda *args: onednn)
+    model = tiny(0.1).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits = model(torch.rand(2, 3, 16, 16))
+    seen, stack = set(), [logits.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    names = {type(node).__name__ for node in seen}
+    assert "_ZeroAtBackward" in names and "_GeluZeroAtBackward" in names
+    assert not names & {"CopySlices", "AsStridedBackward0"}
 
 
 @pytest.mark.parametrize("case", ["evaluation", "fast paths off"])
