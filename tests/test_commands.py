@@ -21,13 +21,8 @@ from vitlab.formats import checkpoints, official
 from vitlab.formats.checkpoints import load_model
 from vitlab.model import create_model
 
+from parity import one_error_line
 from rounding import assert_within_float32_rounding, float32_rounding
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def save_png(path, seed: int = 0, size: int = 16):

@@ -37,6 +37,7 @@ from vitlab.formats.checkpoints import load_model, read_checkpoint
 from vitlab.model import count_parameters
 
 from conftest import REPO, train_tiny
+from parity import one_error_line
 
 CPU = torch.device("cpu")
 
@@ -45,12 +46,6 @@ CPU = torch.device("cpu")
 def deep_run(tmp_path_factory):
     """A tiny run of two layers, so that the rollout and each layer's map differ."""
     return train_tiny(tmp_path_factory.mktemp("demo_run"), depth=2)
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def predicted(checkpoint, image, capsys) -> dict:
