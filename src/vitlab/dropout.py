@@ -18,9 +18,9 @@ How exact: v has 24 random bits, so each gap's probabilities, and the drop rate,
 In a block the dropouts are fused with the layers around them (`use_sparse_dropout`): the 1/(1-p)
 goes into the next linear layer's weights, the zeros into fresh outputs and gradients in place, the
 MLP's GELU and its dropout are one op, so the hidden activations are not passed over again. With
-both, a training step at dropout 0.1 took 1.13x (fp32) and 1.14-1.22x (bf16) the time of one
-without for the patch-4 ViT (batch 256), 1.03x and 1.09x for B/16 (batch 16), where torch's
-dropout took 1.35x, 1.91x, 1.06x and 1.44x (CPU time on one core of a shared Intel Xeon, issue 28).
+both, a training step at dropout 0.1 took 1.06x (fp32) and 1.15x (bf16) the time of one without
+for the patch-4 ViT (batch 256), 1.03x and 1.07x for B/16 (batch 16), where timm's took 1.73x,
+1.69x, 1.21x and 1.54x (benchmarks/models.py, 2-core Intel Xeon with AMX, 2026-12-06).
 
 The uniforms follow torch's global generator, as torch's dropout's do: each call draws one key from
 it, so the masks follow the run's seed and step (train.py reseeds it every step), and gradient
