@@ -71,6 +71,7 @@ def worker(shape: str, seconds: float, dropout: float) -> dict:
     optimizers = {
         kind: torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         for kind, model in models.items()
+        if kind != "infer"
     }
     images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
     cpu = torch.device("cpu")

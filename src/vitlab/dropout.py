@@ -172,8 +172,11 @@ class _GeluZeroAt(torch.autograd.Function):
         return grad_h.view(-1).index_fill_(0, positions, 0).view(h.shape), None, None
 
 
-def _zeroed(y: torch.Tensor, p: float) -> torch.Tensor:
-    return _ZeroAt.apply(y, dropped_positions(y.numel(), p))
+def _zeroed(y: torch.Tensor, p: float, x: torch.Tensor) -> torch.Tensor:
+    """`y`, a linear layer's product over `_rows(x)`, zeroed at the positions dropout `p` draws,
+    in x's leading shape."""
+    y = _ZeroAt.apply(y, dropped_positions(y.numel(), p))
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -203,8 +206,7 @@ class DroppedLinear(Linear):
         if not (self.training and sparse_dropout_applies(x, self.p)):
             return self.drop(super().forward(x))
         scale = 1 / (1 - self.p)
-        y = _zeroed(self.product(_rows(x), scale, scale), self.p)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return _zeroed(self.product(_rows(x), scale, scale), self.p, x)
 
 
 class DroppedMlp(nn.Module):
@@ -225,8 +227,7 @@ class DroppedMlp(nn.Module):
         h = self.fc1.product(_rows(x))  # (B * T, hidden), before the GELU
         a = _GeluZeroAt.apply(h.contiguous(), dropped_positions(h.numel(), p), self.fc1.gelu)
         scale = 1 / (1 - p)
-        y = _zeroed(self.fc2.product(a, scale * scale, scale), p)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return _zeroed(self.fc2.product(a, scale * scale, scale), p, x)
 
 
 def use_sparse_dropout(module: nn.Module) -> nn.Module:
