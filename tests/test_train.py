@@ -877,6 +877,29 @@ def test_resume_with_a_setting_that_changes_the_run_is_refused(data_dir, capsys,
     assert named in one_error_line("".join(ln for ln in err.splitlines(True) if emulated not in ln))
 
 
+@pytest.mark.parametrize("change", ["relabelled", "added", "moved"])
+def test_resume_on_other_images_or_labels_is_refused_and_a_moved_folder_goes_on(
+    data_dir, capsys, change
+):
+    assert run_cli(base_argv(data_dir, "--num_steps", "2"), capsys)[0] == 0
+    classes = sorted(p for p in data_dir.iterdir() if p.is_dir())
+    image = sorted(classes[0].iterdir())[0]
+    if change == "relabelled":  # an image moved to another class
+        image.rename(classes[1] / f"{classes[0].name}_{image.name}")
+    elif change == "added":
+        (classes[0] / "new.png").write_bytes(image.read_bytes())
+    else:
+        data_dir = data_dir.rename(data_dir.with_name("moved"))
+    before = (Path("output") / "x" / "last.pt").read_bytes()
+    rc, _, err = run_cli(base_argv(data_dir, "--num_steps", "4", "--resume"), capsys)
+    if change == "moved":
+        assert rc == 0, err
+        return
+    assert rc == 2
+    assert "its run trained on other images or labels" in one_error_line(err)
+    assert (Path("output") / "x" / "last.pt").read_bytes() == before
+
+
 def test_a_corrupt_checkpoint_is_refused_for_fine_tuning_and_resuming(data_dir, capsys):
     from test_checkpoints import flip_bytes_in_largest_tensor
 

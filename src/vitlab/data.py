@@ -8,6 +8,8 @@ checked readable before a run starts, so a bad file is named at once, not mid-ru
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import urllib.error
 import warnings
@@ -55,6 +57,20 @@ class ImageSet:
         images = self.images[index] if self.images is not None else None
         paths = [self.paths[i] for i in index.tolist()] if self.paths is not None else None
         return ImageSet(self.labels[index], self.class_names, images, paths)
+
+    def digest(self) -> str:
+        """SHA-256 of the class names, the labels and the files' names relative to their common
+        folder: what a resumed run checks its training images against (the folder may move; an
+        image relabelled, added or removed changes it)."""
+        names = []
+        if self.paths:
+            root = os.path.commonpath([os.path.dirname(p) for p in self.paths])
+            names = [
+                p[len(root) :] if p.startswith(root) else os.path.relpath(p, root)
+                for p in self.paths
+            ]
+        listed = json.dumps([self.class_names, self.labels.tolist(), names])
+        return hashlib.sha256(listed.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,11 +91,14 @@ def _lock(out_dir: Path):
     return lock
 
 
-def check_resume(payload: dict, config: TrainConfig, precision: str, path: Path) -> None:
+def check_resume(
+    payload: dict, config: TrainConfig, precision: str, path: Path, data: dict | None = None
+) -> None:
     """Refuse to resume with a setting that changes the run's course (its seed, batch, schedule,
-    optimizer, augmentation, model: config.py marks them resume="same"); a longer or shorter
-    --num_steps, or another precision where `auto` picked differently on this machine, continue with
-    a warning."""
+    optimizer, augmentation, model: config.py marks them resume="same"), or on other training
+    images or labels than the run's (`data`: {"images": count, "sha256": ImageSet.digest()}, where
+    the checkpoint has its own); a longer or shorter --num_steps, or another precision where `auto`
+    picked differently on this machine, continue with a warning."""
     try:
         theirs = TrainConfig.from_dict(payload["train_config"])
     except (ConfigError, TypeError) as e:
@@ -121,6 +124,7 @@ def check_resume(payload: dict, config: TrainConfig, precision: str, path: Path)
             f"{path}: its run used {said}; resuming needs the run's own settings (or start afresh "
             "with --overwrite)"
         )
+    _check_same_data(payload.get("data"), data, path)
     if theirs.num_steps != config.num_steps:
         warnings.warn(
             f"--num_steps {config.num_steps}: the run was set for {theirs.num_steps} steps; the "
@@ -135,6 +139,17 @@ def check_resume(payload: dict, config: TrainConfig, precision: str, path: Path)
             "an uninterrupted run",
             VitlabWarning,
             stacklevel=2,
+        )
+
+
+def _check_same_data(theirs: dict | None, ours: dict | None, path: Path) -> None:
+    """The run's training images and labels, where its checkpoint records them (older ones do
+    not), are this one's: the same settings on other data would not continue the run."""
+    if theirs is not None and ours is not None and theirs != ours:
+        raise ConfigError(
+            f"{path}: its run trained on other images or labels ({theirs.get('images')} images, "
+            f"this one {ours['images']}: the files or the labels differ); resuming needs the run's "
+            "own data (or start afresh with --overwrite)"
         )
 
 

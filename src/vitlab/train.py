@@ -84,6 +84,8 @@ class Job:
     scaler: torch.amp.GradScaler
     out_dir: Path
     log: MetricsLog | None  # rank 0's records
+    # the training images' count and ImageSet.digest(): kept in checkpoints, checked on --resume
+    data: dict
 
     @property
     def class_names(self) -> list[str]:
@@ -199,6 +201,7 @@ def set_up(config: TrainConfig, processes: Processes) -> Job:
         scaler=scaler,
         out_dir=out_dir,
         log=log,
+        data={"images": len(train_data), "sha256": train_data.digest()},
     )
 
 
@@ -230,7 +233,7 @@ def start(job: Job) -> TrainState:
         path = job.out_dir / "last.pt" if config.resume == "last" else Path(config.resume)
         payload = checkpoints.read_checkpoint(path)
         checkpoints.check_training_state(payload, path, job.model.config)
-        check_resume(payload, config, job.precision, path)
+        check_resume(payload, config, job.precision, path, job.data)
         checkpoints.restore_training_checkpoint(
             payload, path, job.model, optimizer=job.optimizer, scaler=job.scaler, ema=job.ema
         )
@@ -338,7 +341,7 @@ def save_checkpoints(job: Job, state: TrainState, names: tuple[str, ...] = ("las
                     train_config=job.config.to_dict(),
                     optimizer=job.optimizer,
                     scaler=job.scaler,
-                    progress={**state.progress(), "precision": job.precision},
+                    progress={**state.progress(), "precision": job.precision, "data": job.data},
                     ema=job.ema,
                 ),
             )
