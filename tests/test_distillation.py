@@ -7,6 +7,7 @@ TINY) on random images, CPU only."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -313,3 +314,22 @@ def test_resume_with_a_teacher_is_bit_exact_and_keeps_its_settings(
     )
     assert rc == 2
     assert "--distillation hard, this one soft" in one_error_line(err)
+
+
+def test_resume_after_the_teacher_file_was_replaced_is_refused(
+    teacher, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(teacher.checkpoint, tmp_path / "teacher.pt")
+    argv = student_argv(teacher, "run", "--teacher", str(tmp_path / "teacher.pt"))
+    assert run_cli(argv, capsys)[0] == 0
+    # Another model of the same classes, written over the teacher's file
+    assert run_cli(student_argv(teacher, "other"), capsys)[0] == 0
+    shutil.copy(Path("output") / "other" / "last.pt", tmp_path / "teacher.pt")
+    rc, _, err = run_cli([*argv, "--num_steps", "4", "--resume"], capsys)
+    assert rc == 2
+    assert "its run's teacher had other weights than --teacher has now" in one_error_line(err)
+    # The teacher's own file back: the run goes on
+    shutil.copy(teacher.checkpoint, tmp_path / "teacher.pt")
+    rc, _, err = run_cli([*argv, "--num_steps", "4", "--resume"], capsys)
+    assert rc == 0, err

@@ -17,6 +17,7 @@ import torch
 from .config import ModelConfig, TrainConfig
 from .errors import ConfigError
 from .formats.checkpoints import load_model
+from .formats.weights import tensors_digest
 from .losses import Criterion, Distillation, Loss, MultiLabelCriterion
 from .model import VisionTransformer
 from .preprocessing import from_unit, resize, to_unit
@@ -28,6 +29,8 @@ class Teacher:
     normalised as `student` feeds them (B, 3, img_size, img_size), logits float32 (B, classes)."""
 
     def __init__(self, model: VisionTransformer, student: ModelConfig, device: torch.device):
+        # What a resumed run checks its teacher against: the same file may have been overwritten
+        self.digest = tensors_digest({k: v.cpu() for k, v in model.state_dict().items()})
         self.model = model.to(device).eval().requires_grad_(False)
         self.student = student
         self.device = device

@@ -96,9 +96,10 @@ def check_resume(
 ) -> None:
     """Refuse to resume with a setting that changes the run's course (its seed, batch, schedule,
     optimizer, augmentation, model: config.py marks them resume="same"), or on other training
-    images or labels than the run's (`data`: {"images": count, "sha256": ImageSet.digest()}, where
-    the checkpoint has its own); a longer or shorter --num_steps, or another precision where `auto`
-    picked differently on this machine, continue with a warning."""
+    images, labels or teacher weights than the run's (`data`: {"images": count, "sha256":
+    ImageSet.digest(), "teacher": digest}, where the checkpoint has its own); a longer or shorter
+    --num_steps, or another precision where `auto` picked differently on this machine, continue
+    with a warning."""
     try:
         theirs = TrainConfig.from_dict(payload["train_config"])
     except (ConfigError, TypeError) as e:
@@ -143,9 +144,17 @@ def check_resume(
 
 
 def _check_same_data(theirs: dict | None, ours: dict | None, path: Path) -> None:
-    """The run's training images and labels, where its checkpoint records them (older ones do
-    not), are this one's: the same settings on other data would not continue the run."""
-    if theirs is not None and ours is not None and theirs != ours:
+    """The run's training images and labels, and its teacher's weights, where its checkpoint
+    records them (older ones do not), are this one's: the same settings on other data would not
+    continue the run."""
+    if theirs is None or ours is None:
+        return
+    if theirs.get("teacher") != ours.get("teacher"):
+        raise ConfigError(
+            f"{path}: its run's teacher had other weights than --teacher has now (the file was "
+            "replaced); resuming needs the run's own teacher (or start afresh with --overwrite)"
+        )
+    if theirs != ours:
         raise ConfigError(
             f"{path}: its run trained on other images or labels ({theirs.get('images')} images, "
             f"this one {ours['images']}: the files or the labels differ); resuming needs the run's "

@@ -33,7 +33,7 @@ from .errors import TrainingError
 from .evaluate import evaluate_run, headline, ranked_by
 from .fastpaths import describe
 from .formats import checkpoints, official
-from .losses import Loss, criterion
+from .losses import Distillation, Loss, criterion
 from .model import VisionTransformer
 from .optim import configure_optimizer, freeze, set_learning_rate
 from .runs import (
@@ -84,7 +84,8 @@ class Job:
     scaler: torch.amp.GradScaler
     out_dir: Path
     log: MetricsLog | None  # rank 0's records
-    # the training images' count and ImageSet.digest(): kept in checkpoints, checked on --resume
+    # the training images' count and ImageSet.digest(), the teacher's weights' digest: kept in
+    # checkpoints, checked on --resume
     data: dict
 
     @property
@@ -180,6 +181,17 @@ def set_up(config: TrainConfig, processes: Processes) -> Job:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
     out_dir = Path(config.output_dir) / config.name
     log = MetricsLog(config, out_dir) if processes.is_main else None
+    loss = with_teacher(
+        criterion(config, model.config.multi_label),
+        config=config,
+        model=model,
+        class_names=train_data.class_names,
+        processes=processes,
+    )
+    # What the run learns from: its images and labels, and its teacher's weights
+    data = {"images": len(train_data), "sha256": train_data.digest()}
+    if isinstance(loss, Distillation):
+        data["teacher"] = loss.teacher.digest
     return Job(
         config=config,
         processes=processes,
@@ -190,18 +202,12 @@ def set_up(config: TrainConfig, processes: Processes) -> Job:
         model=model,
         train_model=train_model,
         ema=ema,
-        criterion=with_teacher(
-            criterion(config, model.config.multi_label),
-            config=config,
-            model=model,
-            class_names=train_data.class_names,
-            processes=processes,
-        ),
+        criterion=loss,
         optimizer=optimizer,
         scaler=scaler,
         out_dir=out_dir,
         log=log,
-        data={"images": len(train_data), "sha256": train_data.digest()},
+        data=data,
     )
 
 
