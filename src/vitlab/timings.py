@@ -3,10 +3,11 @@ shapes in use, and the verdict kept for the next run.
 
 A fast path's benefit depends on the CPU: oneDNN's linear layers won in fp32 on an AMD EPYC and lost
 on an Intel Xeon with AMX, whose torch.mm is the faster matmul there (issue 28). So where it
-matters, the path is timed against the plain one on the first call with a new shape (the median of
-the fastest of a few alternated repeats, a fraction of a second), and the faster kept. Verdicts are cached per CPU
-model, torch version and thread count in `cache_file()`: a JSON list, one verdict a line with its
-figures, written atomically and safe to delete. A missing, corrupt or wrong cache costs only
+matters, the path is timed against the plain one on the first call with a new shape (the least of
+a few alternated repeats, a fraction of a second; a win is measured again before it counts), and
+the faster kept. Verdicts are cached per CPU model, torch version and thread count in
+`cache_file()`: a JSON list, one verdict a line with its figures, written atomically and safe to
+delete. A missing, corrupt or wrong cache costs only
 speed: both ways compute the same values to float rounding, and each fast path still checks
 itself before use (fastpaths.SelfChecked).
 """
@@ -120,6 +121,13 @@ def faster(path: str, case: str, ways: Ways) -> bool:
             torch.autocast("cpu", enabled=False),
         ):
             fast_s, plain_s = measure(*ways())
+            if fast_s < plain_s:
+                # A win is measured again, and kept only if the fast way's worse figure beats the
+                # plain way's better: the verdict holds for every later run, and once a noisy
+                # moment of a shared 2-core VM made oneDNN's fp32 linear layers win by 8-14% at
+                # DINOv2-B/14's shapes, which cost the whole model 13% (they were 3-13% slower)
+                again = measure(*ways())
+                fast_s, plain_s = max(fast_s, again[0]), min(plain_s, again[1])
         _verdicts[key] = {
             **dict(zip(FIELDS[:5], key, strict=True)),
             "fast_ms": round(fast_s * 1e3, 4),
