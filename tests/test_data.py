@@ -54,6 +54,16 @@ def random_imageset(n=20, size=8, classes=3, seed=0) -> ImageSet:
 # Image folders
 
 
+def test_a_folders_digest_is_the_same_however_the_folder_is_named(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "data", per_class=2, size=8)
+    monkeypatch.chdir(root)
+    spelled = {load_image_folder(p).digest() for p in (root, Path("."), Path("../data"))}
+    moved = load_image_folder(root.rename(tmp_path / "moved")).digest()
+    assert spelled == {moved}
+    (tmp_path / "moved" / CLASSES[0] / "000.png").rename(tmp_path / "moved" / CLASSES[1] / "x.png")
+    assert load_image_folder(tmp_path / "moved").digest() != moved
+
+
 def test_class_folder_layout(tmp_path):
     root = make_image_folder(tmp_path / "flat", per_class=5, size=16)
     data = load_image_folder(root)

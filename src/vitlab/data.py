@@ -64,11 +64,10 @@ class ImageSet:
         image relabelled, added or removed changes it)."""
         names = []
         if self.paths:
-            root = os.path.commonpath([os.path.dirname(p) for p in self.paths])
-            names = [
-                p[len(root) :] if p.startswith(root) else os.path.relpath(p, root)
-                for p in self.paths
-            ]
+            # Absolute and normalised, so that `data`, `./data` and `/home/me/data` name alike
+            absolute = [os.path.abspath(p) for p in self.paths]
+            root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+            names = [p[len(root) :] for p in absolute]
         listed = json.dumps([self.class_names, self.labels.tolist(), names])
         return hashlib.sha256(listed.encode()).hexdigest()
 

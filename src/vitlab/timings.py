@@ -7,9 +7,8 @@ matters, the path is timed against the plain one on the first call with a new sh
 a few alternated repeats, a fraction of a second; a win is measured again before it counts), and
 the faster kept. Verdicts are cached per CPU model, torch version and thread count in
 `cache_file()`: a JSON list, one verdict a line with its figures, written atomically and safe to
-delete. A missing, corrupt or wrong cache costs only
-speed: both ways compute the same values to float rounding, and each fast path still checks
-itself before use (fastpaths.SelfChecked).
+delete. A missing, corrupt or wrong cache costs only speed: both ways compute the same values to
+float rounding, and each fast path still checks itself before use (fastpaths.SelfChecked).
 """
 
 from __future__ import annotations
